@@ -1,0 +1,331 @@
+"""The `evotok` command line. Each command is a thin function over the library; heavy imports (torch,
+transformers) happen inside the commands so that `evotok --help` is instant."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from evotok_cli import __version__
+from evotok_cli.errors import EvotokError
+
+app = typer.Typer(
+    name="evotok",
+    help="Run, fine-tune and benchmark masked diffusion language models with progressive token evolution.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+MODEL_HELP = "checkpoint folder (Hugging Face layout); default: the bundled model"
+GENERATE_DEFAULTS: dict[str, Any] = {
+    "model": None, "decoder": "hard-mask", "gen_length": 128, "block_length": 32, "steps": 64,
+    "temperature": 0.0, "seed": 0, "threshold": None, "remasking": None, "adapter": None, "device": "auto",
+    "dtype": "auto", "chat_template": True, "system": None, "batch_size": 8, "json": False, "trace": None,
+}
+
+
+def _stderr() -> Any:
+    from rich.console import Console
+    return Console(stderr=True, highlight=False)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"evotok {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="print the version"),
+) -> None:
+    """evotok: masked diffusion LMs (LLaDA, Dream, D2F) with EvoToken progressive token evolution.
+
+    Start with `evotok generate --prompt "..."` (uses the bundled model), then `evotok bench`.
+    """
+
+
+def default_model() -> Path:
+    from evotok_cli.assets import default_model_path
+    return default_model_path()
+
+
+def _model_path(model: str | None) -> Path:
+    return Path(model).expanduser() if model else default_model()
+
+
+# -- info ----------------------------------------------------------------------------------------
+@app.command()
+def info(
+    model: str | None = typer.Argument(None, help=MODEL_HELP, show_default=False),
+    adapter: str | None = typer.Option(None, "--adapter", help="PEFT LoRA adapter folder to check against the model"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON document (schema evotok.info/1)"),
+) -> None:
+    """Describe a checkpoint without loading its weights: architecture, size, special ids, tokenizer,
+    shards and (with --adapter) which modules a LoRA adapter matches.
+
+    Example: evotok info ./LLaDA-8B-Instruct --adapter ./EvoToken_LLaDA_Instruct_8B_Lora
+    """
+    from evotok_cli.runtime.model import inspect_model
+
+    facts = inspect_model(_model_path(model), adapter=adapter)
+    if as_json:
+        typer.echo(json.dumps({"schema": "evotok.info/1", **facts}, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(show_header=False, box=None)
+    for key, value in facts.items():
+        if key == "adapter" and value:
+            value = (f"r={value['r']} alpha={value['lora_alpha']:g}{' rsLoRA' if value['rslora'] else ''}, "
+                     f"{value['merged_modules']} modules: "
+                     + ", ".join(f"{k} x{n}" for k, n in sorted(value["matched"].items()))
+                     + ("; " + "; ".join(value["notes"]) if value["notes"] else ""))
+        elif key == "parameters":
+            value = f"{value:,}"
+        table.add_row(key, str(value))
+    from rich.console import Console
+    Console(highlight=False).print(table)
+
+
+# -- decoders ------------------------------------------------------------------------------------
+@app.command()
+def decoders(
+    details: str | None = typer.Option(None, "--details", help="show the options of one decoder"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON document (schema evotok.decoders/1)"),
+) -> None:
+    """List installed decoders (built-in and third-party, from the `evotok.decoders` entry points),
+    whether each loads, and with --details NAME its options (set them with --opt key=value).
+
+    Example: evotok decoders --details evotoken
+    """
+    from evotok_cli.decoding import registry
+    from evotok_cli.decoding.api import describe_options
+
+    if details:
+        cls = registry.get(details)
+        rows = describe_options(cls.Config)
+        if as_json:
+            typer.echo(json.dumps({"schema": "evotok.decoders/1", "name": details, "options": rows}, indent=2,
+                                  default=str))
+            return
+        from rich.table import Table
+        table = Table(title=f"{details}: options (--opt key=value, or `decoder:` in --config)")
+        for col in ("option", "type", "default", "range", "help"):
+            table.add_column(col)
+        for r in rows:
+            table.add_row(r["name"], r["type"], str(r["default"]), r["range"], r["help"])
+        from rich.console import Console
+        Console(highlight=False).print(table)
+        return
+    entries = registry.discover()
+    if as_json:
+        typer.echo(json.dumps({"schema": "evotok.decoders/1", "decoders": [
+            {"name": e.name, "package": e.package, "version": e.version, "entry_point": e.value, "ok": e.ok,
+             "error": e.error} for e in entries.values()]}, indent=2))
+        return
+    from rich.table import Table
+    table = Table()
+    for col in ("decoder", "package", "version", "status"):
+        table.add_column(col)
+    for e in entries.values():
+        table.add_row(e.name, e.package, e.version, "ok" if e.ok else f"error: {e.error}")
+    from rich.console import Console
+    Console(highlight=False).print(table)
+
+
+# -- generate ------------------------------------------------------------------------------------
+@app.command()
+def generate(
+    prompt: list[str] = typer.Option(None, "--prompt", "-p", help="prompt text (repeat for a batch)"),
+    prompt_ids: list[str] = typer.Option(None, "--prompt-ids", help="prompt as token ids, e.g. 1,2,3 (repeatable)"),
+    prompts_file: Path | None = typer.Option(None, "--prompts-file", help='JSONL: {"prompt": ...} or {"prompt_ids": [...]} per line'),
+    model: str | None = typer.Option(None, "--model", "-m", envvar="EVOTOK_MODEL", help=MODEL_HELP, show_default=False),
+    decoder: str | None = typer.Option(None, "--decoder", "-d", envvar="EVOTOK_DECODER", help="hard-mask | evotoken | d2f | any installed plugin [default: hard-mask]", show_default=False),
+    gen_length: int | None = typer.Option(None, "--gen-length", envvar="EVOTOK_GEN_LENGTH", help="tokens to generate [default: 128]", show_default=False),
+    block_length: int | None = typer.Option(None, "--block-length", envvar="EVOTOK_BLOCK_LENGTH", help="semi-autoregressive block size [default: 32]", show_default=False),
+    steps: int | None = typer.Option(None, "--steps", envvar="EVOTOK_STEPS", help="forward-pass budget (steps = gen length: 1 token per step) [default: 64]", show_default=False),
+    temperature: float | None = typer.Option(None, "--temperature", envvar="EVOTOK_TEMPERATURE", help="0 = greedy [default: 0]", show_default=False),
+    seed: int | None = typer.Option(None, "--seed", envvar="EVOTOK_SEED", help="random seed [default: 0]", show_default=False),
+    threshold: float | None = typer.Option(None, "--threshold", envvar="EVOTOK_THRESHOLD", help="confidence threshold for parallel decoding (Fast-dLLM)", show_default=False),
+    remasking: str | None = typer.Option(None, "--remasking", envvar="EVOTOK_REMASKING", help="low_confidence | random", show_default=False),
+    opt: list[str] = typer.Option(None, "--opt", "-o", help="decoder option key=value (repeatable); see `evotok decoders --details NAME`"),
+    adapter: str | None = typer.Option(None, "--adapter", envvar="EVOTOK_ADAPTER", help="PEFT LoRA adapter folder, merged at load", show_default=False),
+    device: str | None = typer.Option(None, "--device", envvar="EVOTOK_DEVICE", help="auto | cpu | cuda | cuda:N [default: auto]", show_default=False),
+    dtype: str | None = typer.Option(None, "--dtype", envvar="EVOTOK_DTYPE", help="auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16", show_default=False),
+    chat_template: bool | None = typer.Option(None, "--chat-template/--no-chat-template", envvar="EVOTOK_CHAT_TEMPLATE", help="wrap text prompts in the model's chat template [default: on]", show_default=False),
+    system: str | None = typer.Option(None, "--system", help="system message for the chat template", show_default=False),
+    batch_size: int | None = typer.Option(None, "--batch-size", envvar="EVOTOK_BATCH_SIZE", help="prompts decoded together [default: 8]", show_default=False),
+    trace: Path | None = typer.Option(None, "--trace", help="write every forward pass's token states to this JSONL file", show_default=False),
+    config: Path | None = typer.Option(None, "--config", "-c", envvar="EVOTOK_CONFIG", help="YAML file with defaults for any option above, and a `decoder:` section", show_default=False),
+    as_json: bool | None = typer.Option(None, "--json", help="print one JSON document (schema evotok.generate/1)", show_default=False),
+) -> None:
+    """Generate with a diffusion LM. The answer goes to stdout, a summary (NFE, tokens/s) to stderr.
+
+    Precedence: flags > EVOTOK_* environment variables > --config YAML > defaults.
+
+    Examples:
+
+      evotok generate --prompt "What is 7 + 8?"
+
+      evotok generate -p "..." --decoder evotoken --opt alpha=0.7 --opt k_soft=3 --steps 128 --gen-length 128
+
+      evotok generate --model ./LLaDA-8B-Instruct --adapter ./EvoToken-LoRA -d evotoken -p "..." --json
+    """
+    from evotok_cli.config import Settings, parse_opts
+    from evotok_cli.prompts import Prompt, encode_prompts, parse_ids, read_prompts_file
+
+    s = Settings(GENERATE_DEFAULTS, config, command="generate")
+    get = s.get
+    prompts: list[Prompt] = [Prompt(t) for t in prompt or []]
+    prompts += [Prompt(None, ids=parse_ids(t, "--prompt-ids")) for t in prompt_ids or []]
+    if prompts_file:
+        prompts += read_prompts_file(prompts_file)
+    if not prompts:
+        raise EvotokError("no prompt given", where="evotok generate",
+                          fix='pass --prompt "...", --prompt-ids 1,2,3 or --prompts-file FILE.jsonl')
+    decoder_name = get("decoder", decoder)
+    options = dict(s.decoder_options)
+    for key, value in (("threshold", get("threshold", threshold)), ("remasking", get("remasking", remasking))):
+        if value is not None:
+            options[key] = value
+    options.update(parse_opts(opt))
+    from evotok_cli.generation import generate as run_generation, make_decoder
+
+    dec = make_decoder(decoder_name, options)  # validate options before the (slow) model load
+    gen_length_v, block_v, steps_v = get("gen_length", gen_length), get("block_length", block_length), get("steps", steps)
+    from evotok_cli.decoding.schedule import block_layout
+    block_layout(gen_length_v, block_v, steps_v)
+
+    from evotok_cli.runtime.model import load_model
+
+    model_path = _model_path(get("model", model))
+    lm = load_model(model_path, adapter=get("adapter", adapter), device=get("device", device), dtype=get("dtype", dtype))
+    encode_prompts(prompts, lm.tokenizer, chat=get("chat_template", chat_template), vocab_size=lm.vocab_size,
+                   system=get("system", system))
+    err = _stderr()
+    json_out = get("json", as_json)
+    with _progress(err, enabled=err.is_terminal) as on_pass:
+        results, wall = run_generation(
+            lm, decoder_name, dec, prompts, gen_length=gen_length_v, block_length=block_v, steps=steps_v,
+            temperature=get("temperature", temperature), seed=get("seed", seed),
+            batch_size=get("batch_size", batch_size), trace=get("trace", trace), on_pass=on_pass)
+    params = {"gen_length": gen_length_v, "block_length": block_v, "steps": steps_v,
+              "temperature": get("temperature", temperature), "seed": get("seed", seed),
+              "batch_size": get("batch_size", batch_size), "adapter": get("adapter", adapter),
+              "chat_template": get("chat_template", chat_template), "device": str(lm.device),
+              "dtype": str(lm.dtype).removeprefix("torch."), "decoder_options": _jsonable(vars(dec.config))}
+    if json_out:
+        typer.echo(json.dumps({"schema": "evotok.generate/1", "model": str(model_path), "decoder": decoder_name,
+                               "params": params, "results": results}, indent=2))
+    else:
+        for i, r in enumerate(results):
+            if len(results) > 1:
+                typer.echo(f"--- [{i}]")
+            typer.echo(r["text"])
+    total_tokens = sum(r["tokens"] for r in results)
+    nfe = max(r["nfe"] for r in results)
+    err.print(f"[dim]{decoder_name}: NFE {nfe}, {total_tokens} answer tokens in {wall:.2f}s "
+              f"({total_tokens / max(wall, 1e-9):.1f} tok/s, "
+              f"{total_tokens / max(nfe, 1) / len(results):.2f} tok/NFE per prompt)[/dim]")
+
+
+class _progress:
+    """A transient progress line of forward passes on stderr (only on a terminal)."""
+
+    def __init__(self, console: Any, enabled: bool):
+        self.console, self.enabled, self.bar = console, enabled, None
+
+    def __enter__(self):
+        if not self.enabled:
+            return None
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+        self.bar = Progress(SpinnerColumn(), TextColumn("forward passes: {task.completed}"), TimeElapsedColumn(),
+                            console=self.console, transient=True)
+        self.bar.start()
+        task = self.bar.add_task("decode", total=None)
+        return lambda n: self.bar.update(task, completed=n)
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.stop()
+        return False
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: (v if isinstance(v, (int, float, str, bool, type(None), list)) else str(v)) for k, v in d.items()}
+
+
+# -- init-model ----------------------------------------------------------------------------------
+@app.command("init-model")
+def init_model(
+    out: Path = typer.Argument(..., help="folder to create"),
+    layers: int = typer.Option(2, "--layers", help="transformer blocks"),
+    hidden: int = typer.Option(64, "--hidden", help="d_model"),
+    heads: int = typer.Option(4, "--heads", help="attention heads"),
+    kv_heads: int | None = typer.Option(None, "--kv-heads", help="key/value heads (default: = heads)"),
+    mlp: int | None = typer.Option(None, "--mlp", help="MLP hidden size (default: 8/3 * hidden, rounded)"),
+    max_length: int = typer.Option(1024, "--max-length", help="max_sequence_length"),
+    vocab_size: int = typer.Option(512, "--vocab-size", help="BPE vocabulary to train on the built-in corpus"),
+    real_vocab: bool = typer.Option(False, "--real-vocab", help="LLaDA's 126464-token vocabulary and special ids, no tokenizer (for speed benchmarks; prompt with --prompt-ids)"),
+    tokenizer_from: Path | None = typer.Option(None, "--tokenizer-from", help="copy the tokenizer (and special ids) of this checkpoint"),
+    corpus: Path | None = typer.Option(None, "--corpus", help="train the BPE tokenizer on this .jsonl/.txt (default: a built-in sample)"),
+    shard_mb: float | None = typer.Option(None, "--shard-mb", help="split the weights into shards of this size"),
+    seed: int = typer.Option(0, "--seed"),
+    std: float = typer.Option(0.02, "--std", help="init standard deviation"),
+) -> None:
+    """Write a randomly initialised LLaDA-layout checkpoint (config.json, safetensors, tokenizer): the
+    starting point of pretraining from scratch, and a stand-in for tests and speed benchmarks.
+
+    Example: evotok init-model /tmp/tiny-llada --layers 2 --hidden 64 && evotok generate -m /tmp/tiny-llada -p "hi"
+    """
+    from evotok_cli.runtime.init import create_model
+
+    folder = create_model(out, layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads, mlp=mlp,
+                          max_length=max_length, vocab_size=vocab_size, real_vocab=real_vocab,
+                          tokenizer_from=tokenizer_from, corpus=corpus, shard_mb=shard_mb, seed=seed, std=std)
+    _stderr().print(f"wrote {folder}")
+
+
+def main() -> None:
+    """Console entry point: user errors become one line on stderr and exit code 2."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+    warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
+    try:
+        app(standalone_mode=False)
+    except EvotokError as exc:
+        print(f"error: {exc.line()}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except _click_exceptions() as exc:
+        _handle_click(exc)
+
+
+def _click_exceptions() -> tuple[type[BaseException], ...]:
+    import click
+    return (click.exceptions.ClickException, click.exceptions.Abort, click.exceptions.Exit)
+
+
+def _handle_click(exc: BaseException) -> None:
+    import click
+    if isinstance(exc, click.exceptions.Exit):
+        sys.exit(exc.exit_code)
+    if isinstance(exc, click.exceptions.Abort):
+        print("aborted", file=sys.stderr)
+        sys.exit(130)
+    assert isinstance(exc, click.exceptions.ClickException)
+    if isinstance(exc, click.exceptions.UsageError) and exc.ctx is not None:
+        print(exc.ctx.get_usage(), file=sys.stderr)
+    print(f"error: {exc.format_message()}", file=sys.stderr)
+    sys.exit(exc.exit_code)

@@ -1,0 +1,85 @@
+"""Settings precedence: built-in defaults < YAML (--config) < environment (EVOTOK_*) < flags.
+
+Typer resolves flags and EVOTOK_* variables (a flag beats its variable); an option left unset arrives as
+None and is filled from the YAML file, then from the built-in default. Decoder options come from the
+YAML `decoder:` section, overridden by `--opt key=value`.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any
+
+from evotok_cli.errors import ConfigError
+
+
+def load_yaml(path: str | Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    import yaml
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError("config file not found", where=str(p), fix="pass --config with an existing YAML file")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{p}:{mark.line + 1}" if mark is not None else str(p)
+        raise ConfigError(f"invalid YAML ({getattr(exc, 'problem', exc)})", where=where, fix="fix the YAML syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError("expected a mapping of option: value", where=str(p), fix="write e.g. `gen_length: 128`")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def parse_opts(pairs: list[str] | None, where: str = "--opt") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{pair!r} is not key=value", where=where, fix="write e.g. --opt alpha=0.7")
+        out[key.strip().replace("-", "_")] = value.strip()
+    return out
+
+
+class Settings:
+    """Merge one command's flags with its YAML file and built-in defaults, type-checking YAML values."""
+
+    def __init__(self, defaults: dict[str, Any], config_path: str | Path | None, *, command: str):
+        self.defaults = defaults
+        self.path = str(config_path) if config_path else None
+        self.yaml = load_yaml(config_path)
+        self.decoder_options: dict[str, Any] = {}
+        section = self.yaml.pop("decoder", None)
+        if section is not None:
+            if not isinstance(section, dict):
+                raise ConfigError("`decoder:` must be a mapping of option: value", where=self.path,
+                                  fix="write e.g. `decoder: {alpha: 0.7}`")
+            self.decoder_options = {str(k).replace("-", "_"): v for k, v in section.items()}
+        unknown = sorted(set(self.yaml) - set(defaults))
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], list(defaults), n=1)
+            hint = f"did you mean {close[0]}?" if close else f"`evotok {command} --help` lists the options"
+            raise ConfigError(f"unknown option {unknown[0]!r} for `evotok {command}`", where=self.path, fix=hint)
+
+    def get(self, name: str, flag_value: Any) -> Any:
+        if flag_value is not None:
+            return flag_value
+        if name in self.yaml:
+            return self._typed(name, self.yaml[name])
+        return self.defaults[name]
+
+    def _typed(self, name: str, value: Any) -> Any:
+        default = self.defaults[name]
+        if default is None or value is None:
+            return value
+        expected = type(default)
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, expected) and not (expected is int and isinstance(value, bool)):
+            return value
+        raise ConfigError(f"{name}: expected {expected.__name__}, got {value!r}", where=self.path,
+                          fix=f"write e.g. `{name}: {default!r}`")

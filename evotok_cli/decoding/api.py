@@ -1,0 +1,174 @@
+"""The decoder contract: a `name`, a typed `Config` dataclass, and `generate(model, request) -> result`.
+
+Options reach a decoder as strings (`--opt key=value`, YAML) and are parsed and range-checked here, from
+the dataclass field types and their metadata, so every plugin gets the same one-line errors for free.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, Protocol, get_args, get_origin
+
+from evotok_cli.errors import ConfigError
+
+
+def option(default: Any, help: str, *, min: float | None = None, max: float | None = None,
+           min_open: bool = False, max_open: bool = False) -> Any:
+    """A decoder option: its default, one line of help, and its allowed range."""
+    return field(default=default, metadata={"help": help, "min": min, "max": max,
+                                            "min_open": min_open, "max_open": max_open})
+
+
+@dataclass
+class GenerationRequest:
+    """What every decoder is asked to do, for a batch of prompts (token ids, different lengths)."""
+
+    prompts: list[list[int]]
+    gen_length: int = 128
+    block_length: int = 32
+    steps: int = 64
+    temperature: float = 0.0
+    seed: int | None = None
+    trace: bool = False  # build a StepEvent per forward pass and row
+    on_event: Callable[[StepEvent], None] | None = None  # receives StepEvents when trace is on
+    on_pass: Callable[[int], None] | None = None  # called after each forward pass with the pass count
+
+
+@dataclass
+class RowResult:
+    token_ids: list[int]  # the whole generated span (gen_length ids)
+    nfe: int  # forward passes this row needed (as if it had been decoded alone)
+
+
+@dataclass
+class GenerationResult:
+    rows: list[RowResult]
+    nfe: int  # forward passes the batch ran
+    seconds: float = 0.0
+
+
+@dataclass
+class StepEvent:
+    """One forward pass as seen by one row; the trace schema of docs/trace.md.
+
+    Positions are indices into the generated span. `states[i]` is the input state of position i in this
+    pass (mask | soft_mask | soft | decoded); `candidates[i]` the (token, weight) pairs of its soft input;
+    `tokens`/`confidence` the discrete slot after this pass's update.
+    """
+
+    step: int
+    row: int
+    block: tuple[int, int]
+    states: list[str]
+    tokens: list[int]
+    confidence: list[float | None]
+    committed: list[int]
+    revised: list[int]
+    candidates: list[list[tuple[int, float]]] | None = None
+    blocks: list[dict[str, Any]] | None = None  # d2f: the block pipeline after this pass
+
+
+class Decoder(Protocol):
+    name: ClassVar[str]
+    Config: ClassVar[type]
+
+    def __init__(self, config: Any) -> None: ...
+
+    def generate(self, model: Any, request: GenerationRequest) -> GenerationResult: ...
+
+
+# -- option parsing ------------------------------------------------------------------------------
+
+def _coerce(value: Any, annotation: Any, key: str, where: str) -> Any:
+    origin = get_origin(annotation)
+    args = get_args(annotation)
+    if origin is Literal:
+        text = str(value)
+        if text not in [str(a) for a in args]:
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, args))}", where=where,
+                              fix=f"use {key}={args[0]}")
+        return next(a for a in args if str(a) == text)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or str(value).lower() in ("none", "null", ""):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key, where)
+    try:
+        if annotation is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if annotation is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(str(value)) if not isinstance(value, (int, float)) else int(value)
+        if annotation is float:
+            return float(value)
+        if annotation is str:
+            return str(value)
+    except ValueError:
+        kind = getattr(annotation, "__name__", str(annotation))
+        raise ConfigError(f"{key}={value!r} is not a valid {kind}", where=where, fix=f"give {key} a {kind}") from None
+    return value
+
+
+def _check_range(key: str, value: Any, meta: dict[str, Any], where: str) -> None:
+    if value is None or isinstance(value, (str, bool)):
+        return
+    lo, hi = meta.get("min"), meta.get("max")
+    lo_bad = lo is not None and (value <= lo if meta.get("min_open") else value < lo)
+    hi_bad = hi is not None and (value >= hi if meta.get("max_open") else value > hi)
+    if lo_bad or hi_bad:
+        left = "(" if meta.get("min_open") else "["
+        right = ")" if meta.get("max_open") else "]"
+        span = f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}"
+        raise ConfigError(f"{key}={value} is out of range {span}", where=where, fix=f"pick {key} in {span}")
+
+
+def parse_options(config_cls: type, options: dict[str, Any], *, decoder: str, where: str = "--opt") -> Any:
+    """Build `config_cls` from string/YAML values, with a one-line error for each bad key or value."""
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    hints = typing.get_type_hints(config_cls)
+    values: dict[str, Any] = {}
+    for key, raw in options.items():
+        name = key.replace("-", "_")
+        if name not in fields:
+            close = difflib.get_close_matches(name, list(fields), n=3)
+            hint = f"did you mean {', '.join(close)}?" if close else f"options: {', '.join(fields) or 'none'}"
+            raise ConfigError(f"decoder {decoder!r} has no option {key!r}", where=where, fix=hint)
+        value = _coerce(raw, hints[name], name, where)
+        _check_range(name, value, dict(fields[name].metadata), where)
+        values[name] = value
+    config = config_cls(**values)
+    check = getattr(config, "validate", None)
+    if check is not None:
+        check(where)
+    return config
+
+
+def describe_options(config_cls: type) -> list[dict[str, Any]]:
+    """name, type, default, range and help of each option (for `evotok decoders --details`)."""
+    hints = typing.get_type_hints(config_cls)
+    rows = []
+    for f in dataclasses.fields(config_cls):
+        meta = dict(f.metadata)
+        ann = hints[f.name]
+        kind = "|".join(map(str, get_args(ann))) if get_origin(ann) is Literal else getattr(ann, "__name__", str(ann))
+        lo, hi = meta.get("min"), meta.get("max")
+        span = "" if lo is None and hi is None else (
+            f"{'(' if meta.get('min_open') else '['}{'-inf' if lo is None else lo}, "
+            f"{'inf' if hi is None else hi}{')' if meta.get('max_open') else ']'}")
+        rows.append({"name": f.name, "type": str(kind).replace("typing.", ""), "default": f.default,
+                     "range": span, "help": meta.get("help", "")})
+    return rows

@@ -1,0 +1,122 @@
+"""Shared pieces of LLaDA-style decoding: block layout, the linear transfer schedule, Gumbel-max
+candidates, confidences and the selection of positions to commit.
+
+Each function mirrors one step of the reference code (LLaDA `generate`, Fast-dLLM, EvoToken
+`generate_soft_token`) and says where the references differ.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from evotok_cli.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    gen_length: int
+    block_length: int
+    steps: int
+
+    @property
+    def num_blocks(self) -> int:
+        return self.gen_length // self.block_length
+
+    @property
+    def steps_per_block(self) -> int:
+        return self.steps // self.num_blocks
+
+
+def block_layout(gen_length: int, block_length: int, steps: int) -> BlockLayout:
+    if gen_length <= 0:
+        raise ConfigError(f"gen length must be positive, got {gen_length}", where="--gen-length",
+                          fix="e.g. --gen-length 128")
+    if block_length <= 0 or gen_length % block_length:
+        raise ConfigError(f"gen length {gen_length} is not divisible by block length {block_length}",
+                          where="--block-length", fix="pick a block length that divides the gen length")
+    blocks = gen_length // block_length
+    if steps <= 0 or steps % blocks:
+        raise ConfigError(f"steps {steps} is not divisible by the number of blocks {blocks}", where="--steps",
+                          fix=f"pick steps as a multiple of {blocks} (gen length / block length)")
+    return BlockLayout(gen_length, block_length, steps)
+
+
+def transfer_schedule(mask_count: int, steps: int) -> list[int]:
+    """LLaDA's linear schedule: tokens committed at each step of a block (sums to mask_count)."""
+    base, extra = divmod(mask_count, steps)
+    return [base + 1] * extra + [base] * (steps - extra)
+
+
+def gumbel_candidates(logits: torch.Tensor, temperature: float, generator: torch.Generator | None,
+                      exclude: int | None = None) -> torch.Tensor:
+    """Candidate token per position: argmax at temperature 0, else an exact sample of
+    softmax(logits / T) drawn as in the references: argmax of exp(logits) / (-log u)^T in float64.
+
+    `exclude` (the mask id) is removed from the candidates, as EvoToken and Fast-dLLM-free LLaDA code do.
+    """
+    if temperature == 0:
+        scores = logits
+        if exclude is not None:
+            scores = logits.clone()
+            scores[..., exclude] = float("-inf")
+        return scores.argmax(dim=-1)
+    scores = logits.to(torch.float64)
+    u = torch.rand(scores.shape, dtype=torch.float64, device=scores.device, generator=generator)
+    scores = scores.exp() / (-torch.log(u)) ** temperature
+    if exclude is not None:
+        scores[..., exclude] = float("-inf")
+    return scores.argmax(dim=-1)
+
+
+def logsumexp64(scores: torch.Tensor, chunk_elems: int = 1 << 25) -> torch.Tensor:
+    """float64 logsumexp over the last dim, in chunks so that no full float64 copy of the logits exists."""
+    flat = scores.reshape(-1, scores.shape[-1])
+    rows = max(1, chunk_elems // scores.shape[-1])
+    parts = [torch.logsumexp(flat[i:i + rows].to(torch.float64), dim=-1) for i in range(0, flat.shape[0], rows)]
+    return torch.cat(parts).reshape(scores.shape[:-1])
+
+
+def token_confidence(logits: torch.Tensor, tokens: torch.Tensor, *, dtype: torch.dtype,
+                     exclude: int | None = None) -> torch.Tensor:
+    """softmax(logits)[token] in the precision of the reference.
+
+    LLaDA computes the softmax in the logits' dtype; Fast-dLLM and EvoToken in float64, which we get as
+    exp(l_t - logsumexp(l)) without a float64 softmax over the vocabulary. With `exclude`, that column
+    is left out of the normaliser (EvoToken at temperature 0 sets it to -inf before its softmax).
+    """
+    scores = logits
+    if exclude is not None:
+        scores = logits.clone()
+        scores[..., exclude] = float("-inf")
+    if dtype == logits.dtype:
+        return torch.softmax(scores, dim=-1).gather(-1, tokens[..., None]).squeeze(-1)
+    picked = scores.gather(-1, tokens[..., None]).squeeze(-1).to(torch.float64)
+    return (picked - logsumexp64(scores)).exp().to(dtype)
+
+
+def select_transfer(confidence: torch.Tensor, eligible: torch.Tensor, counts: list[int] | None,
+                    threshold: float | None) -> torch.Tensor:
+    """Which positions to commit, per row: the `counts[b]` most confident eligible positions, or
+    (threshold mode, Fast-dLLM's rule) every eligible position ranked by confidence, always keeping the
+    best and dropping the others below the threshold (equal is kept).
+
+    confidence, eligible: (B, L). Ties are broken by torch.topk's order, as in the references.
+    """
+    # an eligible position with confidence -inf (e.g. an EOS candidate under confidence_eos_eot_inf) still
+    # outranks every ineligible one, so a block can always be completed
+    scores = confidence.clamp(min=torch.finfo(confidence.dtype).min).masked_fill(~eligible, float("-inf"))
+    chosen = torch.zeros_like(eligible)
+    available = eligible.sum(dim=1).tolist()
+    for b in range(scores.shape[0]):
+        n = available[b] if threshold is not None else min(counts[b], available[b])
+        if n <= 0:
+            continue
+        values, index = torch.topk(scores[b], k=n)
+        if threshold is not None:
+            keep = values >= threshold
+            keep[0] = True
+            index = index[keep]
+        chosen[b, index] = True
+    return chosen

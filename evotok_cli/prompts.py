@@ -1,0 +1,76 @@
+"""Prompts from flags or a JSONL file, rendered with the chat template and tokenised."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from evotok_cli.errors import ConfigError, DataError
+from evotok_cli.runtime import tokenizer as tok
+
+
+@dataclass
+class Prompt:
+    text: str | None  # what the user wrote (None for --prompt-ids)
+    ids: list[int] | None = None  # given ids, or filled in by `encode_prompts`
+    system: str | None = None
+
+
+def parse_ids(text: str, where: str) -> list[int]:
+    try:
+        ids = [int(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        raise ConfigError(f"{text!r} is not a comma-separated list of token ids", where=where,
+                          fix="write e.g. --prompt-ids 1,2,3") from None
+    if not ids or min(ids) < 0:
+        raise ConfigError(f"{text!r} holds no valid token ids", where=where, fix="write e.g. --prompt-ids 1,2,3")
+    return ids
+
+
+def read_prompts_file(path: str | Path) -> list[Prompt]:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise DataError("prompts file not found", where=str(p), fix="pass a JSONL file, one prompt per line")
+    prompts: list[Prompt] = []
+    for number, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{p}:{number}"
+        try:
+            item: Any = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"invalid JSON ({exc.msg})", where=where, fix="one JSON object or string per line") from None
+        if isinstance(item, str):
+            prompts.append(Prompt(item))
+        elif isinstance(item, dict) and isinstance(item.get("prompt"), str):
+            prompts.append(Prompt(item["prompt"], system=item.get("system")))
+        elif isinstance(item, dict) and isinstance(item.get("prompt_ids"), list):
+            ids = item["prompt_ids"]
+            if not ids or not all(isinstance(i, int) and i >= 0 for i in ids):
+                raise DataError("prompt_ids must be a non-empty list of token ids", where=where,
+                                fix='write e.g. {"prompt_ids": [1, 2, 3]}')
+            prompts.append(Prompt(None, ids=list(ids)))
+        else:
+            raise DataError("expected a string or an object with \"prompt\" or \"prompt_ids\"", where=where,
+                            fix='write e.g. {"prompt": "What is 2+3?"}')
+    if not prompts:
+        raise DataError("no prompts in file", where=str(p), fix="one JSON object or string per line")
+    return prompts
+
+
+def encode_prompts(prompts: list[Prompt], tokenizer: Any, *, chat: bool, vocab_size: int,
+                   system: str | None = None) -> list[Prompt]:
+    for prompt in prompts:
+        if prompt.ids is None:
+            if tokenizer is None:
+                raise ConfigError("this checkpoint has no tokenizer, so text prompts cannot be encoded",
+                                  where="--prompt", fix="pass token ids with --prompt-ids 1,2,3")
+            rendered = tok.render_prompt(tokenizer, prompt.text or "", chat=chat, system=prompt.system or system)
+            prompt.ids = tok.encode(tokenizer, rendered)
+        bad = [i for i in prompt.ids if i >= vocab_size]
+        if bad:
+            raise ConfigError(f"token id {bad[0]} is outside the vocabulary (size {vocab_size})", where="--prompt-ids",
+                              fix=f"use ids below {vocab_size}")
+    return prompts

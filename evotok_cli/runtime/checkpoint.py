@@ -1,0 +1,155 @@
+"""Find, validate and read a checkpoint folder in the Hugging Face layout.
+
+Only safetensors are read (single `model.safetensors` or a sharded `model.safetensors.index.json`); pickle
+weights are refused because unpickling runs arbitrary code. Nothing from the folder is ever executed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from evotok_cli.errors import CheckpointError
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+CONVERT_HINT = (
+    "convert it once on a trusted machine: python -c \"import torch, safetensors.torch as s; "
+    "s.save_file(torch.load('pytorch_model.bin'), 'model.safetensors', metadata={'format': 'pt'})\""
+)
+
+
+def model_dir(path: str | Path) -> Path:
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise CheckpointError("model folder does not exist", where=str(folder),
+                              fix="pass --model DIR with a Hugging Face checkpoint folder")
+    if not folder.is_dir():
+        raise CheckpointError("expected a folder, got a file", where=str(folder),
+                              fix="pass the folder that holds config.json and the safetensors")
+    return folder
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise CheckpointError(f"no {path.name}", where=str(path.parent), fix=f"the folder needs its {what}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"not valid JSON ({exc})", where=str(path), fix=f"repair or re-download {what}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError("expected a JSON object", where=str(path), fix=f"repair or re-download {what}")
+    return data
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    return read_json(folder / "config.json", "config.json")
+
+
+@dataclass(frozen=True)
+class WeightFiles:
+    """Where each tensor lives: name -> shard file."""
+
+    files: tuple[Path, ...]
+    index: dict[str, Path] | None  # None for a single-file checkpoint
+
+    @property
+    def sharded(self) -> bool:
+        return self.index is not None
+
+
+def find_weights(folder: Path) -> WeightFiles:
+    index_path, single = folder / INDEX_FILE, folder / SINGLE_FILE
+    if index_path.is_file():
+        index = read_json(index_path, INDEX_FILE)
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError("no weight_map", where=str(index_path), fix="repair or re-download the index")
+        shards = {name: folder / shard for name, shard in weight_map.items()}
+        for shard in sorted(set(shards.values())):
+            if not shard.is_file():
+                raise CheckpointError(f"index names shard {shard.name}, which is missing", where=str(index_path),
+                                      fix="download the missing shard or repair the index")
+        return WeightFiles(tuple(sorted(set(shards.values()))), shards)
+    if single.is_file():
+        return WeightFiles((single,), None)
+    pickles = sorted(p.name for pattern in PICKLE_PATTERNS for p in folder.glob(pattern))
+    if pickles:
+        raise CheckpointError(f"only pickle weights found ({', '.join(pickles)}); evotok never unpickles",
+                              where=str(folder), fix=CONVERT_HINT)
+    raise CheckpointError(f"no {SINGLE_FILE} or {INDEX_FILE}", where=str(folder),
+                          fix="the folder needs safetensors weights in the Hugging Face layout")
+
+
+def _open(path: Path, device: str):
+    from safetensors import safe_open
+    try:
+        return safe_open(str(path), framework="pt", device=device)
+    except Exception as exc:  # safetensors raises its own error types for truncated/corrupt headers
+        raise CheckpointError(f"unreadable safetensors file ({exc})", where=str(path),
+                              fix="the file is truncated or corrupt: download it again") from None
+
+
+def tensor_shapes(weights: WeightFiles) -> dict[str, tuple[tuple[int, ...], str, Path]]:
+    """name -> (shape, dtype, file) read from the headers only (cheap, no tensor data)."""
+    out: dict[str, tuple[tuple[int, ...], str, Path]] = {}
+    for path in weights.files:
+        with _open(path, "cpu") as f:
+            for name in f.keys():
+                if weights.index is not None and weights.index.get(name) != path:
+                    continue  # a tensor the index places elsewhere (or not at all)
+                sl = f.get_slice(name)
+                out[name] = (tuple(sl.get_shape()), str(sl.get_dtype()), path)
+    if weights.index is not None:
+        for name, path in weights.index.items():
+            if name not in out:
+                raise CheckpointError(f"index maps tensor {name} to {path.name}, which does not contain it",
+                                      where=str(path), fix="repair the index or re-download the shard")
+    return out
+
+
+def check_tensors(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[tuple[int, ...], str, Path]],
+                  where: str) -> None:
+    """Strict: every parameter present with its exact shape, nothing extra."""
+    missing = sorted(set(expected) - set(found))
+    if missing:
+        more = f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"missing tensor {missing[0]}{more}", where=where,
+                              fix="the weights do not match config.json; re-download or fix the config")
+    unexpected = sorted(set(found) - set(expected))
+    if unexpected:
+        more = f" (+{len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise CheckpointError(f"unexpected tensor {unexpected[0]}{more} in {found[unexpected[0]][2].name}",
+                              where=where, fix="the weights belong to another architecture or config")
+    for name, shape in expected.items():
+        if tuple(found[name][0]) != tuple(shape):
+            raise CheckpointError(
+                f"tensor {name} has shape {list(found[name][0])}, config.json implies {list(shape)}",
+                where=str(found[name][2]), fix="the weights do not match config.json")
+
+
+def iter_tensors(weights: WeightFiles, device: str) -> Iterator[tuple[str, torch.Tensor]]:
+    for path in weights.files:
+        with _open(path, device) as f:
+            for name in f.keys():
+                if weights.index is not None and weights.index.get(name) != path:
+                    continue
+                try:
+                    yield name, f.get_tensor(name)
+                except Exception as exc:
+                    raise CheckpointError(f"cannot read tensor {name} ({exc})", where=str(path),
+                                          fix="the file is truncated or corrupt: download it again") from None
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Write atomically (temp file + rename) with the `format: pt` metadata transformers expects."""
+    from safetensors.torch import save_file
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+    tmp.replace(path)

@@ -1,0 +1,163 @@
+"""Merge a PEFT LoRA adapter into the loaded weights: W <- W + scaling * B @ A.
+
+Merging once at load time makes an adapted model exactly as fast as the base model. Scaling is
+lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA; per-module `rank_pattern` / `alpha_pattern` are
+honoured. Target modules that match only part of the model are reported, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from evotok_cli.errors import CheckpointError
+from evotok_cli.runtime import checkpoint
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+
+
+@dataclass
+class AdapterReport:
+    path: str
+    r: int
+    lora_alpha: float
+    use_rslora: bool
+    target_modules: list[str] | str
+    merged_modules: int
+    matched: dict[str, int] = field(default_factory=dict)  # target name -> modules merged
+    unmatched_targets: list[str] = field(default_factory=list)  # targets with no module in this model
+    partial: list[str] = field(default_factory=list)  # human-readable notes on partial coverage
+
+    def summary(self) -> str:
+        kinds = ", ".join(f"{k} x{n}" for k, n in sorted(self.matched.items()))
+        text = f"LoRA r={self.r} alpha={self.lora_alpha:g}{' rsLoRA' if self.use_rslora else ''}: {kinds}"
+        if self.partial:
+            text += "; " + "; ".join(self.partial)
+        return text
+
+
+def _pattern_value(pattern: dict[str, Any], module: str, default: Any) -> Any:
+    """PEFT's rule: a pattern key applies to a module whose name ends with it (regex allowed)."""
+    for key, value in (pattern or {}).items():
+        if module == key or re.fullmatch(rf"(.*\.)?{key}", module):
+            return value
+    return default
+
+
+def _target_names(targets: Any) -> list[str]:
+    if isinstance(targets, str):
+        return [targets]
+    return list(targets or [])
+
+
+def read_adapter_config(folder: Path) -> dict[str, Any]:
+    cfg = checkpoint.read_json(folder / ADAPTER_CONFIG, "adapter_config.json")
+    where = str(folder / ADAPTER_CONFIG)
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise CheckpointError(f"peft_type {cfg.get('peft_type')!r} is not LoRA", where=where,
+                              fix="only LoRA adapters can be merged")
+    for key, bad in (("use_dora", True), ("fan_in_fan_out", True)):
+        if cfg.get(key) == bad:
+            raise CheckpointError(f"{key}=true is not supported", where=where, fix="use a plain LoRA adapter")
+    if cfg.get("bias", "none") != "none":
+        raise CheckpointError(f"bias={cfg['bias']!r} is not supported", where=where, fix="train with bias='none'")
+    if not isinstance(cfg.get("r"), int) or cfg["r"] <= 0:
+        raise CheckpointError(f"r must be a positive integer, got {cfg.get('r')!r}", where=where,
+                              fix="repair adapter_config.json")
+    return cfg
+
+
+def merge_adapter(net: nn.Module, folder: str | Path, family: str) -> AdapterReport:
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise CheckpointError("adapter folder does not exist", where=str(folder),
+                              fix="pass --adapter DIR with adapter_config.json and adapter_model.safetensors")
+    cfg = read_adapter_config(folder)
+    weights_path = folder / ADAPTER_WEIGHTS
+    if not weights_path.is_file():
+        pickles = [p.name for p in folder.glob("adapter_model.bin")]
+        raise CheckpointError(
+            f"no {ADAPTER_WEIGHTS}" + (" (only pickle weights found; evotok never unpickles)" if pickles else ""),
+            where=str(folder), fix=checkpoint.CONVERT_HINT if pickles else "save the adapter with safe_serialization")
+    files = checkpoint.WeightFiles((weights_path,), None)
+    tensors = dict(checkpoint.iter_tensors(files, "cpu"))
+    params = dict(net.named_parameters())
+    modules = dict(net.named_modules())
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    replaced: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors.items():
+        name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        m = re.fullmatch(r"(.+)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight", name)
+        if m:
+            pairs.setdefault(m.group(1), {})[m.group(2)] = tensor
+        elif name in params:  # modules_to_save: a full replacement tensor
+            replaced[name] = tensor
+        else:
+            base = cfg.get("base_model_name_or_path") or "unknown base"
+            raise CheckpointError(f"adapter tensor {key} matches no module of this {family} model",
+                                  where=str(weights_path),
+                                  fix=f"the adapter was made for another architecture ({base})")
+    report = AdapterReport(path=str(folder), r=cfg["r"], lora_alpha=float(cfg.get("lora_alpha", cfg["r"])),
+                           use_rslora=bool(cfg.get("use_rslora")), target_modules=cfg.get("target_modules"),
+                           merged_modules=0)
+    kinds: Counter[str] = Counter()
+    for module_name, ab in sorted(pairs.items()):
+        module = modules.get(module_name)
+        if not isinstance(module, nn.Linear):
+            base = cfg.get("base_model_name_or_path") or "unknown base"
+            raise CheckpointError(f"adapter targets {module_name}, which is not a linear layer of this {family} model",
+                                  where=str(weights_path),
+                                  fix=f"the adapter was made for another architecture ({base})")
+        if set(ab) != {"lora_A", "lora_B"}:
+            raise CheckpointError(f"{module_name} has only {sorted(ab)}", where=str(weights_path),
+                                  fix="the adapter file is incomplete; save it again")
+        a, b = ab["lora_A"].float(), ab["lora_B"].float()  # (r, in), (out, r)
+        w = module.weight
+        if a.shape[1] != w.shape[1] or b.shape[0] != w.shape[0] or a.shape[0] != b.shape[1]:
+            raise CheckpointError(
+                f"{module_name}: lora_A {list(a.shape)} / lora_B {list(b.shape)} do not fit weight {list(w.shape)}",
+                where=str(weights_path), fix="the adapter was made for a model of another size")
+        r = _pattern_value(cfg.get("rank_pattern"), module_name, a.shape[0])
+        alpha = _pattern_value(cfg.get("alpha_pattern"), module_name, report.lora_alpha)
+        scaling = alpha / (math.sqrt(r) if report.use_rslora else r)
+        with torch.no_grad():
+            delta = (b.to(w.device) @ a.to(w.device)) * scaling  # (out, in), in fp32
+            w.copy_((w.float() + delta).to(w.dtype))
+        kinds[module_name.rsplit(".", 1)[-1]] += 1
+        report.merged_modules += 1
+    with torch.no_grad():
+        for name, tensor in replaced.items():
+            if params[name].shape != tensor.shape:
+                raise CheckpointError(f"{name} has shape {list(tensor.shape)}, expected {list(params[name].shape)}",
+                                      where=str(weights_path), fix="the adapter was made for a model of another size")
+            params[name].copy_(tensor.to(params[name].dtype))
+    report.matched = dict(kinds)
+    _report_coverage(report, net, cfg)
+    return report
+
+
+def _report_coverage(report: AdapterReport, net: nn.Module, cfg: dict[str, Any]) -> None:
+    linear_kinds = Counter(n.rsplit(".", 1)[-1] for n, m in net.named_modules() if isinstance(m, nn.Linear))
+    targets = cfg.get("target_modules")
+    if isinstance(targets, str):  # a regex or "all-linear": judge by what merged
+        names = sorted(report.matched)
+    else:
+        names = _target_names(targets)
+    for target in names:
+        suffix = target.rsplit(".", 1)[-1]
+        if suffix not in linear_kinds:
+            report.unmatched_targets.append(target)
+            report.partial.append(f"target {target!r} matches no module of this model")
+        elif report.matched.get(suffix, 0) < linear_kinds[suffix]:
+            report.partial.append(f"{suffix}: {report.matched.get(suffix, 0)} of {linear_kinds[suffix]} modules adapted")
+    if report.merged_modules == 0 and not report.partial:
+        report.partial.append("the adapter holds no LoRA weights")

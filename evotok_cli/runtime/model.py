@@ -1,0 +1,189 @@
+"""Load a checkpoint folder into a `DiffusionModel`: the small protocol every decoder talks to.
+
+Decoders see only: embed ids, embed soft mixtures, forward embeddings (with an optional attention mask
+and cache), the mask / stop ids, whether logits are shifted, and the maximum length.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from evotok_cli.runtime import checkpoint, tokenizer as tok
+from evotok_cli.runtime.architectures import Family, detect_family
+from evotok_cli.runtime.device import resolve_device, resolve_dtype
+from evotok_cli.runtime.lora import AdapterReport, merge_adapter
+
+
+@dataclass
+class DiffusionModel:
+    net: nn.Module
+    family: Family
+    config: Any
+    tokenizer: Any
+    path: Path
+    weights: checkpoint.WeightFiles | None
+    adapter: AdapterReport | None = None
+    eot_id: int | None = None
+
+    # -- the protocol decoders use ---------------------------------------------------------------
+    @property
+    def mask_id(self) -> int:
+        return self.config.mask_token_id
+
+    @property
+    def eos_id(self) -> int:
+        return self.config.eos_token_id
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """Ids that end an answer: EOS and the chat end-of-turn token."""
+        return tuple(i for i in (self.eos_id, self.eot_id) if i is not None)
+
+    @property
+    def shifted_logits(self) -> bool:
+        return bool(getattr(self.net, "shifted_logits", False))
+
+    @property
+    def max_length(self) -> int:
+        return self.config.max_sequence_length
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.net.parameters()).dtype
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.net.embed(ids)
+
+    def embed_soft(self, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return self.net.embed_soft(ids, weights)
+
+    def __call__(self, input_ids=None, **kwargs) -> torch.Tensor:
+        return self.net(input_ids, **kwargs)
+
+    def new_cache(self, batch: int, length: int):
+        return self.net.new_cache(batch, length)
+
+    # -- text --------------------------------------------------------------------------------------
+    def decode(self, ids: list[int]) -> str:
+        if self.tokenizer is None:
+            return " ".join(str(i) for i in ids)
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def answer_text(self, ids: list[int]) -> str:
+        """The generated span cut at the first stop id, special tokens dropped."""
+        cut = next((i for i, t in enumerate(ids) if t in self.stop_ids), len(ids))
+        if self.tokenizer is None:
+            return " ".join(str(i) for i in ids[:cut])
+        return self.tokenizer.decode(ids[:cut], skip_special_tokens=True)
+
+    # -- facts for `evotok info` -------------------------------------------------------------------
+    def parameter_count(self) -> int:
+        return sum(p.numel() for p in self.net.parameters())
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path),
+            "family": self.family.name,
+            "architecture": self.family.architectures[0],
+            "parameters": self.parameter_count(),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "device": str(self.device),
+            "vocab_size": self.config.vocab_size,
+            "mask_id": self.mask_id,
+            "eos_id": self.eos_id,
+            "eot_id": self.eot_id,
+            "max_length": self.max_length,
+            "layers": self.config.n_layers,
+            "hidden": self.config.d_model,
+            "heads": self.config.n_heads,
+            "kv_heads": self.config.n_kv_heads,
+            "tokenizer": self.tokenizer is not None,
+            "chat_template": tok.has_chat_template(self.tokenizer),
+            "shards": len(self.weights.files) if self.weights else 0,
+            "adapter": None if self.adapter is None else {
+                "path": self.adapter.path, "r": self.adapter.r, "lora_alpha": self.adapter.lora_alpha,
+                "rslora": self.adapter.use_rslora, "merged_modules": self.adapter.merged_modules,
+                "matched": self.adapter.matched, "unmatched_targets": self.adapter.unmatched_targets,
+                "notes": self.adapter.partial,
+            },
+            "unknown_config_keys": list(self.config.unknown_keys),
+        }
+
+
+def read_family_config(folder: Path) -> tuple[Family, Any]:
+    raw = checkpoint.read_config(folder)
+    where = str(folder / "config.json")
+    family = detect_family(raw, where)
+    config = family.load().Config.from_hf(raw, where)
+    if config.unknown_keys:
+        warnings.warn(f"{where}: ignoring unknown config keys {', '.join(config.unknown_keys)}", stacklevel=2)
+    return family, config
+
+
+def build_model(family: Family, config: Any, *, device: torch.device, dtype: torch.dtype,
+                meta: bool = True) -> nn.Module:
+    """Build on the meta device (no memory, no init) when weights will be assigned right after."""
+    cls = family.load().Model
+    if meta:
+        with torch.device("meta"):
+            return cls(config)
+    with torch.device(device):
+        return cls(config).to(dtype)
+
+
+def load_model(path: str | Path, *, adapter: str | Path | None = None, device: str = "auto",
+               dtype: str = "auto", load_tokenizer: bool = True) -> DiffusionModel:
+    folder = checkpoint.model_dir(path)
+    family, config = read_family_config(folder)
+    weights = checkpoint.find_weights(folder)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    net = build_model(family, config, device=dev, dtype=dt)
+    expected = {n: tuple(p.shape) for n, p in net.named_parameters()}
+    checkpoint.check_tensors(expected, checkpoint.tensor_shapes(weights), str(folder))
+    load_device = "cpu" if dev.type != "cuda" else str(dev)
+    state = {name: t.to(dt) for name, t in checkpoint.iter_tensors(weights, load_device)}
+    net.load_state_dict(state, strict=True, assign=True)
+    net.to(dev).eval().requires_grad_(False)
+    report = merge_adapter(net, adapter, family.name) if adapter else None
+    tokenizer = tok.load_tokenizer(folder) if load_tokenizer else None
+    module = family.load()
+    eot = next((t for t in (tok.token_id(tokenizer, s) for s in module.EOT_TOKENS) if t is not None), None)
+    return DiffusionModel(net=net, family=family, config=config, tokenizer=tokenizer, path=folder,
+                          weights=weights, adapter=report, eot_id=eot)
+
+
+def inspect_model(path: str | Path, *, adapter: str | Path | None = None) -> dict[str, Any]:
+    """Everything `evotok info` shows, from config and safetensors headers only (no weights read)."""
+    folder = checkpoint.model_dir(path)
+    family, config = read_family_config(folder)
+    weights = checkpoint.find_weights(folder)
+    shapes = checkpoint.tensor_shapes(weights)
+    net = build_model(family, config, device=torch.device("cpu"), dtype=torch.float32)  # meta: free
+    checkpoint.check_tensors({n: tuple(p.shape) for n, p in net.named_parameters()}, shapes, str(folder))
+    report = merge_adapter(net, adapter, family.name) if adapter else None  # on meta: names and shapes only
+    tokenizer = tok.load_tokenizer(folder)
+    module = family.load()
+    eot = next((t for t in (tok.token_id(tokenizer, s) for s in module.EOT_TOKENS) if t is not None), None)
+    view = DiffusionModel(net=net, family=family, config=config, tokenizer=tokenizer, path=folder,
+                          weights=weights, adapter=report, eot_id=eot)
+    info = view.info()
+    dtypes = sorted({dt for _, dt, _ in shapes.values()})
+    info["dtype"] = dtypes[0] if len(dtypes) == 1 else ",".join(dtypes)
+    info.pop("device")
+    info["size_bytes"] = sum(p.stat().st_size for p in weights.files)
+    return info
