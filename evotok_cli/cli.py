@@ -308,24 +308,24 @@ def main() -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
-    except _click_exceptions() as exc:
+    except Exception as exc:  # click's own errors (typer vendors click in newer versions: match by shape)
+        if not hasattr(exc, "exit_code"):
+            raise
         _handle_click(exc)
 
 
-def _click_exceptions() -> tuple[type[BaseException], ...]:
-    import click
-    return (click.exceptions.ClickException, click.exceptions.Abort, click.exceptions.Exit)
-
-
-def _handle_click(exc: BaseException) -> None:
-    import click
-    if isinstance(exc, click.exceptions.Exit):
+def _handle_click(exc: Exception) -> None:
+    name = type(exc).__name__
+    if name == "Exit":
         sys.exit(exc.exit_code)
-    if isinstance(exc, click.exceptions.Abort):
+    if name == "Abort":
         print("aborted", file=sys.stderr)
         sys.exit(130)
-    assert isinstance(exc, click.exceptions.ClickException)
-    if isinstance(exc, click.exceptions.UsageError) and exc.ctx is not None:
-        print(exc.ctx.get_usage(), file=sys.stderr)
-    print(f"error: {exc.format_message()}", file=sys.stderr)
+    if not hasattr(exc, "format_message"):
+        raise exc
+    hint = ""
+    ctx = getattr(exc, "ctx", None)
+    if ctx is not None:
+        hint = f" (see `{ctx.command_path} --help`)"
+    print("error: " + " ".join(exc.format_message().split()) + hint, file=sys.stderr)
     sys.exit(exc.exit_code)

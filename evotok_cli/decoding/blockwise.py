@@ -88,11 +88,9 @@ class BlockwiseDecoder:
     def forward(self, model: Any, state: Any, canvas: Canvas, block: Block, lo: int, hi: int,
                 cache: KVCache | None, first: bool) -> tuple[torch.Tensor, tuple[int, int]]:
         cols = self.logits_range(canvas, lo, hi, block)
-        span = hi if cache is None else cache.span_after(lo, hi - lo)
         logits = model(**self.inputs(model, state, canvas, lo, hi, block, first),
-                       attention_mask=canvas.key_mask(lo, hi, keys=span),
-                       position_ids=canvas.positions[:, lo:hi], cache=cache, start=lo,
-                       logits_slice=(cols[0] - lo, cols[1] - lo))
+                       pad_offsets=canvas.pad_offsets, position_ids=canvas.positions[:, lo:hi], cache=cache,
+                       start=lo, logits_slice=(cols[0] - lo, cols[1] - lo))
         return logits, cols
 
     @torch.no_grad()

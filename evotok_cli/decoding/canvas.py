@@ -34,6 +34,18 @@ class Canvas:
     def padded(self) -> bool:
         return not bool(self.real.all())
 
+    @property
+    def pad_offsets(self) -> list[int] | None:
+        """Left padding per row (None when no row is padded): the model attends each row over its real
+        keys only, which keeps a padded row bit-identical to the same prompt decoded alone."""
+        if not self.padded:
+            return None
+        return [self.length - self.gen_length - n for n in self.prompt_lengths]
+
+    @property
+    def gen_length(self) -> int:
+        return self.length - self.gen_start
+
     def key_mask(self, start: int = 0, end: int | None = None, keys: int | None = None) -> torch.Tensor | None:
         """Bool attention mask (B, 1, queries, keys) hiding pad keys; None when nothing is padded."""
         if not self.padded:

@@ -62,11 +62,10 @@ class HardMaskDecoder(BlockwiseDecoder):
         prompt = canvas.real.clone()
         prompt[:, canvas.gen_start:] = False
         unconditional = canvas.x.masked_fill(prompt, model.mask_id)
-        both = lambda t: torch.cat([t, t])  # noqa: E731
-        mask = canvas.key_mask(lo, hi)
+        offsets = canvas.pad_offsets
         logits = model(input_ids=torch.cat([canvas.x, unconditional])[:, lo:hi],
-                       attention_mask=None if mask is None else both(mask),
-                       position_ids=both(canvas.positions[:, lo:hi]), start=lo,
+                       pad_offsets=None if offsets is None else offsets * 2,
+                       position_ids=torch.cat([canvas.positions] * 2)[:, lo:hi], start=lo,
                        logits_slice=(block.start - lo, block.end - lo))
         cond, uncond = logits.chunk(2)
         return uncond + (self.config.cfg_scale + 1) * (cond - uncond), (block.start, block.end)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from evotok_cli.errors import CheckpointError
+from evotok_cli.runtime.attention import attend
 from evotok_cli.runtime.cache import KVCache
 
 ARCHITECTURES = ("LLaDAModelLM",)
@@ -170,7 +171,7 @@ class LLaDABlock(nn.Module):
         self.ff_out = nn.Linear(cfg.mlp_hidden_size, cfg.d_model, bias=False)
 
     def attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                  cache: KVCache | None, start: int) -> torch.Tensor:
+                  cache: KVCache | None, start: int, pad_offsets: list[int] | None) -> torch.Tensor:
         B, L, _ = x.shape
         q = self.q_proj(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, L, D)
         k = self.k_proj(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, L, D)
@@ -181,11 +182,11 @@ class LLaDABlock(nn.Module):
         if self.n_kv_heads != self.n_heads:
             groups = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, L, D), bidirectional
+        y = attend(q, k, v, mask, pad_offsets, start if cache is not None else 0)  # (B, H, L, D)
         return self.attn_out(y.transpose(1, 2).reshape(B, L, -1))
 
-    def forward(self, x, cos, sin, mask=None, cache=None, start=0):
-        h = x + self.attention(self.attn_norm(x), cos, sin, mask, cache, start)
+    def forward(self, x, cos, sin, mask=None, cache=None, start=0, pad_offsets=None):
+        h = x + self.attention(self.attn_norm(x), cos, sin, mask, cache, start, pad_offsets)
         m = self.ff_norm(h)
         return h + self.ff_out(F.silu(self.ff_proj(m)) * self.up_proj(m))
 
@@ -247,6 +248,7 @@ class LLaDAModelLM(nn.Module):
         cache: KVCache | None = None,
         start: int = 0,
         logits_slice: tuple[int, int] | None = None,
+        pad_offsets: list[int] | None = None,
     ) -> torch.Tensor:
         """Logits (B, L, V) for the fed positions.
 
@@ -256,6 +258,7 @@ class LLaDAModelLM(nn.Module):
         written into the cache and attention sees every cached position up to the cache's length.
         logits_slice: (a, b) computes logits only for fed positions [a, b) (the LM head is the costliest
         layer per position at a 126k vocabulary, and decoders rarely need every position).
+        pad_offsets: left padding per row of a batch; such rows attend over their real keys only.
         """
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         B, L, _ = x.shape
@@ -263,7 +266,7 @@ class LLaDAModelLM(nn.Module):
             position_ids = torch.arange(start, start + L, device=x.device).expand(B, L)
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
         for block in self.transformer.blocks:
-            x = block(x, cos, sin, attention_mask, cache, start)
+            x = block(x, cos, sin, attention_mask, cache, start, pad_offsets)
         if logits_slice is not None:
             x = x[:, logits_slice[0]:logits_slice[1]]
         x = self.transformer.ln_f(x)

@@ -1,0 +1,276 @@
+"""The bundled model's tasks: generated deterministically, with test sets disjoint from training by
+construction, in the paper's answer format so the protocol's parsers apply unchanged.
+
+- `sudoku4`: 4x4 Sudoku with a unique solution. Committing many cells per step creates conflicts (two
+  cells of a row both become "3"), which is what revisable soft decoding is meant to avoid. The split is
+  by *solution grid*: test grids never occur in training, so the model must solve, not recall.
+- `arith`: two- and three-step word problems over small numbers; split by the problem's content.
+- `countdown3`: Countdown with three numbers from 1 to 12 in the cd3 format; split by (numbers, target).
+
+A problem goes to the test split iff a hash of its split key falls in a fixed 1/N of the hash space, so
+any seed, any count and any generator run give disjoint train and test sets.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+ANSWER_FORMAT = "<reasoning>\n{reasoning}\n</reasoning>\n<answer>\n\\boxed{{{answer}}}\n</answer>"
+PREFILL = "<reasoning>"
+
+
+@dataclass(frozen=True)
+class Problem:
+    question: str
+    reasoning: str
+    answer: str
+    target: Any  # what the scorer compares against
+    key: str  # split key
+
+    @property
+    def response(self) -> str:
+        """The full answer text; the first len(PREFILL) characters are the inference prefill."""
+        return ANSWER_FORMAT.format(reasoning=self.reasoning, answer=self.answer)
+
+
+def in_test_split(key: str, one_in: int) -> bool:
+    digest = hashlib.sha256(key.encode()).digest()
+    return int.from_bytes(digest[:8], "big") % one_in == 0
+
+
+class SyntheticTask:
+    name: str
+    one_in: int = 10  # 1/one_in of the problem space is test
+
+    def sample(self, rng: random.Random) -> Problem:
+        raise NotImplementedError
+
+    def problems(self, split: str, n: int, seed: int) -> list[Problem]:
+        """n distinct problems of the split, deterministic in (split, n, seed)."""
+        rng = random.Random(f"{self.name}/{split}/{seed}")
+        want_test = split == "test"
+        seen: set[str] = set()
+        out: list[Problem] = []
+        attempts = 0
+        while len(out) < n:
+            attempts += 1
+            if attempts > 20 * n + 10000:
+                from evotok_cli.errors import ConfigError
+                raise ConfigError(f"{self.name} has fewer than {n} distinct {split} problems", where="--n",
+                                  fix="ask for fewer problems")
+            p = self.sample(rng)
+            if in_test_split(p.key, self.one_in) != want_test or p.question in seen:
+                continue
+            seen.add(p.question)
+            out.append(p)
+        return out
+
+    def stream(self, split: str, seed: int) -> Iterator[Problem]:
+        """An endless stream (repeats allowed) for training data."""
+        rng = random.Random(f"{self.name}/{split}/stream/{seed}")
+        want_test = split == "test"
+        while True:
+            p = self.sample(rng)
+            if in_test_split(p.key, self.one_in) == want_test:
+                yield p
+
+
+# -- sudoku4 -------------------------------------------------------------------------------------
+@cache
+def all_sudoku4() -> tuple[tuple[int, ...], ...]:
+    """All 288 valid 4x4 Sudoku grids, row-major."""
+    grids = []
+    rows = list(itertools.permutations((1, 2, 3, 4)))
+    for r0, r1, r2, r3 in itertools.product(rows, repeat=4):
+        g = r0 + r1 + r2 + r3
+        cols_ok = all(len({g[c], g[4 + c], g[8 + c], g[12 + c]}) == 4 for c in range(4))
+        boxes_ok = all(len({g[4 * r + c], g[4 * r + c + 1], g[4 * (r + 1) + c], g[4 * (r + 1) + c + 1]}) == 4
+                       for r in (0, 2) for c in (0, 2))
+        if cols_ok and boxes_ok:
+            grids.append(g)
+    return tuple(grids)
+
+
+@cache
+def _grid_array():
+    import numpy as np
+    return np.array(all_sudoku4(), dtype=np.int8)  # (288, 16)
+
+
+def sudoku4_solution_count(clues: tuple[int, ...] | list[int]) -> int:
+    import numpy as np
+    c = np.asarray(clues, dtype=np.int8)
+    return int(((_grid_array() == c) | (c == 0)).all(axis=1).sum())
+
+
+def grid_text(cells: tuple[int, ...], blank: str = ".") -> str:
+    return "|".join("".join(str(v) if v else blank for v in cells[4 * r:4 * r + 4]) for r in range(4))
+
+
+class Sudoku4(SyntheticTask):
+    name = "sudoku4"
+    one_in = 6  # 48 of the 288 grids are test-only
+    min_blanks, max_blanks = 6, 10
+
+    def sample(self, rng: random.Random) -> Problem:
+        grid = rng.choice(all_sudoku4())
+        blanks = rng.randint(self.min_blanks, self.max_blanks)
+        clues = list(grid)
+        removed = 0
+        for cell in rng.sample(range(16), 16):
+            if removed == blanks:
+                break
+            keep = clues[cell]
+            clues[cell] = 0
+            if sudoku4_solution_count(clues) == 1:
+                removed += 1
+            else:
+                clues[cell] = keep
+        puzzle = tuple(clues)
+        question = f"Solve the 4x4 sudoku (each row, column and box holds 1-4; dots are blanks):\n{grid_text(puzzle)}"
+        reasoning = f"{puzzle.count(0)} blanks."
+        return Problem(question, reasoning, grid_text(grid), grid_text(grid), key=grid_text(grid))
+
+    @staticmethod
+    def score(generation: str, target: str) -> tuple[str | None, bool]:
+        from evotok_cli.bench.parsers import last_boxed
+        found = last_boxed(generation)
+        if found is None or found is generation:
+            return None, False
+        answer = "".join(found.split())
+        return answer, answer == target
+
+
+# -- arith ---------------------------------------------------------------------------------------
+NAMES = ("Ann", "Ben", "Cara", "Dan", "Eva", "Finn", "Gus", "Hana", "Ivy", "Jon", "Kai", "Lea", "Max", "Nia",
+         "Omar", "Pia", "Raj", "Sara", "Tom", "Uma", "Vic", "Wen", "Yara", "Zoe")
+ITEMS = ("apples", "pens", "books", "coins", "cards", "eggs", "stickers", "marbles", "shells", "cookies",
+         "stamps", "beads")
+
+
+class Arith(SyntheticTask):
+    name = "arith"
+    one_in = 10
+
+    def sample(self, rng: random.Random) -> Problem:
+        name, other = rng.sample(NAMES, 2)
+        item = rng.choice(ITEMS)
+        value = rng.randint(2, 30)
+        sentences = [f"{name} has {value} {item}."]
+        steps: list[str] = []
+        for _ in range(rng.choice((2, 2, 3))):
+            kind = rng.choice(("add", "add", "sub", "sub", "mul"))
+            if kind == "mul" and value <= 20:
+                factor = rng.choice((2, 3))
+                sentences.append(f"Then the number of {item} becomes {factor} times as many." if rng.random() < .5
+                                 else f"Then {name} gets {factor} times as many {item}.")
+                steps.append(f"{value}*{factor}={value * factor}.")
+                value *= factor
+            elif kind == "sub" and value > 2:
+                amount = rng.randint(1, min(value - 1, 20))
+                sentences.append(rng.choice((f"{name} gives {amount} {item} to {other}.",
+                                             f"{name} loses {amount} {item}.",
+                                             f"{other} takes {amount} {item} from {name}.")))
+                steps.append(f"{value}-{amount}={value - amount}.")
+                value -= amount
+            else:
+                amount = rng.randint(1, 20)
+                sentences.append(rng.choice((f"{name} buys {amount} more {item}.",
+                                             f"{other} gives {name} {amount} {item}.",
+                                             f"{name} finds {amount} {item}.")))
+                steps.append(f"{value}+{amount}={value + amount}.")
+                value += amount
+        sentences.append(f"How many {item} does {name} have now?")
+        question = " ".join(sentences)
+        return Problem(question, " ".join(steps), str(value), float(value), key=question)
+
+    @staticmethod
+    def score(generation: str, target: float) -> tuple[float | None, bool]:
+        from evotok_cli.bench.parsers import parse_number_answer
+        value = parse_number_answer(generation)
+        return value, value is not None and value == target
+
+
+# -- countdown3 ----------------------------------------------------------------------------------
+_OPS = ("+", "-", "*", "/")
+
+
+def _apply(a: int, op: str, b: int) -> int | None:
+    if op == "+":
+        return a + b
+    if op == "-":
+        return a - b if a - b > 0 else None
+    if op == "*":
+        return a * b
+    return a // b if b and a % b == 0 else None
+
+
+class Countdown3(SyntheticTask):
+    name = "countdown3"
+    one_in = 10
+    low, high, max_target = 1, 12, 100
+
+    def sample(self, rng: random.Random) -> Problem:
+        while True:
+            nums = [rng.randint(self.low, self.high) for _ in range(3)]
+            a, b, c = nums
+            op1, op2 = rng.choice(_OPS), rng.choice(_OPS)
+            first = _apply(a, op1, b)
+            if first is None:
+                continue
+            total = _apply(first, op2, c)
+            if total is None or not 1 <= total <= self.max_target:
+                continue
+            inner = f"{a}{op1}{b}"
+            expr = f"({inner}){op2}{c}" if op2 in "*/" and op1 in "+-" else f"{inner}{op2}{c}"
+            question = f"Numbers: [{a}, {b}, {c}]\nTarget: {total}"
+            question = f"Use each number once with + - * / to reach the target.\n{question}"
+            reasoning = f"{a}{op1}{b}={first}. {first}{op2}{c}={total}."
+            key = f"{sorted(nums)}->{total}"
+            return Problem(question, reasoning, expr, (nums, total), key=key)
+
+    @staticmethod
+    def score(generation: str, target: tuple[list[int], int]) -> tuple[str, bool]:
+        from evotok_cli.bench.parsers import countdown_correct, countdown_expression
+        expr = countdown_expression(generation)
+        return expr, countdown_correct(expr, target[0], target[1])
+
+
+TASKS: dict[str, SyntheticTask] = {t.name: t for t in (Sudoku4(), Arith(), Countdown3())}
+
+
+def write_training_data(names: list[str], *, split: str, n: int, seed: int, out) -> int:
+    """Interleave n problems of each task into a JSONL file of {"prompt", "response", "prefill"}."""
+    import json
+    from pathlib import Path
+
+    from evotok_cli.errors import ConfigError
+
+    unknown = [t for t in names if t not in TASKS]
+    if unknown:
+        raise ConfigError(f"unknown synthetic task {unknown[0]!r}", where="evotok data",
+                          fix=f"choose from {', '.join(TASKS)}")
+    if split not in ("train", "test"):
+        raise ConfigError(f"unknown split {split!r}", where="--split", fix="use train or test")
+    if split == "train":  # an endless stream: small problem spaces (countdown3) repeat, as epochs would
+        per_task = [list(itertools.islice(TASKS[t].stream(split, seed), n)) for t in names]
+    else:
+        per_task = [TASKS[t].problems(split, n, seed) for t in names]
+    path = Path(out)
+    tmp = path.with_name(path.name + ".tmp")
+    count = 0
+    with tmp.open("w", encoding="utf-8") as f:
+        for i in range(n):
+            for problems in per_task:
+                p = problems[i]
+                f.write(json.dumps({"prompt": p.question, "prefill": PREFILL,
+                                    "response": p.response[len(PREFILL):]}) + "\n")
+                count += 1
+    tmp.replace(path)
+    return count

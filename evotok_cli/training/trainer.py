@@ -1,0 +1,337 @@
+"""`evotok finetune`: one training loop for every objective, LoRA (through peft) or full.
+
+Order of a step: micro-batches in a fixed, seeded order (epoch permutation), one backward per objective
+pass, gradient accumulation, clipping, AdamW, linear schedule with warmup. Checkpoints carry everything
+needed to continue bit-for-bit; SIGINT/SIGTERM save one before exiting.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from evotok_cli.errors import ConfigError
+from evotok_cli.training import checkpointing
+from evotok_cli.training.data import Example, load_examples
+from evotok_cli.training.objectives import Batch, collate
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    model: str
+    out: str
+    objective: str = "cts"
+    full: bool = False
+    lora_r: int = 128
+    lora_alpha: float = 256.0
+    lora_dropout: float = 0.05
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj"])
+    adapter: str | None = None  # start from (merge) this adapter before training
+    epochs: float = 1.0
+    max_steps: int | None = None
+    lr: float = 1e-5
+    weight_decay: float = 0.1
+    warmup: int = 0
+    batch_size: int = 2
+    grad_accum: int = 4
+    max_length: int = 1024
+    min_response: int = 1
+    response_length: int | None = None
+    max_grad_norm: float = 1.0
+    trajectory_steps: int = 4
+    decode_counts: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    block_sizes: list[int] = field(default_factory=lambda: [512])
+    alpha_range: list[float] = field(default_factory=lambda: [0.5, 1.0])
+    k_soft: int = 3
+    d2f_block_size: int = 16
+    d2f_mask_range: list[float] = field(default_factory=lambda: [0.2, 0.7])
+    seed: int = 42
+    save_every: int = 500
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    skip_invalid: bool = False
+    device: str = "auto"
+
+    def validate(self) -> None:
+        checks = [
+            (self.objective in OBJECTIVES, "--objective", f"unknown objective {self.objective!r}",
+             f"use one of {', '.join(OBJECTIVES)}"),
+            (self.lr > 0, "--lr", f"learning rate must be > 0, got {self.lr}", "e.g. --lr 1e-5"),
+            (self.batch_size >= 1, "--batch-size", f"batch size must be >= 1, got {self.batch_size}", "e.g. 2"),
+            (self.grad_accum >= 1, "--grad-accum", f"must be >= 1, got {self.grad_accum}", "e.g. 4"),
+            (self.lora_r >= 1, "--lora-r", f"LoRA rank must be >= 1, got {self.lora_r}", "e.g. 128"),
+            (0 <= self.lora_dropout < 1, "--lora-dropout", f"must be in [0, 1), got {self.lora_dropout}", "e.g. 0.05"),
+            (self.epochs > 0 or self.max_steps, "--epochs", "nothing to train", "set --epochs or --max-steps"),
+            (self.max_steps is None or self.max_steps >= 1, "--max-steps", "must be >= 1", "e.g. 1000"),
+            (self.trajectory_steps >= 1, "--trajectory-steps", "must be >= 1", "e.g. 4"),
+            (self.k_soft >= 1, "--k-soft", "must be >= 1", "e.g. 3"),
+            (all(c >= 1 for c in self.decode_counts), "--decode-counts", "counts must be >= 1", "e.g. 1,2,4,8"),
+            (all(b >= 1 for b in self.block_sizes), "--block-sizes", "sizes must be >= 1", "e.g. 512"),
+            (len(self.alpha_range) == 2 and 0 <= self.alpha_range[0] <= self.alpha_range[1] <= 1,
+             "--alpha-range", f"need two values 0 <= lo <= hi <= 1, got {self.alpha_range}", "e.g. 0.5,1.0"),
+            (self.save_every >= 1, "--save-every", "must be >= 1", "e.g. 500"),
+            (self.max_length >= 8, "--max-length", "must be >= 8", "e.g. 1024"),
+        ]
+        for ok, where, what, fix in checks:
+            if not ok:
+                raise ConfigError(what, where=where, fix=fix)
+
+
+OBJECTIVES = ("cts", "sft", "d2f")
+
+
+def lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
+    """Linear warmup to the peak, then linear decay to 0 (the HF Trainer's default schedule)."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        return max(0.0, (total - step) / max(1, total - warmup))
+    return factor
+
+
+class StopRequested(Exception):
+    pass
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, *, log: Callable[[str], None] = print):
+        cfg.validate()
+        self.cfg, self.log = cfg, log
+        self.out = Path(cfg.out).expanduser()
+        self.stop_signal: str | None = None
+
+    # -- setup -----------------------------------------------------------------------------------
+    def setup(self) -> None:
+        from evotok_cli.runtime.model import load_model
+
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        self.lm = load_model(cfg.model, adapter=cfg.adapter, device=cfg.device, dtype="float32")
+        self.device = self.lm.device
+        net = self.lm.net
+        net.requires_grad_(cfg.full)
+        self.base_net = net
+        if not cfg.full:
+            from peft import LoraConfig, get_peft_model
+
+            names = {n.rsplit(".", 1)[-1] for n, m in net.named_modules() if isinstance(m, torch.nn.Linear)}
+            unknown = [t for t in cfg.lora_targets if t not in names]
+            if unknown:
+                raise ConfigError(f"LoRA target {unknown[0]!r} is not a linear layer of this model",
+                                  where="--lora-targets", fix=f"choose from {', '.join(sorted(names))}")
+            lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                              target_modules=list(cfg.lora_targets), bias="none")
+            net = get_peft_model(net, lora)
+        self.net = net
+        self.params = {n: p for n, p in net.named_parameters() if p.requires_grad}
+        self.param_names = list(self.params)
+        self.examples, self.stats = load_examples(
+            cfg.data, self.lm.tokenizer, eot_id=self.lm.eot_id, max_length=cfg.max_length,
+            min_response=cfg.min_response, skip_invalid=cfg.skip_invalid)
+        self.log(f"data: {self.stats.summary()}")
+        micro_per_epoch = math.ceil(len(self.examples) / cfg.batch_size)
+        self.micro_per_epoch = micro_per_epoch
+        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * micro_per_epoch / cfg.grad_accum))
+        decay, no_decay = [], []
+        for n, p in self.params.items():
+            (no_decay if p.ndim < 2 else decay).append(p)
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+        # param order inside the optimiser (decay group first) defines the checkpoint's moment names
+        order = {id(p): n for n, p in self.params.items()}
+        self.opt_names = [order[id(p)] for g in self.optimizer.param_groups for p in g["params"]]
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg.warmup, self.total_steps))
+        self.noise = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        self.py_random = random.Random(cfg.seed)
+        self.step = 0
+        self.micro = 0  # micro-batches consumed since the start of training
+        self.history: list[dict[str, Any]] = []
+
+    def objective(self) -> Callable[[Batch], tuple[torch.Tensor, list[float]]]:
+        """A function batch -> (loss already backpropagated per pass, per-pass losses)."""
+        cfg, lm = self.cfg, self.lm
+        if cfg.objective == "sft":
+            from evotok_cli.training.objectives import sft_loss
+
+            def run(batch: Batch):
+                loss, parts = sft_loss(self.net, batch, mask_id=lm.mask_id, generator=self.noise)
+                (loss / cfg.grad_accum).backward()
+                return loss.detach(), parts
+            return run
+        if cfg.objective == "cts":
+            from evotok_cli.training.cts import CTSSettings, cts_step
+            settings = CTSSettings(trajectory_steps=cfg.trajectory_steps, decode_counts=list(cfg.decode_counts),
+                                   block_sizes=list(cfg.block_sizes), alpha_range=tuple(cfg.alpha_range),
+                                   k_soft=cfg.k_soft)
+
+            def run(batch: Batch):
+                return cts_step(self.net, lm, batch, settings, rng=self.py_random, scale=1.0 / cfg.grad_accum)
+            return run
+        from evotok_cli.training.d2f import D2FSettings, d2f_step
+        settings = D2FSettings(block_size=cfg.d2f_block_size, mask_range=tuple(cfg.d2f_mask_range))
+
+        def run(batch: Batch):
+            return d2f_step(self.net, lm, batch, settings, generator=self.noise, scale=1.0 / cfg.grad_accum)
+        return run
+
+    # -- data order ------------------------------------------------------------------------------
+    def micro_batch(self, index: int) -> list[Example]:
+        epoch, within = divmod(index, self.micro_per_epoch)
+        perm = torch.randperm(len(self.examples), generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
+        picked = perm[within * self.cfg.batch_size:(within + 1) * self.cfg.batch_size].tolist()
+        return [self.examples[i] for i in picked]
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.out / "checkpoints"
+
+    def save(self) -> Path:
+        extra = {"micro": self.micro, "history_tail": self.history[-200:], "config": asdict(self.cfg)}
+        path = checkpointing.save_checkpoint(
+            self.checkpoint_dir, step=self.step, model_state={n: p.detach() for n, p in self.params.items()},
+            optimizer=self.optimizer, param_names=self.opt_names, scheduler_state=self.scheduler.state_dict(),
+            generators={"noise": self.noise}, py_random=self.py_random, extra=extra, keep=self.cfg.keep_checkpoints)
+        return path
+
+    def resume(self) -> bool:
+        found = checkpointing.list_checkpoints(self.checkpoint_dir)
+        if not found:
+            self.log(f"--resume: no checkpoint in {self.checkpoint_dir}, starting from step 0")
+            return False
+        meta = checkpointing.load_checkpoint(found[-1], model_params=self.params, optimizer=self.optimizer,
+                                             param_names=self.opt_names, generators={"noise": self.noise},
+                                             py_random=self.py_random)
+        self.scheduler.load_state_dict(meta["scheduler"])
+        self.step, self.micro = meta["step"], meta["micro"]
+        self.history = list(self._read_log())
+        self.log(f"resumed from {found[-1].name} (step {self.step} of {self.total_steps})")
+        return True
+
+    def _read_log(self):
+        path = self.out / "loss_log.jsonl"
+        if path.is_file():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                rec = json.loads(line)
+                if rec["step"] <= self.step:
+                    yield rec
+
+    # -- the loop --------------------------------------------------------------------------------
+    def _on_signal(self, signum, frame) -> None:
+        self.stop_signal = signal.Signals(signum).name
+
+    def train(self, *, resume: bool = False, progress: Any = None) -> dict[str, Any]:
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        if resume:
+            self.resume()
+        self._rewrite_log()
+        (self.out / "training_args.json").write_text(json.dumps(
+            {**asdict(cfg), "total_steps": self.total_steps, "data_stats": self.stats.summary()}, indent=2))
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.net.train()
+        objective = self.objective()
+        t_start, tokens = time.perf_counter(), 0
+        try:
+            while self.step < self.total_steps:
+                parts_sum: list[float] = []
+                loss_sum = 0.0
+                for _ in range(cfg.grad_accum):
+                    examples = self.micro_batch(self.micro)
+                    batch = collate(examples, pad_id=self.lm.eos_id, response_length=cfg.response_length,
+                                    extra_pad=(0.5, 10) if cfg.objective == "cts" else None,
+                                    rng=self.py_random).to(self.device)
+                    loss, parts = objective(batch)
+                    loss_sum += float(loss)
+                    parts_sum = [a + b for a, b in zip(parts_sum, parts)] if parts_sum else list(parts)
+                    tokens += int(batch.ids.numel())
+                    self.micro += 1
+                grad_norm = torch.nn.utils.clip_grad_norm_(list(self.params.values()), cfg.max_grad_norm)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                record = {"step": self.step, "loss": loss_sum / cfg.grad_accum,
+                          "pass_losses": [p / cfg.grad_accum for p in parts_sum],
+                          "lr": self.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                          "tokens_per_s": tokens / max(time.perf_counter() - t_start, 1e-9)}
+                self.history.append(record)
+                with (self.out / "loss_log.jsonl").open("a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
+                if progress is not None:
+                    progress(self.step, self.total_steps, record)
+                if self.step % cfg.save_every == 0 or self.step == self.total_steps:
+                    self.save()
+                if self.stop_signal:
+                    path = self.save()
+                    self.log(f"{self.stop_signal}: saved {path}; continue with --resume")
+                    raise StopRequested
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+        self.net.eval()
+        return self.export()
+
+    def _rewrite_log(self) -> None:
+        path = self.out / "loss_log.jsonl"
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history), encoding="utf-8")
+        tmp.replace(path)
+
+    # -- output ----------------------------------------------------------------------------------
+    def export(self) -> dict[str, Any]:
+        from evotok_cli.runtime.writer import copy_tokenizer, save_model
+
+        cfg = self.cfg
+        if cfg.full:
+            save_model(self.base_net, self.lm.config.to_hf(), self.out)
+            copy_tokenizer(self.lm.path, self.out)
+            kind = "model"
+        else:
+            self.net.peft_config["default"].base_model_name_or_path = str(self.lm.path)
+            self.net.save_pretrained(str(self.out), safe_serialization=True)
+            kind = "adapter"
+        plot = plot_losses(self.history, self.out / "loss.png")
+        summary = {"schema": "evotok.finetune/1", "out": str(self.out), "kind": kind, "objective": cfg.objective,
+                   "steps": self.step, "final_loss": self.history[-1]["loss"] if self.history else None,
+                   "examples": self.stats.used, "skipped": dict(self.stats.skipped),
+                   "loss_plot": str(plot) if plot else None}
+        return summary
+
+
+def plot_losses(history: list[dict[str, Any]], path: Path) -> Path | None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    if not history:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    steps = [r["step"] for r in history]
+    passes = len(history[-1]["pass_losses"])
+    if passes > 1:
+        for j in range(passes):
+            ax.plot(steps, [r["pass_losses"][j] if len(r["pass_losses"]) > j else float("nan") for r in history],
+                    lw=0.8, label=f"pass {j + 1}")
+    ax.plot(steps, [r["loss"] for r in history], lw=1.2, color="black", label="loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

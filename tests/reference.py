@@ -1,0 +1,115 @@
+"""Plain, unoptimised re-statements of the reference decoders, written from the spec (sections 1.3-1.5,
+6.1, 8) for batch size 1 with the whole canvas recomputed every step. Our decoders must produce the same
+tokens. Deliberate difference from the LLaDA code, shared with our decoder: [MASK] is never a candidate.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def schedule(mask_count: int, steps: int) -> list[int]:
+    base, rem = mask_count // steps, mask_count % steps
+    return [base + 1 if i < rem else base for i in range(steps)]
+
+
+@torch.no_grad()
+def llada_generate(model, prompt: list[int], *, gen_length: int, block_length: int, steps: int, mask_id: int,
+                   cfg_scale: float = 0.0, threshold: float | None = None) -> tuple[list[int], int]:
+    """LLaDA `generate` at temperature 0 (threshold: Fast-dLLM's rule without cache, float64 softmax)."""
+    P = len(prompt)
+    x = torch.tensor([prompt + [mask_id] * gen_length])
+    blocks = gen_length // block_length
+    per_block = steps // blocks
+    nfe = 0
+    for b in range(blocks):
+        start, end = P + b * block_length, P + (b + 1) * block_length
+        counts = schedule(int((x[:, start:end] == mask_id).sum()), per_block)
+        i = 0
+        while (x[:, start:end] == mask_id).any():
+            mask_index = x == mask_id
+            if cfg_scale > 0:
+                un = x.clone()
+                un[:, :P] = mask_id
+                both = model(torch.cat([x, un]))
+                cond, uncond = both[:1], both[1:]
+                logits = uncond + (cfg_scale + 1) * (cond - uncond)
+            else:
+                logits = model(x)
+            nfe += 1
+            scores = logits.clone()
+            scores[..., mask_id] = float("-inf")
+            x0 = scores.argmax(-1)
+            p = F.softmax(logits.double() if threshold is not None else logits, dim=-1)
+            x0_p = torch.gather(p, -1, x0[..., None]).squeeze(-1)
+            x0_p[:, end:] = float("-inf")
+            x0 = torch.where(mask_index, x0, x)
+            confidence = torch.where(mask_index, x0_p, torch.tensor(float("-inf"), dtype=x0_p.dtype))
+            n = int(mask_index[:, start:end].sum()) if threshold is not None else counts[i]
+            values, index = torch.topk(confidence[0], k=n)
+            keep = torch.ones(n, dtype=torch.bool)
+            if threshold is not None:
+                keep[1:] = values[1:] >= threshold
+            x[0, index[keep]] = x0[0, index[keep]]
+            i += 1
+            if threshold is None and i == len(counts):
+                break
+    return x[0, P:].tolist(), nfe
+
+
+@torch.no_grad()
+def evotoken_generate(model, prompt: list[int], *, gen_length: int, block_length: int, steps: int,
+                      mask_id: int, alpha: float, k: int, record: list | None = None) -> tuple[list[int], int]:
+    """`generate_soft_token` at temperature 0: full float64 softmax, soft state for every position."""
+    P = len(prompt)
+    L = P + gen_length
+    x = torch.tensor([prompt + [mask_id] * gen_length])
+    conf = torch.zeros(1, L, dtype=torch.float64)
+    soft_ids = soft_w = None
+    blocks = gen_length // block_length
+    per_block = steps // blocks
+    nfe = 0
+    for b in range(blocks):
+        start, end = P + b * block_length, P + (b + 1) * block_length
+        counts = schedule(block_length, per_block)
+        for i in range(per_block):
+            if not (x[:, start:end] == mask_id).any():
+                break
+            if soft_ids is None:
+                logits = model(x)
+            else:
+                if record is not None:
+                    record.append((soft_ids.clone(), soft_w.clone()))
+                w = soft_w.to(logits.dtype).clamp(min=0)
+                w = w / w.sum(-1, keepdim=True).clamp(min=1e-12)
+                emb = model.embed(soft_ids)  # (1, L, k+1, D)
+                logits = model(inputs_embeds=(emb * w[..., None]).sum(-2))
+            if record is not None and soft_ids is None:
+                record.append((None, None))
+            nfe += 1
+            logits = logits.clone()
+            logits[..., mask_id] = float("-inf")  # in place, before the softmax (T = 0)
+            x0 = logits.argmax(-1)
+            p = F.softmax(logits.double(), dim=-1)
+            conf0 = torch.gather(p, -1, x0[..., None]).squeeze(-1)
+            masked = x == mask_id
+            pos = torch.arange(L)[None]
+            eligible = masked & (pos < end)
+            score = torch.where(eligible, conf0, torch.tensor(float("-inf"), dtype=torch.float64))
+            _, index = torch.topk(score[0], k=counts[i])
+            x[0, index] = x0[0, index]
+            conf[0, index] = conf0[0, index]
+            decoded = (x != mask_id) & (pos >= start)
+            revise = decoded & (conf0 > conf)
+            x[revise] = x0[revise]
+            conf[revise] = conf0[revise]
+            q, t = torch.topk(p, k, dim=-1)
+            S = q.sum(-1, keepdim=True)
+            extra = torch.where(x[..., None] == mask_id, S / (1 - alpha) * alpha, torch.zeros_like(S))
+            soft_w = torch.cat([q, extra], -1)
+            soft_w = soft_w / soft_w.sum(-1, keepdim=True)
+            soft_ids = torch.cat([t, x[..., None]], -1)
+            soft_w[:, :start] = 0
+            soft_w[:, :start, -1] = 1
+    return x[0, P:].tolist(), nfe
