@@ -295,6 +295,170 @@ def init_model(
     _stderr().print(f"wrote {folder}")
 
 
+# -- finetune ------------------------------------------------------------------------------------
+FINETUNE_DEFAULTS: dict[str, Any] = {
+    "model": None, "out": None, "objective": "cts", "full": False, "lora_r": 128, "lora_alpha": 256.0,
+    "lora_dropout": 0.05, "lora_targets": "q_proj,k_proj,v_proj", "adapter": None, "epochs": 1.0,
+    "max_steps": None, "lr": 1e-5, "weight_decay": 0.1, "warmup": 0, "batch_size": 2, "grad_accum": 4,
+    "max_length": 1024, "min_response": 1, "response_length": None, "trajectory_steps": 4,
+    "decode_counts": "1,2,4,8", "block_sizes": "512", "alpha_range": "0.5,1.0", "k_soft": 3,
+    "d2f_block_size": 16, "d2f_mask_range": "0.2,0.7", "seed": 42, "save_every": 500, "keep_checkpoints": 3,
+    "log_every": 10, "skip_invalid": False, "device": "auto", "json": False,
+}
+
+
+def _csv(text: Any, kind: type, where: str) -> list:
+    items = list(text) if isinstance(text, (list, tuple)) else [t for t in str(text).replace(" ", "").split(",") if t]
+    try:
+        return [kind(t) for t in items]
+    except ValueError:
+        raise EvotokError(f"{text!r} is not a comma-separated list of {kind.__name__}", where=where,
+                          fix="write e.g. 1,2,4,8") from None
+
+
+@app.command()
+def finetune(
+    data: Path = typer.Argument(..., help='JSONL: {"prompt","response"}, {"messages":[...]} or {"question","answer"}'),
+    model: str | None = typer.Option(None, "--model", "-m", envvar="EVOTOK_MODEL", help=MODEL_HELP, show_default=False),
+    out: Path | None = typer.Option(None, "--out", help="output folder (adapter or full checkpoint)", show_default=False),
+    objective: str | None = typer.Option(None, "--objective", help="cts (continuous trajectory supervision) | sft (LLaDA masked SFT, the FT-baseline) | d2f (asymmetric distillation) [default: cts]", show_default=False),
+    full: bool | None = typer.Option(None, "--full/--lora", help="train all weights and write a full checkpoint, or a LoRA adapter [default: LoRA]", show_default=False),
+    lora_r: int | None = typer.Option(None, "--lora-r", help="LoRA rank [default: 128]", show_default=False),
+    lora_alpha: float | None = typer.Option(None, "--lora-alpha", help="LoRA alpha [default: 256]", show_default=False),
+    lora_dropout: float | None = typer.Option(None, "--lora-dropout", help="[default: 0.05]", show_default=False),
+    lora_targets: str | None = typer.Option(None, "--lora-targets", help="module names [default: q_proj,k_proj,v_proj]", show_default=False),
+    adapter: str | None = typer.Option(None, "--adapter", help="merge this adapter into the model before training", show_default=False),
+    epochs: float | None = typer.Option(None, "--epochs", help="[default: 1]", show_default=False),
+    max_steps: int | None = typer.Option(None, "--max-steps", help="optimizer steps (overrides --epochs)", show_default=False),
+    lr: float | None = typer.Option(None, "--lr", help="peak learning rate [default: 1e-5]", show_default=False),
+    weight_decay: float | None = typer.Option(None, "--weight-decay", help="[default: 0.1]", show_default=False),
+    warmup: int | None = typer.Option(None, "--warmup", help="warmup steps [default: 0]", show_default=False),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="sequences per micro-batch [default: 2]", show_default=False),
+    grad_accum: int | None = typer.Option(None, "--grad-accum", help="micro-batches per optimizer step [default: 4]", show_default=False),
+    max_length: int | None = typer.Option(None, "--max-length", help="skip longer examples [default: 1024]", show_default=False),
+    min_response: int | None = typer.Option(None, "--min-response", help="skip responses shorter than this many tokens [default: 1; the CTS recipe uses 32]", show_default=False),
+    response_length: int | None = typer.Option(None, "--response-length", help="pad every response with EOS to this many tokens (the generation window)", show_default=False),
+    trajectory_steps: int | None = typer.Option(None, "--trajectory-steps", help="CTS: unrolled passes K [default: 4]", show_default=False),
+    decode_counts: str | None = typer.Option(None, "--decode-counts", help="CTS: tokens decoded per pass, drawn per batch [default: 1,2,4,8]", show_default=False),
+    block_sizes: str | None = typer.Option(None, "--block-sizes", help="CTS: training block lengths [default: 512]", show_default=False),
+    alpha_range: str | None = typer.Option(None, "--alpha-range", help="CTS: alpha ~ U(lo, hi) per sample and pass [default: 0.5,1.0]", show_default=False),
+    k_soft: int | None = typer.Option(None, "--k-soft", help="CTS: top-k of the soft state [default: 3]", show_default=False),
+    seed: int | None = typer.Option(None, "--seed", help="[default: 42]", show_default=False),
+    save_every: int | None = typer.Option(None, "--save-every", help="checkpoint every N optimizer steps [default: 500]", show_default=False),
+    keep_checkpoints: int | None = typer.Option(None, "--keep-checkpoints", help="keep the last N [default: 3]", show_default=False),
+    resume: bool = typer.Option(False, "--resume", help="continue from the last checkpoint in --out"),
+    skip_invalid: bool | None = typer.Option(None, "--skip-invalid", help="count and skip malformed lines instead of stopping", show_default=False),
+    device: str | None = typer.Option(None, "--device", help="[default: auto]", show_default=False),
+    config: Path | None = typer.Option(None, "--config", "-c", help="YAML with defaults for any option above", show_default=False),
+    as_json: bool | None = typer.Option(None, "--json", help="print a JSON summary (schema evotok.finetune/1)", show_default=False),
+) -> None:
+    """Fine-tune a diffusion LM: continuous trajectory supervision (CTS, EvoToken's recipe), LLaDA's
+    masked SFT (the paper's FT-baseline, also used to pretrain from scratch), or D2F distillation.
+
+    Writes a PEFT adapter (or with --full a Hugging Face checkpoint), training_args.json, loss_log.jsonl
+    and loss.png into --out. Interrupt at any time: a checkpoint is saved; continue with --resume.
+
+    Examples:
+
+      evotok finetune examples/finetune/tiny.jsonl --out runs/cts --max-steps 50
+
+      evotok finetune s1k.jsonl -m ./LLaDA-8B-Instruct --out runs/evotoken-lora --epochs 60 --min-response 32
+    """
+    from evotok_cli.config import Settings
+    from evotok_cli.training.trainer import StopRequested, Trainer, TrainConfig
+
+    s = Settings(FINETUNE_DEFAULTS, config, command="finetune")
+    get = s.get
+    if s.decoder_options:
+        raise EvotokError("`decoder:` has no meaning for finetune", where=str(config), fix="remove that section")
+    out_dir = get("out", out)
+    if out_dir is None:
+        raise EvotokError("no output folder", where="evotok finetune", fix="pass --out DIR")
+    cfg = TrainConfig(
+        data=str(data), model=str(_model_path(get("model", model))), out=str(out_dir),
+        objective=get("objective", objective), full=get("full", full), lora_r=get("lora_r", lora_r),
+        lora_alpha=float(get("lora_alpha", lora_alpha)), lora_dropout=get("lora_dropout", lora_dropout),
+        lora_targets=_csv(get("lora_targets", lora_targets), str, "--lora-targets"), adapter=get("adapter", adapter),
+        epochs=float(get("epochs", epochs)), max_steps=get("max_steps", max_steps), lr=float(get("lr", lr)),
+        weight_decay=float(get("weight_decay", weight_decay)), warmup=get("warmup", warmup),
+        batch_size=get("batch_size", batch_size), grad_accum=get("grad_accum", grad_accum),
+        max_length=get("max_length", max_length), min_response=get("min_response", min_response),
+        response_length=get("response_length", response_length),
+        trajectory_steps=get("trajectory_steps", trajectory_steps),
+        decode_counts=_csv(get("decode_counts", decode_counts), int, "--decode-counts"),
+        block_sizes=_csv(get("block_sizes", block_sizes), int, "--block-sizes"),
+        alpha_range=_csv(get("alpha_range", alpha_range), float, "--alpha-range"), k_soft=get("k_soft", k_soft),
+        d2f_block_size=get("d2f_block_size", None),
+        d2f_mask_range=_csv(get("d2f_mask_range", None), float, "d2f_mask_range"),
+        seed=get("seed", seed), save_every=get("save_every", save_every),
+        keep_checkpoints=get("keep_checkpoints", keep_checkpoints), log_every=get("log_every", None),
+        skip_invalid=get("skip_invalid", skip_invalid), device=get("device", device))
+    err = _stderr()
+    trainer = Trainer(cfg, log=lambda m: err.print(f"[dim]{m}[/dim]"))
+    trainer.setup()
+    bar = _TrainProgress(err, trainer.total_steps, cfg.log_every)
+    try:
+        with bar:
+            summary = trainer.train(resume=resume, progress=bar.update)
+    except StopRequested:
+        raise typer.Exit(code=130) from None
+    if get("json", as_json):
+        typer.echo(json.dumps(summary, indent=2))
+    else:
+        err.print(f"wrote {summary['kind']} to {summary['out']} (step {summary['steps']}, "
+                  f"final loss {summary['final_loss']:.4f})")
+
+
+class _TrainProgress:
+    """A rich progress bar on a terminal; one plain log line every `every` steps otherwise."""
+
+    def __init__(self, console: Any, total: int, every: int):
+        self.console, self.total, self.every, self.bar, self.task = console, total, every, None, None
+
+    def __enter__(self):
+        if self.console.is_terminal:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+            self.bar = Progress(TextColumn("step {task.completed}/{task.total}"), BarColumn(),
+                                TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=self.console)
+            self.bar.start()
+            self.task = self.bar.add_task("train", total=self.total, info="")
+        return self
+
+    def update(self, step: int, total: int, record: dict[str, Any]) -> None:
+        passes = " ".join(f"{x:.3f}" for x in record["pass_losses"]) if len(record["pass_losses"]) > 1 else ""
+        info = (f"loss {record['loss']:.4f}{' [' + passes + ']' if passes else ''} lr {record['lr']:.2e} "
+                f"{record['tokens_per_s']:.0f} tok/s")
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, info=info)
+        elif step % self.every == 0 or step == total:
+            self.console.print(f"step {step}/{total} {info}")
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.stop()
+        return False
+
+
+# -- data ----------------------------------------------------------------------------------------
+@app.command()
+def data(
+    tasks: list[str] = typer.Argument(..., help="synthetic task names (sudoku4, arith, countdown3)"),
+    split: str = typer.Option("train", "--split", help="train | test (disjoint by construction)"),
+    n: int = typer.Option(1000, "--n", help="problems per task"),
+    seed: int = typer.Option(0, "--seed"),
+    out: Path = typer.Option(..., "--out", help="JSONL file to write"),
+) -> None:
+    """Write problems of the bundled model's synthetic tasks as training JSONL
+    ({"prompt", "response", "prefill"}), interleaved across tasks, deterministic in the seed.
+
+    Example: evotok data sudoku4 arith countdown3 --n 1000 --out train.jsonl
+    """
+    from evotok_cli.bench.tasks.synthetic import write_training_data
+
+    count = write_training_data(tasks, split=split, n=n, seed=seed, out=out)
+    _stderr().print(f"wrote {count} examples to {out}")
+
+
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit code 2."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

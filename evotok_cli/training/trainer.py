@@ -81,6 +81,8 @@ class TrainConfig:
              "--alpha-range", f"need two values 0 <= lo <= hi <= 1, got {self.alpha_range}", "e.g. 0.5,1.0"),
             (self.save_every >= 1, "--save-every", "must be >= 1", "e.g. 500"),
             (self.max_length >= 8, "--max-length", "must be >= 8", "e.g. 1024"),
+            (not (self.objective == "d2f" and self.full), "--full",
+             "d2f distils the model without its adapter into the adapter, so it needs LoRA", "drop --full"),
         ]
         for ok, where, what, fix in checks:
             if not ok:
@@ -299,8 +301,14 @@ class Trainer:
             copy_tokenizer(self.lm.path, self.out)
             kind = "model"
         else:
-            self.net.peft_config["default"].base_model_name_or_path = str(self.lm.path)
-            self.net.save_pretrained(str(self.out), safe_serialization=True)
+            from peft import get_peft_model_state_dict
+
+            from evotok_cli.runtime.checkpoint import save_safetensors
+            peft_cfg = self.net.peft_config["default"]
+            peft_cfg.base_model_name_or_path = str(self.lm.path)
+            state = get_peft_model_state_dict(self.net, save_embedding_layers=False)
+            save_safetensors(state, self.out / "adapter_model.safetensors")
+            peft_cfg.save_pretrained(str(self.out))  # adapter_config.json
             kind = "adapter"
         plot = plot_losses(self.history, self.out / "loss.png")
         summary = {"schema": "evotok.finetune/1", "out": str(self.out), "kind": kind, "objective": cfg.objective,

@@ -1,0 +1,176 @@
+"""Benchmark items from a file, a folder or the Hugging Face hub, as a list of plain dicts.
+
+Reads the original formats (JSON lines, a JSON list such as SVAMP.json) and the Hugging Face layouts of
+the same sets (JSON lines written by `to_json`, parquet shards, `save_to_disk` folders). Which file a
+folder holds is the task's business: it names sub-folders and file patterns to look for.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from evotok_cli.errors import DataError
+
+if TYPE_CHECKING:
+    from evotok_cli.bench.tasks.protocol import DatasetTask
+
+Record = dict[str, Any]
+
+
+def task_records(task: DatasetTask, data: Path | None) -> tuple[list[Record], str]:
+    """The task's items and a description of where they came from."""
+    if data is None:
+        return hub_records(task)
+    path = Path(data).expanduser()
+    if path.is_dir():
+        files = find_task_files(task, path)
+    elif path.is_file():
+        files = [path]
+    else:
+        raise DataError("data path does not exist", where=str(path),
+                        fix=f"pass --data with the {task.name} file or a folder holding it, e.g. {task.example}")
+    records = [record for f in files for record in read_records(f)]
+    if not records:
+        raise DataError(f"no {task.name} items in the data", where=str(files[0]), fix=f"e.g. --data {task.example}")
+    shown = str(files[0]) if len(files) == 1 else f"{files[0].parent} ({len(files)} files)"
+    return records, shown
+
+
+def is_saved_dataset(folder: Path) -> bool:
+    """A folder written by `datasets`' save_to_disk (one split or a DatasetDict)."""
+    return (folder / "state.json").is_file() or (folder / "dataset_dict.json").is_file()
+
+
+def find_task_files(task: DatasetTask, folder: Path) -> list[Path]:
+    """The task's files in `folder`: first in its named sub-folders (so the folder of all sets works),
+    then in the folder itself; parquet shards of one split come back together."""
+    bases = [folder / name for name in task.folders] + [folder]
+    for base in bases:
+        if not base.is_dir():
+            continue
+        if is_saved_dataset(base):
+            return [base]
+        for pattern in task.patterns:
+            found = sorted(p for p in base.glob(pattern) if p.is_file() or is_saved_dataset(p))
+            if found:
+                return found
+    raise DataError(f"no {task.name} data found in the folder (looked for {', '.join(task.patterns)} in "
+                    f"{', '.join(task.folders)} or the folder itself)", where=str(folder),
+                    fix=f"pass the file itself, e.g. --data {task.name}={task.example}")
+
+
+def read_records(path: Path) -> list[Record]:
+    """Every item of one data file (or saved-dataset folder) as a dict."""
+    if path.is_dir():
+        return _saved_dataset(path)
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        return _parquet(path)
+    if suffix in (".jsonl", ".ndjson"):
+        return _json_lines(path)
+    if suffix == ".json":
+        return _json_document(path)
+    raise DataError(f"unknown data format {suffix or '(no suffix)'!r}", where=str(path),
+                    fix="use a .jsonl, .json or .parquet file")
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read the data file ({exc})", where=str(path), fix="pass a readable UTF-8 file") from None
+
+
+def _json_lines(path: Path, text: str | None = None) -> list[Record]:
+    records = []
+    for number, line in enumerate((text if text is not None else _read_text(path)).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"invalid JSON ({exc.msg})", where=f"{path}:{number}", fix="one JSON object per line") from None
+        records.append(_as_record(item, f"{path}:{number}"))
+    return records
+
+
+def _json_document(path: Path) -> list[Record]:
+    """A JSON list of objects (SVAMP.json), an object holding one such list ({"data": [...]}), columns of
+    equal length ({"question": [...], "answer": [...]}), or JSON lines under a .json name (`to_json`)."""
+    text = _read_text(path)
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data":
+            return _json_lines(path, text)
+        raise DataError(f"invalid JSON ({exc.msg}, line {exc.lineno})", where=str(path), fix="repair the file") from None
+    if isinstance(doc, dict):
+        lists = [v for v in doc.values() if isinstance(v, list)]
+        if len(lists) == 1 and all(isinstance(x, dict) for x in lists[0]):
+            doc = lists[0]
+        elif lists and len(lists) == len(doc) and len({len(v) for v in lists}) == 1:
+            doc = [dict(zip(doc, row)) for row in zip(*doc.values())]
+        else:
+            doc = [doc]
+    if not isinstance(doc, list):
+        raise DataError("expected a list of objects", where=str(path), fix="write a JSON list or JSON lines")
+    return [_as_record(item, f"{path}[{i}]") for i, item in enumerate(doc)]
+
+
+def _as_record(item: Any, where: str) -> Record:
+    if not isinstance(item, dict):
+        raise DataError(f"expected an object, got {type(item).__name__}", where=where, fix="one JSON object per item")
+    return item
+
+
+def _parquet(path: Path) -> list[Record]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError("reading parquet needs pyarrow", where=str(path),
+                        fix="pip install 'evotok[bench]' (datasets brings pyarrow), or convert to .jsonl") from None
+    try:
+        return pq.read_table(path).to_pylist()
+    except Exception as exc:  # pyarrow raises its own error types
+        raise DataError(f"cannot read parquet ({exc})", where=str(path), fix="pass a valid parquet file") from None
+
+
+def _saved_dataset(folder: Path) -> list[Record]:
+    try:
+        import datasets
+    except ImportError:
+        raise DataError("reading a saved dataset folder needs `datasets`", where=str(folder),
+                        fix="pip install 'evotok[bench]'") from None
+    try:
+        loaded = datasets.load_from_disk(str(folder))
+    except Exception as exc:
+        raise DataError(f"cannot load the saved dataset ({exc})", where=str(folder), fix="pass a jsonl or parquet file") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if "test" not in loaded:
+            raise DataError(f"the saved dataset has no 'test' split (has {', '.join(loaded)})", where=str(folder),
+                            fix="pass the folder of the test split")
+        loaded = loaded["test"]
+    return loaded.to_list()
+
+
+def hub_records(task: DatasetTask) -> tuple[list[Record], str]:
+    """The task's Hugging Face dataset through `datasets` (online, or from the user's cache)."""
+    fix = f"pass --data {task.example} (or a folder holding it)"
+    if task.hub is None:
+        raise DataError(f"{task.name} has no Hugging Face dataset", where=f"evotok bench {task.name}", fix=fix)
+    path, config, split = task.hub
+    shown = f"{path}{'/' + config if config else ''}:{split}"
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"loading {shown} needs the `datasets` package", where=f"evotok bench {task.name}",
+                        fix=f"pip install 'evotok[bench]', or {fix}") from None
+    try:
+        loaded = datasets.load_dataset(path, config, split=split)
+    except Exception as exc:
+        reason = " ".join(str(exc).split())[:160]
+        raise DataError(f"cannot load the Hugging Face dataset {shown} ({type(exc).__name__}: {reason})",
+                        where=f"evotok bench {task.name}", fix=fix) from None
+    return loaded.to_list(), f"hf:{shown}"

@@ -1,0 +1,133 @@
+"""Continuous trajectory supervision (EvoToken's CTS, spec 2.2-2.3), faithful to the release.
+
+Per batch: pick a training block [start, end] in each response, keep a random subset of it clean, mask
+the rest and everything after it, plan a random decode order, then unroll K passes. Each pass is
+supervised with cross-entropy against the ground truth on the whole block; between passes the argmax is
+written at the planned positions and the soft state (top-k mixtures, alpha ~ U(0.5, 1) per sample,
+revision rule) is rebuilt under no-grad, exactly as at inference. The release keeps all K graphs alive
+until one backward; we backpropagate each pass as soon as its loss exists (the gradient is the same,
+activation memory is K times smaller).
+
+Quirks kept: the argmax may be [MASK] (T2); stored confidences start at 0 and are not set when a token
+is decoded, so the first revision overwrites every non-masked block position, clean ones included.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from evotok_cli.decoding.soft import one_hot_slots, soft_weights, top_k_probabilities
+from evotok_cli.training.objectives import Batch
+
+
+@dataclass
+class CTSSettings:
+    trajectory_steps: int = 4  # K, the paper's delta-tau
+    decode_counts: list[int] | None = None  # tokens decoded per pass, drawn once per batch
+    block_sizes: list[int] | None = None  # training block length L, drawn once per batch
+    alpha_range: tuple[float, float] = (0.5, 1.0)
+    k_soft: int = 3
+
+
+@dataclass
+class CTSPlan:
+    """What the collator decided for one batch."""
+
+    masked_ids: torch.Tensor  # (B, N) the initial state X(0)
+    starts: list[int]
+    length: int  # L, the same for every sample
+    decode_at: list[list[list[int]]]  # [pass][sample] -> positions decoded after that pass
+    per_pass: int
+
+
+def plan_batch(batch: Batch, settings: CTSSettings, mask_id: int, rng: random.Random) -> CTSPlan:
+    """Spec 2.2 steps 4-6: block length, start, clean subset and decode order per sample."""
+    ids = batch.ids
+    B, N = ids.shape
+    K = settings.trajectory_steps
+    per_pass = rng.choice(settings.decode_counts or [1, 2, 4, 8])
+    length = rng.choice(settings.block_sizes or [512])
+    prompt_lengths = batch.prompt_lengths.tolist()
+    length = min(length, N - max(prompt_lengths))
+    if K * per_pass >= length:
+        length = K * per_pass + 1
+    masked = ids.clone()
+    starts, plans = [], [[] for _ in range(K)]
+    for b in range(B):
+        low, high = prompt_lengths[b], N - length
+        start = rng.randint(low, high) if low <= high else high
+        order = list(range(length))
+        rng.shuffle(order)
+        clean = rng.randint(0, length - K * per_pass)
+        for offset in order[clean:]:
+            masked[b, start + offset] = mask_id
+        masked[b, start + length:] = mask_id
+        for j in range(K):
+            chunk = order[clean + j * per_pass: clean + (j + 1) * per_pass]
+            plans[j].append([start + o for o in chunk])
+        starts.append(start)
+    return CTSPlan(masked, starts, length, plans, per_pass)
+
+
+def _soft_state(logits: torch.Tensor, x: torch.Tensor, conf: torch.Tensor, starts: list[int], *, mask_id: int,
+                k: int, alphas: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Revision + soft inputs for the next pass (spec 2.3 step 4), under no-grad, in place on x/conf."""
+    B, N = x.shape
+    probs, top_ids = top_k_probabilities(logits, k, exclude=None)  # (B, N, k), [MASK] included (T2)
+    x0, conf0 = top_ids[..., 0], probs[..., 0]  # the argmax and its probability
+    cols = torch.arange(N, device=x.device)[None, :]
+    start = torch.tensor(starts, device=x.device)[:, None]
+    revise = (x != mask_id) & (cols >= start) & (conf0 > conf)
+    x[revise] = x0[revise]
+    conf[revise] = conf0[revise]
+    ids_list, w_list = [], []
+    for b in range(B):
+        ids_b, w_b = soft_weights(probs[b:b + 1], top_ids[b:b + 1], x[b:b + 1], mask_id, alphas[b])
+        hard_ids, hard_w = one_hot_slots(x[b:b + 1, :starts[b]], k, w_b.dtype)
+        ids_b[:, :starts[b]], w_b[:, :starts[b]] = hard_ids, hard_w
+        ids_list.append(ids_b)
+        w_list.append(w_b)
+    return torch.cat(ids_list), torch.cat(w_list)
+
+
+def cts_step(net: torch.nn.Module, lm, batch: Batch, settings: CTSSettings, *, rng: random.Random,
+             scale: float = 1.0) -> tuple[torch.Tensor, list[float]]:
+    """Run the K unrolled passes, backpropagating each (times `scale`); return the mean loss and the
+    per-pass losses."""
+    base = lm.net  # LoRA layers live inside the base modules: calling it trains the adapter
+    mask_id = lm.mask_id
+    plan = plan_batch(batch, settings, mask_id, rng)
+    K = settings.trajectory_steps
+    x = plan.masked_ids.clone()
+    conf = torch.zeros(x.shape, dtype=torch.float64, device=x.device)
+    soft: tuple[torch.Tensor, torch.Tensor] | None = None
+    B, N = x.shape
+    supervised = torch.zeros_like(x, dtype=torch.bool)
+    for b, s in enumerate(plan.starts):
+        supervised[b, s:s + plan.length] = True
+    targets = batch.ids[supervised]
+    losses: list[float] = []
+    for j in range(K):
+        if soft is None:
+            logits = base(x)
+        else:
+            logits = base(inputs_embeds=base.embed_soft(soft[0], soft[1].to(base.transformer.wte.weight.dtype)))
+        loss = F.cross_entropy(logits[supervised].float(), targets)  # mean over B * L positions
+        (loss * scale / K).backward()
+        losses.append(float(loss.detach()))
+        with torch.no_grad():
+            detached = logits.detach()
+            prediction = detached.argmax(-1)
+            for b in range(B):
+                cols = plan.decode_at[j][b]
+                x[b, cols] = prediction[b, cols]
+            alphas = [rng.uniform(*settings.alpha_range) for _ in range(B)]
+            if j < K - 1:  # the state after the last pass is discarded
+                soft = _soft_state(detached, x, conf, plan.starts, mask_id=mask_id, k=settings.k_soft,
+                                   alphas=[min(a, 1 - 1e-6) for a in alphas])
+        del logits
+    return torch.tensor(sum(losses) / K), losses

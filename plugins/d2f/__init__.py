@@ -1,0 +1,254 @@
+"""d2f: Discrete Diffusion Forcing's pipelined blockwise decoding (spec 6.4), with an exact KV cache.
+
+Attention is block-causal (the prompt is block 0; a generated block sees the prompt, the blocks before
+it and itself), so the keys and values of a finished block never change and caching them is exact.
+Blocks are added while the last one is decoded far enough, activated fully when their predecessor is
+almost done, and decoded in parallel from one forward pass:
+
+  per iteration
+    1. finished blocks become `to_cache`, in order (only when no earlier block is still active);
+    2. add a semi-activated block when the last block's progress >= block_add_threshold, no EOS has been
+       committed and fewer than max_new_tokens // block_size blocks exist (at most one per iteration);
+    3. a block whose progress >= decoded_token_threshold fully activates the next one;
+    4. one forward from the first block not yet cached to the end; `to_cache` blocks are written into
+       the cache by this pass (lazily, from their final tokens) and become `in_cache`;
+    5. every active block commits its [MASK] positions whose confidence > skip_threshold (strict, in
+       float32); a fully activated block with none commits its single most confident one.
+
+`soft: true` adds EvoToken states inside active blocks (our own combination; no public implementation
+exists): [MASK] positions that have a prediction are fed as Soft([MASK]+V) (mask weight alpha), committed
+positions as Soft(V) (top-k mixture) and may be revised (strictly higher confidence) until their block
+completes; from then on the block is fed and cached as hard tokens ([Decode]). A block added in this
+iteration has no prediction yet and is fed as [MASK].
+
+Batches are decoded one row after another (each row's pipeline differs); per-row results are therefore
+exactly those of single runs, and throughput is that of batch size 1.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from evotok_cli.decoding.api import GenerationRequest, GenerationResult, RowResult, StepEvent, option
+from evotok_cli.decoding.canvas import build_canvas
+from evotok_cli.decoding.schedule import gumbel_candidates
+from evotok_cli.decoding.soft import input_states, one_hot_slots, soft_weights, top_k_probabilities
+from evotok_cli.errors import ConfigError
+
+
+@dataclass
+class D2FConfig:
+    block_size: int = option(64, "tokens per pipeline block (published D2F-LLaDA GSM8K: 64)", min=1)
+    block_add_threshold: float = option(0.7, "add a block when the last one is this decoded", min=0.0, max=1.0)
+    decoded_token_threshold: float = option(0.95, "fully activate the next block at this progress", min=0.0,
+                                            max=1.0)
+    skip_threshold: float = option(0.9, "commit [MASK] positions whose confidence exceeds this", min=0.0, max=1.0)
+    max_new_tokens: int | None = option(None, "generation budget (default: --gen-length)", min=1)
+    cache: bool = option(True, "cache finished blocks (exact under block-causal attention)")
+    soft: bool = option(False, "EvoToken soft states inside active blocks (see `evotok decoders --details d2f`)")
+    k_soft: int = option(3, "soft mode: top-k candidates per soft input", min=1)
+    alpha: float = option(0.7, "soft mode: [MASK] weight in Soft([MASK]+V) inputs", min=0.0, max=1.0,
+                          max_open=True)
+
+
+@dataclass
+class PipelineBlock:
+    start: int  # canvas columns [start, end)
+    end: int
+    state: str = "active"  # active -> to_cache -> in_cache
+    full: bool = False  # fully activated
+    masks_left: int = 0
+    predicted: bool = False  # has been through a forward pass (soft mode needs a prediction)
+
+    @property
+    def progress(self) -> float:
+        return 1.0 - self.masks_left / (self.end - self.start)
+
+    def describe(self, origin: int) -> dict:
+        return {"start": self.start - origin, "end": self.end - origin, "state": self.state,
+                "fully_activated": self.full, "progress": round(self.progress, 4)}
+
+
+@dataclass
+class RowRun:
+    x: torch.Tensor  # (1, L) canvas
+    prompt: PipelineBlock
+    blocks: list[PipelineBlock] = field(default_factory=list)
+    eos: bool = False
+    nfe: int = 0
+
+
+def block_causal_mask(blocks: list[PipelineBlock], lo: int, hi: int, device) -> torch.Tensor:
+    """(1, 1, hi - lo, hi) bool: a query in block j sees keys [0, end_j)."""
+    mask = torch.zeros(1, 1, hi - lo, hi, dtype=torch.bool, device=device)
+    for b in blocks:
+        if b.end <= lo or b.start >= hi:
+            continue
+        q0, q1 = max(b.start, lo) - lo, min(b.end, hi) - lo
+        mask[:, :, q0:q1, :b.end] = True
+    return mask
+
+
+class D2FDecoder:
+    name = "d2f"
+    Config = D2FConfig
+
+    def __init__(self, config: D2FConfig):
+        self.config = config
+
+    def generate(self, model, request: GenerationRequest) -> GenerationResult:
+        t0 = time.perf_counter()
+        cfg = self.config
+        budget = cfg.max_new_tokens or request.gen_length
+        if budget % cfg.block_size:
+            raise ConfigError(f"max new tokens {budget} is not a multiple of block_size {cfg.block_size}",
+                              where="--opt block_size", fix="pick a block size that divides --gen-length")
+        generator = None
+        if request.seed is not None:
+            generator = torch.Generator(device=model.device).manual_seed(request.seed)
+        rows, nfe = [], 0
+        for index, prompt in enumerate(request.prompts):
+            canvas = build_canvas([prompt], budget, mask_id=model.mask_id, pad_id=model.eos_id,
+                                  max_length=model.max_length, device=model.device)
+            run = self._decode_row(model, canvas.x, len(prompt), budget, request, generator, index)
+            gen = run.x[0, len(prompt):]
+            gen = gen.masked_fill(gen == model.mask_id, model.eos_id)  # blocks never added (after EOS)
+            rows.append(RowResult(token_ids=gen.tolist(), nfe=run.nfe))
+            nfe += run.nfe
+        return GenerationResult(rows=rows, nfe=nfe, seconds=time.perf_counter() - t0)
+
+    # -- one row ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _decode_row(self, model, x, prompt_len, budget, request, generator, row) -> RowRun:
+        cfg = self.config
+        run = RowRun(x=x, prompt=PipelineBlock(0, prompt_len, state="to_cache", full=True))
+        cache = model.new_cache(1, x.shape[1]) if cfg.cache else None
+        conf = torch.zeros(x.shape, dtype=torch.float64, device=x.device)
+        soft_ids, soft_w = one_hot_slots(x, cfg.k_soft, model.dtype)
+        max_blocks = budget // cfg.block_size
+        while True:
+            self._retire(run)
+            self._maybe_add(run, max_blocks, model.mask_id)
+            self._activate(run)
+            active = [b for b in run.blocks if b.state == "active"]
+            if not active:
+                break
+            chain = [run.prompt, *run.blocks]
+            first = next(b for b in chain if b.state != "in_cache") if cfg.cache else run.prompt
+            lo, hi = first.start, run.blocks[-1].end
+            states = self._trace_states(run, soft_ids, soft_w, model.mask_id, prompt_len) if request.trace else None
+            inputs = self._inputs(model, run, soft_ids, soft_w, lo, hi)
+            a = active[0].start
+            logits = model(**inputs, attention_mask=block_causal_mask(chain, lo, hi, x.device),
+                           cache=cache, start=lo, logits_slice=(a - lo, hi - lo))[0]  # (hi - a, V)
+            run.nfe += 1
+            for b in chain:
+                if b.state == "to_cache" and cfg.cache:
+                    b.state = "in_cache"
+            committed, revised = self._decode_blocks(model, run, active, logits, a, conf, soft_ids, soft_w,
+                                                     request.temperature, generator)
+            if request.on_pass is not None:
+                request.on_pass(run.nfe)
+            if states is not None:
+                request.on_event(StepEvent(
+                    step=run.nfe, row=row, block=(active[0].start - prompt_len, active[-1].end - prompt_len),
+                    states=states[0], tokens=x[0, prompt_len:].tolist(),
+                    confidence=[float(v) if v > 0 else None for v in conf[0, prompt_len:].tolist()],
+                    committed=[i - prompt_len for i in committed], revised=[i - prompt_len for i in revised],
+                    candidates=states[1], blocks=[b.describe(prompt_len) for b in run.blocks]))
+        return run
+
+    def _retire(self, run: RowRun) -> None:
+        earlier_active = False
+        for b in run.blocks:
+            if b.state == "active" and b.masks_left == 0 and not earlier_active:
+                b.state = "to_cache"
+            earlier_active = earlier_active or b.state == "active"
+
+    def _maybe_add(self, run: RowRun, max_blocks: int, mask_id: int) -> None:
+        last = run.blocks[-1] if run.blocks else run.prompt
+        last_progress = last.progress if run.blocks else 1.0
+        if last_progress >= self.config.block_add_threshold and not run.eos and len(run.blocks) < max_blocks:
+            start = last.end
+            run.blocks.append(PipelineBlock(start, start + self.config.block_size,
+                                            masks_left=self.config.block_size))
+            run.x[0, start:start + self.config.block_size] = mask_id
+
+    def _activate(self, run: RowRun) -> None:
+        previous_progress = 1.0  # the prompt is complete
+        for b in run.blocks:
+            if previous_progress >= self.config.decoded_token_threshold:
+                b.full = True
+            previous_progress = b.progress
+
+    def _inputs(self, model, run, soft_ids, soft_w, lo, hi) -> dict:
+        if not self.config.soft:
+            return {"input_ids": run.x[:, lo:hi]}
+        ids, w = soft_ids[:, lo:hi].clone(), soft_w[:, lo:hi].clone()
+        for b in run.blocks:  # only unfinished active blocks that already have a prediction are soft
+            if self._is_soft(b):
+                continue
+            s, e = max(b.start, lo) - lo, min(b.end, hi) - lo
+            if e > s:
+                ids[:, s:e], w[:, s:e] = one_hot_slots(run.x[:, lo + s:lo + e], ids.shape[-1] - 1, w.dtype)
+        return {"inputs_embeds": model.embed_soft(ids, w)}
+
+    @staticmethod
+    def _is_soft(b: PipelineBlock) -> bool:
+        return b.state == "active" and b.predicted and b.masks_left > 0
+
+    def _decode_blocks(self, model, run, active, logits, a, conf, soft_ids, soft_w, temperature, generator):
+        cfg = self.config
+        x = run.x[0]
+        x0 = gumbel_candidates(logits, temperature, generator, exclude=model.mask_id)  # (n,)
+        probs = torch.softmax(logits, dim=-1)  # model dtype, as D2F does
+        conf0 = probs.gather(-1, x0[:, None]).squeeze(-1).float()
+        committed, revised = [], []
+        for b in active:
+            s, e = b.start - a, b.end - a
+            masked = x[b.start:b.end] == model.mask_id
+            block_conf = conf0[s:e]
+            take = masked & (block_conf > cfg.skip_threshold)
+            if not bool(take.any()) and b.full and bool(masked.any()):
+                best = torch.where(masked, block_conf, torch.tensor(-1.0, device=x.device)).argmax()
+                take[best] = True
+            cols = take.nonzero().flatten()
+            x[b.start + cols] = x0[s:e][cols]
+            conf[0, b.start + cols] = block_conf[cols].double()
+            committed += (b.start + cols).tolist()
+            if cfg.soft and bool(masked.any()):  # a complete block is [Decode]: no more revisions
+                decoded = (~masked) & (block_conf.double() > conf[0, b.start:b.end]) & (x0[s:e] != model.mask_id)
+                for i in decoded.nonzero().flatten().tolist():
+                    if int(x[b.start + i]) != int(x0[s + i]):
+                        revised.append(b.start + i)
+                    x[b.start + i] = x0[s + i]
+                    conf[0, b.start + i] = float(block_conf[i])
+            b.masks_left = int((x[b.start:b.end] == model.mask_id).sum())
+            b.predicted = True
+            if any(int(t) in model.stop_ids for t in x0[s:e][cols].tolist()):
+                run.eos = True
+        if cfg.soft:
+            lo, hi = active[0].start, active[-1].end
+            exclude = model.mask_id if temperature == 0 else None
+            top_p, top_ids = top_k_probabilities(logits[: hi - a][None], cfg.k_soft, exclude)
+            ids, w = soft_weights(top_p, top_ids, x[None, lo:hi], model.mask_id, cfg.alpha)
+            soft_ids[:, lo:hi], soft_w[:, lo:hi] = ids, w.to(soft_w.dtype)
+        return committed, revised
+
+    def _trace_states(self, run, soft_ids, soft_w, mask_id, prompt_len):
+        gen = run.x[0, prompt_len:]
+        if not self.config.soft:
+            return input_states(None, None, gen, mask_id), None
+        ids, w = soft_ids[0, prompt_len:].clone(), soft_w[0, prompt_len:].double()
+        for b in run.blocks:
+            if not self._is_soft(b):
+                s, e = b.start - prompt_len, b.end - prompt_len
+                ids[s:e], w[s:e] = one_hot_slots(gen[s:e], ids.shape[-1] - 1, w.dtype)
+        states = input_states(ids, w, gen, mask_id)
+        states = [("mask" if t == mask_id and st == "decoded" else st) for st, t in zip(states, gen.tolist())]
+        cands = [[(int(i), round(float(v), 6)) for i, v in zip(pi.tolist(), pw.tolist()) if v > 0]
+                 for pi, pw in zip(ids, w)]
+        return states, cands
