@@ -459,6 +459,11 @@ def data(
     _stderr().print(f"wrote {count} examples to {out}")
 
 
+from evotok_cli.bench.cli import register as _register_bench  # noqa: E402 (bench, score, report)
+
+_register_bench(app)
+
+
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit code 2."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

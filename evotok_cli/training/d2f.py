@@ -3,8 +3,9 @@
 The response is cut into blocks; block b is masked with a ratio that rises across blocks within
 `mask_range`. The teacher is the same weights without the adapter and with full bidirectional attention;
 the student is the adapter with the block-causal mask the d2f decoder uses. The loss is the soft
-cross-entropy of the student against the teacher's distribution on masked positions, divided by the
-block's mask ratio and normalised by the response length, averaged over the batch.
+cross-entropy of the student against the teacher's distribution on masked positions (reported as the KL
+divergence, which has the same gradient), divided by the block's mask ratio and normalised by the response
+length, averaged over the batch.
 """
 
 from __future__ import annotations
@@ -60,7 +61,9 @@ def d2f_step(net: torch.nn.Module, lm, batch: Batch, settings: D2FSettings, *, g
         teacher = torch.log_softmax(base(noisy)[masked].float(), dim=-1)
     attention = block_causal(batch.prompt_lengths.tolist(), noisy.shape[1], settings.block_size, noisy.device)
     student = torch.log_softmax(base(noisy, attention_mask=attention)[masked].float(), dim=-1)
-    per_token = -(teacher.exp() * student).sum(-1) / ratio[masked]
+    # KL(teacher || student): the soft cross-entropy minus the teacher's entropy (same gradient, but 0
+    # means "distilled", which makes the logged loss readable)
+    per_token = (teacher.exp() * (teacher - student)).sum(-1) / ratio[masked]
     answer_length = batch.response_mask.sum(1, keepdim=True).expand_as(masked)[masked].float()
     loss = (per_token / answer_length).sum() / noisy.shape[0]
     (loss * scale).backward()

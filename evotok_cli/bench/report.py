@@ -1,0 +1,136 @@
+"""`evotok bench report`: results.json files as a Markdown table and a PNG plot.
+
+The plot has one panel per task and one line per decoder: accuracy (± standard error) against the swept
+option when the runs swept one, else against the mean NFE (so runs at several --steps budgets, in one
+folder each, line up as an accuracy-vs-compute curve).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from evotok_cli.errors import ConfigError, DataError
+
+SCHEMA = "evotok.bench/1"
+
+
+def load_results(paths: list[Path]) -> list[tuple[Path, dict[str, Any]]]:
+    documents = []
+    for path in paths:
+        p = path.expanduser()
+        file = p / "results.json" if p.is_dir() else p
+        if not file.is_file():
+            raise DataError("no results.json", where=str(p), fix="pass a bench --out folder or its results.json")
+        try:
+            document = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise DataError(f"cannot read results ({exc})", where=str(file), fix="pass a results.json") from None
+        if not isinstance(document, dict) or document.get("schema") != SCHEMA:
+            raise DataError(f"not a results file of schema {SCHEMA}", where=str(file), fix="pass a bench results.json")
+        documents.append((file, document))
+    return documents
+
+
+def rows_of(documents: list[tuple[Path, dict[str, Any]]]) -> list[dict[str, Any]]:
+    rows = []
+    for file, document in documents:
+        for row in document["results"]:
+            rows.append({**row, "source": str(file.parent)})
+    return rows
+
+
+def x_axis(rows: list[dict[str, Any]], choice: str) -> str:
+    """"nfe", or the swept option to plot against."""
+    swept = {k for r in rows for k in (r.get("sweep") or {})}
+    if choice == "nfe":
+        return "nfe"
+    if choice != "auto":
+        if choice not in swept:
+            raise ConfigError(f"no run swept {choice!r} (swept: {', '.join(sorted(swept)) or 'nothing'})",
+                              where="--x", fix="use --x auto or --x nfe")
+        return choice
+    if len(swept) == 1:
+        key = next(iter(swept))
+        if len({(r.get("sweep") or {}).get(key) for r in rows if r.get("sweep")}) > 1:
+            return key
+    return "nfe"
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def markdown(documents: list[tuple[Path, dict[str, Any]]]) -> str:
+    rows = rows_of(documents)
+    lines = ["| task | decoder | setting | gen / block / steps | n | accuracy % | ± s.e. | mean NFE | tok/s | tok/NFE | source |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        s = r["settings"]
+        extra = "".join(f" ({k.replace('_', '-')} {_fmt(v['accuracy'])})" for k, v in (r.get("scores") or {}).items())
+        lines.append(f"| {r['task']} | {r['decoder']} | {r['label'] or '-'} | {s['gen_length']} / {s['block_length']} / "
+                     f"{s['steps']} | {r['n']} | {_fmt(r['accuracy'])}{extra} | {_fmt(r['accuracy_stderr'])} | "
+                     f"{_fmt(r['mean_nfe'], 1)} | {_fmt(r.get('tokens_per_second'), 1)} | {_fmt(r['tokens_per_nfe'])} | "
+                     f"{r['source']} |")
+    best = [b for _, d in documents for b in d.get("best_over_sweep", [])]
+    if best:
+        lines += ["", "Best over the swept values, **chosen on the test set** (the paper's protocol; optimistic):", "",
+                  "| task | decoder | swept | best at | accuracy % | ± s.e. |", "|---|---|---|---|---|---|"]
+        for b in best:
+            swept = "; ".join(f"{k} ∈ {{{', '.join(map(str, v))}}}" for k, v in b["swept"].items())
+            lines.append(f"| {b['task']} | {b['decoder']} | {swept} | {b['label']} | {_fmt(b['accuracy'])} | "
+                         f"{_fmt(b['accuracy_stderr'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict[str, Any]], axis: str, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        lines: dict[str, list[tuple[float, float, float]]] = {}
+        for r in rows:
+            if r["task"] != task or r["accuracy"] is None:
+                continue
+            if axis == "nfe":
+                x, name = r["mean_nfe"], r["decoder"]
+                other = {k: v for k, v in (r.get("sweep") or {}).items() if k != "steps"}
+                if other:
+                    name += " " + ",".join(f"{k}={v}" for k, v in other.items())
+            else:
+                value = (r.get("sweep") or {}).get(axis)
+                if value is None:
+                    continue
+                x, name = float(value), r["decoder"]
+            lines.setdefault(name, []).append((float(x), r["accuracy"], r["accuracy_stderr"] or 0.0))
+        for name, points in lines.items():
+            points.sort()
+            ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points], marker="o",
+                        capsize=3, label=name)
+        ax.set_title(task)
+        ax.set_xlabel("mean NFE per item" if axis == "nfe" else axis)
+        ax.set_ylabel("accuracy %")
+        ax.grid(alpha=0.3)
+        if lines:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(paths: list[Path], out: Path | None, x: str) -> tuple[str, list[Path]]:
+    """Markdown text and the files written (PREFIX.md, PREFIX.png)."""
+    documents = load_results(paths)
+    rows = rows_of(documents)
+    axis = x_axis(rows, x)
+    prefix = out.expanduser() if out else documents[0][0].parent / "report"
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    text = markdown(documents)
+    md, png = prefix.with_name(prefix.name + ".md"), prefix.with_name(prefix.name + ".png")
+    md.write_text(text, encoding="utf-8")
+    plot(rows, axis, png)
+    return text, [md, png]

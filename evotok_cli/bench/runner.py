@@ -1,0 +1,314 @@
+"""`evotok bench` as a library call: tasks x decoders x swept values, batched, sharded and resumable.
+
+Order of work: check everything that can be wrong without the model (tasks, decoders, options, sweep,
+data, generation settings), then load the model once, then for each run generate the items that no
+sample file holds yet, batch by batch, appending each batch to this process's sample file. After all
+processes are done, rank 0 reads every sample file and writes results.json.
+
+Batch seeds are `seed + doc_id of the batch's first item`; at batch size 1 (the protocol's) each item
+therefore gets the same noise whatever the number of processes or interruptions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from evotok_cli.bench import samples
+from evotok_cli.bench.tasks.base import Doc, Loaded, Task
+from evotok_cli.errors import CheckpointError, ConfigError
+
+GEN_KEYS = ("gen_length", "block_length", "steps", "temperature")
+DEFAULT_DECODER = "hard-mask"
+
+
+@dataclass
+class BenchRequest:
+    tasks: list[str]
+    decoders: list[str] = field(default_factory=lambda: [DEFAULT_DECODER])
+    model: str | Path | None = None  # None: the bundled model
+    adapter: str | None = None
+    data: list[str] = field(default_factory=list)  # "PATH" or "TASK=PATH" entries
+    limit: int | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)  # user-set gen_length/block_length/steps/temperature
+    seed: int = 0
+    batch_size: int = 1
+    options: dict[str, Any] = field(default_factory=dict)  # decoder options for every decoder that has them
+    sweeps: list[str] = field(default_factory=list)  # "key=v1,v2,..."
+    out: Path = Path("bench-results")
+    device: str = "auto"
+    dtype: str = "auto"
+    on_batch: Callable[[Run, int, int], None] | None = None  # (run, items done, items to do) per batch
+    on_note: Callable[[str], None] | None = None  # one-line remarks (protocol quirks hit, resumed counts)
+
+
+@dataclass
+class Run:
+    """One task x decoder x swept value: one sample file (per process), one results row."""
+
+    task: Task
+    decoder_name: str
+    decoder: Any
+    sweep: dict[str, Any]  # swept key -> value, {} when nothing swept applies
+    settings: dict[str, Any]  # gen_length, block_length, steps, temperature
+    setup: dict[str, Any]  # everything that decides a sample's content; a resume must match it
+    label: str
+    name: str  # the sample files' stem
+
+
+# -- parsing the request -----------------------------------------------------------------------------
+def parse_sweeps(entries: list[str]) -> list[tuple[str, list[str]]]:
+    sweeps: list[tuple[str, list[str]]] = []
+    for entry in entries:
+        key, sep, values = entry.partition("=")
+        key = key.strip().replace("-", "_")
+        items = [v.strip() for v in values.split(",") if v.strip()]
+        if not sep or not key or not items:
+            raise ConfigError(f"{entry!r} is not key=v1,v2,...", where="--sweep", fix="write e.g. --sweep alpha=0.5,0.7")
+        if key in (k for k, _ in sweeps):
+            raise ConfigError(f"{key!r} is swept twice", where="--sweep", fix=f"give all values in one --sweep {key}=...")
+        sweeps.append((key, items))
+    return sweeps
+
+
+def gen_value(key: str, raw: Any, where: str) -> int | float:
+    kind = float if key == "temperature" else int
+    try:
+        if kind is int and isinstance(raw, float) and not raw.is_integer():
+            raise ValueError
+        return kind(raw) if not isinstance(raw, str) else kind(raw.strip())
+    except ValueError:
+        raise ConfigError(f"{key}={raw!r} is not a valid {kind.__name__}", where=where,
+                          fix=f"give {key} a {kind.__name__}") from None
+
+
+def resolve_data(entries: list[str], tasks: list[Task]) -> dict[str, Path]:
+    """Map "TASK=PATH" and plain "PATH" entries to the tasks that read data."""
+    names = {t.name for t in tasks}
+    explicit: dict[str, Path] = {}
+    shared: list[Path] = []
+    for entry in entries:
+        key, sep, rest = entry.partition("=")
+        if sep and key in names:
+            explicit[key] = Path(rest).expanduser()
+        elif sep and key and "/" not in key and not Path(entry).exists():
+            raise ConfigError(f"--data names task {key!r}, which is not being run", where="--data",
+                              fix=f"run it too, or use one of: {', '.join(sorted(names))}")
+        else:
+            shared.append(Path(entry).expanduser())
+    if len(shared) > 1:
+        raise ConfigError("more than one --data PATH without a task name", where="--data",
+                          fix="give one folder for all tasks, or write --data TASK=PATH for each")
+    readers = [t for t in tasks if t.uses_data and t.name not in explicit]
+    mapping = dict(explicit)
+    if shared:
+        path = shared[0]
+        if path.is_dir():
+            mapping.update({t.name: path for t in readers})
+        elif len(readers) == 1:
+            mapping[readers[0].name] = path
+        elif readers:
+            raise ConfigError(f"one data file for {len(readers)} tasks ({', '.join(t.name for t in readers)})",
+                              where=f"--data {path}", fix="write --data TASK=FILE for each task, or pass a folder")
+        else:
+            raise ConfigError("none of the tasks reads data", where=f"--data {path}", fix="drop --data")
+    return mapping
+
+
+def model_path(model: str | Path | None) -> Path:
+    if model:
+        return Path(model).expanduser()
+    from evotok_cli.assets import default_model_path
+    return default_model_path()
+
+
+# -- planning ----------------------------------------------------------------------------------------
+def plan(request: BenchRequest, tasks: list[Task], model: Path) -> list[Run]:
+    """Every run to do, each with a validated decoder and generation settings."""
+    from evotok_cli.decoding import registry
+    from evotok_cli.decoding.schedule import block_layout
+    from evotok_cli.generation import make_decoder, split_options
+
+    decoders = list(dict.fromkeys(request.decoders))
+    fields = {d: {f.name for f in dataclasses.fields(registry.get(d).Config)} for d in decoders}
+    sweeps = parse_sweeps(request.sweeps)
+    for key, _ in sweeps:
+        if key not in GEN_KEYS and not any(key in names for names in fields.values()):
+            known = sorted(set(GEN_KEYS).union(*fields.values()))
+            close = difflib.get_close_matches(key, known, n=2)
+            hint = f"did you mean {' or '.join(close)}?" if close else "see `evotok decoders --details NAME`"
+            raise ConfigError(f"no selected decoder has an option {key!r} ({', '.join(decoders)})",
+                              where="--sweep", fix=hint)
+    for key in request.options:
+        if key in GEN_KEYS:
+            raise ConfigError(f"{key} is a generation setting, not a decoder option", where="--opt",
+                              fix=f"use --{key.replace('_', '-')}")
+    overrides = {k: gen_value(k, v, f"--{k.replace('_', '-')}") for k, v in request.overrides.items() if v is not None}
+    base_options = split_options(decoders, request.options, where="--opt")
+    runs = []
+    for task in tasks:
+        for decoder_name in decoders:
+            mine = [(k, values) for k, values in sweeps if k in GEN_KEYS or k in fields[decoder_name]]
+            for combo in itertools.product(*(values for _, values in mine)):
+                chosen = dict(zip((k for k, _ in mine), combo))
+                options = {**base_options[decoder_name], **{k: v for k, v in chosen.items() if k not in GEN_KEYS}}
+                where = "--sweep" if any(k not in GEN_KEYS for k in chosen) else "--opt"
+                decoder = make_decoder(decoder_name, options, where=where)
+                settings = {**dataclasses.asdict(task.defaults), **overrides,
+                            **{k: gen_value(k, v, "--sweep") for k, v in chosen.items() if k in GEN_KEYS}}
+                block_layout(settings["gen_length"], settings["block_length"], settings["steps"])
+                if settings["temperature"] < 0:
+                    raise ConfigError(f"temperature must be >= 0, got {settings['temperature']}",
+                                      where="--temperature", fix="e.g. 0 or 0.5")
+                sweep = {k: settings[k] if k in GEN_KEYS else getattr(decoder.config, k) for k in chosen}
+                label = ",".join(f"{k}={v}" for k, v in sweep.items())
+                setup = samples.jsonable({
+                    "task": task.name, "protocol": task.protocol, "decoder": decoder_name,
+                    "options": vars(decoder.config), **settings, "seed": request.seed,
+                    "model": str(model), "adapter": request.adapter})
+                name = samples.stem(task.name, decoder_name, "_".join(f"{k}={v}" for k, v in sweep.items()))
+                runs.append(Run(task, decoder_name, decoder, sweep, settings, setup, label, name))
+    return runs
+
+
+# -- running -----------------------------------------------------------------------------------------
+def run_bench(request: BenchRequest) -> dict[str, Any] | None:
+    """Run the request; returns the results document on rank 0 (None on the other ranks)."""
+    from evotok_cli.bench import distributed
+    from evotok_cli.bench.tasks import registry as task_registry
+
+    if request.batch_size < 1:
+        raise ConfigError(f"batch size must be >= 1, got {request.batch_size}", where="--batch-size",
+                          fix="e.g. --batch-size 1 (the protocol's) or 8")
+    if request.limit is not None and request.limit < 1:
+        raise ConfigError(f"limit must be >= 1, got {request.limit}", where="--limit", fix="e.g. --limit 50")
+    if not request.tasks:
+        raise ConfigError("no task given", where="evotok bench", fix="name one, e.g. `evotok bench gsm8k`")
+    tasks = [task_registry.get(name) for name in dict.fromkeys(request.tasks)]
+    folder = model_path(request.model)
+    runs = plan(request, tasks, folder)
+    data = resolve_data(request.data, tasks)
+    loaded = {t.name: t.load(data.get(t.name), request.limit) for t in tasks}
+    group = distributed.from_environment()
+    note = request.on_note if group.is_main and request.on_note else (lambda _line: None)
+    for t in tasks:
+        for line in loaded[t.name].notes:
+            note(f"{t.name}: {line}")
+    try:
+        model = _load_model(request, folder, group)
+        prompts = {t.name: render(t, loaded[t.name].docs, model) for t in tasks}
+        check_lengths(runs, prompts, loaded, model)
+        request.out.mkdir(parents=True, exist_ok=True)
+        for run in runs:
+            execute(run, loaded[run.task.name].docs, prompts[run.task.name], model, request, group, note)
+        group.barrier()
+        if not group.is_main:
+            return None
+        from evotok_cli.bench.results import build_document, write_atomic
+        document = build_document(request, runs, loaded, model, group.world)
+        write_atomic(request.out / "results.json", document)
+        return document
+    finally:
+        group.close()
+
+
+def _load_model(request: BenchRequest, folder: Path, group: Any) -> Any:
+    from evotok_cli.runtime.model import load_model
+
+    model = load_model(folder, adapter=request.adapter, device=group.device(request.device), dtype=request.dtype)
+    if model.tokenizer is None:
+        raise CheckpointError("the checkpoint has no tokenizer, so benchmark prompts cannot be encoded",
+                              where=str(folder), fix="add tokenizer.json (and a chat template) to the folder")
+    return model
+
+
+def render(task: Task, docs: list[Doc], model: Any) -> dict[int, Any]:
+    """doc_id -> Prompt (the rendered string and its token ids)."""
+    from evotok_cli.prompts import Prompt
+    from evotok_cli.runtime.tokenizer import encode
+
+    prompts = {}
+    for doc in docs:
+        text = task.render(model.tokenizer, doc)
+        prompts[doc.doc_id] = Prompt(text, ids=encode(model.tokenizer, text))
+    return prompts
+
+
+def check_lengths(runs: list[Run], prompts: dict[str, dict[int, Any]], loaded: dict[str, Loaded], model: Any) -> None:
+    for run in runs:
+        table = prompts[run.task.name]
+        if not table:
+            continue
+        doc_id, prompt = max(table.items(), key=lambda kv: len(kv[1].ids))
+        total = len(prompt.ids) + run.settings["gen_length"]
+        if total > model.max_length:
+            raise ConfigError(f"{run.task.name} doc {doc_id}: prompt ({len(prompt.ids)} tokens) + gen length "
+                              f"({run.settings['gen_length']}) = {total} exceeds the model's maximum "
+                              f"{model.max_length}", where=str(model.path),
+                              fix="use a shorter --gen-length or a model with a longer context")
+
+
+def finished(run: Run, out: Path, prompts: dict[int, Any]) -> set[int]:
+    """doc_ids that some sample file of this run already holds, after checking they belong to it."""
+    done: set[int] = set()
+    for path in samples.paths_of(out, run.name):
+        for record in samples.read(path):
+            if record.get("setup") != run.setup:
+                stored = record.get("setup") or {}
+                diff = sorted(k for k in set(stored) | set(run.setup) if stored.get(k) != run.setup.get(k))
+                raise ConfigError(f"holds samples of another setup (differs in {', '.join(diff) or 'format'})",
+                                  where=str(path), fix="pass another --out, or delete the file to start over")
+            doc_id = int(record["doc_id"])
+            if doc_id in prompts and record.get("prompt") != prompts[doc_id].text:
+                raise ConfigError(f"doc {doc_id} was generated from another prompt (data or chat template changed)",
+                                  where=str(path), fix="pass another --out, or delete the file to start over")
+            done.add(doc_id)
+    return done
+
+
+def execute(run: Run, docs: list[Doc], prompts: dict[int, Any], model: Any, request: BenchRequest,
+            group: Any, note: Callable[[str], None]) -> None:
+    """Generate and score this process's share of the run's items that no sample file holds yet."""
+    from evotok_cli.generation import generate
+
+    done = finished(run, request.out, prompts)
+    todo = [d for d in group.shard(docs) if d.doc_id not in done]
+    mine = len(group.shard(docs))
+    if done and todo:
+        note(f"{run.name}: resuming, {mine - len(todo)} of {mine} items already done")
+    if not todo:
+        return
+    path = samples.path_for(request.out, run.name, group.rank, group.world)
+    settings = run.settings
+    with samples.Writer(path) as writer:
+        for first in range(0, len(todo), request.batch_size):
+            batch = todo[first:first + request.batch_size]
+            results, wall = generate(
+                model, run.decoder_name, run.decoder, [prompts[d.doc_id] for d in batch],
+                gen_length=settings["gen_length"], block_length=settings["block_length"], steps=settings["steps"],
+                temperature=settings["temperature"], seed=request.seed + batch[0].doc_id, batch_size=len(batch))
+            writer.write([record(run, doc, result, wall / len(batch), model, group.rank)
+                          for doc, result in zip(batch, results)])
+            if request.on_batch is not None:
+                request.on_batch(run, mine - len(todo) + first + len(batch), mine)
+
+
+def record(run: Run, doc: Doc, result: dict[str, Any], seconds: float, model: Any, rank: int) -> dict[str, Any]:
+    """One sample line. The scored text is the whole generated span decoded with special tokens kept,
+    as the protocol decodes it."""
+    generation = model.decode(result["token_ids"])
+    extracted, correct = run.task.score(generation, doc.target)
+    line = {"doc_id": doc.doc_id, "index": doc.index, "task": run.task.name, "decoder": run.decoder_name,
+            "sweep": run.sweep or None, "prompt": result["prompt"], "generation": generation,
+            "extracted": extracted, "target": doc.target, "correct": bool(correct)}
+    extra = run.task.extra_scores(generation, doc.target)
+    if extra:
+        line["scores"] = extra
+    line.update({"nfe": result["nfe"], "tokens": result["tokens"], "seconds": seconds, "rank": rank,
+                 "setup": run.setup})
+    return line

@@ -1,0 +1,117 @@
+"""Per-sample logs: one JSON line per scored item, appended and flushed batch by batch.
+
+They are the run's state: a rerun with the same --out skips every doc_id they hold, so a killed run
+resumes where it stopped. Each process writes its own file (`.rank{r}` before `.jsonl` under torchrun);
+readers take the union. A line cut short by a kill is ignored and trimmed before the next append.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from evotok_cli.errors import DataError
+
+SCHEMA = "evotok.bench.sample/1"
+
+
+def safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._=+-]", "-", text)
+
+
+def stem(task: str, decoder: str, label: str = "") -> str:
+    """`samples_<task>_<decoder>[_<sweep>]`."""
+    return safe_name(f"samples_{task}_{decoder}" + (f"_{label}" if label else ""))
+
+
+def path_for(out: Path, name: str, rank: int, world: int) -> Path:
+    return out / (f"{name}.jsonl" if world == 1 else f"{name}.rank{rank}.jsonl")
+
+
+def paths_of(out: Path, name: str) -> list[Path]:
+    """Every file of one run: the single-process file, then the rank files in rank order."""
+    pattern = re.compile(re.escape(name) + r"\.rank(\d+)\.jsonl")
+    ranked = sorted(((int(m.group(1)), p) for p in out.glob(f"{name}.rank*.jsonl")
+                     if (m := pattern.fullmatch(p.name))), key=lambda t: t[0])
+    single = out / f"{name}.jsonl"
+    return ([single] if single.is_file() else []) + [p for _, p in ranked]
+
+
+def fingerprint(setup: dict[str, Any]) -> str:
+    """A short id of everything that decides a sample's content; resuming under another setup is refused."""
+    return hashlib.sha256(json.dumps(setup, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def jsonable(value: Any) -> Any:
+    """JSON-safe copy: tuples become lists, non-finite floats strings ("nan", "inf")."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def read(path: Path) -> list[dict[str, Any]]:
+    """The complete lines of a samples file (a final line without its newline was cut by a kill)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise DataError(f"cannot read samples ({exc})", where=str(path), fix="check the --out folder") from None
+    lines = text.split("\n")
+    complete = lines[:-1]  # the part after the last newline is empty or unfinished
+    records = []
+    for number, line in enumerate(complete, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise DataError("corrupt line in the samples file", where=f"{path}:{number}",
+                            fix="delete that line (it is then generated again) or the file") from None
+        if not isinstance(record, dict) or "doc_id" not in record:
+            raise DataError("not a sample line (no doc_id)", where=f"{path}:{number}",
+                            fix="use a fresh --out folder for bench runs")
+        records.append(record)
+    return records
+
+
+def trim_partial_tail(path: Path) -> None:
+    """Cut an unfinished last line so the next append starts on a line of its own."""
+    if not path.is_file():
+        return
+    with path.open("rb+") as f:
+        data = f.read()
+        keep = data.rfind(b"\n") + 1
+        if keep != len(data):
+            f.truncate(keep)
+
+
+class Writer:
+    """Append sample lines; each batch is flushed and synced before the next one starts."""
+
+    def __init__(self, path: Path):
+        trim_partial_tail(path)
+        self.handle = path.open("a", encoding="utf-8")
+
+    def write(self, records: list[dict[str, Any]]) -> None:
+        self.handle.write("".join(json.dumps(jsonable(r), ensure_ascii=False) + "\n" for r in records))
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+
+    def close(self) -> None:
+        self.handle.close()
+
+    def __enter__(self) -> Writer:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

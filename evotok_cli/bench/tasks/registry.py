@@ -1,0 +1,61 @@
+"""Task discovery through the `evotok.tasks` entry-point group.
+
+The built-in tasks are registered there by our own pyproject.toml, exactly like a third-party task. An
+install whose metadata predates a built-in task (an editable install not yet reinstalled) still finds it
+through `BUILTIN`, the same table as pyproject.toml's.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from importlib import metadata
+from typing import Any
+
+from evotok_cli.errors import ConfigError
+
+GROUP = "evotok.tasks"
+BUILTIN = {
+    "gsm8k": "evotok_cli.bench.tasks.protocol:GSM8K",
+    "math500": "evotok_cli.bench.tasks.protocol:MATH500",
+    "svamp": "evotok_cli.bench.tasks.protocol:SVAMP",
+    "countdown": "evotok_cli.bench.tasks.protocol:Countdown",
+    "sudoku4": "evotok_cli.bench.tasks.bundled:Sudoku4",
+    "arith": "evotok_cli.bench.tasks.bundled:Arith",
+    "countdown3": "evotok_cli.bench.tasks.bundled:Countdown3",
+}
+_REQUIRED = ("name", "load", "render", "score", "defaults")
+
+
+def available() -> dict[str, str]:
+    """Task name -> "module:attribute", entry points first, then built-ins they do not name."""
+    found = {ep.name: ep.value for ep in sorted(metadata.entry_points(group=GROUP), key=lambda ep: ep.name)}
+    for name, value in BUILTIN.items():
+        found.setdefault(name, value)
+    return found
+
+
+def _load(value: str) -> Any:
+    module, _, attribute = value.partition(":")
+    obj = importlib.import_module(module)
+    for part in attribute.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def get(name: str) -> Any:
+    """An instance of the task registered as `name`, with a one-line error naming the closest ones."""
+    names = available()
+    if name not in names:
+        close = difflib.get_close_matches(name, list(names), n=3, cutoff=0.5)
+        hint = f"did you mean {' or '.join(close)}?" if close else f"installed: {', '.join(names)}"
+        raise ConfigError(f"unknown task {name!r}", where="evotok bench", fix=hint)
+    try:
+        cls = _load(names[name])
+        missing = [a for a in _REQUIRED if not hasattr(cls, a)]
+        if missing:
+            raise TypeError(f"{names[name]} has no {missing[0]!r}: not a task class")
+        return cls()
+    except Exception as exc:  # a broken plugin is reported, never a traceback
+        raise ConfigError(f"task {name!r} failed to load ({type(exc).__name__}: {exc})", where=names[name],
+                          fix="reinstall or fix the package that provides it") from None
