@@ -18,9 +18,23 @@ from typer.core import TyperGroup
 from evotok_cli.errors import ConfigError
 
 BENCH_DEFAULTS: dict[str, Any] = {
-    "tasks": None, "decoders": None, "model": None, "adapter": None, "data": None, "limit": None,
-    "gen_length": None, "block_length": None, "steps": None, "temperature": None, "seed": 0, "batch_size": 1,
-    "sweep": None, "out": "bench-results", "device": "auto", "dtype": "auto", "json": False,
+    "tasks": None,
+    "decoders": None,
+    "model": None,
+    "adapter": None,
+    "data": None,
+    "limit": None,
+    "gen_length": None,
+    "block_length": None,
+    "steps": None,
+    "temperature": None,
+    "seed": 0,
+    "batch_size": 1,
+    "sweep": None,
+    "out": "bench-results",
+    "device": "auto",
+    "dtype": "auto",
+    "json": False,
 }
 SUBCOMMANDS = ("run", "score", "report")
 
@@ -29,6 +43,9 @@ class BenchGroup(TyperGroup):
     """A group whose first argument, when it is not a subcommand (nor --help), starts the `run` command."""
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        if not args and not ctx.resilient_parsing:  # help on stdout, exit 0 (not a usage error)
+            typer.echo(ctx.get_help())
+            ctx.exit(0)
         if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
             args = ["run", *args]
         return super().parse_args(ctx, args)
@@ -39,7 +56,6 @@ class BenchGroup(TyperGroup):
 
 bench_app = typer.Typer(
     cls=BenchGroup,
-    no_args_is_help=True,
     add_completion=False,
     rich_markup_mode=None,
     help="""Benchmark decoders on the paper's tasks (EvoToken / d1 protocol) or the bundled model's tasks.
@@ -68,6 +84,7 @@ bench_app = typer.Typer(
 
 def _stderr() -> Any:
     from rich.console import Console
+
     return Console(stderr=True, highlight=False)
 
 
@@ -78,8 +95,9 @@ def _as_list(value: Any, key: str, where: str | None) -> list[str]:
         return [value]
     if isinstance(value, list) and all(isinstance(v, (str, int, float)) for v in value):
         return [str(v) for v in value]
-    raise ConfigError(f"{key}: expected a name or a list of names, got {value!r}", where=where,
-                      fix=f"write e.g. `{key}: [a, b]`")
+    raise ConfigError(
+        f"{key}: expected a name or a list of names, got {value!r}", where=where, fix=f"write e.g. `{key}: [a, b]`"
+    )
 
 
 def _yaml_sweep(value: Any, where: str | None) -> list[str]:
@@ -102,25 +120,112 @@ def _yaml_data(value: Any, where: str | None) -> list[str]:
 
 @bench_app.command("run")
 def run(
-    tasks: list[str] = typer.Argument(None, help="tasks to run: gsm8k math500 svamp countdown sudoku4 arith countdown3 ...", show_default=False),
-    decoder: list[str] = typer.Option(None, "--decoder", "-d", help="decoder to compare (repeatable) [default: hard-mask]", show_default=False),
-    model: str | None = typer.Option(None, "--model", "-m", envvar="EVOTOK_MODEL", help="checkpoint folder; default: the bundled model", show_default=False),
-    adapter: str | None = typer.Option(None, "--adapter", envvar="EVOTOK_ADAPTER", help="PEFT LoRA adapter folder, merged at load", show_default=False),
-    data: list[str] = typer.Option(None, "--data", help="data file or folder (PATH for all tasks, or TASK=PATH; repeatable); default: the task's Hugging Face dataset", show_default=False),
-    limit: int | None = typer.Option(None, "--limit", help="first N items of each task (synthetic tasks: N problems) [default: all; 200 for synthetic]", show_default=False),
-    gen_length: int | None = typer.Option(None, "--gen-length", envvar="EVOTOK_GEN_LENGTH", help="tokens to generate [default: per task: 256 paper tasks, 64 synthetic]", show_default=False),
-    block_length: int | None = typer.Option(None, "--block-length", envvar="EVOTOK_BLOCK_LENGTH", help="block size [default: 32]", show_default=False),
-    steps: int | None = typer.Option(None, "--steps", envvar="EVOTOK_STEPS", help="forward-pass budget [default: per task: 128 paper tasks, 64 synthetic]", show_default=False),
-    temperature: float | None = typer.Option(None, "--temperature", envvar="EVOTOK_TEMPERATURE", help="sampling temperature [default: per task: 0.5 paper tasks (EvoToken's script), 0 synthetic]", show_default=False),
-    seed: int | None = typer.Option(None, "--seed", envvar="EVOTOK_SEED", help="base seed; a batch uses seed + its first doc_id [default: 0]", show_default=False),
-    batch_size: int | None = typer.Option(None, "--batch-size", envvar="EVOTOK_BATCH_SIZE", help="items decoded together [default: 1, the protocol's]", show_default=False),
-    opt: list[str] = typer.Option(None, "--opt", "-o", help="decoder option key=value for every decoder that has it (repeatable)", show_default=False),
-    sweep: list[str] = typer.Option(None, "--sweep", help="key=v1,v2,...: one run per value, for each decoder that has the option (or any of gen_length, block_length, steps, temperature); repeat for a grid", show_default=False),
-    config: Path | None = typer.Option(None, "--config", "-c", envvar="EVOTOK_CONFIG", help="YAML with defaults for these options (tasks:, decoders:, sweep:, data:, ...) and a `decoder:` options section", show_default=False),
-    out: Path | None = typer.Option(None, "--out", help="folder for sample logs and results.json; rerunning with it resumes [default: bench-results]", show_default=False),
-    device: str | None = typer.Option(None, "--device", envvar="EVOTOK_DEVICE", help="auto | cpu | cuda | cuda:N [default: auto]", show_default=False),
-    dtype: str | None = typer.Option(None, "--dtype", envvar="EVOTOK_DTYPE", help="auto | float32 | bfloat16 [default: auto]", show_default=False),
-    as_json: bool | None = typer.Option(None, "--json", help="print the results document (schema evotok.bench/1) on stdout", show_default=False),
+    tasks: list[str] = typer.Argument(
+        None, help="tasks to run: gsm8k math500 svamp countdown sudoku4 arith countdown3 ...", show_default=False
+    ),
+    decoder: list[str] = typer.Option(
+        None, "--decoder", "-d", help="decoder to compare (repeatable) [default: hard-mask]", show_default=False
+    ),
+    model: str | None = typer.Option(
+        None,
+        "--model",
+        "-m",
+        envvar="EVOTOK_MODEL",
+        help="checkpoint folder; default: the bundled model",
+        show_default=False,
+    ),
+    adapter: str | None = typer.Option(
+        None, "--adapter", envvar="EVOTOK_ADAPTER", help="PEFT LoRA adapter folder, merged at load", show_default=False
+    ),
+    data: list[str] = typer.Option(
+        None,
+        "--data",
+        help="data file or folder (PATH for all tasks, or TASK=PATH; repeatable); "
+        "default: the task's Hugging Face dataset",
+        show_default=False,
+    ),
+    limit: int | None = typer.Option(
+        None,
+        "--limit",
+        help="first N items of each task (synthetic tasks: N problems) [default: all; 200 for synthetic]",
+        show_default=False,
+    ),
+    gen_length: int | None = typer.Option(
+        None,
+        "--gen-length",
+        envvar="EVOTOK_GEN_LENGTH",
+        help="tokens to generate [default: per task: 256 paper tasks, 64 synthetic]",
+        show_default=False,
+    ),
+    block_length: int | None = typer.Option(
+        None, "--block-length", envvar="EVOTOK_BLOCK_LENGTH", help="block size [default: 32]", show_default=False
+    ),
+    steps: int | None = typer.Option(
+        None,
+        "--steps",
+        envvar="EVOTOK_STEPS",
+        help="forward-pass budget [default: per task: 128 paper tasks, 64 synthetic]",
+        show_default=False,
+    ),
+    temperature: float | None = typer.Option(
+        None,
+        "--temperature",
+        envvar="EVOTOK_TEMPERATURE",
+        help="sampling temperature [default: per task: 0.5 paper tasks (EvoToken's script), 0 synthetic]",
+        show_default=False,
+    ),
+    seed: int | None = typer.Option(
+        None,
+        "--seed",
+        envvar="EVOTOK_SEED",
+        help="base seed; a batch uses seed + its first doc_id [default: 0]",
+        show_default=False,
+    ),
+    batch_size: int | None = typer.Option(
+        None,
+        "--batch-size",
+        envvar="EVOTOK_BATCH_SIZE",
+        help="items decoded together [default: 1, the protocol's]",
+        show_default=False,
+    ),
+    opt: list[str] = typer.Option(
+        None,
+        "--opt",
+        "-o",
+        help="decoder option key=value for every decoder that has it (repeatable)",
+        show_default=False,
+    ),
+    sweep: list[str] = typer.Option(
+        None,
+        "--sweep",
+        help="key=v1,v2,...: one run per value, for each decoder that has the option (or for every decoder: "
+        "gen_length, block_length, steps, temperature); repeat for a grid",
+        show_default=False,
+    ),
+    config: Path | None = typer.Option(
+        None,
+        "--config",
+        "-c",
+        envvar="EVOTOK_CONFIG",
+        help="YAML with defaults for these options (tasks:, decoders:, sweep:, data:, ...) "
+        "and a `decoder:` options section",
+        show_default=False,
+    ),
+    out: Path | None = typer.Option(
+        None,
+        "--out",
+        help="folder for sample logs and results.json; rerunning with it resumes [default: bench-results]",
+        show_default=False,
+    ),
+    device: str | None = typer.Option(
+        None, "--device", envvar="EVOTOK_DEVICE", help="auto | cpu | cuda | cuda:N [default: auto]", show_default=False
+    ),
+    dtype: str | None = typer.Option(
+        None, "--dtype", envvar="EVOTOK_DTYPE", help="auto | float32 | bfloat16 [default: auto]", show_default=False
+    ),
+    as_json: bool | None = typer.Option(
+        None, "--json", help="print the results document (schema evotok.bench/1) on stdout", show_default=False
+    ),
 ) -> None:
     """Run TASKs with each --decoder (x each --sweep value): per-sample logs, results.json, a table on stderr.
 
@@ -143,14 +248,29 @@ def run(
     from evotok_cli.bench.runner import DEFAULT_DECODER, BenchRequest, run_bench
 
     request = BenchRequest(
-        tasks=task_names, decoders=decoders or [DEFAULT_DECODER], model=s.get("model", model),
-        adapter=s.get("adapter", adapter), data=list(data or []) or _yaml_data(s.get("data", None), where),
+        tasks=task_names,
+        decoders=decoders or [DEFAULT_DECODER],
+        model=s.get("model", model),
+        adapter=s.get("adapter", adapter),
+        data=list(data or []) or _yaml_data(s.get("data", None), where),
         limit=s.get("limit", limit),
-        overrides={k: s.get(k, v) for k, v in (("gen_length", gen_length), ("block_length", block_length),
-                                                ("steps", steps), ("temperature", temperature))},
-        seed=s.get("seed", seed), batch_size=s.get("batch_size", batch_size), options=options,
+        overrides={
+            k: s.get(k, v)
+            for k, v in (
+                ("gen_length", gen_length),
+                ("block_length", block_length),
+                ("steps", steps),
+                ("temperature", temperature),
+            )
+        },
+        seed=s.get("seed", seed),
+        batch_size=s.get("batch_size", batch_size),
+        options=options,
         sweeps=list(sweep or []) or _yaml_sweep(s.get("sweep", None), where),
-        out=Path(s.get("out", out)).expanduser(), device=s.get("device", device), dtype=s.get("dtype", dtype))
+        out=Path(s.get("out", out)).expanduser(),
+        device=s.get("device", device),
+        dtype=s.get("dtype", dtype),
+    )
     err = _stderr()
     request.on_note = lambda line: err.print(f"[yellow]note:[/yellow] {line}")
     with _Progress(err) as on_batch:
@@ -159,6 +279,7 @@ def run(
     if document is None:  # a non-zero rank: rank 0 reports
         return
     from evotok_cli.bench.table import render
+
     err.print(render(document))
     err.print(f"[dim]wrote {request.out / 'results.json'}[/dim]")
     if s.get("json", as_json):
@@ -175,15 +296,25 @@ class _Progress:
         if not self.console.is_terminal:
             return None
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                            console=self.console, transient=True)
+
+        self.bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=self.console,
+            transient=True,
+        )
         self.bar.start()
 
         def update(run: Any, done: int, total: int) -> None:
             key = run.name
             if key not in self.tasks:
-                self.tasks[key] = self.bar.add_task(f"{run.task.name} {run.decoder_name} {run.label}".strip(), total=total)
+                self.tasks[key] = self.bar.add_task(
+                    f"{run.task.name} {run.decoder_name} {run.label}".strip(), total=total
+                )
             self.bar.update(self.tasks[key], completed=done)
+
         return update
 
     def __exit__(self, *exc: Any) -> bool:
@@ -194,9 +325,22 @@ class _Progress:
 
 @bench_app.command("score")
 def score(
-    paths: list[Path] = typer.Argument(..., help="sample logs (samples_*.jsonl), official *_generations.json files, or folders of them", show_default=False),
-    task: str | None = typer.Option(None, "--task", "-t", help="the task of every file (default: from each line, or from the file name, e.g. gsm8k_256_128_0_generations.json)", show_default=False),
-    as_json: bool = typer.Option(False, "--json", help="print one JSON document (schema evotok.bench.score/1) on stdout"),
+    paths: list[Path] = typer.Argument(
+        ...,
+        help="sample logs (samples_*.jsonl), official *_generations.json files, or folders of them",
+        show_default=False,
+    ),
+    task: str | None = typer.Option(
+        None,
+        "--task",
+        "-t",
+        help="the task of every file (default: from each line, or from the file name, "
+        "e.g. gsm8k_256_128_0_generations.json)",
+        show_default=False,
+    ),
+    as_json: bool = typer.Option(
+        False, "--json", help="print one JSON document (schema evotok.bench.score/1) on stdout"
+    ),
 ) -> None:
     """Score existing generations with the protocol's parsers, without a model.
 
@@ -215,14 +359,19 @@ def score(
         typer.echo(json.dumps(document, indent=2, ensure_ascii=False))
     else:
         from rich.console import Console
+
         Console(highlight=False).print(table(document))
 
 
 @bench_app.command("report")
 def report(
     paths: list[Path] = typer.Argument(..., help="bench output folders or results.json files", show_default=False),
-    out: Path | None = typer.Option(None, "--out", help="write PREFIX.md and PREFIX.png [default: FIRST_DIR/report]", show_default=False),
-    x: str = typer.Option("auto", "--x", help="x axis: auto (the swept option if any, else NFE) | nfe | the name of a swept option"),
+    out: Path | None = typer.Option(
+        None, "--out", help="write PREFIX.md and PREFIX.png [default: FIRST_DIR/report]", show_default=False
+    ),
+    x: str = typer.Option(
+        "auto", "--x", help="x axis: auto (the swept option if any, else NFE) | nfe | the name of a swept option"
+    ),
 ) -> None:
     """Render one or more runs as a Markdown table (stdout and PREFIX.md) and a PNG plot of accuracy per
     decoder against the NFE budget or the swept option (PREFIX.png).

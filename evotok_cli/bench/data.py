@@ -80,7 +80,8 @@ def _read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"cannot read the data file ({exc})", where=str(path), fix="pass a readable UTF-8 file") from None
+        raise DataError(f"cannot read the data file ({exc})", where=str(path),
+                        fix="pass a readable UTF-8 file") from None
 
 
 def _json_lines(path: Path, text: str | None = None) -> list[Record]:
@@ -91,7 +92,8 @@ def _json_lines(path: Path, text: str | None = None) -> list[Record]:
         try:
             item = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise DataError(f"invalid JSON ({exc.msg})", where=f"{path}:{number}", fix="one JSON object per line") from None
+            raise DataError(f"invalid JSON ({exc.msg})", where=f"{path}:{number}",
+                            fix="one JSON object per line") from None
         records.append(_as_record(item, f"{path}:{number}"))
     return records
 
@@ -105,7 +107,8 @@ def _json_document(path: Path) -> list[Record]:
     except json.JSONDecodeError as exc:
         if exc.msg == "Extra data":
             return _json_lines(path, text)
-        raise DataError(f"invalid JSON ({exc.msg}, line {exc.lineno})", where=str(path), fix="repair the file") from None
+        raise DataError(f"invalid JSON ({exc.msg}, line {exc.lineno})", where=str(path),
+                        fix="repair the file") from None
     if isinstance(doc, dict):
         lists = [v for v in doc.values() if isinstance(v, list)]
         if len(lists) == 1 and all(isinstance(x, dict) for x in lists[0]):
@@ -146,7 +149,8 @@ def _saved_dataset(folder: Path) -> list[Record]:
     try:
         loaded = datasets.load_from_disk(str(folder))
     except Exception as exc:
-        raise DataError(f"cannot load the saved dataset ({exc})", where=str(folder), fix="pass a jsonl or parquet file") from None
+        raise DataError(f"cannot load the saved dataset ({exc})", where=str(folder),
+                        fix="pass a jsonl or parquet file") from None
     if isinstance(loaded, datasets.DatasetDict):
         if "test" not in loaded:
             raise DataError(f"the saved dataset has no 'test' split (has {', '.join(loaded)})", where=str(folder),

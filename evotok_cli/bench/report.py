@@ -64,15 +64,15 @@ def _fmt(value: float | None, digits: int = 2) -> str:
 
 def markdown(documents: list[tuple[Path, dict[str, Any]]]) -> str:
     rows = rows_of(documents)
-    lines = ["| task | decoder | setting | gen / block / steps | n | accuracy % | ± s.e. | mean NFE | tok/s | tok/NFE | source |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| task | decoder | setting | gen / block / steps | n | accuracy % | ± s.e. | mean NFE | tok/s | tok/NFE "
+             "| source |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         s = r["settings"]
         extra = "".join(f" ({k.replace('_', '-')} {_fmt(v['accuracy'])})" for k, v in (r.get("scores") or {}).items())
-        lines.append(f"| {r['task']} | {r['decoder']} | {r['label'] or '-'} | {s['gen_length']} / {s['block_length']} / "
-                     f"{s['steps']} | {r['n']} | {_fmt(r['accuracy'])}{extra} | {_fmt(r['accuracy_stderr'])} | "
-                     f"{_fmt(r['mean_nfe'], 1)} | {_fmt(r.get('tokens_per_second'), 1)} | {_fmt(r['tokens_per_nfe'])} | "
-                     f"{r['source']} |")
+        cells = [r["task"], r["decoder"], r["label"] or "-", f"{s['gen_length']} / {s['block_length']} / {s['steps']}",
+                 str(r["n"]), _fmt(r["accuracy"]) + extra, _fmt(r["accuracy_stderr"]), _fmt(r["mean_nfe"], 1),
+                 _fmt(r.get("tokens_per_second"), 1), _fmt(r["tokens_per_nfe"]), r["source"]]
+        lines.append("| " + " | ".join(cells) + " |")
     best = [b for _, d in documents for b in d.get("best_over_sweep", [])]
     if best:
         lines += ["", "Best over the swept values, **chosen on the test set** (the paper's protocol; optimistic):", "",

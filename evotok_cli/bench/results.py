@@ -13,7 +13,6 @@ import math
 import os
 import platform
 import subprocess
-import sys
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -136,15 +135,17 @@ def best_over_sweep(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def versions() -> dict[str, str | None]:
+    """Installed versions of what decides the numbers (read from package metadata, nothing imported)."""
+    from importlib import metadata
+
     from evotok_cli import __version__
 
     found: dict[str, str | None] = {"evotok": __version__, "python": platform.python_version()}
-    for name in ("torch", "transformers", "tokenizers", "numpy", "datasets", "math_verify"):
-        module = sys.modules.get(name)
-        if module is None and name in ("torch", "transformers", "numpy"):
-            import importlib
-            module = importlib.import_module(name)
-        found[name] = getattr(module, "__version__", None) if module is not None else None
+    for name in ("torch", "transformers", "tokenizers", "numpy", "datasets", "math-verify"):
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
     return found
 
 

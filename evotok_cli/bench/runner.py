@@ -69,9 +69,11 @@ def parse_sweeps(entries: list[str]) -> list[tuple[str, list[str]]]:
         key = key.strip().replace("-", "_")
         items = [v.strip() for v in values.split(",") if v.strip()]
         if not sep or not key or not items:
-            raise ConfigError(f"{entry!r} is not key=v1,v2,...", where="--sweep", fix="write e.g. --sweep alpha=0.5,0.7")
+            raise ConfigError(f"{entry!r} is not key=v1,v2,...", where="--sweep",
+                              fix="write e.g. --sweep alpha=0.5,0.7")
         if key in (k for k, _ in sweeps):
-            raise ConfigError(f"{key!r} is swept twice", where="--sweep", fix=f"give all values in one --sweep {key}=...")
+            raise ConfigError(f"{key!r} is swept twice", where="--sweep",
+                              fix=f"give all values in one --sweep {key}=...")
         sweeps.append((key, items))
     return sweeps
 
@@ -108,6 +110,8 @@ def resolve_data(entries: list[str], tasks: list[Task]) -> dict[str, Path]:
     mapping = dict(explicit)
     if shared:
         path = shared[0]
+        if not any(t.uses_data for t in tasks):
+            raise ConfigError("none of the tasks reads data", where=f"--data {path}", fix="drop --data")
         if path.is_dir():
             mapping.update({t.name: path for t in readers})
         elif len(readers) == 1:
@@ -115,8 +119,6 @@ def resolve_data(entries: list[str], tasks: list[Task]) -> dict[str, Path]:
         elif readers:
             raise ConfigError(f"one data file for {len(readers)} tasks ({', '.join(t.name for t in readers)})",
                               where=f"--data {path}", fix="write --data TASK=FILE for each task, or pass a folder")
-        else:
-            raise ConfigError("none of the tasks reads data", where=f"--data {path}", fix="drop --data")
     return mapping
 
 
@@ -185,8 +187,9 @@ def run_bench(request: BenchRequest) -> dict[str, Any] | None:
     if request.batch_size < 1:
         raise ConfigError(f"batch size must be >= 1, got {request.batch_size}", where="--batch-size",
                           fix="e.g. --batch-size 1 (the protocol's) or 8")
-    if request.limit is not None and request.limit < 1:
-        raise ConfigError(f"limit must be >= 1, got {request.limit}", where="--limit", fix="e.g. --limit 50")
+    limit = request.limit
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ConfigError(f"limit must be a whole number >= 1, got {limit!r}", where="--limit", fix="e.g. --limit 50")
     if not request.tasks:
         raise ConfigError("no task given", where="evotok bench", fix="name one, e.g. `evotok bench gsm8k`")
     tasks = [task_registry.get(name) for name in dict.fromkeys(request.tasks)]

@@ -167,13 +167,14 @@ def table(document: dict[str, Any]) -> Any:
     for col in ("folder", "setup", "task", "files", "n", "correct", "accuracy", "± s.e.", "other"):
         t.add_column(col)
     for row in document["setups"]:
-        other = [f"{k.replace('_', '-')}: {v['accuracy']:.2f}" for k, v in row["scores"].items() if v["accuracy"] is not None]
+        other = [f"{k.replace('_', '-')}: {v['accuracy']:.2f}" for k, v in row["scores"].items()
+                 if v["accuracy"] is not None]
         if "disagreements" in row:
             other.append(f"stored verdicts differ on {row['disagreements']}")
         t.add_row(row["folder"], row["setup"], row["task"], str(len(row["files"])), str(row["n"]), str(row["correct"]),
                   "-" if row["accuracy"] is None else f"{row['accuracy']:.2f}",
                   "-" if row["accuracy_stderr"] is None else f"{row['accuracy_stderr']:.2f}", "; ".join(other))
     for best in document["best_over_folders"]:
-        t.add_row(f"best of {best['folders']} folders (chosen on test set)", best["setup"], best["task"], "", str(best["n"]),
-                  "", f"{best['accuracy']:.2f}", "", best["folder"])
+        t.add_row(f"best of {best['folders']} folders (chosen on test set)", best["setup"], best["task"], "",
+                  str(best["n"]), "", f"{best['accuracy']:.2f}", "", best["folder"])
     return t

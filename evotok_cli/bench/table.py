@@ -14,7 +14,8 @@ def cell(row: dict[str, Any]) -> str:
     for name, score in (row.get("scores") or {}).items():
         lines.append(f"{name.replace('_', '-')}: {_number(score['accuracy'])}")
     tps = row.get("tokens_per_second")
-    lines.append(f"NFE {_number(row['mean_nfe'], 1)} · {_number(tps, 1)} tok/s · {_number(row['tokens_per_nfe'])} tok/NFE")
+    lines.append(f"NFE {_number(row['mean_nfe'], 1)} · {_number(tps, 1)} tok/s · "
+                 f"{_number(row['tokens_per_nfe'])} tok/NFE")
     if not row.get("complete", True):
         lines.append(f"incomplete: {row['n']} of {row['expected']}")
     return "\n".join(lines)
@@ -39,7 +40,8 @@ def render(document: dict[str, Any]) -> Any:
 
     decoders, rows = grid(document)
     table = Table(title="evotok bench: accuracy % ± standard error",
-                  caption="tok/s: answer tokens up to EOS over decode wall time (spec 6.5); NFE: forward passes per item",
+                  caption="tok/s: answer tokens up to EOS over decode wall time (spec 6.5); "
+                          "NFE: forward passes per item",
                   show_lines=True)
     table.add_column("task")
     table.add_column("setting")

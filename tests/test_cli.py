@@ -1,0 +1,121 @@
+"""The CLI as a user meets it: instant help, runnable examples, JSON schemas, settings precedence,
+prompts from every source, and the trace file."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import run_cli
+
+GEN = ["--gen-length", "8", "--block-length", "4", "--steps", "4"]
+
+
+def test_help_does_not_import_torch():
+    code = ("import sys; from evotok_cli.cli import app; "
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import at module level'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_every_command_help_shows_an_example(cli):
+    for command in ("info", "decoders", "generate", "finetune", "init-model", "data"):
+        proc = cli(command, "--help")
+        assert proc.returncode == 0 and "evotok " + command.split()[0] in proc.stdout.replace("\n", " "), command
+    assert cli("--version").stdout.startswith("evotok ")
+
+
+def test_info_json(cli, tiny_llada):
+    proc = cli("info", str(tiny_llada), "--json")
+    info = json.loads(proc.stdout)
+    assert info["schema"] == "evotok.info/1" and info["architecture"] == "LLaDAModelLM"
+    assert info["chat_template"] is True and info["shards"] == 1 and info["adapter"] is None
+
+
+def test_decoders_list_and_details(cli):
+    listing = json.loads(cli("decoders", "--json").stdout)["decoders"]
+    names = {d["name"]: d for d in listing}
+    assert {"hard-mask", "evotoken", "d2f"} <= set(names) and all(names[n]["ok"] for n in ("hard-mask", "evotoken", "d2f"))
+    details = json.loads(cli("decoders", "--details", "evotoken", "--json").stdout)
+    options = {o["name"]: o for o in details["options"]}
+    assert options["alpha"]["default"] == 0.7 and options["alpha"]["range"] == "[0.0, 1.0)"
+    assert options["k_soft"]["default"] == 3 and "cache" in options
+
+
+def test_generate_json_schema(cli, tiny_llada):
+    proc = cli("generate", "-m", str(tiny_llada), "-p", "What is 2+3?", "-p", "Hello", *GEN, "--json")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["schema"] == "evotok.generate/1" and doc["decoder"] == "hard-mask"
+    assert doc["params"]["gen_length"] == 8 and doc["params"]["decoder_options"]["cache"] == "none"
+    assert [r["prompt"] for r in doc["results"]] == ["What is 2+3?", "Hello"]
+    for r in doc["results"]:
+        assert len(r["token_ids"]) == 8 and r["nfe"] == 4 and r["seconds"] > 0 and isinstance(r["text"], str)
+    assert "NFE 4" in proc.stderr and "tok/s" in proc.stderr
+
+
+def test_human_output_is_the_text(cli, tiny_llada):
+    proc = cli("generate", "-m", str(tiny_llada), "-p", "Hi", *GEN)
+    as_json = json.loads(cli("generate", "-m", str(tiny_llada), "-p", "Hi", *GEN, "--json").stdout)
+    assert proc.stdout.rstrip("\n") == as_json["results"][0]["text"]
+
+
+def test_precedence_flags_over_env_over_config_over_defaults(cli, tiny_llada, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("gen_length: 16\nblock_length: 8\nsteps: 8\ndecoder: {alpha: 0.6}\n")
+
+    def params(*extra, env=None):
+        proc = cli("generate", "-m", str(tiny_llada), "-p", "x", "-d", "evotoken", "--json", *extra, env=env)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)["params"]
+
+    assert params()["gen_length"] == 128  # built-in default
+    from_config = params("--config", str(config))
+    assert from_config["gen_length"] == 16 and from_config["decoder_options"]["alpha"] == 0.6
+    from_env = params("--config", str(config), env={"EVOTOK_GEN_LENGTH": "32"})
+    assert from_env["gen_length"] == 32 and from_env["steps"] == 8
+    from_flag = params("--config", str(config), "--gen-length", "64", "--opt", "alpha=0.8",
+                       env={"EVOTOK_GEN_LENGTH": "32"})
+    assert from_flag["gen_length"] == 64 and from_flag["decoder_options"]["alpha"] == 0.8
+
+
+def test_prompt_ids_and_prompts_file(cli, tiny_llada, tmp_path):
+    f = tmp_path / "prompts.jsonl"
+    f.write_text('"plain string"\n{"prompt": "object"}\n{"prompt_ids": [5, 6, 7]}\n')
+    proc = cli("generate", "-m", str(tiny_llada), "--prompts-file", str(f), "--prompt-ids", "9,10", *GEN, "--json",
+               "--batch-size", "2")
+    results = json.loads(proc.stdout)["results"]
+    assert [r["prompt"] for r in results] == [[9, 10], "plain string", "object", [5, 6, 7]]
+    alone = json.loads(cli("generate", "-m", str(tiny_llada), "--prompt-ids", "5,6,7", *GEN, "--json").stdout)
+    assert alone["results"][0]["token_ids"] == results[3]["token_ids"]  # batching does not change a row
+
+
+def test_tokenizer_less_checkpoint_takes_prompt_ids(cli, tmp_path):
+    from tests.conftest import write_llada
+    folder = write_llada(tmp_path / "bare", None, vocab=64, mask_id=63, eos_id=1)
+    proc = cli("generate", "-m", str(folder), "--prompt-ids", "3,4,5", *GEN, "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert len(json.loads(proc.stdout)["results"][0]["token_ids"]) == 8
+    from tests.conftest import one_line_error
+    assert "has no tokenizer" in one_line_error(cli("generate", "-m", str(folder), "-p", "text", *GEN))
+
+
+def test_trace_file_schema(cli, tiny_llada, tmp_path):
+    trace = tmp_path / "t.jsonl"
+    proc = cli("generate", "-m", str(tiny_llada), "-p", "a", "-p", "bb", "-d", "evotoken", *GEN, "--trace", str(trace))
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert len(records) == 2 * 4  # one per forward pass and prompt
+    first = records[0]
+    assert first["schema"] == "evotok.trace/1" and first["decoder"] == "evotoken"
+    assert set(first) >= {"prompt_index", "step", "block", "states", "tokens", "confidence", "committed", "revised",
+                          "candidates", "mask_id"}
+    assert {r["prompt_index"] for r in records} == {0, 1}
+    assert all(len(r["states"]) == 8 for r in records)
+
+
+def test_init_model_one_liner(tmp_path):
+    folder = tmp_path / "m"
+    assert run_cli("init-model", str(folder), "--layers", "1", "--hidden", "32", "--heads", "2").returncode == 0
+    proc = run_cli("generate", "-m", str(folder), "-p", "hello", *GEN)
+    assert proc.returncode == 0, proc.stderr

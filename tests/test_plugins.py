@@ -1,0 +1,128 @@
+"""Decoder plugins: a third-party package found through its entry point, a broken plugin that breaks
+nothing else, and properties every registered decoder must have."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from evotok_cli.decoding import registry
+from evotok_cli.decoding.api import GenerationRequest, parse_options
+
+ROOT = Path(__file__).resolve().parents[1]
+GEN = ["--gen-length", "8", "--block-length", "4", "--steps", "4"]
+
+
+def _cli(args, extra_path: Path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(extra_path), str(ROOT)]), "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run([sys.executable, "-m", "evotok_cli", *args], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+@pytest.fixture(scope="module")
+def installed_example(tmp_path_factory) -> Path:
+    """pip-install examples/third_party_decoder into a private folder (no network, no build isolation)."""
+    target = tmp_path_factory.mktemp("site")
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--no-index", "--target", str(target), str(ROOT / "examples" / "third_party_decoder")],
+                   check=True, capture_output=True)
+    return target
+
+
+def test_third_party_decoder_runs_through_the_cli(installed_example, tiny_llada):
+    listing = json.loads(_cli(["decoders", "--json"], installed_example).stdout)["decoders"]
+    entry = next(d for d in listing if d["name"] == "left-to-right")
+    assert entry["ok"] and entry["package"] == "evotok-left-to-right" and entry["version"] == "0.1.0"
+    proc = _cli(["generate", "-m", str(tiny_llada), "-p", "hi", "-d", "left-to-right", "--opt", "tokens_per_step=2",
+                 "--trace", str(installed_example / "t.jsonl"), *GEN, "--json"], installed_example)
+    assert proc.returncode == 0, proc.stderr
+    assert len(json.loads(proc.stdout)["results"][0]["token_ids"]) == 8
+    commits = [json.loads(line)["committed"] for line in (installed_example / "t.jsonl").read_text().splitlines()]
+    assert commits == [[0, 1], [2, 3], [4, 5], [6, 7]]  # strictly left to right, two per pass
+    bad = _cli(["generate", "-m", str(tiny_llada), "-p", "hi", "-d", "left-to-right", "--opt", "tokens_per_step=0",
+                *GEN], installed_example)
+    assert bad.returncode == 2 and "out of range" in bad.stderr
+
+
+@pytest.fixture(scope="module")
+def broken_plugin(tmp_path_factory) -> Path:
+    """A distribution whose decoder module raises on import."""
+    site = tmp_path_factory.mktemp("broken")
+    dist = site / "evotok_broken-0.0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: evotok-broken\nVersion: 0.0.1\n")
+    (dist / "entry_points.txt").write_text("[evotok.decoders]\nbroken = evotok_broken_plugin:Decoder\n")
+    (site / "evotok_broken_plugin.py").write_text("raise ImportError('this plugin is broken on purpose')\n")
+    return site
+
+
+def test_a_broken_plugin_breaks_nothing_else(broken_plugin, tiny_llada):
+    listing = json.loads(_cli(["decoders", "--json"], broken_plugin).stdout)["decoders"]
+    broken = next(d for d in listing if d["name"] == "broken")
+    assert not broken["ok"] and "broken on purpose" in broken["error"]
+    assert all(d["ok"] for d in listing if d["name"] != "broken")
+    assert _cli(["generate", "-m", str(tiny_llada), "-p", "hi", *GEN], broken_plugin).returncode == 0
+    proc = _cli(["generate", "-m", str(tiny_llada), "-p", "hi", "-d", "broken", *GEN], broken_plugin)
+    assert proc.returncode == 2 and "failed to load" in proc.stderr and "Traceback" not in proc.stderr
+
+
+class RecordingModel:
+    """The real tiny model; records what each forward pass is fed at the prompt positions."""
+
+    def __init__(self, model):
+        self.model, self.fed = model, []
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def __call__(self, input_ids=None, **kw):
+        embeds = kw.get("inputs_embeds")
+        self.fed.append((input_ids, embeds, kw.get("start", 0)))
+        return self.model(input_ids, **kw)
+
+
+DECODER_OPTIONS = {"hard-mask": [{}, {"threshold": 0.3}, {"cache": "dual"}],
+                   "evotoken": [{}, {"k_soft": 1, "alpha": 0.0}, {"cache": "prefix"}],
+                   "d2f": [{"block_size": 4}, {"block_size": 4, "soft": True, "skip_threshold": 0.5}]}
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_every_decoder_keeps_its_contract(tiny_model, data):
+    name = data.draw(st.sampled_from(sorted(DECODER_OPTIONS)))
+    options = data.draw(st.sampled_from(DECODER_OPTIONS[name]))
+    prompts = data.draw(st.lists(st.lists(st.integers(5, 200), min_size=1, max_size=6), min_size=1, max_size=3))
+    blocks = data.draw(st.sampled_from([1, 2]))
+    gen, steps = 4 * blocks, data.draw(st.sampled_from([blocks, 2 * blocks, 4 * blocks, 8 * blocks]))
+    cls = registry.get(name)
+    decoder = cls(parse_options(cls.Config, options, decoder=name))
+    recorder = RecordingModel(tiny_model)
+    request = GenerationRequest(prompts=prompts, gen_length=gen, block_length=4, steps=steps)
+    out = decoder.generate(recorder, request)
+    for prompt, row in zip(prompts, out.rows):
+        assert len(row.token_ids) == gen and tiny_model.mask_id not in row.token_ids  # no [MASK] left
+        assert 1 <= row.nfe <= gen  # at least one token per pass
+        if name != "d2f" and "threshold" not in options:
+            assert row.nfe == min(steps, gen)
+    again = decoder.generate(tiny_model, request)
+    assert [r.token_ids for r in again.rows] == [r.token_ids for r in out.rows]  # deterministic at T = 0
+    longest = max(len(p) for p in prompts)
+    for ids, embeds, start in recorder.fed:  # the prompt is fed unchanged in every pass
+        if start > 0:
+            continue
+        fed = embeds if embeds is not None else tiny_model.embed(ids)
+        if name == "d2f":  # rows are decoded one at a time, unpadded
+            assert any(fed.shape[1] > len(p) and torch.allclose(fed[0, :len(p)], tiny_model.embed(torch.tensor(p)), atol=1e-6)
+                       for p in prompts)
+            continue
+        for b, p in enumerate(prompts):
+            pad = longest - len(p)
+            assert torch.allclose(fed[b, pad:pad + len(p)], tiny_model.embed(torch.tensor(p)), atol=1e-6)
