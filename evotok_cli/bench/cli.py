@@ -121,7 +121,8 @@ def _yaml_data(value: Any, where: str | None) -> list[str]:
 @bench_app.command("run")
 def run(
     tasks: list[str] = typer.Argument(
-        None, help="tasks to run: gsm8k math500 svamp countdown sudoku4 arith countdown3 ...", show_default=False
+        None, metavar="TASK", show_default=False,
+        help="tasks to run: gsm8k math500 svamp countdown sudoku4 arith countdown3 ...",
     ),
     decoder: list[str] = typer.Option(
         None, "--decoder", "-d", help="decoder to compare (repeatable) [default: hard-mask]", show_default=False
@@ -327,6 +328,7 @@ class _Progress:
 def score(
     paths: list[Path] = typer.Argument(
         ...,
+        metavar="PATH",
         help="sample logs (samples_*.jsonl), official *_generations.json files, or folders of them",
         show_default=False,
     ),
@@ -365,7 +367,9 @@ def score(
 
 @bench_app.command("report")
 def report(
-    paths: list[Path] = typer.Argument(..., help="bench output folders or results.json files", show_default=False),
+    paths: list[Path] = typer.Argument(
+        ..., metavar="DIR", help="bench output folders or results.json files", show_default=False
+    ),
     out: Path | None = typer.Option(
         None, "--out", help="write PREFIX.md and PREFIX.png [default: FIRST_DIR/report]", show_default=False
     ),

@@ -93,6 +93,7 @@ def plot(rows: list[dict[str, Any]], axis: str, path: Path) -> None:
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         lines: dict[str, list[tuple[float, float, float]]] = {}
+        flat: list[tuple[str, float]] = []  # runs without the swept option: a level for comparison
         for r in rows:
             if r["task"] != task or r["accuracy"] is None:
                 continue
@@ -104,6 +105,7 @@ def plot(rows: list[dict[str, Any]], axis: str, path: Path) -> None:
             else:
                 value = (r.get("sweep") or {}).get(axis)
                 if value is None:
+                    flat.append((f"{r['decoder']} (no {axis})", r["accuracy"]))
                     continue
                 x, name = float(value), r["decoder"]
             lines.setdefault(name, []).append((float(x), r["accuracy"], r["accuracy_stderr"] or 0.0))
@@ -111,6 +113,11 @@ def plot(rows: list[dict[str, Any]], axis: str, path: Path) -> None:
             points.sort()
             ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points], marker="o",
                         capsize=3, label=name)
+        for name, level in flat:
+            ax.axhline(level, linestyle="--", linewidth=1, color="gray", label=name)
+        values = [p[1] for points in lines.values() for p in points] + [level for _, level in flat]
+        if values:
+            ax.set_ylim(max(-2.0, min(values) - 5), min(102.0, max(values) + 5))
         ax.set_title(task)
         ax.set_xlabel("mean NFE per item" if axis == "nfe" else axis)
         ax.set_ylabel("accuracy %")

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from evotok_cli.bench import samples
-from evotok_cli.bench.tasks.base import Doc, Loaded, Task
+from evotok_cli.bench.tasks.base import Doc, Task
 from evotok_cli.errors import CheckpointError, ConfigError
 
 GEN_KEYS = ("gen_length", "block_length", "steps", "temperature")
@@ -67,7 +67,7 @@ def parse_sweeps(entries: list[str]) -> list[tuple[str, list[str]]]:
     for entry in entries:
         key, sep, values = entry.partition("=")
         key = key.strip().replace("-", "_")
-        items = [v.strip() for v in values.split(",") if v.strip()]
+        items = list(dict.fromkeys(v.strip() for v in values.split(",") if v.strip()))
         if not sep or not key or not items:
             raise ConfigError(f"{entry!r} is not key=v1,v2,...", where="--sweep",
                               fix="write e.g. --sweep alpha=0.5,0.7")
@@ -131,25 +131,14 @@ def model_path(model: str | Path | None) -> Path:
 
 # -- planning ----------------------------------------------------------------------------------------
 def plan(request: BenchRequest, tasks: list[Task], model: Path) -> list[Run]:
-    """Every run to do, each with a validated decoder and generation settings."""
+    """Every run to do (task x decoder x swept values), each with a validated decoder and settings."""
     from evotok_cli.decoding import registry
-    from evotok_cli.decoding.schedule import block_layout
-    from evotok_cli.generation import make_decoder, split_options
+    from evotok_cli.generation import split_options
 
     decoders = list(dict.fromkeys(request.decoders))
     fields = {d: {f.name for f in dataclasses.fields(registry.get(d).Config)} for d in decoders}
     sweeps = parse_sweeps(request.sweeps)
-    for key, _ in sweeps:
-        if key not in GEN_KEYS and not any(key in names for names in fields.values()):
-            known = sorted(set(GEN_KEYS).union(*fields.values()))
-            close = difflib.get_close_matches(key, known, n=2)
-            hint = f"did you mean {' or '.join(close)}?" if close else "see `evotok decoders --details NAME`"
-            raise ConfigError(f"no selected decoder has an option {key!r} ({', '.join(decoders)})",
-                              where="--sweep", fix=hint)
-    for key in request.options:
-        if key in GEN_KEYS:
-            raise ConfigError(f"{key} is a generation setting, not a decoder option", where="--opt",
-                              fix=f"use --{key.replace('_', '-')}")
+    check_keys(sweeps, request.options, fields)
     overrides = {k: gen_value(k, v, f"--{k.replace('_', '-')}") for k, v in request.overrides.items() if v is not None}
     base_options = split_options(decoders, request.options, where="--opt")
     runs = []
@@ -158,24 +147,47 @@ def plan(request: BenchRequest, tasks: list[Task], model: Path) -> list[Run]:
             mine = [(k, values) for k, values in sweeps if k in GEN_KEYS or k in fields[decoder_name]]
             for combo in itertools.product(*(values for _, values in mine)):
                 chosen = dict(zip((k for k, _ in mine), combo))
-                options = {**base_options[decoder_name], **{k: v for k, v in chosen.items() if k not in GEN_KEYS}}
-                where = "--sweep" if any(k not in GEN_KEYS for k in chosen) else "--opt"
-                decoder = make_decoder(decoder_name, options, where=where)
-                settings = {**dataclasses.asdict(task.defaults), **overrides,
-                            **{k: gen_value(k, v, "--sweep") for k, v in chosen.items() if k in GEN_KEYS}}
-                block_layout(settings["gen_length"], settings["block_length"], settings["steps"])
-                if settings["temperature"] < 0:
-                    raise ConfigError(f"temperature must be >= 0, got {settings['temperature']}",
-                                      where="--temperature", fix="e.g. 0 or 0.5")
-                sweep = {k: settings[k] if k in GEN_KEYS else getattr(decoder.config, k) for k in chosen}
-                label = ",".join(f"{k}={v}" for k, v in sweep.items())
-                setup = samples.jsonable({
-                    "task": task.name, "protocol": task.protocol, "decoder": decoder_name,
-                    "options": vars(decoder.config), **settings, "seed": request.seed,
-                    "model": str(model), "adapter": request.adapter})
-                name = samples.stem(task.name, decoder_name, "_".join(f"{k}={v}" for k, v in sweep.items()))
-                runs.append(Run(task, decoder_name, decoder, sweep, settings, setup, label, name))
+                runs.append(make_run(task, decoder_name, base_options[decoder_name], overrides, chosen, request, model))
     return runs
+
+
+def check_keys(sweeps: list[tuple[str, list[str]]], options: dict[str, Any], fields: dict[str, set[str]]) -> None:
+    """A swept key must be a generation setting or an option of some selected decoder; --opt holds no
+    generation settings."""
+    for key, _ in sweeps:
+        if key not in GEN_KEYS and not any(key in names for names in fields.values()):
+            close = difflib.get_close_matches(key, sorted(set(GEN_KEYS).union(*fields.values())), n=2)
+            hint = f"did you mean {' or '.join(close)}?" if close else "see `evotok decoders --details NAME`"
+            raise ConfigError(f"no selected decoder has an option {key!r} ({', '.join(fields)})", where="--sweep",
+                              fix=hint)
+    for key in options:
+        if key in GEN_KEYS:
+            raise ConfigError(f"{key} is a generation setting, not a decoder option", where="--opt",
+                              fix=f"use --{key.replace('_', '-')}")
+
+
+def make_run(task: Task, decoder_name: str, options: dict[str, Any], overrides: dict[str, Any],
+             chosen: dict[str, str], request: BenchRequest, model: Path) -> Run:
+    """One run: settings = task defaults < flags < swept values; decoder options = --opt < swept values."""
+    from evotok_cli.decoding.schedule import block_layout
+    from evotok_cli.generation import make_decoder
+
+    swept_options = {k: v for k, v in chosen.items() if k not in GEN_KEYS}
+    decoder = make_decoder(decoder_name, {**options, **swept_options}, where="--sweep" if swept_options else "--opt")
+    settings = {**dataclasses.asdict(task.defaults), **overrides,
+                **{k: gen_value(k, v, "--sweep") for k, v in chosen.items() if k in GEN_KEYS}}
+    block_layout(settings["gen_length"], settings["block_length"], settings["steps"])
+    if settings["temperature"] < 0:
+        raise ConfigError(f"temperature must be >= 0, got {settings['temperature']}", where="--temperature",
+                          fix="e.g. 0 or 0.5")
+    sweep = {k: settings[k] if k in GEN_KEYS else getattr(decoder.config, k) for k in chosen}
+    adapter = str(Path(request.adapter).expanduser().resolve()) if request.adapter else None
+    setup = samples.jsonable({"task": task.name, "protocol": task.protocol, "decoder": decoder_name,
+                              "options": vars(decoder.config), **settings, "seed": request.seed,
+                              "model": str(model.resolve()), "adapter": adapter})
+    name = samples.stem(task.name, decoder_name, "_".join(f"{k}={v}" for k, v in sweep.items()))
+    label = ",".join(f"{k}={v}" for k, v in sweep.items())
+    return Run(task, decoder_name, decoder, sweep, settings, setup, label, name)
 
 
 # -- running -----------------------------------------------------------------------------------------
@@ -205,7 +217,7 @@ def run_bench(request: BenchRequest) -> dict[str, Any] | None:
     try:
         model = _load_model(request, folder, group)
         prompts = {t.name: render(t, loaded[t.name].docs, model) for t in tasks}
-        check_lengths(runs, prompts, loaded, model)
+        check_lengths(runs, prompts, model)
         request.out.mkdir(parents=True, exist_ok=True)
         for run in runs:
             execute(run, loaded[run.task.name].docs, prompts[run.task.name], model, request, group, note)
@@ -242,7 +254,8 @@ def render(task: Task, docs: list[Doc], model: Any) -> dict[int, Any]:
     return prompts
 
 
-def check_lengths(runs: list[Run], prompts: dict[str, dict[int, Any]], loaded: dict[str, Loaded], model: Any) -> None:
+def check_lengths(runs: list[Run], prompts: dict[str, dict[int, Any]], model: Any) -> None:
+    """Fail before generating when a prompt plus the generated span cannot fit the model."""
     for run in runs:
         table = prompts[run.task.name]
         if not table:
