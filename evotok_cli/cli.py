@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -165,6 +166,7 @@ def generate(
     system: str | None = typer.Option(None, "--system", help="system message for the chat template", show_default=False),
     batch_size: int | None = typer.Option(None, "--batch-size", envvar="EVOTOK_BATCH_SIZE", help="prompts decoded together [default: 8]", show_default=False),
     trace: Path | None = typer.Option(None, "--trace", help="write every forward pass's token states to this JSONL file", show_default=False),
+    show: bool = typer.Option(False, "--show", help="watch the canvas evolve live on stderr, states in colour"),
     config: Path | None = typer.Option(None, "--config", "-c", envvar="EVOTOK_CONFIG", help="YAML file with defaults for any option above, and a `decoder:` section", show_default=False),
     as_json: bool | None = typer.Option(None, "--json", help="print one JSON document (schema evotok.generate/1)", show_default=False),
 ) -> None:
@@ -213,11 +215,14 @@ def generate(
                    system=get("system", system))
     err = _stderr()
     json_out = get("json", as_json)
-    with _progress(err, enabled=err.is_terminal) as on_pass:
+    from evotok_cli.viz.live import LiveCanvas
+    live = LiveCanvas(lm, err) if show else None  # the live canvas replaces the progress line
+    with live or nullcontext(), _progress(err, enabled=err.is_terminal and live is None) as on_pass:
         results, wall = run_generation(
             lm, decoder_name, dec, prompts, gen_length=gen_length_v, block_length=block_v, steps=steps_v,
             temperature=get("temperature", temperature), seed=get("seed", seed),
-            batch_size=get("batch_size", batch_size), trace=get("trace", trace), on_pass=on_pass)
+            batch_size=get("batch_size", batch_size), trace=get("trace", trace), on_pass=on_pass,
+            on_event=live.update if live else None)
     params = {"gen_length": gen_length_v, "block_length": block_v, "steps": steps_v,
               "temperature": get("temperature", temperature), "seed": get("seed", seed),
               "batch_size": get("batch_size", batch_size), "adapter": get("adapter", adapter),
@@ -402,6 +407,8 @@ def finetune(
             summary = trainer.train(resume=resume, progress=bar.update)
     except StopRequested:
         raise typer.Exit(code=130) from None
+    if not summary:  # a non-main process of a data-parallel run: rank 0 reports
+        return
     if get("json", as_json):
         typer.echo(json.dumps(summary, indent=2))
     else:
@@ -463,6 +470,10 @@ from evotok_cli.bench.cli import register as _register_bench  # noqa: E402 (benc
 
 _register_bench(app)
 
+from evotok_cli.viz.cli import register as _register_viz  # noqa: E402 (trace)
+
+_register_viz(app)
+
 
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit code 2."""
@@ -492,6 +503,9 @@ def _handle_click(exc: Exception) -> None:
         sys.exit(130)
     if not hasattr(exc, "format_message"):
         raise exc
+    if name == "NoArgsIsHelpError":  # `evotok` or `evotok bench` alone: show the help, as asked
+        print(exc.format_message())
+        sys.exit(0)
     hint = ""
     ctx = getattr(exc, "ctx", None)
     if ctx is not None:

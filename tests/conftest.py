@@ -117,3 +117,48 @@ def cli(capsys, monkeypatch):
         return CliResult(code, captured.out, captured.err)
 
     return run
+
+
+# -- Dream (Qwen2 layout, ChatML) ----------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def dream_tokenizer_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("dream-tokenizer")
+    build_tokenizer(CORPUS, folder, vocab_size=300, chatml=True)
+    return folder
+
+
+def write_dream(folder: Path, tokenizer_dir: Path | None = None, *, layers: int = 2, hidden: int = 64,
+                heads: int = 4, kv_heads: int = 2, mlp: int = 96, vocab: int | None = None, max_length: int = 256,
+                seed: int = 0, std: float = 0.3, bias_std: float = 0.3, tie: bool = False,
+                shard_bytes: int | None = None) -> Path:
+    """A random Dream checkpoint: real config key set, Qwen2 tensor names, grouped-query attention and
+    non-zero q/k/v biases, with a ChatML tokenizer (built here when `tokenizer_dir` is None)."""
+    from transformers import PreTrainedTokenizerFast
+
+    from evotok_cli.runtime.architectures.dream import DreamConfig, DreamModel
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if tokenizer_dir is None:
+        build_tokenizer(CORPUS, folder, vocab_size=300, chatml=True)
+    else:
+        for f in tokenizer_dir.iterdir():
+            shutil.copy(f, folder / f.name)
+    tok = PreTrainedTokenizerFast.from_pretrained(str(folder))
+    cfg = DreamConfig(d_model=hidden, n_heads=heads, n_kv_heads=kv_heads, n_layers=layers, intermediate_size=mlp,
+                      vocab_size=vocab or len(tok), max_position_embeddings=max_length, rope_theta=1e6,
+                      tie_word_embeddings=tie, mask_token_id=tok.mask_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.eos_token_id)
+    net = init_weights(DreamModel(cfg), seed=seed, std=std)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=gen) * bias_std)
+    save_model(net, cfg.to_hf(), folder, shard_bytes=shard_bytes)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_dream(tmp_path_factory, dream_tokenizer_dir) -> Path:
+    return write_dream(tmp_path_factory.mktemp("tiny") / "dream", dream_tokenizer_dir)

@@ -193,7 +193,7 @@ def make_run(task: Task, decoder_name: str, options: dict[str, Any], overrides: 
 # -- running -----------------------------------------------------------------------------------------
 def run_bench(request: BenchRequest) -> dict[str, Any] | None:
     """Run the request; returns the results document on rank 0 (None on the other ranks)."""
-    from evotok_cli.bench import distributed
+    from evotok_cli.runtime import distributed
     from evotok_cli.bench.tasks import registry as task_registry
 
     if request.batch_size < 1:

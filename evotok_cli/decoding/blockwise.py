@@ -8,6 +8,9 @@ Cache policies (spec 6.3): `none` feeds the whole canvas every pass (the faithfu
 runs one full pass at each block start, then feeds the current block and everything after it; `dual`
 runs one full pass at each block start, then feeds only the current block. Passes that can commit
 nothing are skipped (the references run them; they change no token, so outputs are identical).
+
+Models with shifted logits (Dream) predict position i from the output at i - 1; the window fed to the
+model then starts one position earlier so that output exists (spec 7.2).
 """
 
 from __future__ import annotations
@@ -88,9 +91,13 @@ class BlockwiseDecoder:
     def forward(self, model: Any, state: Any, canvas: Canvas, block: Block, lo: int, hi: int,
                 cache: KVCache | None, first: bool) -> tuple[torch.Tensor, tuple[int, int]]:
         cols = self.logits_range(canvas, lo, hi, block)
+        shift = int(model.shifted_logits)
+        # Dream predicts position i from the output at i - 1: that position must be fed too. Under a cache
+        # it is re-fed (its K/V refreshed like the rest of the window), the same approximation as the window.
+        lo = min(lo, cols[0] - shift)
         logits = model(**self.inputs(model, state, canvas, lo, hi, block, first),
                        pad_offsets=canvas.pad_offsets, position_ids=canvas.positions[:, lo:hi], cache=cache,
-                       start=lo, logits_slice=(cols[0] - lo, cols[1] - lo))
+                       start=lo, logits_slice=(cols[0] - shift - lo, cols[1] - shift - lo))
         return logits, cols
 
     @torch.no_grad()

@@ -99,39 +99,43 @@ def _soft_state(logits: torch.Tensor, x: torch.Tensor, conf: torch.Tensor, start
 
 
 def cts_step(net: torch.nn.Module, lm, batch: Batch, settings: CTSSettings, *, rng: random.Random,
-             scale: float = 1.0) -> tuple[torch.Tensor, list[float]]:
+             scale: float = 1.0, rows: slice = slice(None)) -> tuple[torch.Tensor, list[float]]:
     """Run the K unrolled passes, backpropagating each (times `scale`); return the mean loss and the
-    per-pass losses."""
+    per-pass losses. Data parallel: the plan and the alphas are drawn for the whole (global) batch, this
+    process unrolls `rows`, and its losses are its share of the global means."""
     base = lm.net  # LoRA layers live inside the base modules: calling it trains the adapter
     mask_id = lm.mask_id
     plan = plan_batch(batch, settings, mask_id, rng)
     K = settings.trajectory_steps
-    x = plan.masked_ids.clone()
+    global_batch = batch.ids.shape[0]
+    picked = list(range(global_batch))[rows]
+    x = plan.masked_ids[rows].clone()
+    starts = [plan.starts[b] for b in picked]
     conf = torch.zeros(x.shape, dtype=torch.float64, device=x.device)
     soft: tuple[torch.Tensor, torch.Tensor] | None = None
-    B, N = x.shape
     supervised = torch.zeros_like(x, dtype=torch.bool)
-    for b, s in enumerate(plan.starts):
+    for b, s in enumerate(starts):
         supervised[b, s:s + plan.length] = True
-    targets = batch.ids[supervised]
+    targets = batch.ids[rows][supervised]
     losses: list[float] = []
     for j in range(K):
         if soft is None:
             logits = base(x)
         else:
             logits = base(inputs_embeds=base.embed_soft(soft[0], soft[1].to(base.transformer.wte.weight.dtype)))
-        loss = F.cross_entropy(logits[supervised].float(), targets)  # mean over B * L positions
+        # cross-entropy averaged over the global batch's B * L supervised positions
+        loss = F.cross_entropy(logits[supervised].float(), targets, reduction="sum") / (global_batch * plan.length)
         (loss * scale / K).backward()
         losses.append(float(loss.detach()))
         with torch.no_grad():
             detached = logits.detach()
             prediction = detached.argmax(-1)
-            for b in range(B):
+            for local, b in enumerate(picked):
                 cols = plan.decode_at[j][b]
-                x[b, cols] = prediction[b, cols]
-            alphas = [rng.uniform(*settings.alpha_range) for _ in range(B)]
+                x[local, cols] = prediction[local, cols]
+            alphas = [rng.uniform(*settings.alpha_range) for _ in range(global_batch)]
             if j < K - 1:  # the state after the last pass is discarded
-                soft = _soft_state(detached, x, conf, plan.starts, mask_id=mask_id, k=settings.k_soft,
-                                   alphas=[min(a, 1 - 1e-6) for a in alphas])
+                soft = _soft_state(detached, x, conf, starts, mask_id=mask_id, k=settings.k_soft,
+                                   alphas=[min(alphas[b], 1 - 1e-6) for b in picked])
         del logits
     return torch.tensor(sum(losses) / K), losses

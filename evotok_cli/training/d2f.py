@@ -52,19 +52,23 @@ def mask_by_block(batch: Batch, settings: D2FSettings, mask_id: int, generator: 
 
 
 def d2f_step(net: torch.nn.Module, lm, batch: Batch, settings: D2FSettings, *, generator: torch.Generator,
-             scale: float = 1.0) -> tuple[torch.Tensor, list[float]]:
+             scale: float = 1.0, rows: slice = slice(None)) -> tuple[torch.Tensor, list[float]]:
+    """One distillation step on `rows` of the (global) batch; the loss is this process's share."""
     base = lm.net
     noisy, masked, ratio = mask_by_block(batch, settings, lm.mask_id, generator)
+    global_batch = noisy.shape[0]
+    noisy, masked, ratio = noisy[rows], masked[rows], ratio[rows]
+    response = batch.response_mask[rows]
     disable = getattr(net, "disable_adapter", None)
     teacher_ctx = disable() if disable is not None else nullcontext()
     with torch.no_grad(), teacher_ctx:
         teacher = torch.log_softmax(base(noisy)[masked].float(), dim=-1)
-    attention = block_causal(batch.prompt_lengths.tolist(), noisy.shape[1], settings.block_size, noisy.device)
+    attention = block_causal(batch.prompt_lengths[rows].tolist(), noisy.shape[1], settings.block_size, noisy.device)
     student = torch.log_softmax(base(noisy, attention_mask=attention)[masked].float(), dim=-1)
     # KL(teacher || student): the soft cross-entropy minus the teacher's entropy (same gradient, but 0
     # means "distilled", which makes the logged loss readable)
     per_token = (teacher.exp() * (teacher - student)).sum(-1) / ratio[masked]
-    answer_length = batch.response_mask.sum(1, keepdim=True).expand_as(masked)[masked].float()
-    loss = (per_token / answer_length).sum() / noisy.shape[0]
+    answer_length = response.sum(1, keepdim=True).expand_as(masked)[masked].float()
+    loss = (per_token / answer_length).sum() / global_batch
     (loss * scale).backward()
     return loss.detach(), [float(loss.detach())]

@@ -55,20 +55,23 @@ def collate(examples: list[Example], *, pad_id: int, response_length: int | None
 
 
 def sft_loss(net: torch.nn.Module, batch: Batch, *, mask_id: int, generator: torch.Generator,
-             eps: float = 1e-3) -> tuple[torch.Tensor, list[float]]:
+             eps: float = 1e-3, rows: slice = slice(None)) -> tuple[torch.Tensor, list[float]]:
     """t ~ U(0, 1) per sequence, p = (1 - eps) t + eps; each response token masked with probability p;
     cross-entropy on masked tokens weighted by 1/p, normalised per sequence by its answer length
-    (EOS padding included), averaged over the batch. The prompt is never masked."""
+    (EOS padding included), averaged over the batch. The prompt is never masked.
+
+    Data parallel: the noise is drawn for the whole (global) batch and this process computes `rows`;
+    its loss is its share of the global mean, so summing the processes' gradients is exact."""
     ids = batch.ids
     B, N = ids.shape
     device = ids.device
     t = torch.rand(B, generator=generator, device=device)
-    p_mask = ((1 - eps) * t + eps)[:, None].expand(B, N)  # (B, N)
-    response = batch.response_mask
-    masked = (torch.rand((B, N), generator=generator, device=device) < p_mask) & response
-    noisy = ids.masked_fill(masked, mask_id)
-    logits = net(noisy)  # (B, N, V)
-    token_loss = F.cross_entropy(logits[masked].float(), ids[masked], reduction="none") / p_mask[masked]
-    answer_length = response.sum(dim=1, keepdim=True).expand(B, N)[masked].float()
+    p_mask = ((1 - eps) * t + eps)[:, None].expand(B, N)[rows]  # (b, N)
+    response = batch.response_mask[rows]
+    masked = (torch.rand((B, N), generator=generator, device=device)[rows] < p_mask) & response
+    local = ids[rows]
+    logits = net(local.masked_fill(masked, mask_id))  # (b, N, V)
+    token_loss = F.cross_entropy(logits[masked].float(), local[masked], reduction="none") / p_mask[masked]
+    answer_length = response.sum(dim=1, keepdim=True).expand_as(masked)[masked].float()
     loss = (token_loss / answer_length).sum() / B
     return loss, [float(loss.detach())]

@@ -116,10 +116,20 @@ class Trainer:
     def setup(self) -> None:
         from evotok_cli.runtime.model import load_model
 
+        from evotok_cli.runtime import distributed
+
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
-        self.lm = load_model(cfg.model, adapter=cfg.adapter, device=cfg.device, dtype="float32")
+        gpu = cfg.device in ("auto", "cuda") and torch.cuda.is_available()
+        self.group = distributed.from_environment("nccl" if gpu else "gloo")
+        if not self.group.is_main:
+            self.log = lambda message: None
+        self.lm = load_model(cfg.model, adapter=cfg.adapter, device=self.group.device(cfg.device), dtype="float32")
         self.device = self.lm.device
+        if self.lm.shifted_logits:
+            raise ConfigError(f"finetune does not support {self.lm.family.name} models yet: their logits are shifted "
+                              "by one position and the objectives assume unshifted ones", where=cfg.model,
+                              fix="fine-tune a LLaDA-family checkpoint")
         net = self.lm.net
         net.requires_grad_(cfg.full)
         self.base_net = net
@@ -141,7 +151,7 @@ class Trainer:
             cfg.data, self.lm.tokenizer, eot_id=self.lm.eot_id, max_length=cfg.max_length,
             min_response=cfg.min_response, skip_invalid=cfg.skip_invalid)
         self.log(f"data: {self.stats.summary()}")
-        micro_per_epoch = math.ceil(len(self.examples) / cfg.batch_size)
+        micro_per_epoch = math.ceil(len(self.examples) / self.global_batch)
         self.micro_per_epoch = micro_per_epoch
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * micro_per_epoch / cfg.grad_accum))
         decay, no_decay = [], []
@@ -160,14 +170,24 @@ class Trainer:
         self.micro = 0  # micro-batches consumed since the start of training
         self.history: list[dict[str, Any]] = []
 
+    @property
+    def global_batch(self) -> int:
+        """Sequences per micro-batch over all processes (each process computes batch_size of them)."""
+        return self.cfg.batch_size * self.group.world
+
+    @property
+    def rows(self) -> slice:
+        return slice(self.group.rank * self.cfg.batch_size, (self.group.rank + 1) * self.cfg.batch_size)
+
     def objective(self) -> Callable[[Batch], tuple[torch.Tensor, list[float]]]:
-        """A function batch -> (loss already backpropagated per pass, per-pass losses)."""
-        cfg, lm = self.cfg, self.lm
+        """A function batch -> (loss already backpropagated per pass, per-pass losses). Every process
+        draws the noise of the global batch; each computes its own rows (see the objectives)."""
+        cfg, lm, rows = self.cfg, self.lm, self.rows
         if cfg.objective == "sft":
             from evotok_cli.training.objectives import sft_loss
 
             def run(batch: Batch):
-                loss, parts = sft_loss(self.net, batch, mask_id=lm.mask_id, generator=self.noise)
+                loss, parts = sft_loss(self.net, batch, mask_id=lm.mask_id, generator=self.noise, rows=rows)
                 (loss / cfg.grad_accum).backward()
                 return loss.detach(), parts
             return run
@@ -178,20 +198,22 @@ class Trainer:
                                    k_soft=cfg.k_soft)
 
             def run(batch: Batch):
-                return cts_step(self.net, lm, batch, settings, rng=self.py_random, scale=1.0 / cfg.grad_accum)
+                return cts_step(self.net, lm, batch, settings, rng=self.py_random, scale=1.0 / cfg.grad_accum,
+                                rows=rows)
             return run
         from evotok_cli.training.d2f import D2FSettings, d2f_step
         settings = D2FSettings(block_size=cfg.d2f_block_size, mask_range=tuple(cfg.d2f_mask_range))
 
         def run(batch: Batch):
-            return d2f_step(self.net, lm, batch, settings, generator=self.noise, scale=1.0 / cfg.grad_accum)
+            return d2f_step(self.net, lm, batch, settings, generator=self.noise, scale=1.0 / cfg.grad_accum,
+                            rows=rows)
         return run
 
     # -- data order ------------------------------------------------------------------------------
     def micro_batch(self, index: int) -> list[Example]:
         epoch, within = divmod(index, self.micro_per_epoch)
         perm = torch.randperm(len(self.examples), generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
-        picked = perm[within * self.cfg.batch_size:(within + 1) * self.cfg.batch_size].tolist()
+        picked = perm[within * self.global_batch:(within + 1) * self.global_batch].tolist()
         return [self.examples[i] for i in picked]
 
     # -- checkpoints -----------------------------------------------------------------------------
@@ -199,12 +221,17 @@ class Trainer:
     def checkpoint_dir(self) -> Path:
         return self.out / "checkpoints"
 
-    def save(self) -> Path:
+    def save(self) -> Path | None:
+        """Rank 0 writes; the others wait for it (every process holds the same weights and moments)."""
+        if not self.group.is_main:
+            self.group.barrier()
+            return None
         extra = {"micro": self.micro, "history_tail": self.history[-200:], "config": asdict(self.cfg)}
         path = checkpointing.save_checkpoint(
             self.checkpoint_dir, step=self.step, model_state={n: p.detach() for n, p in self.params.items()},
             optimizer=self.optimizer, param_names=self.opt_names, scheduler_state=self.scheduler.state_dict(),
             generators={"noise": self.noise}, py_random=self.py_random, extra=extra, keep=self.cfg.keep_checkpoints)
+        self.group.barrier()
         return path
 
     def resume(self) -> bool:
@@ -235,12 +262,17 @@ class Trainer:
 
     def train(self, *, resume: bool = False, progress: Any = None) -> dict[str, Any]:
         cfg = self.cfg
-        self.out.mkdir(parents=True, exist_ok=True)
+        main = self.group.is_main
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        self.group.barrier()
         if resume:
             self.resume()
-        self._rewrite_log()
-        (self.out / "training_args.json").write_text(json.dumps(
-            {**asdict(cfg), "total_steps": self.total_steps, "data_stats": self.stats.summary()}, indent=2))
+        if main:
+            self._rewrite_log()
+            (self.out / "training_args.json").write_text(json.dumps(
+                {**asdict(cfg), "total_steps": self.total_steps, "processes": self.group.world,
+                 "data_stats": self.stats.summary()}, indent=2))
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         self.net.train()
         objective = self.objective()
@@ -254,11 +286,13 @@ class Trainer:
                     batch = collate(examples, pad_id=self.lm.eos_id, response_length=cfg.response_length,
                                     extra_pad=(0.5, 10) if cfg.objective == "cts" else None,
                                     rng=self.py_random).to(self.device)
-                    loss, parts = objective(batch)
+                    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+                        loss, parts = objective(batch)
                     loss_sum += float(loss)
                     parts_sum = [a + b for a, b in zip(parts_sum, parts)] if parts_sum else list(parts)
                     tokens += int(batch.ids.numel())
                     self.micro += 1
+                loss_sum, parts_sum = self._sync(loss_sum, parts_sum)
                 grad_norm = torch.nn.utils.clip_grad_norm_(list(self.params.values()), cfg.max_grad_norm)
                 self.optimizer.step()
                 self.scheduler.step()
@@ -269,13 +303,14 @@ class Trainer:
                           "lr": self.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                           "tokens_per_s": tokens / max(time.perf_counter() - t_start, 1e-9)}
                 self.history.append(record)
-                with (self.out / "loss_log.jsonl").open("a", encoding="utf-8") as f:
-                    f.write(json.dumps(record) + "\n")
-                if progress is not None:
+                if main:
+                    with (self.out / "loss_log.jsonl").open("a", encoding="utf-8") as f:
+                        f.write(json.dumps(record) + "\n")
+                if progress is not None and main:
                     progress(self.step, self.total_steps, record)
                 if self.step % cfg.save_every == 0 or self.step == self.total_steps:
                     self.save()
-                if self.stop_signal:
+                if self._stop_requested():
                     path = self.save()
                     self.log(f"{self.stop_signal}: saved {path}; continue with --resume")
                     raise StopRequested
@@ -283,7 +318,35 @@ class Trainer:
             for s, h in old.items():
                 signal.signal(s, h)
         self.net.eval()
-        return self.export()
+        summary = self.export() if main else {}
+        self.group.barrier()
+        self.group.close()
+        return summary
+
+    def _sync(self, loss: float, parts: list[float]) -> tuple[float, list[float]]:
+        """Data parallel: sum the processes' gradients and loss shares (each is its share of the
+        global mean, so the sum is exactly what one process with the global batch computes)."""
+        if self.group.world == 1:
+            return loss, parts
+        import torch.distributed as dist
+        for p in self.params.values():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+        totals = torch.tensor([loss, *parts], dtype=torch.float64, device=self.device)
+        dist.all_reduce(totals)
+        return float(totals[0]), totals[1:].tolist()
+
+    def _stop_requested(self) -> bool:
+        """A signal seen by any process stops them all at the same step."""
+        if self.group.world == 1:
+            return self.stop_signal is not None
+        import torch.distributed as dist
+        flag = torch.tensor([1 if self.stop_signal else 0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and not self.stop_signal:
+            self.stop_signal = "SIGTERM"
+        return bool(flag.item())
 
     def _rewrite_log(self) -> None:
         path = self.out / "loss_log.jsonl"

@@ -21,6 +21,9 @@ positions as Soft(V) (top-k mixture) and may be revised (strictly higher confide
 completes; from then on the block is fed and cached as hard tokens ([Decode]). A block added in this
 iteration has no prediction yet and is fed as [MASK].
 
+Shifted-logit models (Dream) read position i from the output at i - 1; when i - 1 is already cached, the
+output saved from the pass that cached it is used (exact: block-causal outputs never change).
+
 Batches are decoded one row after another (each row's pipeline differs); per-row results are therefore
 exactly those of single runs, and throughput is that of batch size 1.
 """
@@ -79,6 +82,7 @@ class RowRun:
     blocks: list[PipelineBlock] = field(default_factory=list)
     eos: bool = False
     nfe: int = 0
+    last_output: torch.Tensor | None = None  # shifted logits: output at the last cached position
 
 
 def block_causal_mask(blocks: list[PipelineBlock], lo: int, hi: int, device) -> torch.Tensor:
@@ -142,12 +146,19 @@ class D2FDecoder:
             states = self._trace_states(run, soft_ids, soft_w, model.mask_id, prompt_len) if request.trace else None
             inputs = self._inputs(model, run, soft_ids, soft_w, lo, hi)
             a = active[0].start
-            logits = model(**inputs, attention_mask=block_causal_mask(chain, lo, hi, x.device),
-                           cache=cache, start=lo, logits_slice=(a - lo, hi - lo))[0]  # (hi - a, V)
+            shift = int(model.shifted_logits)
+            first_out = max(lo, a - shift)
+            out = model(**inputs, attention_mask=block_causal_mask(chain, lo, hi, x.device),
+                        cache=cache, start=lo, logits_slice=(first_out - lo, hi - lo))[0]  # (hi - first_out, V)
             run.nfe += 1
+            logits = self._align(out, a, first_out, hi, shift, run)
             for b in chain:
                 if b.state == "to_cache" and cfg.cache:
                     b.state = "in_cache"
+            if shift:  # keep the output before the first uncached position: the next pass needs it
+                next_lo = next((b.start for b in chain if b.state != "in_cache"), hi)
+                if first_out <= next_lo - 1 < hi:
+                    run.last_output = out[next_lo - 1 - first_out]
             committed, revised = self._decode_blocks(model, run, active, logits, a, conf, soft_ids, soft_w,
                                                      request.temperature, generator)
             if request.on_pass is not None:
@@ -160,6 +171,16 @@ class D2FDecoder:
                     committed=[i - prompt_len for i in committed], revised=[i - prompt_len for i in revised],
                     candidates=states[1], blocks=[b.describe(prompt_len) for b in run.blocks]))
         return run
+
+    @staticmethod
+    def _align(out, a, first_out, hi, shift, run) -> torch.Tensor:
+        """Logits for positions [a, hi). Unshifted models: the outputs themselves. Shifted (Dream): the
+        output at i - 1, which for the first uncached position is the saved output of the cached prefix."""
+        if not shift:
+            return out
+        if first_out < a:  # a - 1 was fed in this pass
+            return out[: hi - a]
+        return torch.cat([run.last_output[None], out[: hi - a - 1]])
 
     def _retire(self, run: RowRun) -> None:
         earlier_active = False

@@ -63,10 +63,11 @@ class HardMaskDecoder(BlockwiseDecoder):
         prompt[:, canvas.gen_start:] = False
         unconditional = canvas.x.masked_fill(prompt, model.mask_id)
         offsets = canvas.pad_offsets
+        shift = int(model.shifted_logits)  # lo is 0 here: guidance runs without a cache
         logits = model(input_ids=torch.cat([canvas.x, unconditional])[:, lo:hi],
                        pad_offsets=None if offsets is None else offsets * 2,
                        position_ids=torch.cat([canvas.positions] * 2)[:, lo:hi], start=lo,
-                       logits_slice=(block.start - lo, block.end - lo))
+                       logits_slice=(block.start - shift - lo, block.end - shift - lo))
         cond, uncond = logits.chunk(2)
         return uncond + (self.config.cfg_scale + 1) * (cond - uncond), (block.start, block.end)
 

@@ -1,9 +1,10 @@
-"""Several processes, one benchmark: `torchrun --nproc_per_node N -m evotok_cli bench ...` (or
+"""Several processes, one job: `torchrun --nproc_per_node N -m evotok_cli bench|finetune ...` (or
 `accelerate launch`, which sets the same variables).
 
-Items are sharded by position (rank r takes r, r + world, ...): no padding and no duplicates, unlike
-torch's DistributedSampler. Processes only need to meet once, after generating, so rank 0 can merge the
-sample files; a gloo process group does that on CPU and GPU alike.
+bench shards items by position (rank r takes r, r + world, ...): no padding and no duplicates, unlike
+torch's DistributedSampler; its processes only meet after generating, so rank 0 can merge the sample
+files over gloo. finetune splits each global batch across processes and sums gradients (gloo on CPU,
+NCCL on GPUs).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class Group:
         return requested
 
 
-def from_environment() -> Group:
+def from_environment(backend: str = "gloo") -> Group:
     """The process group a launcher asked for (WORLD_SIZE > 1), joined; else a group of one."""
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world <= 1:
@@ -61,5 +62,5 @@ def from_environment() -> Group:
     import torch.distributed as dist
     owned = not dist.is_initialized()
     if owned:
-        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=BARRIER_TIMEOUT)
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=BARRIER_TIMEOUT)
     return Group(rank=rank, world=world, local_rank=local_rank, started=True, owned=owned)

@@ -1,0 +1,3 @@
+"""Pictures of decoding: read a `generate --trace` file (trace), draw it as a self-contained HTML page
+(html) or a static PNG (png), or watch it live in the terminal (live). Only `trace`, `style` and `tokens`
+are imported by the others; matplotlib and rich load inside the modules that need them."""
