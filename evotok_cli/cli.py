@@ -200,7 +200,8 @@ def generate(
         if value is not None:
             options[key] = value
     options.update(parse_opts(opt))
-    from evotok_cli.generation import generate as run_generation, make_decoder
+    from evotok_cli.generation import generate as run_generation
+    from evotok_cli.generation import make_decoder
 
     dec = make_decoder(decoder_name, options)  # validate options before the (slow) model load
     gen_length_v, block_v, steps_v = get("gen_length", gen_length), get("block_length", block_length), get("steps", steps)
@@ -370,7 +371,7 @@ def finetune(
       evotok finetune s1k.jsonl -m ./LLaDA-8B-Instruct --out runs/evotoken-lora --epochs 60 --min-response 32
     """
     from evotok_cli.config import Settings
-    from evotok_cli.training.trainer import StopRequested, Trainer, TrainConfig
+    from evotok_cli.training.trainer import StopRequested, TrainConfig, Trainer
 
     s = Settings(FINETUNE_DEFAULTS, config, command="finetune")
     get = s.get

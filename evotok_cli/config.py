@@ -27,7 +27,8 @@ def load_yaml(path: str | Path | None) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{p}:{mark.line + 1}" if mark is not None else str(p)
-        raise ConfigError(f"invalid YAML ({getattr(exc, 'problem', exc)})", where=where, fix="fix the YAML syntax") from None
+        problem = getattr(exc, "problem", exc)
+        raise ConfigError(f"invalid YAML ({problem})", where=where, fix="fix the YAML syntax") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

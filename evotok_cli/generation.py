@@ -64,7 +64,8 @@ def generate(model: Any, decoder_name: str, decoder: Any, prompts: list[Prompt],
     try:
         for first in range(0, len(prompts), batch_size):
             chunk = prompts[first:first + batch_size]
-            listeners = [f for f in (TraceWriter(handle, decoder_name, model, first) if handle else None, on_event) if f]
+            writer = TraceWriter(handle, decoder_name, model, first) if handle else None
+            listeners = [f for f in (writer, on_event) if f]
             request = GenerationRequest(
                 prompts=[p.ids for p in chunk], gen_length=gen_length, block_length=block_length, steps=steps,
                 temperature=temperature, seed=None if seed is None else seed + first, trace=bool(listeners),

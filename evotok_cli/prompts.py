@@ -41,7 +41,8 @@ def read_prompts_file(path: str | Path) -> list[Prompt]:
         try:
             item: Any = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise DataError(f"invalid JSON ({exc.msg})", where=where, fix="one JSON object or string per line") from None
+            raise DataError(f"invalid JSON ({exc.msg})", where=where,
+                            fix="one JSON object or string per line") from None
         if isinstance(item, str):
             prompts.append(Prompt(item))
         elif isinstance(item, dict) and isinstance(item.get("prompt"), str):

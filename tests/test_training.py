@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from evotok_cli.runtime.model import load_model
 from evotok_cli.training.cts import CTSSettings, cts_step, plan_batch
 from evotok_cli.training.objectives import Batch, sft_loss
-from evotok_cli.training.trainer import Trainer, TrainConfig
+from evotok_cli.training.trainer import TrainConfig, Trainer
 from tests.conftest import one_line_error
 
 MASK = 2
@@ -35,7 +35,7 @@ def test_cts_collator_properties(prompts, extra, K, counts, blocks, seed):
     assert per in counts
     clipped = min(max(blocks) if len(blocks) == 1 else L, N - max(prompts))
     if len(blocks) == 1:
-        assert L == (clipped if K * per < clipped else K * per + 1)  # spec 2.2 step 4
+        assert (clipped if K * per < clipped else K * per + 1) == L  # spec 2.2 step 4
     for b, start in enumerate(plan.starts):
         low, high = prompts[b], N - L
         assert start == high if low > high else low <= start <= high

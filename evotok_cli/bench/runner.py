@@ -193,8 +193,8 @@ def make_run(task: Task, decoder_name: str, options: dict[str, Any], overrides: 
 # -- running -----------------------------------------------------------------------------------------
 def run_bench(request: BenchRequest) -> dict[str, Any] | None:
     """Run the request; returns the results document on rank 0 (None on the other ranks)."""
-    from evotok_cli.runtime import distributed
     from evotok_cli.bench.tasks import registry as task_registry
+    from evotok_cli.runtime import distributed
 
     if request.batch_size < 1:
         raise ConfigError(f"batch size must be >= 1, got {request.batch_size}", where="--batch-size",

@@ -94,9 +94,8 @@ def _coerce(value: Any, annotation: Any, key: str, where: str) -> Any:
                               fix=f"use {key}={args[0]}")
         return next(a for a in args if str(a) == text)
     if origin in (typing.Union, types.UnionType):
-        if value is None or str(value).lower() in ("none", "null", ""):
-            if type(None) in args:
-                return None
+        if (value is None or str(value).lower() in ("none", "null", "")) and type(None) in args:
+            return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], key, where)
     try:

@@ -148,16 +148,15 @@ def merge_adapter(net: nn.Module, folder: str | Path, family: str) -> AdapterRep
 def _report_coverage(report: AdapterReport, net: nn.Module, cfg: dict[str, Any]) -> None:
     linear_kinds = Counter(n.rsplit(".", 1)[-1] for n, m in net.named_modules() if isinstance(m, nn.Linear))
     targets = cfg.get("target_modules")
-    if isinstance(targets, str):  # a regex or "all-linear": judge by what merged
-        names = sorted(report.matched)
-    else:
-        names = _target_names(targets)
+    # a regex or "all-linear" is judged by what merged; a list by its names
+    names = sorted(report.matched) if isinstance(targets, str) else _target_names(targets)
     for target in names:
         suffix = target.rsplit(".", 1)[-1]
         if suffix not in linear_kinds:
             report.unmatched_targets.append(target)
             report.partial.append(f"target {target!r} matches no module of this model")
         elif report.matched.get(suffix, 0) < linear_kinds[suffix]:
-            report.partial.append(f"{suffix}: {report.matched.get(suffix, 0)} of {linear_kinds[suffix]} modules adapted")
+            adapted = report.matched.get(suffix, 0)
+            report.partial.append(f"{suffix}: {adapted} of {linear_kinds[suffix]} modules adapted")
     if report.merged_modules == 0 and not report.partial:
         report.partial.append("the adapter holds no LoRA weights")

@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from evotok_cli.runtime import checkpoint, tokenizer as tok
+from evotok_cli.runtime import checkpoint
+from evotok_cli.runtime import tokenizer as tok
 from evotok_cli.runtime.architectures import Family, detect_family
 from evotok_cli.runtime.device import resolve_device, resolve_dtype
 from evotok_cli.runtime.lora import AdapterReport, merge_adapter

@@ -75,6 +75,7 @@ def init_weights(net: nn.Module, *, seed: int, std: float = 0.02) -> nn.Module:
         elif name.endswith("bias"):
             p.zero_()
         else:
-            scale = std / (2 * n_layers) ** 0.5 if name.endswith(("attn_out.weight", "ff_out.weight")) and "blocks" in name else std
+            residual_out = name.endswith(("attn_out.weight", "ff_out.weight")) and "blocks" in name
+            scale = std / (2 * n_layers) ** 0.5 if residual_out else std
             p.copy_(torch.randn(p.shape, generator=gen) * scale)
     return net

@@ -79,7 +79,8 @@ def load_checkpoint(path: Path, *, model_params: dict[str, torch.nn.Parameter], 
         rng = load_file(str(path / "rng.safetensors"))
     except Exception as exc:
         raise CheckpointError(f"cannot read training checkpoint ({exc})", where=str(path),
-                              fix="delete the damaged checkpoint folder; --resume then takes the previous one") from None
+                              fix="delete the damaged checkpoint folder; --resume then takes the previous one",
+                              ) from None
     missing = set(model_params) - set(weights)
     if missing:
         raise CheckpointError(f"checkpoint lacks {sorted(missing)[0]}", where=str(path),

@@ -58,7 +58,8 @@ def plan_batch(batch: Batch, settings: CTSSettings, mask_id: int, rng: random.Ra
     if length > N:
         from evotok_cli.errors import DataError
         raise DataError(f"a batch has only {N - max(prompt_lengths)} response tokens, CTS needs {length}",
-                        where="--min-response", fix=f"skip short examples with --min-response {K * per_pass + 1} or more")
+                        where="--min-response",
+                        fix=f"skip short examples with --min-response {K * per_pass + 1} or more")
     masked = ids.clone()
     starts, plans = [], [[] for _ in range(K)]
     for b in range(B):

@@ -14,7 +14,6 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from evotok_cli.training.objectives import Batch
 

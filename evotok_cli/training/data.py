@@ -66,8 +66,9 @@ def render(item: Any, tokenizer: Any, where: str) -> tuple[str, str]:
     chat = tok.has_chat_template(tokenizer)
     if "messages" in item:
         msgs = item["messages"]
-        if (not isinstance(msgs, list) or len(msgs) < 2 or not all(isinstance(m, dict) and "role" in m
-                                                                   and isinstance(m.get("content"), str) for m in msgs)):
+        well_formed = isinstance(msgs, list) and len(msgs) >= 2 and all(
+            isinstance(m, dict) and "role" in m and isinstance(m.get("content"), str) for m in msgs)
+        if not well_formed:
             raise DataError("messages must be a list of {role, content} with at least two turns", where=where,
                             fix="end with the assistant turn to train on")
         if msgs[-1]["role"] != "assistant":

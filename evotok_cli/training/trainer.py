@@ -114,9 +114,8 @@ class Trainer:
 
     # -- setup -----------------------------------------------------------------------------------
     def setup(self) -> None:
-        from evotok_cli.runtime.model import load_model
-
         from evotok_cli.runtime import distributed
+        from evotok_cli.runtime.model import load_model
 
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
@@ -155,7 +154,7 @@ class Trainer:
         self.micro_per_epoch = micro_per_epoch
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * micro_per_epoch / cfg.grad_accum))
         decay, no_decay = [], []
-        for n, p in self.params.items():
+        for _n, p in self.params.items():
             (no_decay if p.ndim < 2 else decay).append(p)
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],

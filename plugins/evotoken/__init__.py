@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 
 from evotok_cli.decoding.api import option
-from evotok_cli.decoding.blockwise import Block, BlockwiseDecoder
+from evotok_cli.decoding.blockwise import BlockwiseDecoder
 from evotok_cli.decoding.canvas import Canvas
 from evotok_cli.decoding.schedule import gumbel_candidates, select_transfer, token_confidence
 from evotok_cli.decoding.soft import input_states, one_hot_slots, soft_weights, top_k_probabilities

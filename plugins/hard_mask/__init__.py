@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 
 from evotok_cli.decoding.api import option
-from evotok_cli.decoding.blockwise import Block, BlockwiseDecoder
+from evotok_cli.decoding.blockwise import BlockwiseDecoder
 from evotok_cli.decoding.canvas import Canvas
 from evotok_cli.decoding.schedule import gumbel_candidates, select_transfer, token_confidence
 from evotok_cli.errors import ConfigError
