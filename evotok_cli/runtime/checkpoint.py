@@ -101,7 +101,7 @@ def tensor_shapes(weights: WeightFiles) -> dict[str, tuple[tuple[int, ...], str,
     out: dict[str, tuple[tuple[int, ...], str, Path]] = {}
     for path in weights.files:
         with _open(path, "cpu") as f:
-            for name in f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is not iterable
                 if weights.index is not None and weights.index.get(name) != path:
                     continue  # a tensor the index places elsewhere (or not at all)
                 sl = f.get_slice(name)
@@ -137,7 +137,7 @@ def check_tensors(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[t
 def iter_tensors(weights: WeightFiles, device: str) -> Iterator[tuple[str, torch.Tensor]]:
     for path in weights.files:
         with _open(path, device) as f:
-            for name in f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is not iterable
                 if weights.index is not None and weights.index.get(name) != path:
                     continue
                 try:
