@@ -80,6 +80,8 @@ class Settings:
         expected = type(default)
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             return float(value)
+        if expected is str and isinstance(value, (int, float, list)) and not isinstance(value, bool):
+            return ",".join(map(str, value)) if isinstance(value, list) else str(value)  # e.g. `block_sizes: 512`
         if isinstance(value, expected) and not (expected is int and isinstance(value, bool)):
             return value
         raise ConfigError(f"{name}: expected {expected.__name__}, got {value!r}", where=self.path,

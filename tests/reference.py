@@ -113,3 +113,51 @@ def evotoken_generate(model, prompt: list[int], *, gen_length: int, block_length
             soft_w[:, :start] = 0
             soft_w[:, :start, -1] = 1
     return x[0, P:].tolist(), nfe
+
+
+@torch.no_grad()
+def d2f_generate(model, prompt: list[int], *, max_new: int, block_size: int, add: float, activate: float,
+                 skip: float, mask_id: int, eos_id: int) -> tuple[list[int], int]:
+    """D2F's pipeline (spec 6.4, 8) at temperature 0 without a cache: every pass recomputes the whole
+    canvas under the block-causal mask (exact caching must give the same)."""
+    P = len(prompt)
+    x = torch.tensor([prompt + [mask_id] * max_new])
+    starts: list[int] = []
+    full: list[bool] = []
+    eos, nfe = False, 0
+
+    def progress(i: int) -> float:
+        segment = x[0, starts[i]:starts[i] + block_size]
+        return 1.0 - int((segment == mask_id).sum()) / block_size
+
+    while True:
+        if (progress(len(starts) - 1) if starts else 1.0) >= add and not eos and len(starts) < max_new // block_size:
+            starts.append(P + len(starts) * block_size)
+            full.append(False)
+        for i in range(len(starts)):
+            if (1.0 if i == 0 else progress(i - 1)) >= activate:
+                full[i] = True
+        unfinished = [i for i in range(len(starts)) if progress(i) < 1.0]
+        if not unfinished:
+            break
+        hi = starts[-1] + block_size
+        block_of = torch.tensor([0] * P + [1 + (c - P) // block_size for c in range(P, hi)])
+        mask = (block_of[None, :] <= block_of[:, None])[None, None]
+        logits = model(x[:, :hi], attention_mask=mask)[0]
+        nfe += 1
+        probs = torch.softmax(logits, -1)
+        picked = probs.clone()
+        picked[:, mask_id] = -1.0
+        x0 = picked.argmax(-1)
+        conf = probs.gather(-1, x0[:, None]).squeeze(-1).float()
+        for i in unfinished:
+            cols = [c for c in range(starts[i], starts[i] + block_size) if x[0, c] == mask_id]
+            take = [c for c in cols if conf[c] > skip]
+            if not take and full[i]:
+                take = [max(cols, key=lambda c: float(conf[c]))]  # first of the most confident
+            for c in take:
+                x[0, c] = x0[c]
+            if any(int(x0[c]) == eos_id for c in take):
+                eos = True
+    gen = x[0, P:]
+    return gen.masked_fill(gen == mask_id, eos_id).tolist(), nfe

@@ -189,7 +189,7 @@ def test_synthetic_tasks_are_the_generators_test_split():
         problems = TASKS[name].problems("test", 5, 0)
         assert [d.question for d in loaded.docs] == [p.question for p in problems]
         assert task.system_prompt is None and task.prefill == "<reasoning>"
-        assert (task.defaults.gen_length, task.defaults.block_length, task.defaults.steps) == (64, 32, 64)
+        assert (task.defaults.gen_length, task.defaults.block_length, task.defaults.steps) == (48, 16, 48)
         # a correct answer in the training format scores correct
         assert task.score(problems[0].response[len("<reasoning>"):], loaded.docs[0].target)[1]
     assert len(registry.get("arith").load(None, None).docs) == 200

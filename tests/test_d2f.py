@@ -3,10 +3,12 @@ EOS stop (spec 6.4 and 8)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from evotok_cli.decoding.api import GenerationRequest, parse_options
 from plugins.d2f import D2FDecoder, PipelineBlock, block_causal_mask
+from tests import reference
 
 PROMPTS = [[5, 17, 33], [40, 41, 42, 43, 44]]
 
@@ -110,6 +112,15 @@ def test_soft_mode_states_and_no_mask_left(tiny_model):
     seen = {s for e in trace for s in e.states}
     assert {"mask", "soft_mask"} <= seen
     assert all(tiny_model.mask_id not in r.token_ids for r in out.rows)
-    for prompt, row in zip(PROMPTS, out.rows):
-        assert decode(tiny_model, [prompt], gen_length=16, block_size=8, skip_threshold=0.5,
-                      soft=True).rows[0].token_ids == row.token_ids
+
+
+@pytest.mark.parametrize("block, add, activate, skip", [
+    (4, 0.7, 0.95, 0.9), (4, 0.25, 0.5, 0.2), (8, 0.5, 0.75, 0.05), (4, 0.0, 0.0, 0.3)])
+def test_tokens_and_nfe_equal_a_plain_reference(tiny_model, block, add, activate, skip):
+    for prompt in PROMPTS + [[7, 9, 100]]:
+        ours = decode(tiny_model, [prompt], gen_length=16, block_size=block, block_add_threshold=add,
+                      decoded_token_threshold=activate, skip_threshold=skip)
+        ref, nfe = reference.d2f_generate(tiny_model, prompt, max_new=16, block_size=block, add=add,
+                                          activate=activate, skip=skip, mask_id=tiny_model.mask_id,
+                                          eos_id=tiny_model.eos_id)
+        assert ours.rows[0].token_ids == ref and ours.rows[0].nfe == nfe

@@ -124,3 +124,29 @@ def test_temperature_zero_deterministic_no_mask_left(tiny_model):
     assert all(tiny_model.mask_id not in r.token_ids for r in a.rows)
     hot = decode(tiny_model, PROMPTS, gen_length=16, block_length=8, steps=8, temperature=0.5, seed=1)
     assert all(tiny_model.mask_id not in r.token_ids for r in hot.rows)
+
+
+def test_sampled_probabilities_keep_the_mask_column():
+    """Q6: at temperature > 0 the soft state's p is the untempered softmax with [MASK] included."""
+    from evotok_cli.decoding.schedule import token_confidence
+
+    logits = torch.randn(1, 5, 50, generator=torch.Generator().manual_seed(1)) * 3
+    logits[..., 7] = 10.0  # make [MASK] (id 7 here) the most likely token
+    probs, ids = top_k_probabilities(logits, 3, exclude=None)
+    full = torch.softmax(logits.double(), -1)
+    assert (ids[..., 0] == 7).all() and torch.allclose(probs, full.topk(3, -1).values, rtol=1e-12, atol=0)
+    tokens = torch.randint(0, 50, (1, 5), generator=torch.Generator().manual_seed(2))
+    conf = token_confidence(logits, tokens, dtype=torch.float64)
+    assert torch.allclose(conf, full.gather(-1, tokens[..., None]).squeeze(-1), rtol=1e-12, atol=0)
+    fp32 = token_confidence(logits, tokens, dtype=torch.float32)  # LLaDA's softmax in the logits' dtype
+    assert torch.equal(fp32, torch.softmax(logits, -1).gather(-1, tokens[..., None]).squeeze(-1))
+
+
+def test_cached_runs_feed_the_finished_block_as_decode(tiny_model):
+    """The documented cache deviation from Q2: with a cache, the first pass of a block already feeds the
+    previous block one-hot ([Decode]), since its K/V are cached for the whole block."""
+    for cache, expected in (("none", "soft"), ("prefix", "decoded"), ("dual", "decoded")):
+        trace = []
+        decode(tiny_model, [PROMPTS[0]], trace=trace, gen_length=8, block_length=4, steps=8, cache=cache)
+        first_of_block_2 = next(e for e in trace if e.block == (4, 8))
+        assert first_of_block_2.states[:4] == [expected] * 4, cache

@@ -280,7 +280,8 @@ def test_skip_invalid_and_too_long_are_counted(cli, tmp_path, tiny_llada):
     data.write_text('{"prompt": "a", "response": "b"}\n{broken\n' + json.dumps(
         {"prompt": "long " * 300, "response": "x"}) + "\n")
     proc = cli("finetune", str(data), "-m", str(tiny_llada), "--out", str(tmp_path / "o"), "--max-steps", "1",
-               "--skip-invalid", "--max-length", "200", "--batch-size", "1", "--grad-accum", "1", "--json")
+               "--skip-invalid", "--max-length", "200", "--batch-size", "1", "--grad-accum", "1", "--json",
+               "--objective", "sft")
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
     assert summary["examples"] == 1
@@ -304,7 +305,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_data, tiny_llad
 
     common = ["finetune", str(tiny_data), "-m", str(tiny_llada), "--objective", objective, "--max-steps", "2",
               "--grad-accum", "2", "--lora-r", "4", "--lora-alpha", "8", "--lora-dropout", "0", "--lr", "1e-2",
-              "--block-sizes", "8", "--seed", "3"]
+              "--block-sizes", "8", "--seed", "3", "--min-response", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     one = subprocess.run([sys.executable, "-m", "evotok_cli", *common, "--batch-size", "4", "--out",
                           str(tmp_path / "one")], capture_output=True, text=True, env=env, timeout=600)

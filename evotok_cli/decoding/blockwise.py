@@ -121,7 +121,8 @@ class BlockwiseDecoder:
                 active = (canvas.x[:, block.start:block.end] == model.mask_id).any(dim=1)
                 if not active.any() or (self.threshold is None and step >= len(schedule)):
                     break
-                traced = self._describe(model, state, canvas, first) if request.trace else None
+                tracing = request.trace and request.on_event is not None
+                traced = self._describe(model, state, canvas, first) if tracing else None
                 lo, hi = self.feed_range(canvas, block, step == 0)
                 logits, cols = self.forward(model, state, canvas, block, lo, hi, cache, first)
                 counts = [schedule[step] if a else 0 for a in active.tolist()] if self.threshold is None else []

@@ -32,15 +32,14 @@ class Canvas:
 
     @property
     def padded(self) -> bool:
-        return not bool(self.real.all())
+        return self.pad_offsets is not None
 
     @property
     def pad_offsets(self) -> list[int] | None:
         """Left padding per row (None when no row is padded): the model attends each row over its real
         keys only, which keeps a padded row bit-identical to the same prompt decoded alone."""
-        if not self.padded:
-            return None
-        return [self.length - self.gen_length - n for n in self.prompt_lengths]
+        offsets = [self.gen_start - n for n in self.prompt_lengths]
+        return offsets if any(offsets) else None
 
     @property
     def gen_length(self) -> int:

@@ -3,7 +3,8 @@
 Left-padded batches are attended row by row over each row's real keys only (`pad_offsets`), so a padded
 row computes exactly the floating-point operations of the same prompt decoded alone: batched and single
 runs then agree bit for bit, which a padding mask cannot promise (masked keys change the reductions'
-length and order). Rows without padding share one kernel call.
+length and order). The price is one kernel call per row once any row of the batch is padded; batches of
+equal-length prompts keep a single call.
 """
 
 from __future__ import annotations

@@ -38,8 +38,3 @@ class KVCache:
         if layer == len(self.k) - 1:
             self.filled = span
         return self.k[layer][:, :, :span], self.v[layer][:, :, :span]
-
-    def reorder(self, rows: torch.Tensor) -> None:
-        """Keep only `rows` of the batch (finished rows leave a batched generation)."""
-        self.k = [t[rows] for t in self.k]
-        self.v = [t[rows] for t in self.v]

@@ -76,6 +76,16 @@ def read_adapter_config(folder: Path) -> dict[str, Any]:
     return cfg
 
 
+def resolve_adapter(model_folder: Path, adapter: str | Path) -> Path:
+    """A folder path, or the name of an adapter shipped inside the model folder (`adapters/<name>`), which
+    is how the bundled model offers its CTS, SFT and D2F adapters (`--adapter cts`)."""
+    path = Path(adapter).expanduser()
+    shipped = model_folder / "adapters" / str(adapter)
+    if not path.is_dir() and shipped.is_dir():
+        return shipped
+    return path
+
+
 def merge_adapter(net: nn.Module, folder: str | Path, family: str) -> AdapterReport:
     folder = Path(folder).expanduser()
     if not folder.is_dir():

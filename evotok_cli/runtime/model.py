@@ -18,7 +18,7 @@ from evotok_cli.runtime import checkpoint
 from evotok_cli.runtime import tokenizer as tok
 from evotok_cli.runtime.architectures import Family, detect_family
 from evotok_cli.runtime.device import resolve_device, resolve_dtype
-from evotok_cli.runtime.lora import AdapterReport, merge_adapter
+from evotok_cli.runtime.lora import AdapterReport, merge_adapter, resolve_adapter
 
 
 @dataclass
@@ -160,7 +160,7 @@ def load_model(path: str | Path, *, adapter: str | Path | None = None, device: s
     state = {name: t.to(dt) for name, t in checkpoint.iter_tensors(weights, load_device)}
     net.load_state_dict(state, strict=True, assign=True)
     net.to(dev).eval().requires_grad_(False)
-    report = merge_adapter(net, adapter, family.name) if adapter else None
+    report = merge_adapter(net, resolve_adapter(folder, adapter), family.name) if adapter else None
     tokenizer = tok.load_tokenizer(folder) if load_tokenizer else None
     module = family.load()
     eot = next((t for t in (tok.token_id(tokenizer, s) for s in module.EOT_TOKENS) if t is not None), None)
@@ -176,7 +176,8 @@ def inspect_model(path: str | Path, *, adapter: str | Path | None = None) -> dic
     shapes = checkpoint.tensor_shapes(weights)
     net = build_model(family, config, device=torch.device("cpu"), dtype=torch.float32)  # meta: free
     checkpoint.check_tensors({n: tuple(p.shape) for n, p in net.named_parameters()}, shapes, str(folder))
-    report = merge_adapter(net, adapter, family.name) if adapter else None  # on meta: names and shapes only
+    # on meta: names and shapes only
+    report = merge_adapter(net, resolve_adapter(folder, adapter), family.name) if adapter else None
     tokenizer = tok.load_tokenizer(folder)
     module = family.load()
     eot = next((t for t in (tok.token_id(tokenizer, s) for s in module.EOT_TOKENS) if t is not None), None)

@@ -120,10 +120,9 @@ def cts_step(net: torch.nn.Module, lm, batch: Batch, settings: CTSSettings, *, r
     targets = batch.ids[rows][supervised]
     losses: list[float] = []
     for j in range(K):
-        if soft is None:
-            logits = base(x)
-        else:
-            logits = base(inputs_embeds=base.embed_soft(soft[0], soft[1].to(base.transformer.wte.weight.dtype)))
+        # pass 0 feeds hard ids ([MASK] included); later passes the soft state of the previous one
+        fed = {"input_ids": x} if soft is None else {"inputs_embeds": base.embed_soft(soft[0], soft[1].to(lm.dtype))}
+        logits = base(**fed)
         # cross-entropy averaged over the global batch's B * L supervised positions
         loss = F.cross_entropy(logits[supervised].float(), targets, reduction="sum") / (global_batch * plan.length)
         (loss * scale / K).backward()
@@ -136,6 +135,7 @@ def cts_step(net: torch.nn.Module, lm, batch: Batch, settings: CTSSettings, *, r
                 x[local, cols] = prediction[local, cols]
             alphas = [rng.uniform(*settings.alpha_range) for _ in range(global_batch)]
             if j < K - 1:  # the state after the last pass is discarded
+                # U(0.5, 1) can return 1.0, where the release divides by zero (Q12): stay just below 1
                 soft = _soft_state(detached, x, conf, starts, mask_id=mask_id, k=settings.k_soft,
                                    alphas=[min(alphas[b], 1 - 1e-6) for b in picked])
         del logits

@@ -93,7 +93,7 @@ OBJECTIVES = ("cts", "sft", "d2f")
 
 
 def lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
-    """Linear warmup to the peak, then linear decay to 0 (the HF Trainer's default schedule)."""
+    """Linear warmup to the peak (reached at the end of step `warmup`), then linear decay to 0."""
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / max(1, warmup)
@@ -210,9 +210,13 @@ class Trainer:
 
     # -- data order ------------------------------------------------------------------------------
     def micro_batch(self, index: int) -> list[Example]:
+        """The global micro-batch `index`: a slice of the epoch's seeded permutation. The last one of an
+        epoch is filled up from the permutation's start, so every process always gets `batch_size` rows."""
         epoch, within = divmod(index, self.micro_per_epoch)
         perm = torch.randperm(len(self.examples), generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
         picked = perm[within * self.global_batch:(within + 1) * self.global_batch].tolist()
+        if len(picked) < self.global_batch and self.group.world > 1:
+            picked += perm[: self.global_batch - len(picked)].tolist()
         return [self.examples[i] for i in picked]
 
     # -- checkpoints -----------------------------------------------------------------------------

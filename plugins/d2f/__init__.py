@@ -24,8 +24,10 @@ iteration has no prediction yet and is fed as [MASK].
 Shifted-logit models (Dream) read position i from the output at i - 1; when i - 1 is already cached, the
 output saved from the pass that cached it is used (exact: block-causal outputs never change).
 
-Batches are decoded one row after another (each row's pipeline differs); per-row results are therefore
-exactly those of single runs, and throughput is that of batch size 1.
+[MASK] is never a candidate (a trained model never predicts it; allowing it could stall a block).
+
+Batches are decoded one row after another (each row's pipeline differs): at temperature 0 per-row results
+are those of single runs, and throughput is that of batch size 1.
 """
 
 from __future__ import annotations
@@ -143,7 +145,8 @@ class D2FDecoder:
             chain = [run.prompt, *run.blocks]
             first = next(b for b in chain if b.state != "in_cache") if cfg.cache else run.prompt
             lo, hi = first.start, run.blocks[-1].end
-            states = self._trace_states(run, soft_ids, soft_w, model.mask_id, prompt_len) if request.trace else None
+            tracing = request.trace and request.on_event is not None
+            states = self._trace_states(run, soft_ids, soft_w, model.mask_id, prompt_len) if tracing else None
             inputs = self._inputs(model, run, soft_ids, soft_w, lo, hi)
             a = active[0].start
             shift = int(model.shifted_logits)
@@ -224,8 +227,11 @@ class D2FDecoder:
     def _decode_blocks(self, model, run, active, logits, a, conf, soft_ids, soft_w, temperature, generator):
         cfg = self.config
         x = run.x[0]
-        x0 = gumbel_candidates(logits, temperature, generator, exclude=model.mask_id)  # (n,)
-        probs = torch.softmax(logits, dim=-1)  # model dtype, as D2F does
+        probs = torch.softmax(logits, dim=-1)  # (n, V) in the model's dtype, as D2F does
+        if temperature == 0:  # argmax of the probabilities: in bf16 near-ties round equal, first index wins
+            x0 = probs.index_fill(-1, torch.tensor([model.mask_id], device=x.device), -1.0).argmax(-1)
+        else:
+            x0 = gumbel_candidates(logits, temperature, generator, exclude=model.mask_id)
         conf0 = probs.gather(-1, x0[:, None]).squeeze(-1).float()
         committed, revised = [], []
         for b in active:
@@ -249,7 +255,7 @@ class D2FDecoder:
                     conf[0, b.start + i] = float(block_conf[i])
             b.masks_left = int((x[b.start:b.end] == model.mask_id).sum())
             b.predicted = True
-            if any(int(t) in model.stop_ids for t in x0[s:e][cols].tolist()):
+            if model.eos_id in x0[s:e][cols].tolist():  # EOS (not end-of-turn) stops new blocks, as in D2F
                 run.eos = True
         if cfg.soft:
             lo, hi = active[0].start, active[-1].end

@@ -68,33 +68,39 @@ class EvoTokenDecoder(BlockwiseDecoder):
     def update(self, model, state, canvas, logits, cols, block, counts, active, generator, temperature):
         cfg = self.config
         a, b = cols
-        x = canvas.x[:, a:b]  # a view: writes go to the canvas
-        c = state.confidence[:, a:b]
-        exclude = model.mask_id if temperature == 0 else None  # Q6: only at T=0 is [MASK] out of p
-        x0 = gumbel_candidates(logits, temperature, generator, exclude=model.mask_id)
-        probs, top_ids = top_k_probabilities(logits, cfg.k_soft, exclude)
+        s, e = max(a, block.start), min(b, block.end)  # only block columns can be committed or revised
+        if temperature == 0:  # [MASK] set to -inf in the same tensor the softmax reads (Q6)
+            scores = logits.clone()
+            scores[..., model.mask_id] = float("-inf")
+        else:
+            scores = logits  # sampled: p keeps the mask's (tiny) mass, as the release does
+        probs, top_ids = top_k_probabilities(scores, cfg.k_soft, exclude=None)  # soft states of every column
+        in_block = scores[:, s - a:e - a]
+        x0 = gumbel_candidates(in_block, temperature, generator, exclude=model.mask_id)
         if cfg.remasking == "random":
             conf0 = torch.rand(x0.shape, dtype=torch.float64, device=x0.device, generator=generator)
+        elif temperature == 0:
+            conf0 = probs[:, s - a:e - a, 0]  # x0 is the top-1 candidate
         else:
-            conf0 = _confidence_of(logits, x0, probs, top_ids, exclude, sampled=temperature > 0)
-        col = torch.arange(a, b, device=x.device)[None, :]
+            conf0 = token_confidence(in_block, x0, dtype=torch.float64)
+        x = canvas.x[:, s:e]  # a view: writes go to the canvas
+        c = state.confidence[:, s:e]
         live = active[:, None]
-        eligible = (x == model.mask_id) & (col < block.end) & live
+        eligible = (x == model.mask_id) & live
         chosen = select_transfer(conf0, eligible, counts, cfg.threshold)
         x[chosen] = x0[chosen]
         c[chosen] = conf0[chosen]
-        decoded = (x != model.mask_id) & (col >= block.start) & live
-        revise = decoded & (conf0 > c)
+        revise = (x != model.mask_id) & live & (conf0 > c)  # strictly higher, never re-masks
         changed = revise & (x0 != x)
         x[revise] = x0[revise]
         c[revise] = conf0[revise]
-        ids, weights = soft_weights(probs, top_ids, x, model.mask_id, cfg.alpha)
+        ids, weights = soft_weights(probs, top_ids, canvas.x[:, a:b], model.mask_id, cfg.alpha)
         ids = torch.where(live[..., None], ids, state.ids[:, a:b])
         weights = torch.where(live[..., None], weights.to(state.weights.dtype), state.weights[:, a:b])
         state.ids[:, a:b], state.weights[:, a:b] = ids, weights
         self._freeze_before(state, canvas, block.start, rows=active)
         state.soft = True
-        return _full(canvas, chosen, a, b), _full(canvas, changed, a, b)
+        return _full(canvas, chosen, s, e), _full(canvas, changed, s, e)
 
     def end_block(self, model, state, canvas, block):
         if self.cache_mode != "none":  # the next block's cached prefix must hold the final tokens
@@ -121,13 +127,6 @@ class EvoTokenDecoder(BlockwiseDecoder):
 
     def confidences(self, state, canvas, row):
         return [float(v) if v > 0 else None for v in state.confidence[row, canvas.gen_start:].tolist()]
-
-
-def _confidence_of(logits, x0, probs, top_ids, exclude, sampled):
-    """p[x0] in float64. At T=0, x0 is the top-1 candidate, so its probability is already known."""
-    if not sampled:
-        return probs[..., 0]
-    return token_confidence(logits, x0, dtype=torch.float64, exclude=exclude)
 
 
 def _full(canvas: Canvas, part: torch.Tensor, a: int, b: int) -> torch.Tensor:

@@ -30,7 +30,7 @@ def _json_target(value: Any) -> Any:
 class SyntheticTask(Task):
     protocol = PROTOCOL
     prefill = PREFILL
-    defaults = GenDefaults(gen_length=64, block_length=32, steps=64, temperature=0.0)
+    defaults = GenDefaults(gen_length=48, block_length=16, steps=48, temperature=0.0)
     uses_data = False
     generator: ClassVar[str] = ""
 

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Copy the trained base model and its three adapters into the package, in the layout of a real
+# checkpoint (adapters under adapters/<name>, usable as `--adapter cts`).
+# Usage: bash examples/bundled_model/package.sh RUNS_DIR ASSET_DIR
+set -euo pipefail
+runs=${1:-runs/bundled}
+dest=${2:-evotok_cli/assets/evotok-tiny}
+mkdir -p "$dest/adapters"
+for f in config.json model.safetensors tokenizer.json tokenizer_config.json chat_template.jinja; do
+  cp "$runs/base/$f" "$dest/$f"
+done
+for name in cts sft d2f; do
+  mkdir -p "$dest/adapters/$name"
+  cp "$runs/$name/adapter_model.safetensors" "$dest/adapters/$name/"
+  python - "$runs/$name/adapter_config.json" "$dest/adapters/$name/adapter_config.json" <<'PY'
+import json, sys
+cfg = json.load(open(sys.argv[1]))
+cfg["base_model_name_or_path"] = "evotok-tiny"  # the folder it ships beside, not the training machine's path
+json.dump(cfg, open(sys.argv[2], "w"), indent=2)
+PY
+done
+du -sh "$dest"
