@@ -119,18 +119,18 @@ class BlockwiseDecoder:
             step = 0
             while True:
                 active = (canvas.x[:, block.start:block.end] == model.mask_id).any(dim=1)
-                if not active.any() or (self.threshold is None and step >= len(schedule)):
+                live = active.tolist()  # the one read-back per pass: is anything left to decode?
+                if not any(live) or (self.threshold is None and step >= len(schedule)):
                     break
                 tracing = request.trace and request.on_event is not None
                 traced = self._describe(model, state, canvas, first) if tracing else None
                 lo, hi = self.feed_range(canvas, block, step == 0)
                 logits, cols = self.forward(model, state, canvas, block, lo, hi, cache, first)
-                counts = [schedule[step] if a else 0 for a in active.tolist()] if self.threshold is None else []
+                counts = [schedule[step] if a else 0 for a in live] if self.threshold is None else []
                 committed, revised = self.update(model, state, canvas, logits, cols, block, counts, active,
                                                  generator, request.temperature)
                 nfe += 1
-                for b in active.nonzero().flatten().tolist():
-                    row_nfe[b] += 1
+                row_nfe = [n + a for n, a in zip(row_nfe, live)]
                 if traced is not None:
                     self._emit(request, state, canvas, block, traced, row_nfe, active, committed, revised)
                 if request.on_pass is not None:

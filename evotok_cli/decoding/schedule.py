@@ -99,24 +99,21 @@ def token_confidence(logits: torch.Tensor, tokens: torch.Tensor, *, dtype: torch
 def select_transfer(confidence: torch.Tensor, eligible: torch.Tensor, counts: list[int] | None,
                     threshold: float | None) -> torch.Tensor:
     """Which positions to commit, per row: the `counts[b]` most confident eligible positions, or
-    (threshold mode, Fast-dLLM's rule) every eligible position ranked by confidence, always keeping the
-    best and dropping the others below the threshold (equal is kept).
+    (threshold mode, Fast-dLLM's rule) the most confident eligible position plus every other eligible one
+    whose confidence is >= threshold.
 
-    confidence, eligible: (B, L). Ties are broken by torch.topk's order, as in the references.
+    confidence, eligible: (B, L). Ties are broken by torch.topk's order, as in the references. `counts`
+    never exceeds a row's eligible positions (LLaDA's schedule guarantees it), so no count is read back
+    from the device.
     """
     # an eligible position with confidence -inf (e.g. an EOS candidate under confidence_eos_eot_inf) still
     # outranks every ineligible one, so a block can always be completed
     scores = confidence.clamp(min=torch.finfo(confidence.dtype).min).masked_fill(~eligible, float("-inf"))
+    if threshold is not None:
+        best = torch.zeros_like(eligible).scatter_(1, scores.argmax(dim=1, keepdim=True), True)
+        return eligible & (best | (confidence >= threshold))
     chosen = torch.zeros_like(eligible)
-    available = eligible.sum(dim=1).tolist()
-    for b in range(scores.shape[0]):
-        n = available[b] if threshold is not None else min(counts[b], available[b])
-        if n <= 0:
-            continue
-        values, index = torch.topk(scores[b], k=n)
-        if threshold is not None:
-            keep = values >= threshold
-            keep[0] = True
-            index = index[keep]
-        chosen[b, index] = True
+    for b, n in enumerate(counts):
+        if n > 0:
+            chosen[b, torch.topk(scores[b], k=n).indices] = True
     return chosen

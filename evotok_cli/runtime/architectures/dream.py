@@ -185,9 +185,6 @@ class DreamAttention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:  # keys are cached after RoPE: positions are absolute, so this is exact
             k, v = cache.update(self.index, start, k, v)  # (B, Hkv, Lk, D)
-        if self.n_kv_heads != self.n_heads:  # query head h reads KV head h // groups
-            groups = self.n_heads // self.n_kv_heads
-            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, H, Lk, D)
         y = attend(q, k, v, mask, pad_offsets, start if cache is not None else 0)  # (B, H, L, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, L, -1))  # (B, L, d_model)
 

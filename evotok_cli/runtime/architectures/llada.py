@@ -179,9 +179,6 @@ class LLaDABlock(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:  # keys are cached after RoPE: positions are absolute, so this is exact
             k, v = cache.update(self.index, start, k, v)  # (B, Hkv, Lk, D)
-        if self.n_kv_heads != self.n_heads:
-            groups = self.n_heads // self.n_kv_heads
-            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         y = attend(q, k, v, mask, pad_offsets, start if cache is not None else 0)  # (B, H, L, D)
         return self.attn_out(y.transpose(1, 2).reshape(B, L, -1))
 
