@@ -151,9 +151,9 @@ def generate(
     prompts_file: Path | None = typer.Option(None, "--prompts-file", help='JSONL: {"prompt": ...} or {"prompt_ids": [...]} per line'),
     model: str | None = typer.Option(None, "--model", "-m", envvar="EVOTOK_MODEL", help=MODEL_HELP, show_default=False),
     decoder: str | None = typer.Option(None, "--decoder", "-d", envvar="EVOTOK_DECODER", help="hard-mask | evotoken | d2f | any installed plugin [default: hard-mask]", show_default=False),
-    gen_length: int | None = typer.Option(None, "--gen-length", envvar="EVOTOK_GEN_LENGTH", help="tokens to generate [default: 128]", show_default=False),
-    block_length: int | None = typer.Option(None, "--block-length", envvar="EVOTOK_BLOCK_LENGTH", help="semi-autoregressive block size [default: 32]", show_default=False),
-    steps: int | None = typer.Option(None, "--steps", envvar="EVOTOK_STEPS", help="forward-pass budget (steps = gen length: 1 token per step) [default: 64]", show_default=False),
+    gen_length: int | None = typer.Option(None, "--gen-length", envvar="EVOTOK_GEN_LENGTH", help="tokens to generate [default: the model's generation_config.json, else 128]", show_default=False),
+    block_length: int | None = typer.Option(None, "--block-length", envvar="EVOTOK_BLOCK_LENGTH", help="semi-autoregressive block size [default: the model's, else 32]", show_default=False),
+    steps: int | None = typer.Option(None, "--steps", envvar="EVOTOK_STEPS", help="forward-pass budget (steps = gen length: 1 token per step) [default: the model's, else 64]", show_default=False),
     temperature: float | None = typer.Option(None, "--temperature", envvar="EVOTOK_TEMPERATURE", help="0 = greedy [default: 0]", show_default=False),
     seed: int | None = typer.Option(None, "--seed", envvar="EVOTOK_SEED", help="random seed [default: 0]", show_default=False),
     threshold: float | None = typer.Option(None, "--threshold", envvar="EVOTOK_THRESHOLD", help="confidence threshold for parallel decoding (Fast-dLLM)", show_default=False),
@@ -172,7 +172,8 @@ def generate(
 ) -> None:
     """Generate with a diffusion LM. The answer goes to stdout, a summary (NFE, tokens/s) to stderr.
 
-    Precedence: flags > EVOTOK_* environment variables > --config YAML > defaults.
+    Precedence: flags > EVOTOK_* environment variables > --config YAML > the model folder's
+    generation_config.json ("evotok": {gen_length, block_length, steps}) > built-in defaults.
 
     Examples:
 
@@ -204,13 +205,16 @@ def generate(
     from evotok_cli.generation import make_decoder
 
     dec = make_decoder(decoder_name, options)  # validate options before the (slow) model load
+    from evotok_cli.runtime.checkpoint import generation_defaults
+
+    model_path = _model_path(get("model", model))
+    s.defaults = {**GENERATE_DEFAULTS, **generation_defaults(model_path)}  # the model's own, under YAML and flags
     gen_length_v, block_v, steps_v = get("gen_length", gen_length), get("block_length", block_length), get("steps", steps)
     from evotok_cli.decoding.schedule import block_layout
     block_layout(gen_length_v, block_v, steps_v)
 
     from evotok_cli.runtime.model import load_model
 
-    model_path = _model_path(get("model", model))
     lm = load_model(model_path, adapter=get("adapter", adapter), device=get("device", device), dtype=get("dtype", dtype))
     encode_prompts(prompts, lm.tokenizer, chat=get("chat_template", chat_template), vocab_size=lm.vocab_size,
                    system=get("system", system))

@@ -119,3 +119,17 @@ def test_init_model_one_liner(tmp_path):
     assert run_cli("init-model", str(folder), "--layers", "1", "--hidden", "32", "--heads", "2").returncode == 0
     proc = run_cli("generate", "-m", str(folder), "-p", "hello", *GEN)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_model_folder_generation_defaults(cli, tmp_path, tiny_llada):
+    import shutil
+    folder = shutil.copytree(tiny_llada, tmp_path / "m")
+    (folder / "generation_config.json").write_text('{"evotok": {"gen_length": 12, "block_length": 4, "steps": 6}}')
+    doc = json.loads(cli("generate", "-m", str(folder), "-p", "x", "--json").stdout)
+    assert (doc["params"]["gen_length"], doc["params"]["block_length"], doc["params"]["steps"]) == (12, 4, 6)
+    assert len(doc["results"][0]["token_ids"]) == 12
+    flagged = json.loads(cli("generate", "-m", str(folder), "-p", "x", "--gen-length", "8", "--steps", "4", "--json").stdout)
+    assert flagged["params"]["gen_length"] == 8 and flagged["params"]["block_length"] == 4
+    (folder / "generation_config.json").write_text('{"evotok": {"gen_length": -1}}')
+    from tests.conftest import one_line_error
+    assert "non-positive entry 'gen_length'" in one_line_error(cli("generate", "-m", str(folder), "-p", "x"))

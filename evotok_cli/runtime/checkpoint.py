@@ -52,6 +52,26 @@ def read_config(folder: Path) -> dict[str, Any]:
     return read_json(folder / "config.json", "config.json")
 
 
+GENERATION_KEYS = ("gen_length", "block_length", "steps")
+
+
+def generation_defaults(folder: Path) -> dict[str, int]:
+    """Decoding defaults a checkpoint ships for itself: the "evotok" section of its generation_config.json
+    (a model trained on 48-token answers should not be asked for 128 by default)."""
+    path = folder / "generation_config.json"
+    if not path.is_file():
+        return {}
+    section = read_json(path, "generation_config.json").get("evotok") or {}
+    if not isinstance(section, dict):
+        raise CheckpointError('"evotok" must be an object', where=str(path),
+                              fix='write e.g. {"evotok": {"gen_length": 48}}')
+    bad = [k for k, v in section.items() if k not in GENERATION_KEYS or not isinstance(v, int) or v <= 0]
+    if bad:
+        raise CheckpointError(f"unsupported or non-positive entry {bad[0]!r} in \"evotok\"", where=str(path),
+                              fix=f"use positive integers for {', '.join(GENERATION_KEYS)}")
+    return dict(section)
+
+
 @dataclass(frozen=True)
 class WeightFiles:
     """Where each tensor lives: name -> shard file."""

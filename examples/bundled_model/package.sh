@@ -9,6 +9,8 @@ mkdir -p "$dest/adapters"
 for f in config.json model.safetensors tokenizer.json tokenizer_config.json chat_template.jinja; do
   cp "$runs/base/$f" "$dest/$f"
 done
+# the decoding defaults the model was trained for (48-token answer window, blocks of 16)
+echo '{"evotok": {"gen_length": 48, "block_length": 16, "steps": 48}}' > "$dest/generation_config.json"
 for name in cts sft d2f; do
   mkdir -p "$dest/adapters/$name"
   cp "$runs/$name/adapter_model.safetensors" "$dest/adapters/$name/"
