@@ -123,7 +123,12 @@ class Trainer:
         self.group = distributed.from_environment("nccl" if gpu else "gloo")
         if not self.group.is_main:
             self.log = lambda message: None
-        self.lm = load_model(cfg.model, adapter=cfg.adapter, device=self.group.device(cfg.device), dtype="float32")
+        device = self.group.device(cfg.device)
+        # LoRA on a GPU: the frozen base in bf16 (an 8B model's fp32 copy alone would need 32 GB), the
+        # adapter in fp32 (peft's default); full fine-tuning and the CPU keep fp32 weights
+        frozen_bf16 = not cfg.full and (device.startswith("cuda") or (device == "auto" and gpu))
+        self.lm = load_model(cfg.model, adapter=cfg.adapter, device=device,
+                             dtype="bfloat16" if frozen_bf16 else "float32")
         self.device = self.lm.device
         if self.lm.shifted_logits:
             raise ConfigError(f"finetune does not support {self.lm.family.name} models yet: their logits are shifted "
