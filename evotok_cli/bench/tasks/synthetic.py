@@ -267,6 +267,7 @@ def write_training_data(names: list[str], *, split: str, n: int, seed: int, out)
     else:
         per_task = [TASKS[t].problems(split, n, seed) for t in names]
     path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     count = 0
     with tmp.open("w", encoding="utf-8") as f:
