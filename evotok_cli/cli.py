@@ -313,7 +313,7 @@ FINETUNE_DEFAULTS: dict[str, Any] = {
     "max_length": 1024, "min_response": None, "response_length": None, "trajectory_steps": 4,
     "decode_counts": "1,2,4,8", "block_sizes": "512", "alpha_range": "0.5,1.0", "k_soft": 3,
     "d2f_block_size": 16, "d2f_mask_range": "0.2,0.7", "seed": 42, "save_every": 500, "keep_checkpoints": 3,
-    "log_every": 10, "skip_invalid": False, "device": "auto", "json": False,
+    "log_every": 10, "skip_invalid": False, "device": "auto", "json": False, "fsdp": False,
 }
 
 
@@ -359,6 +359,7 @@ def finetune(
     resume: bool = typer.Option(False, "--resume", help="continue from the last checkpoint in --out"),
     skip_invalid: bool | None = typer.Option(None, "--skip-invalid", help="count and skip malformed lines instead of stopping", show_default=False),
     device: str | None = typer.Option(None, "--device", help="[default: auto]", show_default=False),
+    fsdp: bool | None = typer.Option(None, "--fsdp", help="shard weights, gradients and optimiser state over the processes of torchrun / accelerate launch (also on with accelerate's FSDP config)", show_default=False),
     config: Path | None = typer.Option(None, "--config", "-c", help="YAML with defaults for any option above", show_default=False),
     as_json: bool | None = typer.Option(None, "--json", help="print a JSON summary (schema evotok.finetune/1)", show_default=False),
 ) -> None:
@@ -403,7 +404,7 @@ def finetune(
         d2f_mask_range=_csv(get("d2f_mask_range", None), float, "d2f_mask_range"),
         seed=get("seed", seed), save_every=get("save_every", save_every),
         keep_checkpoints=get("keep_checkpoints", keep_checkpoints), log_every=get("log_every", None),
-        skip_invalid=get("skip_invalid", skip_invalid), device=get("device", device))
+        skip_invalid=get("skip_invalid", skip_invalid), device=get("device", device), fsdp=get("fsdp", fsdp))
     err = _stderr()
     trainer = Trainer(cfg, log=lambda m: err.print(f"[dim]{m}[/dim]"))
     trainer.setup()

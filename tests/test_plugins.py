@@ -85,6 +85,8 @@ class RecordingModel:
 
     def __call__(self, input_ids=None, **kw):
         embeds = kw.get("inputs_embeds")
+        if kw.get("soft_inputs") is not None:
+            embeds = self.model.embed_soft(*kw["soft_inputs"])
         self.fed.append((input_ids, embeds, kw.get("start", 0)))
         return self.model(input_ids, **kw)
 

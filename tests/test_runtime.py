@@ -109,3 +109,11 @@ def test_info_reads_headers_only(tiny_llada_sharded):
     assert info["architecture"] == "LLaDAModelLM" and info["shards"] > 2 and info["chat_template"] is True
     assert info["parameters"] == sum(p.numel() for p in load_model(tiny_llada_sharded).net.parameters())
     assert info["dtype"] == "F32" and info["mask_id"] is not None
+
+
+def test_soft_inputs_are_mixed_by_the_model(tiny_model):
+    ids = torch.randint(5, 100, (2, 6, 4), generator=torch.Generator().manual_seed(0))
+    weights = torch.rand(2, 6, 4, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(tiny_model(soft_inputs=(ids, weights)),
+                           tiny_model(inputs_embeds=tiny_model.embed_soft(ids, weights)))

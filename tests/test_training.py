@@ -294,9 +294,10 @@ def test_skip_invalid_and_too_long_are_counted(cli, tmp_path, tiny_llada):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("objective", ["sft", "cts"])
-def test_two_processes_match_one_with_the_same_global_batch(tiny_data, tiny_llada, tmp_path, objective):
-    """torchrun with 2 gloo processes x batch 2 == 1 process x batch 4: same final adapter weights."""
+@pytest.mark.parametrize("objective, sharded", [("sft", False), ("cts", False), ("cts", True)])
+def test_two_processes_match_one_with_the_same_global_batch(tiny_data, tiny_llada, tmp_path, objective, sharded):
+    """torchrun with 2 gloo processes x batch 2 == 1 process x batch 4: same final adapter weights, with
+    every process holding the model (DDP-like) or sharded with FSDP2 (--fsdp)."""
     import os
     import subprocess
     import sys
@@ -311,7 +312,8 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_data, tiny_llad
                           str(tmp_path / "one")], capture_output=True, text=True, env=env, timeout=600)
     assert one.returncode == 0, one.stderr
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "evotok_cli", *common, "--batch-size", "2", "--out", str(tmp_path / "two")],
+                          "-m", "evotok_cli", *common, "--batch-size", "2", "--out", str(tmp_path / "two"),
+                          *(["--fsdp"] if sharded else [])],
                          capture_output=True, text=True, env=env, timeout=600)
     assert two.returncode == 0, two.stderr
     log_one = [json.loads(x)["loss"] for x in (tmp_path / "one" / "loss_log.jsonl").read_text().splitlines()]

@@ -46,7 +46,8 @@ class BlockwiseDecoder:
         return None
 
     def inputs(self, model: Any, state: Any, canvas: Canvas, lo: int, hi: int, block: Block, first: bool) -> dict:
-        """Model inputs for canvas columns [lo, hi): `input_ids=` or `inputs_embeds=`."""
+        """Model inputs for canvas columns [lo, hi): `input_ids=`, or `soft_inputs=(ids, weights)` that the
+        model mixes into input embeddings."""
         return {"input_ids": canvas.x[:, lo:hi]}
 
     def logits_range(self, canvas: Canvas, lo: int, hi: int, block: Block) -> tuple[int, int]:

@@ -25,12 +25,15 @@ def write_json(path: Path, data: Any) -> None:
     tmp.replace(path)
 
 
-def save_model(net: nn.Module, hf_config: dict[str, Any], folder: str | Path, *,
-               shard_bytes: int | None = None, dtype: torch.dtype | None = None) -> Path:
-    """config.json + weights; `shard_bytes` splits them into an index and numbered shards."""
+def save_model(net: nn.Module | None, hf_config: dict[str, Any], folder: str | Path, *,
+               shard_bytes: int | None = None, dtype: torch.dtype | None = None,
+               state: dict[str, torch.Tensor] | None = None) -> Path:
+    """config.json + weights (`net`'s, or an explicit `state`); `shard_bytes` splits them into an index
+    and numbered shards."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {n: (p.detach().to(dtype) if dtype else p.detach()) for n, p in net.state_dict().items()}
+    source = state if state is not None else net.state_dict()
+    state = {n: (p.detach().to(dtype) if dtype else p.detach()) for n, p in source.items()}
     write_json(folder / "config.json", hf_config)
     for stale in [folder / SINGLE_FILE, folder / INDEX_FILE, *folder.glob("model-*-of-*.safetensors")]:
         stale.unlink(missing_ok=True)

@@ -33,7 +33,7 @@ def _rng_tensors(generators: dict[str, torch.Generator]) -> dict[str, torch.Tens
 
 
 def save_checkpoint(folder: Path, *, step: int, model_state: dict[str, torch.Tensor],
-                    optimizer: torch.optim.Optimizer, param_names: list[str], scheduler_state: dict[str, Any],
+                    optimizer_state: dict[str, Any], param_names: list[str], scheduler_state: dict[str, Any],
                     generators: dict[str, torch.Generator], py_random: random.Random, extra: dict[str, Any],
                     keep: int | None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
@@ -43,7 +43,7 @@ def save_checkpoint(folder: Path, *, step: int, model_state: dict[str, torch.Ten
     tmp.mkdir()
     save_safetensors(model_state, tmp / "model.safetensors")
     opt_tensors: dict[str, torch.Tensor] = {}
-    state = optimizer.state_dict()
+    state = optimizer_state
     for index, name in enumerate(param_names):
         for key, value in state["state"].get(index, {}).items():
             opt_tensors[f"{name}::{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
@@ -67,6 +67,15 @@ def list_checkpoints(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
 
 
+def _like(full: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """A full tensor laid out like `target`: sharded the same way when `target` is an FSDP DTensor."""
+    mesh = getattr(target, "device_mesh", None)
+    if mesh is None:
+        return full
+    from torch.distributed.tensor import distribute_tensor
+    return distribute_tensor(full.to(target.dtype), mesh, target.placements)
+
+
 def load_checkpoint(path: Path, *, model_params: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
                     param_names: list[str], generators: dict[str, torch.Generator],
                     py_random: random.Random) -> dict[str, Any]:
@@ -87,10 +96,12 @@ def load_checkpoint(path: Path, *, model_params: dict[str, torch.nn.Parameter], 
                               fix="resume with the same --lora-*/--full settings as the interrupted run")
     with torch.no_grad():
         for name, p in model_params.items():
-            p.copy_(weights[name])
+            p.copy_(_like(weights[name].to(p.device), p))
     state: dict[str, Any] = {"state": {}, "param_groups": meta["param_groups"]}
     for index, name in enumerate(param_names):
         entry = {key.split("::", 1)[1]: value for key, value in opt.items() if key.split("::", 1)[0] == name}
+        param = model_params[name]
+        entry = {k: (_like(v.to(param.device), param) if v.ndim else v) for k, v in entry.items()}
         if entry:
             state["state"][index] = entry
     optimizer.load_state_dict(state)

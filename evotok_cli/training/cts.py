@@ -121,7 +121,7 @@ def cts_step(net: torch.nn.Module, lm, batch: Batch, settings: CTSSettings, *, r
     losses: list[float] = []
     for j in range(K):
         # pass 0 feeds hard ids ([MASK] included); later passes the soft state of the previous one
-        fed = {"input_ids": x} if soft is None else {"inputs_embeds": base.embed_soft(soft[0], soft[1].to(lm.dtype))}
+        fed = {"input_ids": x} if soft is None else {"soft_inputs": (soft[0], soft[1].to(lm.dtype))}
         logits = base(**fed)
         # cross-entropy averaged over the global batch's B * L supervised positions
         loss = F.cross_entropy(logits[supervised].float(), targets, reduction="sum") / (global_batch * plan.length)

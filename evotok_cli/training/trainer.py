@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import signal
 import time
@@ -61,6 +62,7 @@ class TrainConfig:
     log_every: int = 10
     skip_invalid: bool = False
     device: str = "auto"
+    fsdp: bool = False  # shard weights, gradients and moments over the processes (FSDP2)
 
     def validate(self) -> None:
         checks = [
@@ -149,6 +151,12 @@ class Trainer:
                               target_modules=list(cfg.lora_targets), bias="none")
             net = get_peft_model(net, lora)
         self.net = net
+        self.sharded = False
+        if cfg.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+            if self.group.world > 1:
+                self._shard()
+            else:
+                self.log("fsdp: one process holds the whole model; nothing to shard")
         self.params = {n: p for n, p in net.named_parameters() if p.requires_grad}
         self.param_names = list(self.params)
         self.examples, self.stats = load_examples(
@@ -174,6 +182,26 @@ class Trainer:
         self.micro = 0  # micro-batches consumed since the start of training
         self.history: list[dict[str, Any]] = []
 
+    def _shard(self) -> None:
+        """FSDP2: each transformer block is one unit, gathered for its forward and backward."""
+        from torch.distributed.fsdp import fully_shard
+
+        for unit in self.base_net.shard_units():
+            fully_shard(unit)
+        fully_shard(self.base_net)
+        self.sharded = True
+
+    @property
+    def grad_scale(self) -> float:
+        """What each backward is multiplied by. Every process's loss is already its share of the global
+        mean, so gradients must be summed over processes; FSDP averages them (a sum needs a reduce op
+        gloo lacks), hence the factor of the world size when sharded."""
+        return (self.group.world if self.sharded else 1) / self.cfg.grad_accum
+
+    def _full_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        """Sharded tensors gathered into full ones (a collective: every process must call it)."""
+        return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in state.items()}
+
     @property
     def global_batch(self) -> int:
         """Sequences per micro-batch over all processes (each process computes batch_size of them)."""
@@ -192,7 +220,7 @@ class Trainer:
 
             def run(batch: Batch):
                 loss, parts = sft_loss(self.net, batch, mask_id=lm.mask_id, generator=self.noise, rows=rows)
-                (loss / cfg.grad_accum).backward()
+                (loss * self.grad_scale).backward()
                 return loss.detach(), parts
             return run
         if cfg.objective == "cts":
@@ -202,14 +230,14 @@ class Trainer:
                                    k_soft=cfg.k_soft)
 
             def run(batch: Batch):
-                return cts_step(self.net, lm, batch, settings, rng=self.py_random, scale=1.0 / cfg.grad_accum,
+                return cts_step(self.net, lm, batch, settings, rng=self.py_random, scale=self.grad_scale,
                                 rows=rows)
             return run
         from evotok_cli.training.d2f import D2FSettings, d2f_step
         settings = D2FSettings(block_size=cfg.d2f_block_size, mask_range=tuple(cfg.d2f_mask_range))
 
         def run(batch: Batch):
-            return d2f_step(self.net, lm, batch, settings, generator=self.noise, scale=1.0 / cfg.grad_accum,
+            return d2f_step(self.net, lm, batch, settings, generator=self.noise, scale=self.grad_scale,
                             rows=rows)
         return run
 
@@ -230,14 +258,17 @@ class Trainer:
         return self.out / "checkpoints"
 
     def save(self) -> Path | None:
-        """Rank 0 writes; the others wait for it (every process holds the same weights and moments)."""
+        """Every process gathers (a no-op unless sharded), rank 0 writes, the others wait for it."""
+        weights = self._full_state({n: p.detach() for n, p in self.params.items()})
+        moments = self.optimizer.state_dict()
+        moments = {**moments, "state": {i: self._full_state(v) for i, v in moments["state"].items()}}
         if not self.group.is_main:
             self.group.barrier()
             return None
         extra = {"micro": self.micro, "history_tail": self.history[-200:], "config": asdict(self.cfg)}
         path = checkpointing.save_checkpoint(
-            self.checkpoint_dir, step=self.step, model_state={n: p.detach() for n, p in self.params.items()},
-            optimizer=self.optimizer, param_names=self.opt_names, scheduler_state=self.scheduler.state_dict(),
+            self.checkpoint_dir, step=self.step, model_state=weights,
+            optimizer_state=moments, param_names=self.opt_names, scheduler_state=self.scheduler.state_dict(),
             generators={"noise": self.noise}, py_random=self.py_random, extra=extra, keep=self.cfg.keep_checkpoints)
         self.group.barrier()
         return path
@@ -302,6 +333,7 @@ class Trainer:
                     self.micro += 1
                 loss_sum, parts_sum = self._sync(loss_sum, parts_sum)
                 grad_norm = torch.nn.utils.clip_grad_norm_(list(self.params.values()), cfg.max_grad_norm)
+                grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -326,7 +358,7 @@ class Trainer:
             for s, h in old.items():
                 signal.signal(s, h)
         self.net.eval()
-        summary = self.export() if main else {}
+        summary = self.export()
         self.group.barrier()
         self.group.close()
         return summary
@@ -338,6 +370,8 @@ class Trainer:
             return loss, parts
         import torch.distributed as dist
         for p in self.params.values():
+            if self.sharded:
+                break  # FSDP has reduce-scattered the gradients already
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             dist.all_reduce(p.grad)
@@ -364,20 +398,25 @@ class Trainer:
 
     # -- output ----------------------------------------------------------------------------------
     def export(self) -> dict[str, Any]:
+        """Every process gathers the weights; rank 0 writes them and returns the summary."""
         from evotok_cli.runtime.writer import copy_tokenizer, save_model
 
         cfg = self.cfg
         if cfg.full:
-            save_model(self.base_net, self.lm.config.to_hf(), self.out)
+            state = self._full_state(self.base_net.state_dict())
+        else:
+            from peft import get_peft_model_state_dict
+            state = self._full_state(get_peft_model_state_dict(self.net, save_embedding_layers=False))
+        if not self.group.is_main:
+            return {}
+        if cfg.full:
+            save_model(None, self.lm.config.to_hf(), self.out, state=state)
             copy_tokenizer(self.lm.path, self.out)
             kind = "model"
         else:
-            from peft import get_peft_model_state_dict
-
             from evotok_cli.runtime.checkpoint import save_safetensors
             peft_cfg = self.net.peft_config["default"]
             peft_cfg.base_model_name_or_path = str(self.lm.path)
-            state = get_peft_model_state_dict(self.net, save_embedding_layers=False)
             save_safetensors(state, self.out / "adapter_model.safetensors")
             peft_cfg.save_pretrained(str(self.out))  # adapter_config.json
             kind = "adapter"

@@ -218,7 +218,7 @@ class D2FDecoder:
             s, e = max(b.start, lo) - lo, min(b.end, hi) - lo
             if e > s:
                 ids[:, s:e], w[:, s:e] = one_hot_slots(run.x[:, lo + s:lo + e], ids.shape[-1] - 1, w.dtype)
-        return {"inputs_embeds": model.embed_soft(ids, w)}
+        return {"soft_inputs": (ids, w)}
 
     @staticmethod
     def _is_soft(b: PipelineBlock) -> bool:

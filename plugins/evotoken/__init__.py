@@ -63,7 +63,7 @@ class EvoTokenDecoder(BlockwiseDecoder):
     def inputs(self, model, state, canvas, lo, hi, block, first):
         if not state.soft:
             return {"input_ids": canvas.x[:, lo:hi]}
-        return {"inputs_embeds": model.embed_soft(state.ids[:, lo:hi], state.weights[:, lo:hi])}
+        return {"soft_inputs": (state.ids[:, lo:hi], state.weights[:, lo:hi])}
 
     def update(self, model, state, canvas, logits, cols, block, counts, active, generator, temperature):
         cfg = self.config

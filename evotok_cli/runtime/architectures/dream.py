@@ -256,6 +256,7 @@ class DreamModel(nn.Module):
         input_ids: torch.Tensor | None = None,
         *,
         inputs_embeds: torch.Tensor | None = None,
+        soft_inputs: tuple[torch.Tensor, torch.Tensor] | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
@@ -268,9 +269,12 @@ class DreamModel(nn.Module):
         The arguments mean exactly what they mean for LLaDA (`LLaDAModelLM.forward`): a bool attention mask
         (B, 1, L, Lk) with True = may attend, absolute position ids (default `start + arange(L)`), a KV
         cache written at canvas slice [start, start + L), `logits_slice` (a, b) to run the LM head on fed
-        positions [a, b) only, and `pad_offsets` for left-padded rows.
+        positions [a, b) only, `pad_offsets` for left-padded rows, and `soft_inputs` (ids, weights).
         """
-        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, L, d_model)
+        if soft_inputs is not None:
+            x = self.embed_soft(*soft_inputs)  # (B, L, d_model)
+        else:
+            x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, L, d_model)
         B, L, _ = x.shape
         if position_ids is None:
             position_ids = torch.arange(start, start + L, device=x.device).expand(B, L)
@@ -282,6 +286,10 @@ class DreamModel(nn.Module):
         x = self.model.norm(x)
         head = self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
         return F.linear(x, head)  # (B, L', V)
+
+    def shard_units(self) -> list[nn.Module]:
+        """The modules FSDP shards one by one (gathered for their own forward and backward)."""
+        return list(self.model.layers)
 
     def new_cache(self, batch: int, length: int) -> KVCache:
         p = self.model.embed_tokens.weight

@@ -235,11 +235,17 @@ class LLaDAModelLM(nn.Module):
         emb = self.transformer.wte(ids)  # (B, L, K, d_model)
         return (emb * w.to(emb.dtype)[..., None]).sum(dim=-2)
 
+    def _input(self, input_ids, inputs_embeds, soft_inputs) -> torch.Tensor:
+        if soft_inputs is not None:
+            return self.embed_soft(*soft_inputs)
+        return self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
         *,
         inputs_embeds: torch.Tensor | None = None,
+        soft_inputs: tuple[torch.Tensor, torch.Tensor] | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
@@ -256,8 +262,10 @@ class LLaDAModelLM(nn.Module):
         logits_slice: (a, b) computes logits only for fed positions [a, b) (the LM head is the costliest
         layer per position at a 126k vocabulary, and decoders rarely need every position).
         pad_offsets: left padding per row of a batch; such rows attend over their real keys only.
+        soft_inputs: (ids, weights) of shape (B, L, K): soft input embeddings (`embed_soft`), built here
+        so that they are part of the forward (a sharded FSDP model has its embedding only inside it).
         """
-        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        x = self._input(input_ids, inputs_embeds, soft_inputs)
         B, L, _ = x.shape
         if position_ids is None:
             position_ids = torch.arange(start, start + L, device=x.device).expand(B, L)
@@ -269,6 +277,10 @@ class LLaDAModelLM(nn.Module):
         x = self.transformer.ln_f(x)
         head = self.transformer.wte.weight if self.config.weight_tying else self.transformer.ff_out.weight
         return F.linear(x, head)[..., : self.config.vocab_size]
+
+    def shard_units(self) -> list[nn.Module]:
+        """The modules FSDP shards one by one (gathered for their own forward and backward)."""
+        return list(self.transformer.blocks)
 
     def new_cache(self, batch: int, length: int) -> KVCache:
         p = self.transformer.wte.weight
