@@ -114,7 +114,10 @@ def sudoku4_solution_count(clues: tuple[int, ...] | list[int]) -> int:
     return int(((_grid_array() == c) | (c == 0)).all(axis=1).sum())
 
 
-def grid_text(cells: tuple[int, ...], blank: str = ".") -> str:
+def grid_text(cells: tuple[int, ...], blank: str = "0") -> str:
+    """Rows joined by "|", blanks as "0": every cell is then exactly one token (digits are split one per
+    token, while runs of punctuation like ".|." would merge into one), so the puzzle and the answer grid
+    have the same token layout and copying a clue is a fixed-offset lookup."""
     return "|".join("".join(str(v) if v else blank for v in cells[4 * r:4 * r + 4]) for r in range(4))
 
 
@@ -138,7 +141,7 @@ class Sudoku4(SyntheticTask):
             else:
                 clues[cell] = keep
         puzzle = tuple(clues)
-        question = f"Sudoku 4x4:\n{grid_text(puzzle)}"
+        question = f"Sudoku 4x4 (0 = blank):\n{grid_text(puzzle)}"
         reasoning = f"{puzzle.count(0)} blanks."
         return Problem(question, reasoning, grid_text(grid), grid_text(grid), key=grid_text(grid))
 
