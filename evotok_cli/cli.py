@@ -29,7 +29,8 @@ MODEL_HELP = "checkpoint folder (Hugging Face layout); default: the bundled mode
 GENERATE_DEFAULTS: dict[str, Any] = {
     "model": None, "decoder": "hard-mask", "gen_length": 128, "block_length": 32, "steps": 64,
     "temperature": 0.0, "seed": 0, "threshold": None, "remasking": None, "adapter": None, "device": "auto",
-    "dtype": "auto", "chat_template": True, "system": None, "batch_size": 8, "json": False, "trace": None,
+    "dtype": "auto", "chat_template": True, "system": None, "prefill": "", "batch_size": 8, "json": False,
+    "trace": None,
 }
 
 
@@ -164,6 +165,7 @@ def generate(
     dtype: str | None = typer.Option(None, "--dtype", envvar="EVOTOK_DTYPE", help="auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16", show_default=False),
     chat_template: bool | None = typer.Option(None, "--chat-template/--no-chat-template", envvar="EVOTOK_CHAT_TEMPLATE", help="wrap text prompts in the model's chat template [default: on]", show_default=False),
     system: str | None = typer.Option(None, "--system", help="system message for the chat template", show_default=False),
+    prefill: str | None = typer.Option(None, "--prefill", envvar="EVOTOK_PREFILL", help='text placed after the chat template, before the answer, e.g. "<reasoning>" [default: the model\'s generation_config.json, else none]', show_default=False),
     batch_size: int | None = typer.Option(None, "--batch-size", envvar="EVOTOK_BATCH_SIZE", help="prompts decoded together [default: 8]", show_default=False),
     trace: Path | None = typer.Option(None, "--trace", help="write every forward pass's token states to this JSONL file", show_default=False),
     show: bool = typer.Option(False, "--show", help="watch the canvas evolve live on stderr, states in colour"),
@@ -173,7 +175,7 @@ def generate(
     """Generate with a diffusion LM. The answer goes to stdout, a summary (NFE, tokens/s) to stderr.
 
     Precedence: flags > EVOTOK_* environment variables > --config YAML > the model folder's
-    generation_config.json ("evotok": {gen_length, block_length, steps}) > built-in defaults.
+    generation_config.json ("evotok": {gen_length, block_length, steps, prefill}) > built-in defaults.
 
     Examples:
 
@@ -217,7 +219,7 @@ def generate(
 
     lm = load_model(model_path, adapter=get("adapter", adapter), device=get("device", device), dtype=get("dtype", dtype))
     encode_prompts(prompts, lm.tokenizer, chat=get("chat_template", chat_template), vocab_size=lm.vocab_size,
-                   system=get("system", system))
+                   system=get("system", system), prefill=get("prefill", prefill))
     err = _stderr()
     json_out = get("json", as_json)
     from evotok_cli.viz.live import LiveCanvas
@@ -231,7 +233,8 @@ def generate(
     params = {"gen_length": gen_length_v, "block_length": block_v, "steps": steps_v,
               "temperature": get("temperature", temperature), "seed": get("seed", seed),
               "batch_size": get("batch_size", batch_size), "adapter": get("adapter", adapter),
-              "chat_template": get("chat_template", chat_template), "device": str(lm.device),
+              "chat_template": get("chat_template", chat_template), "prefill": get("prefill", prefill),
+              "device": str(lm.device),
               "dtype": str(lm.dtype).removeprefix("torch."), "decoder_options": _jsonable(vars(dec.config))}
     if json_out:
         typer.echo(json.dumps({"schema": "evotok.generate/1", "model": str(model_path), "decoder": decoder_name,
@@ -240,7 +243,7 @@ def generate(
         for i, r in enumerate(results):
             if len(results) > 1:
                 typer.echo(f"--- [{i}]")
-            typer.echo(r["text"])
+            typer.echo(params["prefill"] + r["text"])  # the prefill belongs to the answer a reader sees
     total_tokens = sum(r["tokens"] for r in results)
     nfe = max(r["nfe"] for r in results)
     err.print(f"[dim]{decoder_name}: NFE {nfe}, {total_tokens} answer tokens in {wall:.2f}s "

@@ -43,7 +43,7 @@ class TraceWriter:
 
     def __call__(self, event: StepEvent) -> None:
         record = {"schema": TRACE_SCHEMA, "decoder": self.decoder, "prompt_index": self.offset + event.row,
-                  "mask_id": self.model.mask_id}
+                  "mask_id": self.model.mask_id, "model": str(self.model.path)}  # `evotok trace` finds the tokenizer
         record.update(dataclasses.asdict(event))
         record.pop("row")
         self.handle.write(json.dumps(record) + "\n")

@@ -62,13 +62,14 @@ def read_prompts_file(path: str | Path) -> list[Prompt]:
 
 
 def encode_prompts(prompts: list[Prompt], tokenizer: Any, *, chat: bool, vocab_size: int,
-                   system: str | None = None) -> list[Prompt]:
+                   system: str | None = None, prefill: str = "") -> list[Prompt]:
     for prompt in prompts:
         if prompt.ids is None:
             if tokenizer is None:
                 raise ConfigError("this checkpoint has no tokenizer, so text prompts cannot be encoded",
                                   where="--prompt", fix="pass token ids with --prompt-ids 1,2,3")
-            rendered = tok.render_prompt(tokenizer, prompt.text or "", chat=chat, system=prompt.system or system)
+            rendered = tok.render_prompt(tokenizer, prompt.text or "", chat=chat, system=prompt.system or system,
+                                         prefill=prefill)
             prompt.ids = tok.encode(tokenizer, rendered)
         bad = [i for i in prompt.ids if i >= vocab_size]
         if bad:

@@ -234,6 +234,15 @@ def test_score_and_report_our_run(cli, model, tmp_path):
     assert (out / "report.md").read_text() == rep.stdout.rstrip("\n") + "\n"
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert one_line_error(cli("bench", "report", str(out), "--x", "beta")).startswith("error: --x: no run swept")
+    # a second budget in its own folder: the budget table puts both side by side, one row per method
+    out8 = tmp_path / "out8"
+    doc8 = json.loads(cli("bench", "arith", "-m", str(model), "-d", "hard-mask", "--limit", "3", *GEN, "--steps", "8",
+                          "--out", str(out8), "--json").stdout)
+    both = cli("bench", "report", str(out), str(out8), "--out", str(tmp_path / "both")).stdout
+    assert "| task | method | steps 8 | steps 4 |" in both
+    at4 = next(r for r in doc["results"] if r["decoder"] == "hard-mask")["accuracy"]
+    assert f"| arith | hard-mask | {doc8['results'][0]['accuracy']:.1f} | {at4:.1f} |" in both
+    assert "| arith | evotoken alpha=0.5 |  | " in both  # no steps-8 run for it: an empty cell
 
 
 # -- user errors and help -------------------------------------------------------------------------------

@@ -132,4 +132,24 @@ def test_model_folder_generation_defaults(cli, tmp_path, tiny_llada):
     assert flagged["params"]["gen_length"] == 8 and flagged["params"]["block_length"] == 4
     (folder / "generation_config.json").write_text('{"evotok": {"gen_length": -1}}')
     from tests.conftest import one_line_error
-    assert "non-positive entry 'gen_length'" in one_line_error(cli("generate", "-m", str(folder), "-p", "x"))
+    assert "invalid entry 'gen_length'" in one_line_error(cli("generate", "-m", str(folder), "-p", "x"))
+
+
+def test_prefill_follows_the_chat_template(cli, tmp_path, tiny_llada):
+    """--prefill (or the model folder's default) ends the rendered prompt, the human output shows it before
+    the answer, and a flag overrides the folder's value."""
+    import shutil
+
+    from evotok_cli.prompts import Prompt, encode_prompts
+    from evotok_cli.runtime.tokenizer import load_tokenizer
+    tokenizer = load_tokenizer(tiny_llada)
+    plain, pre = encode_prompts([Prompt("x")], tokenizer, chat=True, vocab_size=10**6)[0], \
+        encode_prompts([Prompt("x")], tokenizer, chat=True, vocab_size=10**6, prefill="<reasoning>")[0]
+    assert tokenizer.decode(pre.ids).endswith("<reasoning>") and len(pre.ids) > len(plain.ids)
+    folder = shutil.copytree(tiny_llada, tmp_path / "m")
+    args = ("generate", "-m", str(folder), "-p", "x", "--gen-length", "4", "--steps", "4", "--block-length", "4")
+    assert json.loads(cli(*args, "--json").stdout)["params"]["prefill"] == ""
+    (folder / "generation_config.json").write_text('{"evotok": {"prefill": "<reasoning>"}}')
+    assert json.loads(cli(*args, "--json").stdout)["params"]["prefill"] == "<reasoning>"
+    assert cli(*args).stdout.startswith("<reasoning>")
+    assert json.loads(cli(*args, "--json", "--prefill", "").stdout)["params"]["prefill"] == ""

@@ -182,8 +182,12 @@ def parse_cells(page: str) -> Cells:
 
 @pytest.mark.parametrize("decoder", list(RUNS))
 def test_html_grid_is_the_trace(cli, traces, tmp_path, decoder):
+    """Without --model and without a recorded model folder, cells show token ids."""
     out = tmp_path / f"{decoder}.html"
-    proc = cli("trace", str(traces[decoder]), "--html", str(out))
+    anonymous = tmp_path / f"{decoder}.jsonl"
+    anonymous.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "model"}) + "\n"
+                                 for r in lines_of(traces[decoder])))
+    proc = cli("trace", str(anonymous), "--html", str(out))
     assert proc.returncode == 0, proc.stderr
     page = out.read_text()
     trace = read_trace(traces[decoder])
@@ -212,11 +216,15 @@ def test_html_grid_is_the_trace(cli, traces, tmp_path, decoder):
         assert needle not in page, needle  # self-contained: nothing fetched
 
 
-def test_html_one_prompt_with_token_text(cli, traces, tiny_llada, tiny_model, tmp_path):
+@pytest.mark.parametrize("explicit", [True, False], ids=["--model", "recorded-model"])
+def test_html_one_prompt_with_token_text(cli, traces, tiny_llada, tiny_model, tmp_path, explicit):
+    """Token text comes from --model, or else from the checkpoint folder the trace recorded."""
     from evotok_cli.viz.tokens import TokenText
 
     out = tmp_path / "one.html"
-    proc = cli("trace", str(traces["evotoken"]), "--html", str(out), "--model", str(tiny_llada), "--prompt-index", "1")
+    assert lines_of(traces["evotoken"])[0]["model"] == str(tiny_model.path)
+    flags = ["--model", str(tiny_llada)] if explicit else []
+    proc = cli("trace", str(traces["evotoken"]), "--html", str(out), *flags, "--prompt-index", "1")
     assert proc.returncode == 0, proc.stderr
     page = out.read_text()
     cells = parse_cells(page)
@@ -314,8 +322,11 @@ def browser_page():
 def test_html_in_headless_chromium(cli, traces, tmp_path):
     sync_playwright, executable = browser_page()
     out = tmp_path / "evotoken.html"
-    assert cli("trace", str(traces["evotoken"]), "--html", str(out)).returncode == 0
-    trace = read_trace(traces["evotoken"])
+    anonymous = tmp_path / "evotoken.jsonl"  # no recorded model: candidates show as token ids
+    anonymous.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "model"}) + "\n"
+                                 for r in lines_of(traces["evotoken"])))
+    assert cli("trace", str(anonymous), "--html", str(out)).returncode == 0
+    trace = read_trace(anonymous)
     first, second = trace.prompts
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)

@@ -36,9 +36,39 @@ def load_results(paths: list[Path]) -> list[tuple[Path, dict[str, Any]]]:
 def rows_of(documents: list[tuple[Path, dict[str, Any]]]) -> list[dict[str, Any]]:
     rows = []
     for file, document in documents:
+        adapter = (document.get("model") or {}).get("adapter")
         for row in document["results"]:
-            rows.append({**row, "source": str(file.parent)})
+            rows.append({**row, "source": str(file.parent), "adapter": Path(adapter).name if adapter else None})
     return rows
+
+
+def method_of(row: dict[str, Any], *, skip: tuple[str, ...] = ("steps",)) -> str:
+    """What was compared: the decoder, the adapter it ran with and any swept option but the skipped ones."""
+    name = row["decoder"] + (f" + {row['adapter']}" if row.get("adapter") else "")
+    other = {k: v for k, v in (row.get("sweep") or {}).items() if k not in skip}
+    return name + (" " + ",".join(f"{k}={v}" for k, v in other.items()) if other else "")
+
+
+def budget_table(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per task and method, one column per step budget: the comparison at a glance. A cell whose
+    mean NFE differs from its budget (threshold decoding, d2f) says so."""
+    budgets = sorted({r["settings"]["steps"] for r in rows}, reverse=True)
+    gen = sorted({r["settings"]["gen_length"] for r in rows})
+    head = " | ".join(f"steps {b}" for b in budgets)
+    lines = [f"Accuracy % by forward-pass budget (gen length {', '.join(map(str, gen))}):", "",
+             f"| task | method | {head} |", "|---|---|" + "---|" * len(budgets)]
+    cells: dict[tuple[str, str], dict[int, str]] = {}
+    for r in rows:
+        cell = _fmt(r["accuracy"], 1)
+        nfe = r.get("mean_nfe")
+        if nfe is not None and abs(nfe - r["settings"]["steps"]) >= 0.5:  # threshold decoders stop early
+            cell += f" (NFE {nfe:.1f})"
+        cells.setdefault((r["task"], method_of(r)), {})[r["settings"]["steps"]] = cell
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    for task, method in sorted(cells, key=lambda key: tasks.index(key[0])):  # stable: methods in run order
+        by_budget = cells[task, method]
+        lines.append(f"| {task} | {method} | " + " | ".join(by_budget.get(b, "") for b in budgets) + " |")
+    return lines
 
 
 def x_axis(rows: list[dict[str, Any]], choice: str) -> str:
@@ -64,23 +94,28 @@ def _fmt(value: float | None, digits: int = 2) -> str:
 
 def markdown(documents: list[tuple[Path, dict[str, Any]]]) -> str:
     rows = rows_of(documents)
-    lines = ["| task | decoder | setting | gen / block / steps | n | accuracy % | ± s.e. | mean NFE | tok/s | tok/NFE "
-             "| source |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = budget_table(rows) + [
+        "", "All runs:", "",
+        "| task | decoder | setting | gen / block / steps | n | accuracy % | ± s.e. | mean NFE | tok/s | tok/NFE "
+        "| source |",
+        "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         s = r["settings"]
         extra = "".join(f" ({k.replace('_', '-')} {_fmt(v['accuracy'])})" for k, v in (r.get("scores") or {}).items())
-        cells = [r["task"], r["decoder"], r["label"] or "-", f"{s['gen_length']} / {s['block_length']} / {s['steps']}",
+        cells = [r["task"], method_of(r, skip=tuple(r.get("sweep") or ())), r["label"] or "-",
+                 f"{s['gen_length']} / {s['block_length']} / {s['steps']}",
                  str(r["n"]), _fmt(r["accuracy"]) + extra, _fmt(r["accuracy_stderr"]), _fmt(r["mean_nfe"], 1),
                  _fmt(r.get("tokens_per_second"), 1), _fmt(r["tokens_per_nfe"]), r["source"]]
         lines.append("| " + " | ".join(cells) + " |")
-    best = [b for _, d in documents for b in d.get("best_over_sweep", [])]
+    best = [{**b, "adapter": Path(d["model"]["adapter"]).name if (d.get("model") or {}).get("adapter") else None}
+            for _, d in documents for b in d.get("best_over_sweep", [])]
     if best:
         lines += ["", "Best over the swept values, **chosen on the test set** (the paper's protocol; optimistic):", "",
                   "| task | decoder | swept | best at | accuracy % | ± s.e. |", "|---|---|---|---|---|---|"]
         for b in best:
             swept = "; ".join(f"{k} ∈ {{{', '.join(map(str, v))}}}" for k, v in b["swept"].items())
-            lines.append(f"| {b['task']} | {b['decoder']} | {swept} | {b['label']} | {_fmt(b['accuracy'])} | "
-                         f"{_fmt(b['accuracy_stderr'])} |")
+            lines.append(f"| {b['task']} | {method_of({**b, 'sweep': None})} | {swept} | {b['label']} | "
+                         f"{_fmt(b['accuracy'])} | {_fmt(b['accuracy_stderr'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -98,16 +133,13 @@ def plot(rows: list[dict[str, Any]], axis: str, path: Path) -> None:
             if r["task"] != task or r["accuracy"] is None:
                 continue
             if axis == "nfe":
-                x, name = r["mean_nfe"], r["decoder"]
-                other = {k: v for k, v in (r.get("sweep") or {}).items() if k != "steps"}
-                if other:
-                    name += " " + ",".join(f"{k}={v}" for k, v in other.items())
+                x, name = r["mean_nfe"], method_of(r)
             else:
                 value = (r.get("sweep") or {}).get(axis)
                 if value is None:
-                    flat.append((f"{r['decoder']} (no {axis})", r["accuracy"]))
+                    flat.append((f"{method_of(r)} (no {axis})", r["accuracy"]))
                     continue
-                x, name = float(value), r["decoder"]
+                x, name = float(value), method_of(r, skip=("steps", axis))
             lines.setdefault(name, []).append((float(x), r["accuracy"], r["accuracy_stderr"] or 0.0))
         for name, points in lines.items():
             points.sort()

@@ -53,9 +53,10 @@ def read_config(folder: Path) -> dict[str, Any]:
 
 
 GENERATION_KEYS = ("gen_length", "block_length", "steps")
+TEXT_GENERATION_KEYS = ("prefill",)  # text a model was trained to see right after the chat template
 
 
-def generation_defaults(folder: Path) -> dict[str, int]:
+def generation_defaults(folder: Path) -> dict[str, int | str]:
     """Decoding defaults a checkpoint ships for itself: the "evotok" section of its generation_config.json
     (a model trained on 48-token answers should not be asked for 128 by default)."""
     path = folder / "generation_config.json"
@@ -65,10 +66,15 @@ def generation_defaults(folder: Path) -> dict[str, int]:
     if not isinstance(section, dict):
         raise CheckpointError('"evotok" must be an object', where=str(path),
                               fix='write e.g. {"evotok": {"gen_length": 48}}')
-    bad = [k for k, v in section.items() if k not in GENERATION_KEYS or not isinstance(v, int) or v <= 0]
+    def ok(key: str, value: object) -> bool:
+        if key in TEXT_GENERATION_KEYS:
+            return isinstance(value, str)
+        return key in GENERATION_KEYS and isinstance(value, int) and value > 0
+
+    bad = [k for k, v in section.items() if not ok(k, v)]
     if bad:
-        raise CheckpointError(f"unsupported or non-positive entry {bad[0]!r} in \"evotok\"", where=str(path),
-                              fix=f"use positive integers for {', '.join(GENERATION_KEYS)}")
+        raise CheckpointError(f"unsupported or invalid entry {bad[0]!r} in \"evotok\"", where=str(path),
+                              fix=f"use positive integers for {', '.join(GENERATION_KEYS)} and a string for prefill")
     return dict(section)
 
 

@@ -16,7 +16,8 @@ def trace(
                                      show_default=False),
     png: Path | None = typer.Option(None, "--png", help="write a static PNG of one prompt's grid", show_default=False),
     model: str | None = typer.Option(None, "--model", "-m",
-                                     help="checkpoint folder whose tokenizer turns token ids into text",
+                                     help="checkpoint folder whose tokenizer turns token ids into text "
+                                          "[default: the one the trace recorded, if it is still there]",
                                      show_default=False),
     prompt_index: int | None = typer.Option(None, "--prompt-index",
                                             help="draw only this prompt (the PNG draws the first by default)",
@@ -42,6 +43,8 @@ def trace(
         raise EvotokError("nothing to draw", where="evotok trace", fix="pass --html OUT.html and/or --png OUT.png")
     data = read_trace(file)
     data.select(prompt_index)  # a missing prompt fails before any file is written
+    if model is None and data.model and (Path(data.model) / "tokenizer.json").is_file():
+        model = data.model
     text = _token_text(model, data.mask_id)
     err = Console(stderr=True, highlight=False)
     if html is not None:

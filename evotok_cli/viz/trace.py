@@ -65,6 +65,7 @@ class Trace:
     decoder: str
     mask_id: int
     prompts: list[PromptTrace]  # by prompt_index
+    model: str | None = None  # the checkpoint folder the trace was made with, when it recorded one
 
     def select(self, index: int | None) -> list[PromptTrace]:
         """All prompts, or the one asked for (a one-line error when the file has no such prompt)."""
@@ -127,6 +128,7 @@ def read_trace(path: str | Path) -> Trace:
         raise DataError(f"cannot read it ({exc})", where=where) from None
     decoder: str | None = None
     mask_id: int | None = None
+    model: str | None = None
     prompts: dict[int, PromptTrace] = {}
     for number, raw in enumerate(text.splitlines(), start=1):
         if not raw.strip():
@@ -142,6 +144,8 @@ def read_trace(path: str | Path) -> Trace:
             raise line.fail(f"schema is {record['schema']!r}, this version reads {SCHEMA!r}")
         decoder = _same(line, "decoder", decoder, str)
         mask_id = _same(line, "mask_id", mask_id, int)
+        if isinstance(record.get("model"), str):
+            model = record["model"]
         index = line.integer(line.field("prompt_index"), "prompt_index")
         step = parse_step(line)
         prompt = prompts.setdefault(index, PromptTrace(index, []))
@@ -157,7 +161,7 @@ def read_trace(path: str | Path) -> Trace:
         raise DataError("no trace records (the file is empty)", where=where,
                         fix="write one with `evotok generate --trace FILE.jsonl`")
     return Trace(where, decoder or "", mask_id if mask_id is not None else -1,
-                 [prompts[i] for i in sorted(prompts)])
+                 [prompts[i] for i in sorted(prompts)], model)
 
 
 def _same(line: _Line, key: str, seen: Any, kind: type) -> Any:

@@ -9,8 +9,9 @@ mkdir -p "$dest/adapters"
 for f in config.json model.safetensors tokenizer.json tokenizer_config.json chat_template.jinja; do
   cp "$runs/base/$f" "$dest/$f"
 done
-# the decoding defaults the model was trained for (48-token answer window, blocks of 16)
-echo '{"evotok": {"gen_length": 48, "block_length": 16, "steps": 48}}' > "$dest/generation_config.json"
+# the decoding defaults the model was trained for: a 48-token answer window in blocks of 16, after the
+# "<reasoning>" prefill that every training answer started from
+echo '{"evotok": {"gen_length": 48, "block_length": 16, "steps": 48, "prefill": "<reasoning>"}}' > "$dest/generation_config.json"
 for name in cts sft d2f; do
   mkdir -p "$dest/adapters/$name"
   cp "$runs/$name/adapter_model.safetensors" "$dest/adapters/$name/"
@@ -21,4 +22,5 @@ cfg["base_model_name_or_path"] = "evotok-tiny"  # the folder it ships beside, no
 json.dump(cfg, open(sys.argv[2], "w"), indent=2)
 PY
 done
+chmod -R a+rX "$dest"  # readable by everyone, whatever the umask of the training machine
 du -sh "$dest"
