@@ -123,7 +123,7 @@ def grid_text(cells: tuple[int, ...], blank: str = "0") -> str:
 
 class Sudoku4(SyntheticTask):
     name = "sudoku4"
-    one_in = 6  # 48 of the 288 grids are test-only
+    one_in = 6  # 46 of the 288 grids are test-only
     min_blanks, max_blanks = 6, 10
 
     def sample(self, rng: random.Random) -> Problem:
