@@ -33,12 +33,17 @@ def load_results(paths: list[Path]) -> list[tuple[Path, dict[str, Any]]]:
     return documents
 
 
+def adapter_name(document: dict[str, Any]) -> str | None:
+    """The adapter a run was made with, by its folder name (`cts`), or None."""
+    adapter = (document.get("model") or {}).get("adapter")
+    return Path(adapter).name if adapter else None
+
+
 def rows_of(documents: list[tuple[Path, dict[str, Any]]]) -> list[dict[str, Any]]:
     rows = []
     for file, document in documents:
-        adapter = (document.get("model") or {}).get("adapter")
         for row in document["results"]:
-            rows.append({**row, "source": str(file.parent), "adapter": Path(adapter).name if adapter else None})
+            rows.append({**row, "source": str(file.parent), "adapter": adapter_name(document)})
     return rows
 
 
@@ -107,8 +112,7 @@ def markdown(documents: list[tuple[Path, dict[str, Any]]]) -> str:
                  str(r["n"]), _fmt(r["accuracy"]) + extra, _fmt(r["accuracy_stderr"]), _fmt(r["mean_nfe"], 1),
                  _fmt(r.get("tokens_per_second"), 1), _fmt(r["tokens_per_nfe"]), r["source"]]
         lines.append("| " + " | ".join(cells) + " |")
-    best = [{**b, "adapter": Path(d["model"]["adapter"]).name if (d.get("model") or {}).get("adapter") else None}
-            for _, d in documents for b in d.get("best_over_sweep", [])]
+    best = [{**b, "adapter": adapter_name(d)} for _, d in documents for b in d.get("best_over_sweep", [])]
     if best:
         lines += ["", "Best over the swept values, **chosen on the test set** (the paper's protocol; optimistic):", "",
                   "| task | decoder | swept | best at | accuracy % | ± s.e. |", "|---|---|---|---|---|---|"]

@@ -369,12 +369,11 @@ class Trainer:
         if self.group.world == 1:
             return loss, parts
         import torch.distributed as dist
-        for p in self.params.values():
-            if self.sharded:
-                break  # FSDP has reduce-scattered the gradients already
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad)
+        if not self.sharded:  # FSDP has reduce-scattered the gradients already
+            for p in self.params.values():
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad)
         totals = torch.tensor([loss, *parts], dtype=torch.float64, device=self.device)
         dist.all_reduce(totals)
         return float(totals[0]), totals[1:].tolist()

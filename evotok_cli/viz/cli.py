@@ -43,7 +43,9 @@ def trace(
         raise EvotokError("nothing to draw", where="evotok trace", fix="pass --html OUT.html and/or --png OUT.png")
     data = read_trace(file)
     data.select(prompt_index)  # a missing prompt fails before any file is written
-    if model is None and data.model and (Path(data.model) / "tokenizer.json").is_file():
+    from evotok_cli.runtime.tokenizer import has_tokenizer
+
+    if model is None and data.model and has_tokenizer(Path(data.model)):
         model = data.model
     text = _token_text(model, data.mask_id)
     err = Console(stderr=True, highlight=False)

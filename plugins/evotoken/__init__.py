@@ -69,11 +69,10 @@ class EvoTokenDecoder(BlockwiseDecoder):
         cfg = self.config
         a, b = cols
         s, e = max(a, block.start), min(b, block.end)  # only block columns can be committed or revised
+        scores = logits  # this pass's own tensor: nothing reads it after this update, so it is edited in place
         if temperature == 0:  # [MASK] set to -inf in the same tensor the softmax reads (Q6)
-            scores = logits.clone()
             scores[..., model.mask_id] = float("-inf")
-        else:
-            scores = logits  # sampled: p keeps the mask's (tiny) mass, as the release does
+        # sampled: p keeps the mask's (tiny) mass, as the release does
         probs, top_ids = top_k_probabilities(scores, cfg.k_soft, exclude=None)  # soft states of every column
         in_block = scores[:, s - a:e - a]
         x0 = gumbel_candidates(in_block, temperature, generator, exclude=model.mask_id)
