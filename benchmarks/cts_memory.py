@@ -26,14 +26,38 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def peak_mb(device) -> float:
+def rss_peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def peak_tensor_mb(step, device) -> float:
+    """Peak of live tensor memory during `step()`, above what was live before it: the CUDA allocator's
+    peak on a GPU; on CPU the same quantity summed from the profiler's allocation events (the process's
+    resident set also counts what the C allocator keeps after a free, see the RSS column)."""
     import torch
+
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak / 2**20
 
 
-def measure(model_dir: str, device: str, K: int, keep_graphs: bool, batch: int, length: int, steps: int) -> dict:
+def measure(model_dir: str, device: str, K: int, keep_graphs: bool, batch: int, length: int, steps: int,
+            full: bool) -> dict:
     """One configuration, in this process."""
     import torch
     import torch.nn.functional as F
@@ -41,32 +65,45 @@ def measure(model_dir: str, device: str, K: int, keep_graphs: bool, batch: int, 
     from evotok_cli.runtime.model import load_model
     from evotok_cli.training import cts
     from evotok_cli.training.objectives import Batch
+    from evotok_cli.training.trainer import TrainConfig
 
     lm = load_model(model_dir, device=device, dtype="float32", load_tokenizer=False)
-    lm.net.requires_grad_(True)
+    lm.net.requires_grad_(full)
+    if not full:  # `evotok finetune`'s default: a LoRA adapter on q/k/v, r 128, alpha 256
+        from peft import LoraConfig, get_peft_model
+
+        d = TrainConfig.__dataclass_fields__
+        get_peft_model(lm.net, LoraConfig(r=d["lora_r"].default, lora_alpha=d["lora_alpha"].default,
+                                          lora_dropout=d["lora_dropout"].default,
+                                          target_modules=d["lora_targets"].default_factory(), bias="none"))
     dev = lm.device
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(10, lm.vocab_size - 10, (batch, length), generator=g).to(dev)
     data = Batch(ids, torch.full((batch,), length // 4, dtype=torch.long, device=dev))
     settings = cts.CTSSettings(trajectory_steps=K, decode_counts=[4], block_sizes=[length], k_soft=3)
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-    baseline = peak_mb(dev)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
+
+    def step() -> None:
         if keep_graphs:
             _keep_all_graphs(lm, data, settings, random.Random(0), F)
         else:
             cts.cts_step(lm.net, lm, data, settings, rng=random.Random(0))
         lm.net.zero_grad(set_to_none=True)
+
+    rss_before = rss_peak_mb()
+    peak = peak_tensor_mb(step, dev)  # the first step, also a warm-up
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         times.append(time.perf_counter() - t0)
-    return {"K": K, "graphs": "all kept, one backward" if keep_graphs else "one backward per pass",
-            "peak_mb": round(peak_mb(dev) - (0 if dev.type == "cuda" else baseline), 1),
-            "step_s": round(min(times), 3)}
+    row = {"K": K, "trained": "all weights" if full else "LoRA q/k/v r128",
+           "graphs": "all kept, one backward" if keep_graphs else "one backward per pass",
+           "peak_mb": round(peak, 1), "step_s": round(min(times), 3)}
+    if dev.type == "cpu":
+        row["peak_rss_mb"] = round(rss_peak_mb() - rss_before, 1)
+    return row
 
 
 def _keep_all_graphs(lm, data, settings, rng, F) -> None:
@@ -103,37 +140,51 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--length", type=int, default=512)
-    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--steps", type=int, default=1, help="timed steps after the measured one")
+    p.add_argument("--vocab", type=int, default=0, help="vocabulary size (default: LLaDA's real 126464)")
+    p.add_argument("--full", action="store_true", help="train all weights (default: finetune's LoRA adapter)")
     p.add_argument("--worker", nargs=2, metavar=("K", "KEEP"), help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = p.parse_args()
     if args.worker:
         print(json.dumps(measure(args.model, args.device, int(args.worker[0]), args.worker[1] == "1", args.batch,
-                                 args.length, args.steps)))
+                                 args.length, args.steps, args.full)))
         return
     from evotok_cli.runtime.init import create_model
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         model = create_model(Path(tmp) / "m", layers=args.layers, hidden=args.hidden, heads=max(1, args.hidden // 64),
-                             kv_heads=None, mlp=None, max_length=4096, vocab_size=512, seed=0)
+                             kv_heads=None, mlp=None, max_length=4096, vocab_size=args.vocab, real_vocab=not args.vocab,
+                             seed=0)
         for K, keep in ((1, False), (4, False), (4, True)):
             cmd = [sys.executable, __file__, "--worker", str(K), str(int(keep)), "--model", str(model),
                    "--device", args.device, "--batch", str(args.batch), "--length", str(args.length),
-                   "--steps", str(args.steps)]
+                   "--steps", str(args.steps)] + (["--full"] if args.full else [])
             row = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
             rows.append(row)
             print(json.dumps(row), flush=True)
     ratio = rows[1]["peak_mb"] / rows[0]["peak_mb"]
+    vocab = args.vocab or 126464
+    rss = args.device == "cpu"
     lines = ["# CTS memory and step time", "",
-             f"{args.layers} layers x {args.hidden}, batch {args.batch}, length {args.length}, device {args.device}; "
-             f"peak memory of K=4 / K=1 = {ratio:.2f} (target <= 1.3).", "",
-             "| K | graphs | peak MB | step s |", "|---|---|---|---|"]
-    lines += [f"| {r['K']} | {r['graphs']} | {r['peak_mb']:.0f} | {r['step_s']:.2f} |" for r in rows]
+             f"{'all weights' if args.full else 'LoRA (finetune defaults)'}, "
+             f"{args.layers} layers x {args.hidden}, vocab {vocab}, batch {args.batch}, length {args.length}, "
+             f"device {args.device}; peak tensor memory of K=4 / K=1 = {ratio:.2f} (target <= 1.3).", "",
+             "Peak MB: live tensors above the weights during one step" + (
+                 " (profiler allocation events); RSS MB: the process's peak resident set above the loaded "
+                 "model, which also holds freed memory the C allocator has not returned" if rss else "") + ".", "",
+             "| K | graphs | peak MB |" + (" RSS MB |" if rss else "") + " step s |",
+             "|---|---|---|" + ("---|" if rss else "") + "---|"]
+    lines += [f"| {r['K']} | {r['graphs']} | {r['peak_mb']:.0f} |" + (f" {r['peak_rss_mb']:.0f} |" if rss else "")
+              + f" {r['step_s']:.2f} |" for r in rows]
     args.out.mkdir(parents=True, exist_ok=True)
-    tag = "cuda" if args.device.startswith("cuda") else "cpu"
-    (args.out / f"cts_memory-{tag}.json").write_text(json.dumps({"rows": rows, "k4_over_k1": ratio}, indent=2) + "\n")
+    tag = ("cuda" if args.device.startswith("cuda") else "cpu") + ("-full" if args.full else "")
+    meta = {"layers": args.layers, "hidden": args.hidden, "vocab": vocab, "batch": args.batch,
+            "length": args.length, "trained": "all weights" if args.full else "lora", "device": args.device}
+    (args.out / f"cts_memory-{tag}.json").write_text(
+        json.dumps({"meta": meta, "rows": rows, "k4_over_k1": ratio}, indent=2) + "\n")
     (args.out / f"cts_memory-{tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -72,6 +72,7 @@ class Settings:
     block_length: int
     steps: int
     repeats: int
+    batch: int
     lengths: list[int]
     bandwidth_gbs: float
     peak_tflops: float
@@ -95,6 +96,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=128)
     p.add_argument("--prompt-length", type=int, default=64, help="random prompt tokens (batch 1)")
     p.add_argument("--decoders", default="hard-mask,evotoken,d2f", help="comma-separated subset")
+    p.add_argument("--batch", type=int, default=16,
+                   help="also run hard-mask and evotoken without cache on this many prompts at once (1: skip)")
     p.add_argument("--quick", action="store_true",
                    help="two lengths, a one-block warm-up and one timed run per decoder (~1 min on an H100)")
     p.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON and Markdown results")
@@ -110,7 +113,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         raise CheckError(f"no GPU {device.index} (found {torch.cuda.device_count()})")
     if args.hidden % 128 or args.hidden < 128:
         raise CheckError(f"--hidden {args.hidden} must be a multiple of 128 (the head size)")
-    for flag in ("layers", "vocab", "gen_length", "block_length", "steps", "prompt_length"):
+    for flag in ("layers", "vocab", "gen_length", "block_length", "steps", "prompt_length", "batch"):
         if getattr(args, flag) < 1:
             raise CheckError(f"--{flag.replace('_', '-')} must be >= 1")
     if args.vocab < 16:
@@ -129,6 +132,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
     lengths = [args.block_length, canvas] if args.quick else [args.block_length, 128, canvas, 1024]
     return Settings(device=device, dtype=dtype, cfg=cfg, prompt_length=args.prompt_length, gen_length=args.gen_length,
                     block_length=args.block_length, steps=args.steps, repeats=1 if args.quick else 3,
+                    batch=args.batch,
                     lengths=sorted(set(lengths)), bandwidth_gbs=args.bandwidth_gbs, peak_tflops=args.peak_tflops)
 
 
@@ -204,17 +208,18 @@ def forward_latency(model: Any, s: Settings, facts: dict[str, Any], iters: int) 
     return rows
 
 
-def run_decoder(model: Any, name: str, options: dict[str, Any], s: Settings) -> dict[str, Any]:
+def run_decoder(model: Any, name: str, options: dict[str, Any], s: Settings, batch: int = 1) -> dict[str, Any]:
     """A warm-up generation (the full one, or one block when quick), then `repeats` timed ones; the median
-    is reported."""
+    is reported. `batch` different random prompts of the same length are decoded together."""
     from evotok_cli.decoding.api import GenerationRequest
     from evotok_cli.generation import make_decoder
 
     if name == "d2f":
         options = {**options, "block_size": s.block_length}
     decoder = make_decoder(name, options)
-    prompt = torch.randint(0, s.cfg.mask_token_id, (s.prompt_length,), generator=torch.Generator().manual_seed(1))
-    request = GenerationRequest(prompts=[prompt.tolist()], gen_length=s.gen_length, block_length=s.block_length,
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, s.cfg.mask_token_id, (s.prompt_length,), generator=g).tolist() for _ in range(batch)]
+    request = GenerationRequest(prompts=prompts, gen_length=s.gen_length, block_length=s.block_length,
                                 steps=s.steps, temperature=0.0, seed=0)
     warm = request if s.repeats > 1 else GenerationRequest(
         prompts=request.prompts, gen_length=s.block_length, block_length=s.block_length,
@@ -230,10 +235,10 @@ def run_decoder(model: Any, name: str, options: dict[str, Any], s: Settings) -> 
             out = decoder.generate(model, request)
             sync(s.device)
             times.append(time.perf_counter() - t0)
-            nfe = out.rows[0].nfe
+            nfe = max(r.nfe for r in out.rows)
     seconds = statistics.median(times)
     peak = torch.cuda.max_memory_allocated(s.device) / 2**30 if s.device.type == "cuda" else None
-    return {"nfe": nfe, "seconds": seconds, "tokens_per_s": s.gen_length / seconds,
+    return {"batch": batch, "nfe": nfe, "seconds": seconds, "tokens_per_s": batch * s.gen_length / seconds,
             "ms_per_forward": seconds / nfe * 1e3, "tokens_per_forward": s.gen_length / nfe, "peak_memory_gib": peak}
 
 
@@ -244,6 +249,27 @@ def device_name(device: torch.device) -> str:
 
 
 # -- reporting --------------------------------------------------------------------------------------
+
+def issue_targets(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Issue 3's ratios: evotoken's slowdown over hard-mask at equal NFE, the caches' speed-ups over no
+    cache, and batched over batch-1 throughput (tokens/s)."""
+    speed = {(r["decoder"], r["cache"], r.get("batch", 1)): r["tokens_per_s"] for r in rows if not r.get("error")}
+    out: dict[str, float] = {}
+
+    def ratio(key: str, a: tuple, b: tuple) -> None:
+        if a in speed and b in speed:
+            out[key] = round(speed[a] / speed[b], 3)
+
+    ratio("evotoken_slowdown_vs_hard_mask", ("hard-mask", "none", 1), ("evotoken", "none", 1))
+    for decoder in ("hard-mask", "evotoken"):
+        for cache in ("prefix", "dual"):
+            ratio(f"{decoder}_{cache}_speedup", (decoder, cache, 1), (decoder, "none", 1))
+    batches = sorted({k[2] for k in speed if k[2] > 1})
+    for decoder in ("hard-mask", "evotoken"):
+        for batch in batches:
+            ratio(f"{decoder}_batch{batch}_speedup", (decoder, "none", batch), (decoder, "none", 1))
+    return out
+
 
 def markdown(doc: dict[str, Any]) -> str:
     m, st = doc["model"], doc["settings"]
@@ -265,19 +291,24 @@ def markdown(doc: dict[str, Any]) -> str:
     lines += [
         "",
         f"Decoders: prompt {st['prompt_length']}, gen {st['gen_length']}, block {st['block_length']}, steps "
-        f"{st['steps']}, batch 1, temperature 0, median of {st['repeats']} run(s) after a warm-up"
-        f"{' (one block)' if st['quick'] else ''}.",
+        f"{st['steps']}, temperature 0, median of {st['repeats']} run(s) after a warm-up"
+        f"{' (one block)' if st['quick'] else ''}; tokens/s counts every row of a batch.",
         "",
-        "| decoder | cache | NFE | seconds | tokens/s | ms / forward | tokens / forward | peak GiB |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| decoder | cache | batch | NFE | seconds | tokens/s | ms / forward | tokens / forward | peak GiB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in doc["decoders"]:
         if r.get("error"):
-            lines.append(f"| {r['decoder']} | {r['cache']} | failed: {r['error']} | | | | | |")
+            lines.append(f"| {r['decoder']} | {r['cache']} | {r.get('batch', 1)} | failed: {r['error']} | | | | | |")
             continue
         peak = "-" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.1f}"
-        lines.append(f"| {r['decoder']} | {r['cache']} | {r['nfe']} | {r['seconds']:.2f} | {r['tokens_per_s']:.1f} | "
+        lines.append(f"| {r['decoder']} | {r['cache']} | {r.get('batch', 1)} | {r['nfe']} | {r['seconds']:.2f} | "
+                     f"{r['tokens_per_s']:.1f} | "
                      f"{r['ms_per_forward']:.2f} | {r['tokens_per_forward']:.2f} | {peak} |")
+    targets = issue_targets(doc["decoders"])
+    if targets:
+        lines += ["", "Issue 3's ratios (targets: evotoken slowdown <= 1.05, prefix >= 2.5, dual >= 4, batch 16 >= 4): "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in targets.items()) + "."]
     lines += ["", "Random weights: d2f's thresholds see near-uniform confidences, so its NFE is not what a trained "
               "model needs; ms / forward is.", ""]
     return "\n".join(lines)
@@ -326,20 +357,22 @@ def main(argv: list[str] | None = None) -> int:
         log(f"  L={r['seq_len']:5d}: {r['ms']:8.2f} ms/forward (bandwidth bound {r['bandwidth_bound_ms']:.3g} ms, "
             f"compute bound {r['compute_bound_ms']:.3g} ms)")
     rows = []
-    for decoder, cache, options in RUNS:
+    batched = [(d, c, o, s.batch) for d, c, o in RUNS if c == "none" and d != "d2f"] if s.batch > 1 else []
+    for decoder, cache, options, batch in [(d, c, o, 1) for d, c, o in RUNS] + batched:
         if decoder not in wanted:
             continue
-        row: dict[str, Any] = {"decoder": decoder, "cache": cache, "options": {k: v for k, v in options.items()}}
+        row: dict[str, Any] = {"decoder": decoder, "cache": cache, "options": {k: v for k, v in options.items()},
+                               "batch": batch}
         try:
-            row.update(run_decoder(model, decoder, options, s))
-            log(f"  {decoder:9s} cache={cache:6s}: NFE {row['nfe']:4d}, {row['seconds']:7.2f} s, "
+            row.update(run_decoder(model, decoder, options, s, batch))
+            log(f"  {decoder:9s} cache={cache:6s} batch {batch:2d}: NFE {row['nfe']:4d}, {row['seconds']:7.2f} s, "
                 f"{row['tokens_per_s']:8.1f} tok/s, {row['ms_per_forward']:7.2f} ms/forward")
         except torch.cuda.OutOfMemoryError:
             row["error"] = "out of GPU memory"
         except Exception as exc:  # one failing decoder must not lose the others' numbers
             row["error"] = f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:300]
         if row.get("error"):
-            log(f"  {decoder:9s} cache={cache:6s}: FAILED ({row['error']})")
+            log(f"  {decoder:9s} cache={cache:6s} batch {batch:2d}: FAILED ({row['error']})")
         rows.append(row)
         if s.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -348,8 +381,8 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": str(s.dtype).removeprefix("torch."), "bandwidth_gbs": s.bandwidth_gbs, "peak_tflops": s.peak_tflops,
         "model": facts,
         "settings": {"quick": args.quick, "prompt_length": s.prompt_length, "gen_length": s.gen_length,
-                     "block_length": s.block_length, "steps": s.steps, "repeats": s.repeats, "batch": 1},
-        "latency": latency, "decoders": rows,
+                     "block_length": s.block_length, "steps": s.steps, "repeats": s.repeats, "batch": s.batch},
+        "latency": latency, "decoders": rows, "targets": issue_targets(rows),
     }
     json_path, md_path = write_results(doc, args.out)
     log(f"wrote {json_path} and {md_path}")

@@ -48,6 +48,24 @@ def test_top_k_with_logsumexp_equals_float64_softmax():
     assert torch.equal(ids, t) and torch.allclose(probs, q, rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 0.7, 0.99])
+def test_soft_weights_need_no_normaliser(alpha):
+    """Future-block positions are fed top-k mixtures only: the weights from exp(l_i - l_1) equal those from
+    the float64 softmax (to float64 rounding, and exactly once cast to the model's float32)."""
+    from evotok_cli.decoding.soft import top_k_relative
+
+    logits = torch.randn(2, 9, 500, generator=torch.Generator().manual_seed(3)) * 5
+    tokens = torch.tensor([[99] * 5 + [1, 2, 3, 4]] * 2)
+    probs, ids = top_k_probabilities(logits, 3, exclude=None)
+    relative, rel_ids = top_k_relative(logits, 3)
+    assert torch.equal(ids, rel_ids)
+    assert torch.allclose(relative, probs / probs[..., :1], rtol=1e-14, atol=0)
+    _, w_full = soft_weights(probs, ids, tokens, mask_id=99, alpha=alpha)
+    _, w_rel = soft_weights(relative, ids, tokens, mask_id=99, alpha=alpha)
+    assert torch.allclose(w_rel, w_full, rtol=1e-13, atol=1e-300)
+    assert torch.equal(w_rel.float(), w_full.float())
+
+
 @pytest.mark.parametrize("gen, block, steps, k, alpha", [
     (8, 4, 8, 3, 0.7), (8, 4, 4, 3, 0.7), (8, 4, 16, 3, 0.5), (12, 4, 6, 1, 0.7), (8, 8, 8, 3, 0.0),
     (16, 8, 16, 5, 0.9),

@@ -22,17 +22,27 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 def test_cpu_smoke_run_writes_results(tmp_path):
     proc = _run("--device", "cpu", "--layers", "1", "--hidden", "128", "--vocab", "256", "--gen-length", "32",
-                "--block-length", "16", "--steps", "16", "--prompt-length", "8", "--quick", "--out", str(tmp_path))
+                "--block-length", "16", "--steps", "16", "--prompt-length", "8", "--quick", "--batch", "2",
+                "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     [json_path] = tmp_path.glob("gpu_check-cpu*-quick.json")
     doc = json.loads(json_path.read_text())
     assert doc["schema"] == "evotok.gpu_check/1" and doc["bandwidth_gbs"] == 3350.0
     assert [r["seq_len"] for r in doc["latency"]] == [16, 40]
-    runs = {(r["decoder"], r["cache"]): r for r in doc["decoders"]}
-    assert set(runs) == {("hard-mask", c) for c in ("none", "prefix", "dual")} | \
-        {("evotoken", c) for c in ("none", "prefix", "dual")} | {("d2f", "none"), ("d2f", "blocks")}
+    runs = {(r["decoder"], r["cache"], r["batch"]): r for r in doc["decoders"]}
+    assert set(runs) == {("hard-mask", c, 1) for c in ("none", "prefix", "dual")} | \
+        {("evotoken", c, 1) for c in ("none", "prefix", "dual")} | {("d2f", "none", 1), ("d2f", "blocks", 1)} | \
+        {("hard-mask", "none", 2), ("evotoken", "none", 2)}
     assert all(not r.get("error") and r["nfe"] >= 1 and r["tokens_per_s"] > 0 for r in runs.values())
-    assert runs[("hard-mask", "none")]["nfe"] == 16  # 2 blocks x 8 steps, 2 tokens per step
+    assert runs[("hard-mask", "none", 1)]["nfe"] == 16  # 2 blocks x 8 steps, 2 tokens per step
+    assert runs[("hard-mask", "none", 2)]["nfe"] == 16
+    targets = doc["targets"]
+    assert set(targets) == {"evotoken_slowdown_vs_hard_mask", "hard-mask_prefix_speedup", "hard-mask_dual_speedup",
+                            "evotoken_prefix_speedup", "evotoken_dual_speedup", "hard-mask_batch2_speedup",
+                            "evotoken_batch2_speedup"}
+    speed = {k: r["tokens_per_s"] for k, r in runs.items()}
+    assert targets["hard-mask_batch2_speedup"] == pytest.approx(
+        speed[("hard-mask", "none", 2)] / speed[("hard-mask", "none", 1)], rel=1e-2)
     assert json_path.with_suffix(".md").read_text().startswith("# GPU check: CPU")
 
 

@@ -328,3 +328,34 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_data, tiny_llad
     diffs = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
     assert float((diffs > 1e-4).float().mean()) < 2e-3
     assert float(diffs.max()) <= 2 * 1e-2 * 2
+
+
+def _peak_live_mb(step) -> float:
+    """benchmarks/cts_memory.py's measure: peak live tensor memory during `step()`."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "cts_memory.py"
+    spec = importlib.util.spec_from_file_location("cts_memory", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.peak_tensor_mb(step, torch.device("cpu"))
+
+
+def test_cts_unroll_costs_no_more_memory_than_one_pass(tmp_path):
+    """Issue 5's target (K = 4 within 1.3x of K = 1) on a model whose logits dominate, as a real
+    vocabulary's do: a pass must not run while the previous pass's (B, N, vocab) logits are alive."""
+    from tests.conftest import write_llada
+
+    folder = write_llada(tmp_path / "m", None, layers=1, hidden=32, heads=2, kv_heads=2, mlp=48, vocab=30000,
+                         mask_id=29999, eos_id=29998)
+    lm = load_model(folder, load_tokenizer=False)
+    lm.net.requires_grad_(False)
+    lm.net.model.transformer.blocks[0].q_proj.weight.requires_grad_(True)  # an adapter's share of the weights
+    g = torch.Generator().manual_seed(0)
+    batch = Batch(torch.randint(3, 29000, (2, 64), generator=g), torch.tensor([8, 12]))
+    peaks = {}
+    for K in (1, 4):
+        cfg = CTSSettings(trajectory_steps=K, decode_counts=[2], block_sizes=[40], k_soft=3)
+        peaks[K] = _peak_live_mb(lambda cfg=cfg: cts_step(lm.net, lm, batch, cfg, rng=random.Random(0)))
+    assert peaks[4] <= 1.3 * peaks[1], peaks

@@ -70,11 +70,19 @@ def gumbel_candidates(logits: torch.Tensor, temperature: float, generator: torch
     return scores.argmax(dim=-1)
 
 
-def logsumexp64(scores: torch.Tensor, chunk_elems: int = 1 << 25) -> torch.Tensor:
-    """float64 logsumexp over the last dim, in chunks so that no full float64 copy of the logits exists."""
+def logsumexp64(scores: torch.Tensor, chunk_elems: int = 1 << 22) -> torch.Tensor:
+    """float64 logsumexp over the last dim, a few rows at a time so that the only float64 temporary is one
+    chunk (32 MB): the normaliser of a 126k vocabulary must not cost several copies of the logits. The
+    max is taken in the logits' own dtype (exact) and the differences in float64 (exact for float32)."""
     flat = scores.reshape(-1, scores.shape[-1])
     rows = max(1, chunk_elems // scores.shape[-1])
-    parts = [torch.logsumexp(flat[i:i + rows].to(torch.float64), dim=-1) for i in range(0, flat.shape[0], rows)]
+    parts = []
+    for i in range(0, flat.shape[0], rows):
+        chunk = flat[i:i + rows]
+        top = chunk.amax(dim=-1, keepdim=True).to(torch.float64)
+        top = torch.where(top.isfinite(), top, 0.0)  # a row of -inf gives -inf, as torch.logsumexp does
+        total = chunk.to(torch.float64).sub_(top).exp_().sum(dim=-1)
+        parts.append(top.squeeze(-1) + total.log())
     return torch.cat(parts).reshape(scores.shape[:-1])
 
 

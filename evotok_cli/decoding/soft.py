@@ -31,11 +31,23 @@ def top_k_probabilities(logits: torch.Tensor, k: int, exclude: int | None) -> tu
     return probs, ids
 
 
+def top_k_relative(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k most probable tokens and their float64 probabilities relative to the best one, exp(l_i - l_1).
+
+    A soft input's weights are ratios of top-k probabilities (spec 1.3), so softmax's normaliser cancels:
+    positions that are only fed back (future blocks, Q3) never need a log-sum-exp over the vocabulary.
+    """
+    values, ids = torch.topk(logits, k, dim=-1)
+    values = values.to(torch.float64)
+    return (values - values[..., :1]).exp(), ids
+
+
 def soft_weights(probs: torch.Tensor, ids: torch.Tensor, tokens: torch.Tensor, mask_id: int,
                  alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(k+1) ids and float64 weights per position, in the release's order of operations: append the
     own-token slot with raw weight S/(1-alpha)*alpha if it is [MASK] (S = top-k mass) else 0, then
-    divide by the sum. Masked: ((1-alpha) q/S, alpha); decoded: (q/S, 0)."""
+    divide by the sum. Masked: ((1-alpha) q/S, alpha); decoded: (q/S, 0). `probs` may be scaled per
+    position (e.g. `top_k_relative`): the weights are the same."""
     total = probs.sum(dim=-1, keepdim=True)  # (B, L, 1)
     extra = torch.where(tokens[..., None] == mask_id, total / (1 - alpha) * alpha, torch.zeros_like(total))
     weights = torch.cat([probs, extra], dim=-1)

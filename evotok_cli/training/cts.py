@@ -138,5 +138,6 @@ def cts_step(net: torch.nn.Module, lm, batch: Batch, settings: CTSSettings, *, r
                 # U(0.5, 1) can return 1.0, where the release divides by zero (Q12): stay just below 1
                 soft = _soft_state(detached, x, conf, starts, mask_id=mask_id, k=settings.k_soft,
                                    alphas=[min(alphas[b], 1 - 1e-6) for b in picked])
-        del logits
+        # the next pass must not run with this one's (B, N, vocab) logits still alive
+        del logits, detached, prediction
     return torch.tensor(sum(losses) / K), losses

@@ -25,7 +25,7 @@ from evotok_cli.decoding.api import option
 from evotok_cli.decoding.blockwise import BlockwiseDecoder
 from evotok_cli.decoding.canvas import Canvas
 from evotok_cli.decoding.schedule import gumbel_candidates, select_transfer, token_confidence
-from evotok_cli.decoding.soft import input_states, one_hot_slots, soft_weights, top_k_probabilities
+from evotok_cli.decoding.soft import input_states, one_hot_slots, soft_weights, top_k_relative
 
 
 @dataclass
@@ -73,13 +73,13 @@ class EvoTokenDecoder(BlockwiseDecoder):
         if temperature == 0:  # [MASK] set to -inf in the same tensor the softmax reads (Q6)
             scores[..., model.mask_id] = float("-inf")
         # sampled: p keeps the mask's (tiny) mass, as the release does
-        probs, top_ids = top_k_probabilities(scores, cfg.k_soft, exclude=None)  # soft states of every column
+        relative, top_ids = top_k_relative(scores, cfg.k_soft)  # soft states of every column
         in_block = scores[:, s - a:e - a]
         x0 = gumbel_candidates(in_block, temperature, generator, exclude=model.mask_id)
         if cfg.remasking == "random":
             conf0 = torch.rand(x0.shape, dtype=torch.float64, device=x0.device, generator=generator)
-        elif temperature == 0:
-            conf0 = probs[:, s - a:e - a, 0]  # x0 is the top-1 candidate
+        elif temperature == 0:  # x0 is the top-1 candidate; only block columns need the normaliser
+            conf0 = token_confidence(in_block, top_ids[:, s - a:e - a, 0], dtype=torch.float64)
         else:
             conf0 = token_confidence(in_block, x0, dtype=torch.float64)
         x = canvas.x[:, s:e]  # a view: writes go to the canvas
@@ -93,7 +93,7 @@ class EvoTokenDecoder(BlockwiseDecoder):
         changed = revise & (x0 != x)
         x[revise] = x0[revise]
         c[revise] = conf0[revise]
-        ids, weights = soft_weights(probs, top_ids, canvas.x[:, a:b], model.mask_id, cfg.alpha)
+        ids, weights = soft_weights(relative, top_ids, canvas.x[:, a:b], model.mask_id, cfg.alpha)
         ids = torch.where(live[..., None], ids, state.ids[:, a:b])
         weights = torch.where(live[..., None], weights.to(state.weights.dtype), state.weights[:, a:b])
         state.ids[:, a:b], state.weights[:, a:b] = ids, weights
