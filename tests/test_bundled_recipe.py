@@ -1,5 +1,6 @@
 """The bundled model's recipe (examples/bundled_model/) runs end to end at toy size: data, tokenizer and
-random init, pretraining, the three fine-tunes with the shipped YAML configs, and a bench."""
+random init, pretraining and its continuation, the three fine-tunes with the shipped YAML configs, and a
+bench."""
 
 from __future__ import annotations
 
@@ -32,10 +33,14 @@ def test_recipe_runs_at_toy_size(cli, tmp_path):
     assert cli("data", "sudoku4", "arith", "countdown3", "--n", "40", "--seed", "1", "--out", str(runs / "train.jsonl")).returncode == 0
     assert cli("init-model", str(runs / "init"), "--layers", "1", "--hidden", "32", "--heads", "2",
                "--max-length", "256", "--vocab-size", "300", "--corpus", str(runs / "train.jsonl")).returncode == 0
-    pre = cli("finetune", str(runs / "train.jsonl"), "-m", str(runs / "init"), "--out", str(runs / "base"),
+    pre = cli("finetune", str(runs / "train.jsonl"), "-m", str(runs / "init"), "--out", str(runs / "pretrain"),
               "--config", str(RECIPE / "pretrain.yaml"), *TOY, "--json")
     assert pre.returncode == 0, pre.stderr
     assert json.loads(pre.stdout)["kind"] == "model"
+    more = cli("finetune", str(runs / "train.jsonl"), "-m", str(runs / "pretrain"), "--out", str(runs / "base"),
+               "--config", str(RECIPE / "continue.yaml"), *TOY, "--json")
+    assert more.returncode == 0, more.stderr
+    assert json.loads(more.stdout)["kind"] == "model"
     for name in ("cts", "sft", "d2f"):
         proc = cli("finetune", str(runs / "train.jsonl"), "-m", str(runs / "base"), "--out", str(runs / name),
                    "--config", str(RECIPE / f"{name}.yaml"), *TOY, "--json")
