@@ -21,10 +21,11 @@ SOLVED = [
     ("sudoku4", 0, "hard-mask", None),
     ("sudoku4", 3, "evotoken", "cts"),
     ("sudoku4", 5, "evotoken", "cts"),
-    ("countdown3", 0, "hard-mask", None),
+    ("sudoku4", 3, "d2f", "d2f"),
+    ("countdown3", 4, "hard-mask", None),
     ("countdown3", 2, "evotoken", "cts"),
-    ("countdown3", 2, "d2f", "d2f"),
-    ("arith", 14, "hard-mask", None),
+    ("countdown3", 9, "d2f", "d2f"),
+    ("arith", 3, "hard-mask", None),
 ]
 
 

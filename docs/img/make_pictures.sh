@@ -17,8 +17,12 @@ evotok trace "$work/evo.jsonl" --png "$img/evotoken.png" --html "$img/evotoken.h
 evotok generate -p "$prompt" -d evotoken --adapter cts --trace "$work/cts.jsonl" --json > "$work/evotoken-cts.json"
 evotok trace "$work/cts.jsonl" --png "$img/evotoken-cts.png"
 
-# 2. a revision, up close: the HTML page with the tooltip open on the first revised cell
-python "$img/screenshot.py" "$img/evotoken.html" "$img/revision.png"
+# 2. a revision, up close: another held-out puzzle whose training-free evotoken run revises a cell; the
+#    HTML page with the tooltip open on the first revised cell
+revision_prompt=$'Sudoku 4x4 (0 = blank):\n0041|0002|3100|0013'
+evotok generate -p "$revision_prompt" -d evotoken --trace "$work/rev.jsonl" --json > "$work/revision.json"
+evotok trace "$work/rev.jsonl" --html "$img/revision.html"
+python "$img/screenshot.py" "$img/revision.html" "$img/revision.png"
 
 # 3. the d2f pipeline, with the D2F-distilled adapter
 evotok generate -p "$prompt" -d d2f --adapter d2f --opt block_size=16 --trace "$work/d2f.jsonl" \
@@ -32,7 +36,7 @@ else
   echo "no EVAL_DIR: bench.png left as it is" >&2
 fi
 # what each run answered, for the text of the guide
-for name in hard-mask evotoken evotoken-cts d2f; do
+for name in hard-mask evotoken evotoken-cts revision d2f; do
   python -c 'import json, sys; r = json.load(open(sys.argv[1]))["results"][0]; print(sys.argv[2], "NFE", r["nfe"], repr(r["text"]))' \
       "$work/$name.json" "$name"
 done
