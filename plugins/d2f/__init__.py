@@ -40,7 +40,7 @@ import torch
 from evotok_cli.decoding.api import GenerationRequest, GenerationResult, RowResult, StepEvent, option
 from evotok_cli.decoding.canvas import build_canvas
 from evotok_cli.decoding.schedule import gumbel_candidates
-from evotok_cli.decoding.soft import input_states, one_hot_slots, soft_weights, top_k_probabilities
+from evotok_cli.decoding.soft import input_states, one_hot_slots, soft_weights, top_k_relative
 from evotok_cli.errors import ConfigError
 
 
@@ -259,9 +259,13 @@ class D2FDecoder:
                 run.eos = True
         if cfg.soft:
             lo, hi = active[0].start, active[-1].end
-            exclude = model.mask_id if temperature == 0 else None
-            top_p, top_ids = top_k_probabilities(logits[: hi - a][None], cfg.k_soft, exclude)
-            ids, w = soft_weights(top_p, top_ids, x[None, lo:hi], model.mask_id, cfg.alpha)
+            scores = logits[: hi - a][None]
+            if temperature == 0:  # [MASK] out of the candidates, as evotoken does at T=0
+                scores = scores.clone()
+                scores[..., model.mask_id] = float("-inf")
+            # mixture weights are ratios of top-k probabilities: no normaliser over the vocabulary needed
+            top_q, top_ids = top_k_relative(scores, cfg.k_soft)
+            ids, w = soft_weights(top_q, top_ids, x[None, lo:hi], model.mask_id, cfg.alpha)
             soft_ids[:, lo:hi], soft_w[:, lo:hi] = ids, w.to(soft_w.dtype)
         return committed, revised
 
