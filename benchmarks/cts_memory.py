@@ -151,7 +151,7 @@ def main() -> None:
         print(json.dumps(measure(args.model, args.device, int(args.worker[0]), args.worker[1] == "1", args.batch,
                                  args.length, args.steps, args.full)))
         return
-    from evotok_cli.runtime.init import create_model
+    from evotok_cli.runtime.init import REAL_VOCAB, create_model
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -166,7 +166,7 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
     ratio = rows[1]["peak_mb"] / rows[0]["peak_mb"]
-    vocab = args.vocab or 126464
+    vocab = args.vocab or REAL_VOCAB
     rss = args.device == "cpu"
     lines = ["# CTS memory and step time", "",
              f"{'all weights' if args.full else 'LoRA (finetune defaults)'}, "

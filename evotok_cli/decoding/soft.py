@@ -22,24 +22,31 @@ def top_k_probabilities(logits: torch.Tensor, k: int, exclude: int | None) -> tu
 
     With `exclude`, that token gets probability 0 (EvoToken at temperature 0 sets the mask logit to -inf).
     """
-    scores = logits
-    if exclude is not None:
-        scores = logits.clone()
-        scores[..., exclude] = float("-inf")
+    scores = _without(logits, exclude)
     values, ids = torch.topk(scores, k, dim=-1)  # (B, L, k)
     probs = (values.to(torch.float64) - logsumexp64(scores)[..., None]).exp()
     return probs, ids
 
 
-def top_k_relative(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def top_k_relative(logits: torch.Tensor, k: int, exclude: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The k most probable tokens and their float64 probabilities relative to the best one, exp(l_i - l_1).
 
     A soft input's weights are ratios of top-k probabilities (spec 1.3), so softmax's normaliser cancels:
     positions that are only fed back (future blocks, Q3) never need a log-sum-exp over the vocabulary.
+    `exclude` as in `top_k_probabilities`.
     """
-    values, ids = torch.topk(logits, k, dim=-1)
+    values, ids = torch.topk(_without(logits, exclude), k, dim=-1)
     values = values.to(torch.float64)
     return (values - values[..., :1]).exp(), ids
+
+
+def _without(logits: torch.Tensor, exclude: int | None) -> torch.Tensor:
+    """The logits with column `exclude` at -inf, on a copy (the caller's tensor is left as it is)."""
+    if exclude is None:
+        return logits
+    scores = logits.clone()
+    scores[..., exclude] = float("-inf")
+    return scores
 
 
 def soft_weights(probs: torch.Tensor, ids: torch.Tensor, tokens: torch.Tensor, mask_id: int,

@@ -259,12 +259,8 @@ class D2FDecoder:
                 run.eos = True
         if cfg.soft:
             lo, hi = active[0].start, active[-1].end
-            scores = logits[: hi - a][None]
-            if temperature == 0:  # [MASK] out of the candidates, as evotoken does at T=0
-                scores = scores.clone()
-                scores[..., model.mask_id] = float("-inf")
-            # mixture weights are ratios of top-k probabilities: no normaliser over the vocabulary needed
-            top_q, top_ids = top_k_relative(scores, cfg.k_soft)
+            exclude = model.mask_id if temperature == 0 else None
+            top_q, top_ids = top_k_relative(logits[: hi - a][None], cfg.k_soft, exclude)
             ids, w = soft_weights(top_q, top_ids, x[None, lo:hi], model.mask_id, cfg.alpha)
             soft_ids[:, lo:hi], soft_w[:, lo:hi] = ids, w.to(soft_w.dtype)
         return committed, revised
