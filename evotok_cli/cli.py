@@ -459,20 +459,28 @@ class _TrainProgress:
 # -- data ----------------------------------------------------------------------------------------
 @app.command()
 def data(
-    tasks: list[str] = typer.Argument(..., help="synthetic task names (sudoku4, arith, countdown3)"),
+    tasks: list[str] = typer.Argument(..., help="synthetic task names (sudoku4, arith-small, arith, countdown3)"),
     split: str = typer.Option("train", "--split", help="train | test (disjoint by construction)"),
     n: int = typer.Option(1000, "--n", help="problems per task"),
     seed: int = typer.Option(0, "--seed"),
     out: Path = typer.Option(..., "--out", help="JSONL file to write"),
+    cuts: bool = typer.Option(False, "--cuts", help="also write each problem cut after every '=' of its "
+                              "reasoning, the text before the cut as prefill (see above)"),
 ) -> None:
     """Write problems of the bundled model's synthetic tasks as training JSONL
     ({"prompt", "response", "prefill"}), interleaved across tasks, deterministic in the seed.
+
+    With --cuts, a problem whose reasoning has calculation steps ("10-5=5. 5*2=10.") is written once whole
+    and once more per "=", with the reasoning up to that "=" moved into the prefill, which masked-diffusion
+    training never masks. A result is then learnt from operands that are certainly visible; in whole
+    answers its copies (the next step's operand, the boxed answer) are usually visible too, and the model
+    learns to copy them instead of computing.
 
     Example: evotok data sudoku4 arith countdown3 --n 1000 --out train.jsonl
     """
     from evotok_cli.bench.tasks.synthetic import write_training_data
 
-    count = write_training_data(tasks, split=split, n=n, seed=seed, out=out)
+    count = write_training_data(tasks, split=split, n=n, seed=seed, out=out, cuts=cuts)
     _stderr().print(f"wrote {count} examples to {out}")
 
 

@@ -183,7 +183,7 @@ def test_countdown_has_no_hub_dataset():
 def test_synthetic_tasks_are_the_generators_test_split():
     from evotok_cli.bench.tasks.synthetic import TASKS
 
-    for name in ("sudoku4", "arith", "countdown3"):
+    for name in ("sudoku4", "arith-small", "arith", "countdown3"):
         task = registry.get(name)
         loaded = task.load(None, 5)
         problems = TASKS[name].problems("test", 5, 0)

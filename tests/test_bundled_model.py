@@ -65,3 +65,22 @@ def test_answers_held_out_problems(cli, task, index, decoder, adapter):
     text = doc["results"][0]["text"]
     parsed, correct = TASKS[task].score(text, problem.target)
     assert correct, f"{task} #{index}: {parsed!r} from {text!r}"
+
+
+def test_step_probe_counts_every_calculation_and_sees_the_copying():
+    """examples/bundled_model/step_probe.py, quoted by the model card: one row per "=" of the reasoning; the
+    shipped model predicts every result whose copies are visible (what it learnt: copying)."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "bundled_model" / "step_probe.py"
+    spec = importlib.util.spec_from_file_location("step_probe", script)
+    step_probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(step_probe)
+    from evotok_cli.runtime.model import load_model
+
+    counts = step_probe.probe(load_model(BUNDLED, device="cpu"), "arith", 3)
+    problems = TASKS["arith"].problems("test", 3, 0)
+    assert counts["steps"] == sum(p.reasoning.count("=") for p in problems)
+    assert counts["copies visible"] == counts["steps"]
+    assert 0 <= counts["rest masked"] <= counts["steps"]

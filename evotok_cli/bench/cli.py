@@ -67,7 +67,7 @@ bench_app = typer.Typer(
       evotok bench report DIR ...              Markdown table + PNG plot from results.json files
 
     \b
-    Tasks: gsm8k, math500, svamp, countdown (the paper's), sudoku4, arith, countdown3 (bundled model),
+    Tasks: gsm8k, math500, svamp, countdown (the paper's), sudoku4, arith-small, arith, countdown3 (bundled model),
     and any task a package registers under the `evotok.tasks` entry points.
 
     \b
@@ -122,7 +122,7 @@ def _yaml_data(value: Any, where: str | None) -> list[str]:
 def run(
     tasks: list[str] = typer.Argument(
         None, metavar="TASK", show_default=False,
-        help="tasks to run: gsm8k math500 svamp countdown sudoku4 arith countdown3 ...",
+        help="tasks to run: gsm8k math500 svamp countdown sudoku4 arith-small arith countdown3 ...",
     ),
     decoder: list[str] = typer.Option(
         None, "--decoder", "-d", help="decoder to compare (repeatable) [default: hard-mask]", show_default=False

@@ -55,5 +55,9 @@ class Arith(SyntheticTask):
     name = generator = "arith"
 
 
+class ArithSmall(SyntheticTask):
+    name = generator = "arith-small"
+
+
 class Countdown3(SyntheticTask):
     name = generator = "countdown3"

@@ -22,6 +22,7 @@ BUILTIN = {
     "countdown": "evotok_cli.bench.tasks.protocol:Countdown",
     "sudoku4": "evotok_cli.bench.tasks.bundled:Sudoku4",
     "arith": "evotok_cli.bench.tasks.bundled:Arith",
+    "arith-small": "evotok_cli.bench.tasks.bundled:ArithSmall",
     "countdown3": "evotok_cli.bench.tasks.bundled:Countdown3",
 }
 _REQUIRED = ("name", "load", "render", "score", "defaults")

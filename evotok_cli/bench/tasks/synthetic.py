@@ -6,6 +6,8 @@ construction, in the paper's answer format so the protocol's parsers apply uncha
   by *solution grid*: test grids never occur in training, so the model must solve, not recall.
 - `arith`: two- and three-step word problems over small numbers (start 2-20, steps 1-10, x2 or x3 on values
   up to 10); split by the problem's content.
+- `arith-small`: the same problems with every value, intermediate and answer within 1..20 (start 2-12,
+  steps 1-9), each result written once in the reasoning ("10-5=5, *3=15, -6=9.").
 - `countdown3`: Countdown with three numbers from 1 to 9 and targets up to 60, in the cd3 question format;
   split by (numbers, target).
 
@@ -165,30 +167,36 @@ ITEMS = ("apples", "pens", "books", "coins", "cards", "eggs", "stickers", "marbl
 class Arith(SyntheticTask):
     name = "arith"
     one_in = 10
+    start_high = 20  # the first value is 2..start_high
+    amount_high = 10  # amounts added or taken are 1..amount_high
+    cap: int | None = None  # no value (start, intermediate or answer) exceeds cap
 
     def sample(self, rng: random.Random) -> Problem:
         name, other = rng.sample(NAMES, 2)
         item = rng.choice(ITEMS)
-        value = rng.randint(2, 20)
+        value = rng.randint(2, self.start_high)
         sentences = [f"{name} has {value} {item}."]
         steps: list[str] = []
         for _ in range(rng.choice((2, 2, 3))):
             kind = rng.choice(("add", "add", "sub", "sub", "mul"))
-            if kind == "mul" and value <= 10:
-                factor = rng.choice((2, 3))
+            factors = tuple(f for f in (2, 3) if value <= 10 and (self.cap is None or value * f <= self.cap))
+            can_add = self.cap is None or value < self.cap
+            if kind == "mul" and factors:
+                factor = rng.choice(factors)
                 sentences.append(f"Then the number of {item} becomes {factor} times as many." if rng.random() < .5
                                  else f"Then {name} gets {factor} times as many {item}.")
                 steps.append(f"{value}*{factor}={value * factor}.")
                 value *= factor
-            elif kind == "sub" and value > 2:
-                amount = rng.randint(1, min(value - 1, 10))
+            elif (kind == "sub" and value > 2) or not can_add:
+                amount = rng.randint(1, min(value - 1, self.amount_high))
                 sentences.append(rng.choice((f"{name} gives {amount} {item} to {other}.",
                                              f"{name} loses {amount} {item}.",
                                              f"{other} takes {amount} {item} from {name}.")))
                 steps.append(f"{value}-{amount}={value - amount}.")
                 value -= amount
             else:
-                amount = rng.randint(1, 10)
+                high = self.amount_high if self.cap is None else min(self.amount_high, self.cap - value)
+                amount = rng.randint(1, high)
                 sentences.append(rng.choice((f"{name} buys {amount} more {item}.",
                                              f"{other} gives {name} {amount} {item}.",
                                              f"{name} finds {amount} {item}.")))
@@ -196,13 +204,39 @@ class Arith(SyntheticTask):
                 value += amount
         sentences.append(f"How many {item} does {name} have now?")
         question = " ".join(sentences)
-        return Problem(question, " ".join(steps), str(value), float(value), key=question)
+        return Problem(question, self.chain(steps), str(value), float(value), key=question)
+
+    @staticmethod
+    def chain(steps: list[str]) -> str:
+        """The reasoning: the steps one after another ("10-5=5. 5*3=15.")."""
+        return " ".join(steps)
 
     @staticmethod
     def score(generation: str, target: float) -> tuple[float | None, bool]:
         from evotok_cli.bench.parsers import parse_number_answer
         value = parse_number_answer(generation)
         return value, value is not None and value == target
+
+
+class ArithSmall(Arith):
+    """`arith` with every value kept within 1..20 (about 285 distinct steps), and a reasoning that writes
+    each result once: "10-5=5, *3=15, -6=9." instead of "10-5=5. 5*3=15. 15-6=9.".
+
+    Why: in `arith` a result reappears as the next step's first operand, so masked-diffusion training
+    mostly rewards copying it, and the bundled model learnt exactly that (examples/bundled_model/
+    step_probe.py: results right 95 of 95 times with the rest of the answer visible, 12 of 95 from the
+    operands alone, the case decoding meets)."""
+
+    name = "arith-small"
+    start_high = 12
+    amount_high = 9
+    cap = 20
+
+    @staticmethod
+    def chain(steps: list[str]) -> str:
+        """"10-5=5." "5*3=15." "15-6=9." -> "10-5=5, *3=15, -6=9."."""
+        tails = [step.lstrip("0123456789") for step in steps[1:]]  # drop the first operand: the last result
+        return ", ".join(step.rstrip(".") for step in [steps[0], *tails]) + "."
 
 
 # -- countdown3 ----------------------------------------------------------------------------------
@@ -249,11 +283,25 @@ class Countdown3(SyntheticTask):
         return expr, countdown_correct(expr, target[0], target[1])
 
 
-TASKS: dict[str, SyntheticTask] = {t.name: t for t in (Sudoku4(), Arith(), Countdown3())}
+TASKS: dict[str, SyntheticTask] = {t.name: t for t in (Sudoku4(), Arith(), ArithSmall(), Countdown3())}
 
 
-def write_training_data(names: list[str], *, split: str, n: int, seed: int, out) -> int:
-    """Interleave n problems of each task into a JSONL file of {"prompt", "response", "prefill"}."""
+def training_lines(p: Problem, cuts: bool = False) -> list[dict[str, str]]:
+    """The problem as one training line; with `cuts`, also one per "=" of its reasoning, the answer up to
+    and including that "=" moved into the prefill (the prompt side, never masked in training)."""
+    lines = [{"prompt": p.question, "prefill": PREFILL, "response": p.response[len(PREFILL):]}]
+    if cuts:
+        start = p.response.index(p.reasoning)
+        for i, ch in enumerate(p.reasoning):
+            if ch == "=":
+                cut = start + i + 1
+                lines.append({"prompt": p.question, "prefill": p.response[:cut], "response": p.response[cut:]})
+    return lines
+
+
+def write_training_data(names: list[str], *, split: str, n: int, seed: int, out, cuts: bool = False) -> int:
+    """Interleave n problems of each task into a JSONL file of {"prompt", "response", "prefill"}
+    (with `cuts`, each problem is followed by its cut copies: see `training_lines`)."""
     import json
     from pathlib import Path
 
@@ -276,9 +324,8 @@ def write_training_data(names: list[str], *, split: str, n: int, seed: int, out)
     with tmp.open("w", encoding="utf-8") as f:
         for i in range(n):
             for problems in per_task:
-                p = problems[i]
-                f.write(json.dumps({"prompt": p.question, "prefill": PREFILL,
-                                    "response": p.response[len(PREFILL):]}) + "\n")
-                count += 1
+                for line in training_lines(problems[i], cuts):
+                    f.write(json.dumps(line) + "\n")
+                    count += 1
     tmp.replace(path)
     return count

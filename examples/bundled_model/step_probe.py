@@ -1,0 +1,86 @@
+"""Can the model compute a reasoning step, or only copy its result? A diagnostic for the bundled model.
+
+For every calculation step of N test problems ("...20-5=" followed by "15"), the gold answer up to the "="
+is fed unmasked and the result's digits are predicted from one forward pass each, left to right, in two
+settings:
+
+- `rest masked`: everything after the "=" is [MASK], as when decoding reaches that step;
+- `copies visible`: only the result is [MASK]; the rest of the gold answer (the next step, which may
+  start with this result, and the boxed answer) is visible.
+
+A model that has learnt to compute scores alike in both; one that has learnt to copy scores high only in
+the second.
+
+    python examples/bundled_model/step_probe.py MODEL [--task arith] [--n 40]
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+import torch
+
+from evotok_cli.bench.tasks.synthetic import PREFILL, TASKS
+from evotok_cli.runtime import tokenizer as tok
+from evotok_cli.runtime.model import load_model
+
+GEN_LENGTH = 48  # the bundled model's answer window
+
+
+def steps(response: str) -> list[tuple[int, int]]:
+    """(start, end) character spans of the results in the reasoning: the digits after each '='."""
+    reasoning = response.split("</reasoning>")[0]
+    return [m.span(1) for m in re.finditer(r"=(\d+)", reasoning)]
+
+
+@torch.no_grad()
+def predict(model, ids: list[int], start: int, count: int) -> list[int]:
+    """Fill positions start .. start+count-1 (all [MASK] in `ids`) left to right, one pass per token."""
+    x = torch.tensor(ids, device=model.device)[None]
+    out = []
+    for i in range(count):
+        token = int(model(input_ids=x)[0][start + i].argmax())
+        x[0, start + i] = token
+        out.append(token)
+    return out
+
+
+def probe(model, task: str, n: int) -> dict[str, int]:
+    counts = {"steps": 0, "rest masked": 0, "copies visible": 0}
+    for problem in TASKS[task].problems("test", n, 0):
+        prompt = tok.render_prompt(model.tokenizer, problem.question, chat=True, prefill=PREFILL)
+        prompt_ids = tok.encode(model.tokenizer, prompt)
+        body = problem.response[len(PREFILL):]
+        for start, end in steps(body):
+            before = tok.encode(model.tokenizer, prompt + body[:start])
+            result = list(model.tokenizer(body[start:end], add_special_tokens=False)["input_ids"])
+            after = list(model.tokenizer(body[end:], add_special_tokens=False)["input_ids"])
+            window = len(prompt_ids) + GEN_LENGTH - len(before)
+            masked = [model.mask_id] * len(result)
+            rest_masked = before + [model.mask_id] * window
+            eot = [model.eot_id] if model.eot_id is not None else []
+            tail = (after + eot + [model.eos_id] * window)[: window - len(result)]
+            copies_visible = before + masked + tail
+            counts["steps"] += 1
+            counts["rest masked"] += predict(model, rest_masked, len(before), len(result)) == result
+            counts["copies visible"] += predict(model, copies_visible, len(before), len(result)) == result
+    return counts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("model")
+    parser.add_argument("--task", default="arith", choices=[t for t in TASKS if t != "sudoku4"])
+    parser.add_argument("--n", type=int, default=40, help="test problems (generator seed 0)")
+    args = parser.parse_args()
+    model = load_model(args.model, device="cpu")
+    counts = probe(model, args.task, args.n)
+    total = counts["steps"]
+    print(f"{args.task}: {total} steps of {args.n} test problems; results predicted right with")
+    for key in ("rest masked", "copies visible"):
+        print(f"  {key:15s} {counts[key]:4d} / {total}  ({100 * counts[key] / total:.0f}%)")
+
+
+if __name__ == "__main__":
+    main()
