@@ -465,7 +465,7 @@ def data(
     seed: int = typer.Option(0, "--seed"),
     out: Path = typer.Option(..., "--out", help="JSONL file to write"),
     cuts: bool = typer.Option(False, "--cuts", help="also write each problem cut after every '=' of its "
-                              "reasoning, the text before the cut as prefill (see above)"),
+                              "reasoning, the text before the cut as prefill (see the description)"),
 ) -> None:
     """Write problems of the bundled model's synthetic tasks as training JSONL
     ({"prompt", "response", "prefill"}), interleaved across tasks, deterministic in the seed.

@@ -40,20 +40,24 @@ def test_test_splits_never_change():
 
 
 def test_arith_small_stays_within_twenty_writes_each_result_once_and_adds_up():
-    steps_seen = set()
-    for p in TASKS["arith-small"].problems("train", 2000, 5):
+    lengths, distinct = set(), set()
+    for p in TASKS["arith-small"].problems("train", 20000, 5):
         value = int(re.match(r"\w+ has (\d+) ", p.question).group(1))
+        assert 2 <= value <= 12
         first, *rest = p.reasoning.rstrip(".").split(", ")
         assert first.startswith(f"{value}") and all(step[0] in "+-*" for step in rest)  # "10-5=5, *3=15, -6=9."
         steps = [first[len(str(value)):], *rest]
-        steps_seen.add(len(steps))
+        lengths.add(len(steps))
         for step in steps:
             op, amount, result = re.fullmatch(r"([-+*])(\d+)=(\d+)", step).groups()
             assert {"+": value + int(amount), "-": value - int(amount), "*": value * int(amount)}[op] == int(result)
+            assert (int(amount) in (2, 3)) if op == "*" else (1 <= int(amount) <= 9), p.reasoning
+            distinct.add(f"{value}{op}{amount}")
             value = int(result)
-            assert 1 <= int(amount) <= 20 and 1 <= value <= 20, p.reasoning
+            assert 1 <= value <= 20, p.reasoning
         assert p.answer == str(value) and p.target == float(value)
-    assert steps_seen == {2, 3}
+    assert lengths == {2, 3}
+    assert len(distinct) == 285  # the docs' "285 distinct steps"
 
 
 def test_cut_lines_move_the_reasoning_up_to_each_equals_sign_into_the_prefill(cli, tmp_path):
@@ -70,13 +74,15 @@ def test_cut_lines_move_the_reasoning_up_to_each_equals_sign_into_the_prefill(cl
     arith = [line for line in lines if line["prompt"].endswith("have now?")]
     sudoku = [line for line in lines if line["prompt"].startswith("Sudoku")]
     assert len(sudoku) == 3  # no "=" in its reasoning, nothing to cut
-    assert len(arith) == sum(1 + w["response"].count("=") for w in whole if w in arith)
+    assert len(arith) == sum(1 + w["response"].count("=") for w in whole if w in arith)  # no "=" after the reasoning
 
 
 @pytest.mark.slow
 def test_recipe_runs_at_toy_size(cli, tmp_path):
     runs = tmp_path / "runs"
-    assert cli("data", "sudoku4", "arith-small", "arith", "countdown3", "--n", "40", "--seed", "1", "--out", str(runs / "train.jsonl")).returncode == 0
+    data = cli("data", "sudoku4", "arith-small", "arith", "countdown3", "--n", "40", "--seed", "1",
+               "--out", str(runs / "train.jsonl"))
+    assert data.returncode == 0, data.stderr
     assert cli("init-model", str(runs / "init"), "--layers", "1", "--hidden", "32", "--heads", "2",
                "--max-length", "256", "--vocab-size", "300", "--corpus", str(runs / "train.jsonl")).returncode == 0
     pre = cli("finetune", str(runs / "train.jsonl"), "-m", str(runs / "init"), "--out", str(runs / "pretrain"),

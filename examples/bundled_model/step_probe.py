@@ -47,6 +47,7 @@ def predict(model, ids: list[int], start: int, count: int) -> list[int]:
 
 
 def probe(model, task: str, n: int) -> dict[str, int]:
+    """Counts of calculation steps and of results predicted right in each setting, over n test problems."""
     counts = {"steps": 0, "rest masked": 0, "copies visible": 0}
     for problem in TASKS[task].problems("test", n, 0):
         prompt = tok.render_prompt(model.tokenizer, problem.question, chat=True, prefill=PREFILL)
@@ -59,7 +60,8 @@ def probe(model, task: str, n: int) -> dict[str, int]:
             window = len(prompt_ids) + GEN_LENGTH - len(before)
             masked = [model.mask_id] * len(result)
             rest_masked = before + [model.mask_id] * window
-            eot = [model.eot_id] if model.eot_id is not None else []
+            chat = tok.has_chat_template(model.tokenizer)  # training appends end-of-turn only then
+            eot = [model.eot_id] if model.eot_id is not None and chat else []
             tail = (after + eot + [model.eos_id] * window)[: window - len(result)]
             copies_visible = before + masked + tail
             counts["steps"] += 1

@@ -187,7 +187,7 @@ class Arith(SyntheticTask):
                                  else f"Then {name} gets {factor} times as many {item}.")
                 steps.append(f"{value}*{factor}={value * factor}.")
                 value *= factor
-            elif (kind == "sub" and value > 2) or not can_add:
+            elif (kind == "sub" and value > 2) or not can_add:  # at the cap only a subtraction stays within it
                 amount = rng.randint(1, min(value - 1, self.amount_high))
                 sentences.append(rng.choice((f"{name} gives {amount} {item} to {other}.",
                                              f"{name} loses {amount} {item}.",
@@ -219,7 +219,7 @@ class Arith(SyntheticTask):
 
 
 class ArithSmall(Arith):
-    """`arith` with every value kept within 1..20 (about 285 distinct steps), and a reasoning that writes
+    """`arith` with every value kept within 1..20 (285 distinct steps), and a reasoning that writes
     each result once: "10-5=5, *3=15, -6=9." instead of "10-5=5. 5*3=15. 15-6=9.".
 
     Why: in `arith` a result reappears as the next step's first operand, so masked-diffusion training
@@ -234,7 +234,7 @@ class ArithSmall(Arith):
 
     @staticmethod
     def chain(steps: list[str]) -> str:
-        """"10-5=5." "5*3=15." "15-6=9." -> "10-5=5, *3=15, -6=9."."""
+        """Steps `10-5=5.`, `5*3=15.`, `15-6=9.` become `10-5=5, *3=15, -6=9.`."""
         tails = [step.lstrip("0123456789") for step in steps[1:]]  # drop the first operand: the last result
         return ", ".join(step.rstrip(".") for step in [steps[0], *tails]) + "."
 
