@@ -22,10 +22,14 @@ SOLVED = [
     ("sudoku4", 3, "evotoken", "cts"),
     ("sudoku4", 5, "evotoken", "cts"),
     ("sudoku4", 3, "d2f", "d2f"),
-    ("countdown3", 4, "hard-mask", None),
+    ("arith-small", 0, "hard-mask", None),
+    ("arith-small", 33, "evotoken", None),  # the guide's revision
+    ("arith-small", 4, "evotoken", "cts"),
+    ("arith-small", 4, "d2f", "d2f"),
+    ("arith", 3, "hard-mask", None),
+    ("countdown3", 2, "hard-mask", None),
     ("countdown3", 2, "evotoken", "cts"),
     ("countdown3", 9, "d2f", "d2f"),
-    ("arith", 3, "hard-mask", None),
 ]
 
 
@@ -69,7 +73,8 @@ def test_answers_held_out_problems(cli, task, index, decoder, adapter):
 
 def test_step_probe_counts_every_calculation_and_sees_the_copying():
     """examples/bundled_model/step_probe.py, quoted by the model card: one row per "=" of the reasoning; the
-    shipped model predicts every result whose copies are visible (what it learnt: copying)."""
+    shipped model predicts every result whose copies are visible, and fewer from the operands alone (on
+    arith it computes some steps, not all)."""
     import importlib.util
     from pathlib import Path
 
@@ -84,3 +89,10 @@ def test_step_probe_counts_every_calculation_and_sees_the_copying():
     assert counts["steps"] == sum(p.reasoning.count("=") for p in problems)
     assert counts["copies visible"] == counts["steps"]
     assert counts["rest masked"] < counts["copies visible"]
+    # --split train reads the problems `evotok data arith --seed 12` wrote (the continued pretraining's)
+    import itertools
+
+    train = list(itertools.islice(TASKS["arith"].stream("train", 12), 2))
+    counts = step_probe.probe(load_model(BUNDLED, device="cpu"), "arith", 2, split="train", seed=12)
+    assert counts["steps"] == sum(p.reasoning.count("=") for p in train)
+    assert {p.question for p in train}.isdisjoint(p.question for p in problems)

@@ -89,7 +89,9 @@ def test_recipe_runs_at_toy_size(cli, tmp_path):
               "--config", str(RECIPE / "pretrain.yaml"), *TOY, "--json")
     assert pre.returncode == 0, pre.stderr
     assert json.loads(pre.stdout)["kind"] == "model"
-    for start, out, config in (("pretrain", "base", "continue.yaml"), ("base", "arith-exp", "arith-small.yaml")):
+    stages = (("pretrain", "continued", "continue.yaml"), ("continued", "compute-1", "compute-1.yaml"),
+              ("compute-1", "compute-2", "compute-2.yaml"), ("compute-2", "base", "compute-3.yaml"))
+    for start, out, config in stages:
         more = cli("finetune", str(runs / "train.jsonl"), "-m", str(runs / start), "--out", str(runs / out),
                    "--config", str(RECIPE / config), *TOY, "--json")
         assert more.returncode == 0, (config, more.stderr)

@@ -17,9 +17,9 @@ evotok trace "$work/evo.jsonl" --png "$img/evotoken.png" --html "$img/evotoken.h
 evotok generate -p "$prompt" -d evotoken --adapter cts --trace "$work/cts.jsonl" --json > "$work/evotoken-cts.json"
 evotok trace "$work/cts.jsonl" --png "$img/evotoken-cts.png"
 
-# 2. a revision, up close: another held-out puzzle whose training-free evotoken run revises a cell; the
-#    HTML page with the tooltip open on the first revised cell
-revision_prompt=$'Sudoku 4x4 (0 = blank):\n0041|0002|3100|0013'
+# 2. a revision, up close: a held-out arith-small problem (test #33) whose training-free evotoken run
+#    revises a cell; the HTML page with the tooltip open on the first revised cell
+revision_prompt='Eva has 8 books. Then Eva gets 2 times as many books. Uma gives Eva 2 books. How many books does Eva have now?'
 evotok generate -p "$revision_prompt" -d evotoken --trace "$work/rev.jsonl" --json > "$work/revision.json"
 evotok trace "$work/rev.jsonl" --html "$img/revision.html"
 python "$img/screenshot.py" "$img/revision.html" "$img/revision.png"

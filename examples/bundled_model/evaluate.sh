@@ -4,13 +4,13 @@
 #   test set as in the paper; alpha 0.7 at the smaller budgets), evotoken with the CTS adapter (the same),
 #   hard-mask with the FT-baseline adapter (plain SFT, same data and steps as CTS), and d2f with the D2F
 #   adapter (threshold-driven: its NFE is what its thresholds make it).
-# Usage: bash examples/bundled_model/evaluate.sh RUNS_DIR [LIMIT]      (about 25 minutes on 2 CPU cores)
+# Usage: bash examples/bundled_model/evaluate.sh RUNS_DIR [LIMIT]      (about 22 minutes on 2 CPU cores)
 set -euo pipefail
 runs=${1:-runs/bundled}
 limit=${2:-50}
 base="$runs/base"
 out="$runs/eval"
-common=(sudoku4 arith countdown3 --limit "$limit" --batch-size 50 --gen-length 48 --block-length 16)
+common=(sudoku4 arith-small arith countdown3 --limit "$limit" --batch-size 50 --gen-length 48 --block-length 16)
 for steps in 48 24 12; do
   if [[ $steps == 48 ]]; then alphas=0.5,0.7,0.9; else alphas=0.7; fi
   evotok bench "${common[@]}" -m "$base" -d hard-mask -d evotoken --sweep alpha=$alphas \

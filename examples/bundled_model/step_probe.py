@@ -9,14 +9,17 @@ settings:
   start with this result, and the boxed answer) is visible.
 
 A model that has learnt to compute scores alike in both; one that has learnt to copy scores high only in
-the second.
+the second. `--split train --seed S` probes the first N training problems of `evotok data TASK --seed S`
+instead: a model that scores much higher there than on the test split has memorised problems rather than
+learnt the steps.
 
-    python examples/bundled_model/step_probe.py MODEL [--task arith] [--n 40]
+    python examples/bundled_model/step_probe.py MODEL [--task arith] [--n 40] [--split train --seed 21]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import re
 
 import torch
@@ -46,10 +49,15 @@ def predict(model, ids: list[int], start: int, count: int) -> list[int]:
     return out
 
 
-def probe(model, task: str, n: int) -> dict[str, int]:
-    """Counts of calculation steps and of results predicted right in each setting, over n test problems."""
+def probe(model, task: str, n: int, split: str = "test", seed: int = 0) -> dict[str, int]:
+    """Counts of calculation steps and of results predicted right in each setting, over the first n problems
+    of the split (for `train`, the order in which `evotok data` writes them with that seed)."""
     counts = {"steps": 0, "rest masked": 0, "copies visible": 0}
-    for problem in TASKS[task].problems("test", n, 0):
+    if split == "train":  # the stream `evotok data` draws its training problems from
+        problems = list(itertools.islice(TASKS[task].stream("train", seed), n))
+    else:
+        problems = TASKS[task].problems("test", n, seed)
+    for problem in problems:
         prompt = tok.render_prompt(model.tokenizer, problem.question, chat=True, prefill=PREFILL)
         prompt_ids = tok.encode(model.tokenizer, prompt)
         body = problem.response[len(PREFILL):]
@@ -74,12 +82,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("model")
     parser.add_argument("--task", default="arith", choices=[t for t in TASKS if t != "sudoku4"])
-    parser.add_argument("--n", type=int, default=40, help="test problems (generator seed 0)")
+    parser.add_argument("--n", type=int, default=40, help="problems to probe")
+    parser.add_argument("--split", default="test", choices=["test", "train"])
+    parser.add_argument("--seed", type=int, default=0, help="generator seed (the bench's test problems: 0)")
     args = parser.parse_args()
     model = load_model(args.model, device="cpu")
-    counts = probe(model, args.task, args.n)
+    counts = probe(model, args.task, args.n, args.split, args.seed)
     total = counts["steps"]
-    print(f"{args.task}: {total} steps of {args.n} test problems; results predicted right with")
+    where = f"{args.n} {args.split} problems (seed {args.seed})"
+    print(f"{args.task}: {total} steps of {where}; results predicted right with")
     for key in ("rest masked", "copies visible"):
         print(f"  {key:15s} {counts[key]:4d} / {total}  ({100 * counts[key] / total:.0f}%)")
 
