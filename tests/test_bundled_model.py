@@ -71,10 +71,10 @@ def test_answers_held_out_problems(cli, task, index, decoder, adapter):
     assert correct, f"{task} #{index}: {parsed!r} from {text!r}"
 
 
-def test_step_probe_counts_every_calculation_and_sees_the_copying():
-    """examples/bundled_model/step_probe.py, quoted by the model card: one row per "=" of the reasoning; the
-    shipped model predicts every result whose copies are visible, and fewer from the operands alone (on
-    arith it computes some steps, not all)."""
+def test_step_probe_counts_every_calculation_in_both_settings():
+    """examples/bundled_model/step_probe.py, quoted by the model card: one row per "=" of the reasoning; on
+    these three arith problems the shipped model predicts every result whose copies are visible, and fewer
+    from the operands alone (it computes some steps, not all)."""
     import importlib.util
     from pathlib import Path
 
