@@ -84,7 +84,8 @@ def test_step_probe_counts_every_calculation_in_both_settings():
     spec.loader.exec_module(step_probe)
     from evotok_cli.runtime.model import load_model
 
-    counts = step_probe.probe(load_model(BUNDLED, device="cpu"), "arith", 3)
+    model = load_model(BUNDLED, device="cpu")
+    counts = step_probe.probe(model, "arith", 3)
     problems = TASKS["arith"].problems("test", 3, 0)
     assert counts["steps"] == sum(p.reasoning.count("=") for p in problems)
     assert counts["copies visible"] == counts["steps"]
@@ -93,6 +94,6 @@ def test_step_probe_counts_every_calculation_in_both_settings():
     import itertools
 
     train = list(itertools.islice(TASKS["arith"].stream("train", 12), 2))
-    counts = step_probe.probe(load_model(BUNDLED, device="cpu"), "arith", 2, split="train", seed=12)
+    counts = step_probe.probe(model, "arith", 2, split="train", seed=12)
     assert counts["steps"] == sum(p.reasoning.count("=") for p in train)
     assert {p.question for p in train}.isdisjoint(p.question for p in problems)

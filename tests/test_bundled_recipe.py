@@ -1,6 +1,6 @@
 """The bundled model's recipe (examples/bundled_model/) runs end to end at toy size: data, tokenizer and
-random init, pretraining, its continuation, the arith experiment, the three fine-tunes with the shipped YAML
-configs, and a bench."""
+random init, pretraining, its continuation, the three compute runs, the three fine-tunes with the shipped
+YAML configs, and a bench."""
 
 from __future__ import annotations
 

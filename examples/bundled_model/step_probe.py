@@ -19,12 +19,11 @@ learnt the steps.
 from __future__ import annotations
 
 import argparse
-import itertools
 import re
 
 import torch
 
-from evotok_cli.bench.tasks.synthetic import PREFILL, TASKS
+from evotok_cli.bench.tasks.synthetic import PREFILL, TASKS, data_problems
 from evotok_cli.runtime import tokenizer as tok
 from evotok_cli.runtime.model import load_model
 
@@ -53,11 +52,9 @@ def probe(model, task: str, n: int, split: str = "test", seed: int = 0) -> dict[
     """Counts of calculation steps and of results predicted right in each setting, over the first n problems
     of the split (for `train`, the order in which `evotok data` writes them with that seed)."""
     counts = {"steps": 0, "rest masked": 0, "copies visible": 0}
-    if split == "train":  # the stream `evotok data` draws its training problems from
-        problems = list(itertools.islice(TASKS[task].stream("train", seed), n))
-    else:
-        problems = TASKS[task].problems("test", n, seed)
-    for problem in problems:
+    chat = tok.has_chat_template(model.tokenizer)  # training appends end-of-turn only then
+    eot = [model.eot_id] if model.eot_id is not None and chat else []
+    for problem in data_problems(task, split, n, seed):
         prompt = tok.render_prompt(model.tokenizer, problem.question, chat=True, prefill=PREFILL)
         prompt_ids = tok.encode(model.tokenizer, prompt)
         body = problem.response[len(PREFILL):]
@@ -68,8 +65,6 @@ def probe(model, task: str, n: int, split: str = "test", seed: int = 0) -> dict[
             window = len(prompt_ids) + GEN_LENGTH - len(before)
             masked = [model.mask_id] * len(result)
             rest_masked = before + [model.mask_id] * window
-            chat = tok.has_chat_template(model.tokenizer)  # training appends end-of-turn only then
-            eot = [model.eot_id] if model.eot_id is not None and chat else []
             tail = (after + eot + [model.eos_id] * window)[: window - len(result)]
             copies_visible = before + masked + tail
             counts["steps"] += 1

@@ -223,9 +223,9 @@ class ArithSmall(Arith):
     each result once: "10-5=5, *3=15, -6=9." instead of "10-5=5. 5*3=15. 15-6=9.".
 
     Why: in `arith` a result reappears as the next step's first operand, so masked-diffusion training
-    mostly rewards copying it, and the bundled model learnt exactly that (examples/bundled_model/
-    step_probe.py: results right 95 of 95 times with the rest of the answer visible, 12 of 95 from the
-    operands alone, the case decoding meets)."""
+    mostly rewards copying it, and the bundled model, before its compute runs, learnt exactly that
+    (examples/bundled_model/step_probe.py: results right 95 of 95 times with the rest of the answer
+    visible, 12 of 95 from the operands alone, the case decoding meets)."""
 
     name = "arith-small"
     start_high = 12
@@ -299,6 +299,14 @@ def training_lines(p: Problem, cuts: bool = False) -> list[dict[str, str]]:
     return lines
 
 
+def data_problems(name: str, split: str, n: int, seed: int) -> list[Problem]:
+    """The n problems `evotok data` writes for one task: train reads an endless stream, so small problem
+    spaces (countdown3) repeat as epochs would; test gives n distinct problems (the bench's, with seed 0)."""
+    if split == "train":
+        return list(itertools.islice(TASKS[name].stream(split, seed), n))
+    return TASKS[name].problems(split, n, seed)
+
+
 def write_training_data(names: list[str], *, split: str, n: int, seed: int, out, cuts: bool = False) -> int:
     """Interleave n problems of each task into a JSONL file of {"prompt", "response", "prefill"}
     (with `cuts`, each problem is followed by its cut copies: see `training_lines`)."""
@@ -313,10 +321,7 @@ def write_training_data(names: list[str], *, split: str, n: int, seed: int, out,
                           fix=f"choose from {', '.join(TASKS)}")
     if split not in ("train", "test"):
         raise ConfigError(f"unknown split {split!r}", where="--split", fix="use train or test")
-    if split == "train":  # an endless stream: small problem spaces (countdown3) repeat, as epochs would
-        per_task = [list(itertools.islice(TASKS[t].stream(split, seed), n)) for t in names]
-    else:
-        per_task = [TASKS[t].problems(split, n, seed) for t in names]
+    per_task = [data_problems(t, split, n, seed) for t in names]
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
