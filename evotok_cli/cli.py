@@ -32,11 +32,13 @@ GENERATE_DEFAULTS: dict[str, Any] = {
     "dtype": "auto", "chat_template": True, "system": None, "prefill": "", "batch_size": 8, "json": False,
     "trace": None,
 }
+GENERATE_TYPES = {"model": str, "decoder": str, "threshold": float, "remasking": str, "adapter": str, "system": str,
+                  "trace": str}
 
 
 def _stderr() -> Any:
-    from rich.console import Console
-    return Console(stderr=True, highlight=False)
+    from evotok_cli.console import stderr
+    return stderr()
 
 
 def _version(value: bool) -> None:
@@ -87,33 +89,40 @@ def info(
     table = Table(show_header=False, box=None)
     for key, value in facts.items():
         if key == "adapter" and value:
-            value = (f"r={value['r']} alpha={value['lora_alpha']:g}{' rsLoRA' if value['rslora'] else ''}, "
+            value = (("MATCHES NOTHING in this model (--adapter refuses it): " if value["matches_nothing"] else "")
+                     + f"r={value['r']} alpha={value['lora_alpha']:g}{' rsLoRA' if value['rslora'] else ''}, "
                      f"{value['merged_modules']} modules: "
                      + ", ".join(f"{k} x{n}" for k, n in sorted(value["matched"].items()))
                      + ("; " + "; ".join(value["notes"]) if value["notes"] else ""))
         elif key == "parameters":
             value = f"{value:,}"
         table.add_row(key, str(value))
-    from rich.console import Console
-    Console(highlight=False).print(table)
+    from evotok_cli.console import console
+    console().print(table)
 
 
 # -- decoders ------------------------------------------------------------------------------------
 @app.command()
 def decoders(
-    details: str | None = typer.Option(None, "--details", help="show the options of one decoder"),
+    name: str | None = typer.Argument(None, help="show the options of this decoder (same as --details NAME)",
+                                      show_default=False),
+    details: str | None = typer.Option(None, "--details", help="show the options of one decoder", show_default=False),
     as_json: bool = typer.Option(False, "--json", help="print one JSON document (schema evotok.decoders/1)"),
 ) -> None:
     """List installed decoders (built-in and third-party, from the `evotok.decoders` entry points),
-    whether each loads, and with --details NAME its options (set them with --opt key=value).
+    whether each loads, and with NAME (or --details NAME) its options (set them with --opt key=value).
 
-    Example: evotok decoders --details evotoken
+    Examples: evotok decoders;  evotok decoders evotoken;  evotok decoders --details d2f --json
     """
     from evotok_cli.decoding import registry
     from evotok_cli.decoding.api import describe_options
 
+    if name and details and name != details:
+        raise EvotokError(f"two decoders asked for ({name} and --details {details})", where="evotok decoders",
+                          fix="name one decoder")
+    details = details or name
     if details:
-        cls = registry.get(details)
+        cls = registry.get(details, where="evotok decoders" if name else "--details")
         rows = describe_options(cls.Config)
         if as_json:
             typer.echo(json.dumps({"schema": "evotok.decoders/1", "name": details, "options": rows}, indent=2,
@@ -125,23 +134,26 @@ def decoders(
             table.add_column(col)
         for r in rows:
             table.add_row(r["name"], r["type"], str(r["default"]), r["range"], r["help"])
-        from rich.console import Console
-        Console(highlight=False).print(table)
+        from evotok_cli.console import console
+        console().print(table)
         return
     entries = registry.discover()
     if as_json:
         typer.echo(json.dumps({"schema": "evotok.decoders/1", "decoders": [
             {"name": e.name, "package": e.package, "version": e.version, "entry_point": e.value, "ok": e.ok,
-             "error": e.error} for e in entries.values()]}, indent=2))
+             "error": e.error, "shadowed": e.shadowed} for e in entries.values()]}, indent=2))
         return
     from rich.table import Table
     table = Table()
     for col in ("decoder", "package", "version", "status"):
         table.add_column(col)
     for e in entries.values():
-        table.add_row(e.name, e.package, e.version, "ok" if e.ok else f"error: {e.error}")
-    from rich.console import Console
-    Console(highlight=False).print(table)
+        status = "ok" if e.ok else f"error: {e.error}"
+        if e.shadowed:
+            status += f" (also registered by {', '.join(e.shadowed)}, which is not used)"
+        table.add_row(e.name, e.package, e.version, status)
+    from evotok_cli.console import console
+    console().print(table)
 
 
 # -- generate ------------------------------------------------------------------------------------
@@ -186,11 +198,12 @@ def generate(
       evotok generate --model ./LLaDA-8B-Instruct --adapter ./EvoToken-LoRA -d evotoken -p "..." --json
     """
     from evotok_cli.config import Settings, parse_opts
+    from evotok_cli.files import check_text, output_file
     from evotok_cli.prompts import Prompt, encode_prompts, parse_ids, read_prompts_file
 
-    s = Settings(GENERATE_DEFAULTS, config, command="generate")
+    s = Settings(GENERATE_DEFAULTS, config, command="generate", types=GENERATE_TYPES)
     get = s.get
-    prompts: list[Prompt] = [Prompt(t) for t in prompt or []]
+    prompts: list[Prompt] = [Prompt(check_text(t, "--prompt")) for t in prompt or []]
     prompts += [Prompt(None, ids=parse_ids(t, "--prompt-ids")) for t in prompt_ids or []]
     if prompts_file:
         prompts += read_prompts_file(prompts_file)
@@ -207,31 +220,43 @@ def generate(
     from evotok_cli.generation import make_decoder
 
     dec = make_decoder(decoder_name, options)  # validate options before the (slow) model load
+    from evotok_cli.generation import check_settings
     from evotok_cli.runtime.checkpoint import generation_defaults
 
     model_path = _model_path(get("model", model))
     s.defaults = {**GENERATE_DEFAULTS, **generation_defaults(model_path)}  # the model's own, under YAML and flags
     gen_length_v, block_v, steps_v = get("gen_length", gen_length), get("block_length", block_length), get("steps", steps)
-    from evotok_cli.decoding.schedule import block_layout
-    block_layout(gen_length_v, block_v, steps_v)
+    temperature_v = get("temperature", temperature)
+    check_settings(dec, gen_length=gen_length_v, block_length=block_v, steps=steps_v, temperature=temperature_v)
+    system_v, prefill_v, trace_v = get("system", system), get("prefill", prefill), get("trace", trace)
+    for text, flag in ((system_v, "--system"), (prefill_v, "--prefill")):
+        if text is not None:
+            check_text(text, flag)
+    if trace_v is not None:
+        output_file(trace_v, "--trace")
 
     from evotok_cli.runtime.model import load_model
 
     lm = load_model(model_path, adapter=get("adapter", adapter), device=get("device", device), dtype=get("dtype", dtype))
     encode_prompts(prompts, lm.tokenizer, chat=get("chat_template", chat_template), vocab_size=lm.vocab_size,
-                   system=get("system", system), prefill=get("prefill", prefill))
+                   system=system_v, prefill=prefill_v)
     err = _stderr()
     json_out = get("json", as_json)
     from evotok_cli.viz.live import LiveCanvas
     live = LiveCanvas(lm, err) if show else None  # the live canvas replaces the progress line
-    with live or nullcontext(), _progress(err, enabled=err.is_terminal and live is None) as on_pass:
+    progress = _progress(err, enabled=live is None, prompts=len(prompts))
+    with live or nullcontext(), progress:
         results, wall = run_generation(
             lm, decoder_name, dec, prompts, gen_length=gen_length_v, block_length=block_v, steps=steps_v,
-            temperature=get("temperature", temperature), seed=get("seed", seed),
-            batch_size=get("batch_size", batch_size), trace=get("trace", trace), on_pass=on_pass,
-            on_event=live.update if live else None)
-    params = {"gen_length": gen_length_v, "block_length": block_v, "steps": steps_v,
-              "temperature": get("temperature", temperature), "seed": get("seed", seed),
+            temperature=temperature_v, seed=get("seed", seed),
+            batch_size=get("batch_size", batch_size), trace=trace_v, on_pass=progress.on_pass,
+            on_event=live.update if live else None, on_batch=progress.on_batch)
+    from evotok_cli.decoding.api import settings_used
+
+    used = settings_used(dec)
+    params = {**{k: v for k, v in (("gen_length", gen_length_v), ("block_length", block_v), ("steps", steps_v))
+                 if k in used},
+              "temperature": temperature_v, "seed": get("seed", seed),
               "batch_size": get("batch_size", batch_size), "adapter": get("adapter", adapter),
               "chat_template": get("chat_template", chat_template), "prefill": get("prefill", prefill),
               "device": str(lm.device),
@@ -252,20 +277,37 @@ def generate(
 
 
 class _progress:
-    """A transient progress line of forward passes on stderr (only on a terminal)."""
+    """Forward passes as a transient line on a terminal; in a log (stderr piped), a plain line per tenth
+    of the prompts and at least every 30 s."""
 
-    def __init__(self, console: Any, enabled: bool):
-        self.console, self.enabled, self.bar = console, enabled, None
+    def __init__(self, console: Any, enabled: bool, prompts: int):
+        from evotok_cli.console import PlainProgress
 
-    def __enter__(self):
-        if not self.enabled:
-            return None
-        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-        self.bar = Progress(SpinnerColumn(), TextColumn("forward passes: {task.completed}"), TimeElapsedColumn(),
-                            console=self.console, transient=True)
-        self.bar.start()
-        task = self.bar.add_task("decode", total=None)
-        return lambda n: self.bar.update(task, completed=n)
+        self.console, self.bar, self.task, self.done = console, None, None, 0
+        self.terminal = enabled and console.is_terminal
+        # one prompt: only the 30 s heartbeat; a batch: also each tenth of the prompts
+        self.plain = (PlainProgress(console, "generate", prompts if prompts > 1 else None)
+                      if enabled and not self.terminal else None)
+
+    def __enter__(self) -> _progress:
+        if self.terminal:
+            from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+            self.bar = Progress(SpinnerColumn(), TextColumn("forward passes: {task.completed}"), TimeElapsedColumn(),
+                                console=self.console, transient=True)
+            self.bar.start()
+            self.task = self.bar.add_task("decode", total=None)
+        return self
+
+    def on_pass(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=n)
+        elif self.plain is not None:
+            self.plain.update(self.done, f"prompts done, batch at pass {n}")
+
+    def on_batch(self, done: int, total: int) -> None:
+        self.done = done
+        if self.plain is not None:
+            self.plain.update(done, "prompts done")
 
     def __exit__(self, *exc):
         if self.bar is not None:
@@ -320,13 +362,19 @@ FINETUNE_DEFAULTS: dict[str, Any] = {
 }
 
 
+FINETUNE_TYPES = {"model": str, "out": str, "adapter": str, "max_steps": int, "min_response": int,
+                  "response_length": int}
+
+
 def _csv(text: Any, kind: type, where: str) -> list:
+    from evotok_cli.errors import ConfigError
+
     items = list(text) if isinstance(text, (list, tuple)) else [t for t in str(text).replace(" ", "").split(",") if t]
     try:
         return [kind(t) for t in items]
-    except ValueError:
-        raise EvotokError(f"{text!r} is not a comma-separated list of {kind.__name__}", where=where,
-                          fix="write e.g. 1,2,4,8") from None
+    except (ValueError, TypeError):
+        raise ConfigError(f"{text!r} is not a comma-separated list of {kind.__name__}", where=where,
+                          fix="write e.g. 1,2,4,8" if kind is int else "write e.g. 0.5,1.0") from None
 
 
 @app.command()
@@ -370,26 +418,30 @@ def finetune(
     masked SFT (the paper's FT-baseline, also used to pretrain from scratch), or D2F distillation.
 
     Writes a PEFT adapter (or with --full a Hugging Face checkpoint), training_args.json, loss_log.jsonl
-    and loss.png into --out. Interrupt at any time: a checkpoint is saved; continue with --resume.
+    and loss.png into --out, which must not hold another run. Interrupt at any time: a checkpoint is
+    saved (exit code 130 for Ctrl-C, 143 for SIGTERM); continue the same run with --resume.
 
     Examples:
 
-      evotok finetune examples/finetune/tiny.jsonl --out runs/cts --max-steps 50
+      evotok data sudoku4 --n 200 --out train.jsonl && evotok finetune train.jsonl --out runs/cts --max-steps 50
 
       evotok finetune s1k.jsonl -m ./LLaDA-8B-Instruct --out runs/evotoken-lora --epochs 60 --min-response 32
     """
     from evotok_cli.config import Settings
     from evotok_cli.training.trainer import StopRequested, TrainConfig, Trainer
 
-    s = Settings(FINETUNE_DEFAULTS, config, command="finetune")
+    s = Settings(FINETUNE_DEFAULTS, config, command="finetune", types=FINETUNE_TYPES)
     get = s.get
     if s.decoder_options:
         raise EvotokError("`decoder:` has no meaning for finetune", where=str(config), fix="remove that section")
-    out_dir = get("out", out)
+    out_dir, model_dir = get("out", out), get("model", model)
     if out_dir is None:
         raise EvotokError("no output folder", where="evotok finetune", fix="pass --out DIR")
+    min_resp = get("min_response", min_response)
+    if min_resp is None:  # the objective's default; an explicit 0 stays 0
+        min_resp = 32 if get("objective", objective) == "cts" else 1
     cfg = TrainConfig(
-        data=str(data), model=str(_model_path(get("model", model))), out=str(out_dir),
+        data=str(data), model=str(_model_path(model_dir)), out=str(out_dir),
         objective=get("objective", objective), full=get("full", full), lora_r=get("lora_r", lora_r),
         lora_alpha=float(get("lora_alpha", lora_alpha)), lora_dropout=get("lora_dropout", lora_dropout),
         lora_targets=_csv(get("lora_targets", lora_targets), str, "--lora-targets"), adapter=get("adapter", adapter),
@@ -397,7 +449,7 @@ def finetune(
         weight_decay=float(get("weight_decay", weight_decay)), warmup=get("warmup", warmup),
         batch_size=get("batch_size", batch_size), grad_accum=get("grad_accum", grad_accum),
         max_length=get("max_length", max_length),
-        min_response=get("min_response", min_response) or (32 if get("objective", objective) == "cts" else 1),
+        min_response=min_resp,
         response_length=get("response_length", response_length),
         trajectory_steps=get("trajectory_steps", trajectory_steps),
         decode_counts=_csv(get("decode_counts", decode_counts), int, "--decode-counts"),
@@ -410,13 +462,14 @@ def finetune(
         skip_invalid=get("skip_invalid", skip_invalid), device=get("device", device), fsdp=get("fsdp", fsdp))
     err = _stderr()
     trainer = Trainer(cfg, log=lambda m: err.print(f"[dim]{m}[/dim]"))
+    trainer.preflight(resume)  # data file, --out, one run per folder: before the model loads
     trainer.setup()
     bar = _TrainProgress(err, trainer.total_steps, cfg.log_every)
     try:
         with bar:
             summary = trainer.train(resume=resume, progress=bar.update)
-    except StopRequested:
-        raise typer.Exit(code=130) from None
+    except StopRequested as exc:  # typer.Exit would be swallowed (standalone_mode=False): exit 130 / 143
+        raise SystemExit(exc.exit_code) from None
     if not summary:  # a non-main process of a data-parallel run: rank 0 reports
         return
     if get("json", as_json):
@@ -427,10 +480,18 @@ def finetune(
 
 
 class _TrainProgress:
-    """A rich progress bar on a terminal; one plain log line every `every` steps otherwise."""
+    """A rich progress bar on a terminal; otherwise a plain line every `every` steps, and at least every
+    30 s and every 10% of the steps, so a log file shows a slow run is alive."""
+
+    SECONDS = 30.0
 
     def __init__(self, console: Any, total: int, every: int):
+        import time
+
         self.console, self.total, self.every, self.bar, self.task = console, total, every, None, None
+        self.tenth = max(1, -(-total // 10))
+        self.clock = time.monotonic
+        self.last = self.clock()
 
     def __enter__(self):
         if self.console.is_terminal:
@@ -447,8 +508,10 @@ class _TrainProgress:
                 f"{record['tokens_per_s']:.0f} tok/s")
         if self.bar is not None:
             self.bar.update(self.task, completed=step, info=info)
-        elif step % self.every == 0 or step == total:
+        elif (step % self.every == 0 or step % self.tenth == 0 or step == total
+              or self.clock() - self.last >= self.SECONDS):
             self.console.print(f"step {step}/{total} {info}")
+            self.last = self.clock()
 
     def __exit__(self, *exc):
         if self.bar is not None:
@@ -499,7 +562,7 @@ def main() -> None:
     import warnings
     warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # click returns typer.Exit's code here instead of exiting
     except EvotokError as exc:
         print(f"error: {exc.line()}", file=sys.stderr)
         sys.exit(exc.exit_code)
@@ -510,6 +573,8 @@ def main() -> None:
         if not hasattr(exc, "exit_code"):
             raise
         _handle_click(exc)
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 def _handle_click(exc: Exception) -> None:
@@ -524,9 +589,22 @@ def _handle_click(exc: Exception) -> None:
     if name == "NoArgsIsHelpError":  # `evotok` or `evotok bench` alone: show the help, as asked
         print(exc.format_message())
         sys.exit(0)
-    hint = ""
     ctx = getattr(exc, "ctx", None)
-    if ctx is not None:
-        hint = f" (see `{ctx.command_path} --help`)"
-    print("error: " + " ".join(exc.format_message().split()) + hint, file=sys.stderr)
+    command = sys.argv[1] if len(sys.argv) > 1 and not sys.argv[1].startswith("-") else ""
+    hint = f" (see `{ctx.command_path if ctx is not None else ('evotok ' + command).strip()} --help`)"
+    message = exc.format_message()
+    envvar = getattr(getattr(exc, "param", None), "envvar", None)
+    if isinstance(envvar, str) and not _value_came_from_env(exc.param, envvar):
+        message = message.replace(f" (env var: '{envvar}')", "")  # name the variable only when it was used
+    print("error: " + " ".join(message.split()) + hint, file=sys.stderr)
     sys.exit(exc.exit_code)
+
+
+def _value_came_from_env(param: Any, envvar: str) -> bool:
+    """True when the bad value was read from `envvar`: it is set and no flag of `param` was given."""
+    if envvar not in os.environ:
+        return False
+    flags = [o for o in getattr(param, "opts", []) + getattr(param, "secondary_opts", []) if o.startswith("-")]
+    given = any(arg == f or (f.startswith("--") and arg.startswith(f + "=")) or
+                (not f.startswith("--") and arg.startswith(f) and len(arg) > len(f)) for arg in sys.argv[1:] for f in flags)
+    return not given

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from evotok_cli.errors import ConfigError
+from evotok_cli.files import read_text
 
 
 def load_yaml(path: str | Path | None) -> dict[str, Any]:
@@ -20,10 +21,9 @@ def load_yaml(path: str | Path | None) -> dict[str, Any]:
     import yaml
 
     p = Path(path).expanduser()
-    if not p.is_file():
-        raise ConfigError("config file not found", where=str(p), fix="pass --config with an existing YAML file")
+    text = read_text(p, what="config file", fix="pass --config with an existing UTF-8 YAML file", error=ConfigError)
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{p}:{mark.line + 1}" if mark is not None else str(p)
@@ -49,8 +49,10 @@ def parse_opts(pairs: list[str] | None, where: str = "--opt") -> dict[str, str]:
 class Settings:
     """Merge one command's flags with its YAML file and built-in defaults, type-checking YAML values."""
 
-    def __init__(self, defaults: dict[str, Any], config_path: str | Path | None, *, command: str):
+    def __init__(self, defaults: dict[str, Any], config_path: str | Path | None, *, command: str,
+                 types: dict[str, type] | None = None):
         self.defaults = defaults
+        self.types = types or {}  # the type of each option whose default is None
         self.path = str(config_path) if config_path else None
         self.yaml = load_yaml(config_path)
         self.decoder_options: dict[str, Any] = {}
@@ -75,14 +77,18 @@ class Settings:
 
     def _typed(self, name: str, value: Any) -> Any:
         default = self.defaults[name]
-        if default is None or value is None:
+        expected = type(default) if default is not None else self.types.get(name)
+        if expected is None or value is None:
             return value
-        expected = type(default)
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             return float(value)
-        if expected is str and isinstance(value, (int, float, list)) and not isinstance(value, bool):
-            return ",".join(map(str, value)) if isinstance(value, list) else str(value)  # e.g. `block_sizes: 512`
+        if expected is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # e.g. `block_sizes: 512`
+        scalars = isinstance(value, list) and all(isinstance(v, (int, float, str)) for v in value)
+        if isinstance(default, str) and scalars:
+            return ",".join(map(str, value))  # a comma-separated option written as a list: `block_sizes: [256, 512]`
         if isinstance(value, expected) and not (expected is int and isinstance(value, bool)):
             return value
+        example = default if default is not None else {int: 1, float: 0.5, str: "..."}.get(expected, "...")
         raise ConfigError(f"{name}: expected {expected.__name__}, got {value!r}", where=self.path,
-                          fix=f"write e.g. `{name}: {default!r}`")
+                          fix=f"write e.g. `{name}: {example!r}`")

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from evotok_cli.errors import ConfigError, DataError
+from evotok_cli.files import check_text, read_text
 from evotok_cli.runtime import tokenizer as tok
 
 
@@ -24,17 +25,19 @@ def parse_ids(text: str, where: str) -> list[int]:
     except ValueError:
         raise ConfigError(f"{text!r} is not a comma-separated list of token ids", where=where,
                           fix="write e.g. --prompt-ids 1,2,3") from None
-    if not ids or min(ids) < 0:
-        raise ConfigError(f"{text!r} holds no valid token ids", where=where, fix="write e.g. --prompt-ids 1,2,3")
+    if not ids:
+        raise ConfigError(f"{text!r} holds no token ids", where=where, fix="write e.g. --prompt-ids 1,2,3")
+    if min(ids) < 0:
+        raise ConfigError(f"token id {min(ids)} is negative", where=where,
+                          fix="token ids are 0 or more, e.g. --prompt-ids 1,2,3")
     return ids
 
 
 def read_prompts_file(path: str | Path) -> list[Prompt]:
     p = Path(path).expanduser()
-    if not p.is_file():
-        raise DataError("prompts file not found", where=str(p), fix="pass a JSONL file, one prompt per line")
+    text = read_text(p, what="prompts file", fix="pass a UTF-8 JSONL file, one prompt per line")
     prompts: list[Prompt] = []
-    for number, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{p}:{number}"
@@ -44,12 +47,17 @@ def read_prompts_file(path: str | Path) -> list[Prompt]:
             raise DataError(f"invalid JSON ({exc.msg})", where=where,
                             fix="one JSON object or string per line") from None
         if isinstance(item, str):
-            prompts.append(Prompt(item))
+            prompts.append(Prompt(check_text(item, where)))
         elif isinstance(item, dict) and isinstance(item.get("prompt"), str):
-            prompts.append(Prompt(item["prompt"], system=item.get("system")))
+            system = item.get("system")
+            if system is not None and not isinstance(system, str):
+                raise DataError(f'"system" is {type(system).__name__}, not text', where=where,
+                                fix='write e.g. {"prompt": "...", "system": "You are..."}')
+            prompts.append(Prompt(check_text(item["prompt"], where),
+                                  system=None if system is None else check_text(system, where)))
         elif isinstance(item, dict) and isinstance(item.get("prompt_ids"), list):
             ids = item["prompt_ids"]
-            if not ids or not all(isinstance(i, int) and i >= 0 for i in ids):
+            if not ids or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
                 raise DataError("prompt_ids must be a non-empty list of token ids", where=where,
                                 fix='write e.g. {"prompt_ids": [1, 2, 3]}')
             prompts.append(Prompt(None, ids=list(ids)))

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytest_plugins = ["tests.source_tree_guard"]  # fails the session when a test writes into the checkout
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(1)
 

@@ -168,7 +168,7 @@ def test_folder_without_the_task_file(tmp_path):
 
 
 def test_without_data_and_offline_says_what_to_pass(tmp_path):
-    proc = run_cli("bench", "gsm8k", "-m", str(tmp_path / "unused"), "--out", str(tmp_path / "out"),
+    proc = run_cli("bench", "gsm8k", "--out", str(tmp_path / "out"),
                    env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
     line = one_line_error(proc)
     assert "openai/gsm8k" in line and "--data /path/to/gsm8k/test.jsonl" in line

@@ -274,7 +274,7 @@ def test_yaml_limit_must_be_a_number(cli, model, tmp_path):
     config = tmp_path / "bench.yaml"
     config.write_text("limit: many\n")
     line = one_line_error(cli("bench", "arith", "-m", str(model), "-c", str(config), "--out", str(tmp_path / "o")))
-    assert "limit must be a whole number" in line
+    assert "limit: expected int, got 'many'" in line
 
 
 def test_help_explains_the_three_forms(cli):

@@ -55,6 +55,23 @@ def test_unsupported_config_option(cli, broken):
     assert "unsupported config option alibi=True" in one_line_error(_gen(cli, broken))
 
 
+def test_invalid_size_is_named_not_blamed_on_the_architecture(cli, broken):
+    """`n_layers: -1` once built no blocks and then blamed the weights on "another architecture"."""
+    cfg = json.loads((broken / "config.json").read_text())
+    cfg["n_layers"] = -1
+    (broken / "config.json").write_text(json.dumps(cfg))
+    line = one_line_error(_gen(cli, broken))
+    assert "key n_layers must be a positive integer, got -1" in line and "another architecture" not in line
+    assert str(broken / "config.json") in line
+
+
+def test_symlink_loop_is_named_in_a_fresh_process(tmp_path):
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    line = one_line_error(run_cli("info", str(loop)))
+    assert "symbolic link loop" in line and "does not exist" not in line
+
+
 def _edit_weights(folder, fn):
     path = folder / "model.safetensors"
     tensors = load_file(str(path))
@@ -132,7 +149,7 @@ def test_prompt_longer_than_max(cli, tmp_path, tokenizer_dir):
 @pytest.mark.parametrize("args, expected", [
     (["--gen-length", "10", "--block-length", "4", "--steps", "4"], "not divisible by block length"),
     (["--gen-length", "8", "--block-length", "4", "--steps", "3"], "not divisible by the number of blocks"),
-    (GEN + ["--temperature", "-1"], "temperature must be >= 0"),
+    (GEN + ["--temperature", "-1"], "temperature must be"),
     (GEN + ["--decoder", "hrd-mask"], "did you mean hard-mask"),
     (GEN + ["--remasking", "sideways"], "not one of low_confidence, random"),
     (GEN + ["--opt", "nonsense=1"], "has no option 'nonsense'"),

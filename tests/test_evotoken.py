@@ -79,6 +79,14 @@ def test_tokens_equal_reference_generate_soft_token(tiny_model, gen, block, step
         assert ours.nfe == nfe == min(steps, gen)
 
 
+def rounded_tolerance(n: int) -> float:
+    """How far a sum of n trace weights may be from its exact value: the trace rounds every weight to 6
+    decimals (`round(w, 6)` in plugins/evotoken), up to 5e-7 each, and the weight itself comes from float32
+    arithmetic (a few ulps, 2**-24 each for values below 1). A flat 1e-6 was smaller than the rounding of
+    three weights (1.5e-6), so the sum of k_soft=3 candidates failed wherever the weights fell that way."""
+    return n * (5e-7 + 4 * 2**-24)
+
+
 def test_state_table_pass_by_pass(tiny_model):
     """Spec 1.10's trace shape: prompt 3, gen 8, block 4, steps 8, alpha 0.7, k 3."""
     trace = []
@@ -93,10 +101,10 @@ def test_state_table_pass_by_pass(tiny_model):
     assert len(decoded) == 1 and decoded[0] < 4
     for i, (state, cands) in enumerate(zip(second.states, second.candidates)):
         if i in decoded:
-            assert state == SOFT and len(cands) == 3 and abs(sum(w for _, w in cands) - 1) < 1e-6
+            assert state == SOFT and len(cands) == 3 and abs(sum(w for _, w in cands) - 1) <= rounded_tolerance(3)
         else:
             assert state == SOFT_MASK
-            assert abs(cands[-1][1] - 0.7) < 1e-6 and cands[-1][0] == tiny_model.mask_id
+            assert abs(cands[-1][1] - 0.7) <= rounded_tolerance(1) and cands[-1][0] == tiny_model.mask_id
     # pass 5 (first of block 2): block 1 is still Soft(V) (Q2); pass 6: block 1 is [Decode]
     assert trace[4].block == (4, 8)
     assert trace[4].states[:4] == [SOFT] * 4

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from evotok_cli.errors import CheckpointError
 from evotok_cli.runtime.model import inspect_model, load_model
 
 
@@ -82,3 +83,34 @@ def test_wrongly_sized_adapter_is_a_clear_error(cli, tmp_path, tiny_llada):
     line = one_line_error(cli("generate", "-m", str(tiny_llada), "--adapter", str(adapter), "-p", "hi",
                               "--gen-length", "8", "--block-length", "4", "--steps", "4"))
     assert "do not fit weight" in line and "another size" in line
+
+
+def test_info_flags_an_adapter_that_matches_nothing(cli, tmp_path, tiny_llada):
+    """`evotok info` shows what `--adapter` would refuse, in the table and in --json, and exits 0."""
+    adapter = write_adapter(tmp_path / "a", lora_pair("model.transformer.blocks.0.q_proj", r=4),
+                            target_modules=["o_proj", "gate_proj"])
+    facts = json.loads(cli("info", str(tiny_llada), "--adapter", str(adapter), "--json").stdout)
+    assert facts["adapter"]["matches_nothing"] is True
+    assert facts["adapter"]["unmatched_targets"] == ["o_proj", "gate_proj"]
+    table = cli("info", str(tiny_llada), "--adapter", str(adapter))
+    assert table.returncode == 0 and "MATCHES NOTHING" in table.stdout
+    with pytest.raises(CheckpointError, match="matches nothing"):
+        load_model(tiny_llada, adapter=adapter)
+
+
+def test_info_does_not_flag_a_partial_adapter(cli, tmp_path, tiny_llada):
+    adapter = write_adapter(tmp_path / "a", lora_pair("model.transformer.blocks.0.q_proj", r=4))
+    facts = json.loads(cli("info", str(tiny_llada), "--adapter", str(adapter), "--json").stdout)
+    assert facts["adapter"]["matches_nothing"] is False and facts["adapter"]["matched"] == {"q_proj": 1}
+
+
+def test_rank_is_read_from_the_config_not_the_tensors(tmp_path, tiny_llada):
+    """Scaling uses adapter_config.json's r (as PEFT does); tensors of another rank are refused, not
+    merged at alpha / (their rank)."""
+    module = "model.transformer.blocks.0.q_proj"
+    good = write_adapter(tmp_path / "good", lora_pair(module, r=4), r=4, lora_alpha=8)
+    merged = load_model(tiny_llada, adapter=good).net.get_submodule(module).weight
+    bad = write_adapter(tmp_path / "bad", lora_pair(module, r=4), r=2, lora_alpha=8)
+    with pytest.raises(CheckpointError, match="lora_A has rank 4, but adapter_config.json says r=2"):
+        load_model(tiny_llada, adapter=bad)
+    assert torch.equal(load_model(tiny_llada, adapter=good).net.get_submodule(module).weight, merged)

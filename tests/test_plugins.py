@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -29,10 +30,14 @@ def _cli(args, extra_path: Path):
 
 @pytest.fixture(scope="module")
 def installed_example(tmp_path_factory) -> Path:
-    """pip-install examples/third_party_decoder into a private folder (no network, no build isolation)."""
+    """pip-install examples/third_party_decoder into a private folder (no network, no build isolation), from
+    a copy: pip builds a local folder in place, leaving build/ and *.egg-info in it."""
+    source = tmp_path_factory.mktemp("src") / "third_party_decoder"
+    shutil.copytree(ROOT / "examples" / "third_party_decoder", source,
+                    ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
     target = tmp_path_factory.mktemp("site")
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--no-index", "--target", str(target), str(ROOT / "examples" / "third_party_decoder")],
+                    "--no-index", "--target", str(target), str(source)],
                    check=True, capture_output=True)
     return target
 

@@ -3,8 +3,14 @@ bidirectional mask), and the loading paths (single file, shards, dtype, padding)
 
 from __future__ import annotations
 
+import json
+import shutil
+
+import pytest
 import torch
 
+from evotok_cli.errors import CheckpointError
+from evotok_cli.runtime.architectures.llada import LLaDAConfig
 from evotok_cli.runtime.model import inspect_model, load_model
 from tests.conftest import write_llada
 
@@ -117,3 +123,71 @@ def test_soft_inputs_are_mixed_by_the_model(tiny_model):
     with torch.no_grad():
         assert torch.equal(tiny_model(soft_inputs=(ids, weights)),
                            tiny_model(inputs_embeds=tiny_model.embed_soft(ids, weights)))
+
+
+def test_finite_logits_are_checked_once(tiny_llada, monkeypatch):
+    """The NaN/inf guard is one reduction on the first forward pass, never a per-step cost."""
+    lm = load_model(tiny_llada)
+    calls = []
+    real = torch.isfinite
+    monkeypatch.setattr(torch, "isfinite", lambda t: calls.append(t.shape) or real(t))
+    with torch.no_grad():
+        for _ in range(3):
+            lm(torch.tensor([[5, 6, 7]]))
+    assert len(calls) == 1 and lm.logits_checked
+
+
+def test_nan_weights_stop_at_the_first_forward_pass(tmp_path, tiny_llada):
+    from safetensors.torch import load_file, save_file
+
+    folder = shutil.copytree(tiny_llada, tmp_path / "nan")
+    tensors = load_file(str(folder / "model.safetensors"))
+    tensors["model.transformer.blocks.1.up_proj.weight"][3, 5] = float("nan")
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    lm = load_model(folder)
+    for _ in range(2):  # a failed check is not remembered as passed
+        with pytest.raises(CheckpointError, match="NaN or infinite logits") as exc:
+            lm(torch.tensor([[5, 6, 7]]))
+        assert exc.value.where == str(folder)
+
+
+def test_config_nulls_mean_the_defaults(tiny_llada):
+    """Real configs write null for "same as" values (n_kv_heads, embedding_size): those still load."""
+    raw = json.loads((tiny_llada / "config.json").read_text())
+    cfg = LLaDAConfig.from_hf({**raw, "n_kv_heads": None, "embedding_size": None}, "config.json")
+    assert cfg.n_kv_heads == raw["n_heads"] and cfg.embedding_size == raw["vocab_size"]
+    with pytest.raises(CheckpointError, match="key n_layers must be a positive integer, got -1"):
+        LLaDAConfig.from_hf({**raw, "n_layers": -1}, "config.json")
+
+
+def _create(out, **sizes):
+    from evotok_cli.runtime.init import create_model
+    args = {"layers": 1, "hidden": 32, "heads": 2, "kv_heads": None, "mlp": None, "max_length": 64,
+            "vocab_size": 300, **sizes}
+    return create_model(out, **args)
+
+
+def test_init_model_leaves_nothing_when_building_fails(tmp_path, monkeypatch):
+    from evotok_cli.runtime import init
+
+    def fail(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(init, "save_model", fail)
+    with pytest.raises(OSError):
+        _create(tmp_path / "new" / "deeper" / "m")
+    assert list(tmp_path.iterdir()) == []  # no staging folder, no half-made model, no parents made for it
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(OSError):
+        _create(tmp_path / "empty")
+    assert list(tmp_path.iterdir()) == [tmp_path / "empty"] and list((tmp_path / "empty").iterdir()) == []
+
+
+def test_init_model_fills_an_existing_empty_folder(tmp_path):
+    out = tmp_path / "m"
+    out.mkdir()
+    inode = out.stat().st_ino
+    _create(out, shard_mb=0.01)
+    assert out.stat().st_ino == inode and sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+    assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
+    assert load_model(out).vocab_size > 0

@@ -36,6 +36,8 @@ BENCH_DEFAULTS: dict[str, Any] = {
     "dtype": "auto",
     "json": False,
 }
+BENCH_TYPES = {"model": str, "adapter": str, "limit": int, "gen_length": int, "block_length": int, "steps": int,
+               "temperature": float}
 SUBCOMMANDS = ("run", "score", "report")
 
 
@@ -83,9 +85,9 @@ bench_app = typer.Typer(
 
 
 def _stderr() -> Any:
-    from rich.console import Console
+    from evotok_cli.console import stderr
 
-    return Console(stderr=True, highlight=False)
+    return stderr()
 
 
 def _as_list(value: Any, key: str, where: str | None) -> list[str]:
@@ -148,31 +150,35 @@ def run(
     limit: int | None = typer.Option(
         None,
         "--limit",
-        help="first N items of each task (synthetic tasks: N problems) [default: all; 200 for synthetic]",
+        help="first N items of each task (bundled tasks: N test problems) [default: all; 200 for bundled tasks]",
         show_default=False,
     ),
     gen_length: int | None = typer.Option(
         None,
         "--gen-length",
         envvar="EVOTOK_GEN_LENGTH",
-        help="tokens to generate [default: per task: 256 paper tasks, 64 synthetic]",
+        help="tokens to generate [default: per task: 256 paper tasks, 48 bundled tasks]",
         show_default=False,
     ),
     block_length: int | None = typer.Option(
-        None, "--block-length", envvar="EVOTOK_BLOCK_LENGTH", help="block size [default: 32]", show_default=False
+        None,
+        "--block-length",
+        envvar="EVOTOK_BLOCK_LENGTH",
+        help="block size [default: per task: 32 paper tasks, 16 bundled tasks]",
+        show_default=False,
     ),
     steps: int | None = typer.Option(
         None,
         "--steps",
         envvar="EVOTOK_STEPS",
-        help="forward-pass budget [default: per task: 128 paper tasks, 64 synthetic]",
+        help="forward-pass budget [default: per task: 128 paper tasks, 48 bundled tasks]",
         show_default=False,
     ),
     temperature: float | None = typer.Option(
         None,
         "--temperature",
         envvar="EVOTOK_TEMPERATURE",
-        help="sampling temperature [default: per task: 0.5 paper tasks (EvoToken's script), 0 synthetic]",
+        help="sampling temperature [default: per task: 0.5 paper tasks (EvoToken's script), 0 bundled tasks]",
         show_default=False,
     ),
     seed: int | None = typer.Option(
@@ -240,7 +246,7 @@ def run(
     """
     from evotok_cli.config import Settings, parse_opts
 
-    s = Settings(BENCH_DEFAULTS, config, command="bench")
+    s = Settings(BENCH_DEFAULTS, config, command="bench", types=BENCH_TYPES)
     where = s.path
     task_names = list(tasks or []) or _as_list(s.get("tasks", None), "tasks", where)
     decoders = list(decoder or []) or _as_list(s.get("decoders", None), "decoders", where) or None
@@ -288,14 +294,23 @@ def run(
 
 
 class _Progress:
-    """A transient per-run progress bar on a terminal; nothing otherwise."""
+    """A transient per-run progress bar on a terminal; in a log (stderr piped), a plain line per tenth of
+    each run's items and at least every 30 s."""
 
     def __init__(self, console: Any):
         self.console, self.bar, self.tasks = console, None, {}
 
     def __enter__(self) -> Any:
         if not self.console.is_terminal:
-            return None
+            from evotok_cli.console import PlainProgress
+
+            def plain(run: Any, done: int, total: int) -> None:
+                if run.name not in self.tasks:
+                    self.tasks[run.name] = PlainProgress(self.console, f"{run.task.name} {run.decoder_name} "
+                                                         f"{run.label}".strip(), total)
+                self.tasks[run.name].update(done, "items")
+
+            return plain
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.bar = Progress(
@@ -357,12 +372,15 @@ def score(
     from evotok_cli.bench.score import score_paths, table
 
     document = score_paths(paths, task)
+    err = _stderr()
+    for line in document["notes"]:
+        err.print(f"[yellow]note:[/yellow] {line}")
     if as_json:
         typer.echo(json.dumps(document, indent=2, ensure_ascii=False))
     else:
-        from rich.console import Console
+        from evotok_cli.console import console
 
-        Console(highlight=False).print(table(document))
+        console().print(table(document))
 
 
 @bench_app.command("report")

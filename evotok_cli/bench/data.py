@@ -8,6 +8,7 @@ folder holds is the task's business: it names sub-folders and file patterns to l
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -159,6 +160,25 @@ def _saved_dataset(folder: Path) -> list[Record]:
     return loaded.to_list()
 
 
+def _offline_requested() -> bool:
+    flags = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in flags)
+
+
+def _hub_resolvable() -> bool:
+    """Whether the hub's host name resolves: without it, `datasets` would spend half a minute on retries
+    before failing. A name lookup only, no connection."""
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return False
+    return True
+
+
 def hub_records(task: DatasetTask) -> tuple[list[Record], str]:
     """The task's Hugging Face dataset through `datasets` (online, or from the user's cache)."""
     fix = f"pass --data {task.example} (or a folder holding it)"
@@ -166,6 +186,10 @@ def hub_records(task: DatasetTask) -> tuple[list[Record], str]:
         raise DataError(f"{task.name} has no Hugging Face dataset", where=f"evotok bench {task.name}", fix=fix)
     path, config, split = task.hub
     shown = f"{path}{'/' + config if config else ''}:{split}"
+    if not _offline_requested() and not _hub_resolvable():
+        raise DataError(f"cannot load the Hugging Face dataset {shown}: the hub is not reachable from here",
+                        where=f"evotok bench {task.name}",
+                        fix=f"{fix}; or set HF_HUB_OFFLINE=1 to use a copy in the Hugging Face cache")
     try:
         import datasets
     except ImportError:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from evotok_cli.errors import ConfigError, DataError
+from evotok_cli.files import atomic_write_bytes, atomic_write_text, output_file, read_text
 
 SCHEMA = "evotok.bench/1"
 
@@ -21,12 +22,15 @@ def load_results(paths: list[Path]) -> list[tuple[Path, dict[str, Any]]]:
     for path in paths:
         p = path.expanduser()
         file = p / "results.json" if p.is_dir() else p
-        if not file.is_file():
-            raise DataError("no results.json", where=str(p), fix="pass a bench --out folder or its results.json")
+        if p.is_dir() and not file.is_file():
+            raise DataError("no results.json in the folder", where=str(p),
+                            fix="pass a bench --out folder or its results.json")
+        text = read_text(file, what="results file", fix="pass a bench --out folder or its results.json")
         try:
-            document = json.loads(file.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise DataError(f"cannot read results ({exc})", where=str(file), fix="pass a results.json") from None
+            document = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"results file is not JSON ({exc.msg}, line {exc.lineno})", where=str(file),
+                            fix="pass a results.json written by evotok bench") from None
         if not isinstance(document, dict) or document.get("schema") != SCHEMA:
             raise DataError(f"not a results file of schema {SCHEMA}", where=str(file), fix="pass a bench results.json")
         documents.append((file, document))
@@ -123,8 +127,15 @@ def markdown(documents: list[tuple[Path, dict[str, Any]]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict[str, Any]], axis: str, path: Path) -> None:
-    import matplotlib
+def plot(rows: list[dict[str, Any]], axis: str) -> bytes:
+    """The PNG's bytes (rendered in memory, so that a failure writes no file)."""
+    import io
+
+    try:
+        import matplotlib
+    except ImportError:
+        raise ConfigError("bench report needs matplotlib for its plot", where="evotok bench report",
+                          fix="pip install matplotlib") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -161,8 +172,10 @@ def plot(rows: list[dict[str, Any]], axis: str, path: Path) -> None:
         if lines:
             ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)
+    return buffer.getvalue()
 
 
 def write_report(paths: list[Path], out: Path | None, x: str) -> tuple[str, list[Path]]:
@@ -171,9 +184,11 @@ def write_report(paths: list[Path], out: Path | None, x: str) -> tuple[str, list
     rows = rows_of(documents)
     axis = x_axis(rows, x)
     prefix = out.expanduser() if out else documents[0][0].parent / "report"
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    text = markdown(documents)
     md, png = prefix.with_name(prefix.name + ".md"), prefix.with_name(prefix.name + ".png")
-    md.write_text(text, encoding="utf-8")
-    plot(rows, axis, png)
+    for path in (md, png):
+        output_file(path, "--out")
+    text = markdown(documents)
+    picture = plot(rows, axis)
+    atomic_write_text(md, text)
+    atomic_write_bytes(png, picture)
     return text, [md, png]

@@ -22,6 +22,7 @@ from typing import Any
 from evotok_cli.bench import samples
 from evotok_cli.bench.tasks.base import Doc, Task
 from evotok_cli.errors import CheckpointError, ConfigError
+from evotok_cli.files import output_dir
 
 GEN_KEYS = ("gen_length", "block_length", "steps", "temperature")
 DEFAULT_DECODER = "hard-mask"
@@ -124,7 +125,8 @@ def resolve_data(entries: list[str], tasks: list[Task]) -> dict[str, Path]:
 
 def model_path(model: str | Path | None) -> Path:
     if model:
-        return Path(model).expanduser()
+        from evotok_cli.runtime.checkpoint import model_dir
+        return model_dir(Path(model).expanduser())  # a missing folder or a link loop fails here, before planning
     from evotok_cli.assets import default_model_path
     return default_model_path()
 
@@ -169,17 +171,14 @@ def check_keys(sweeps: list[tuple[str, list[str]]], options: dict[str, Any], fie
 def make_run(task: Task, decoder_name: str, options: dict[str, Any], overrides: dict[str, Any],
              chosen: dict[str, str], request: BenchRequest, model: Path) -> Run:
     """One run: settings = task defaults < flags < swept values; decoder options = --opt < swept values."""
-    from evotok_cli.decoding.schedule import block_layout
-    from evotok_cli.generation import make_decoder
+    from evotok_cli.generation import check_settings, make_decoder
 
     swept_options = {k: v for k, v in chosen.items() if k not in GEN_KEYS}
     decoder = make_decoder(decoder_name, {**options, **swept_options}, where="--sweep" if swept_options else "--opt")
     settings = {**dataclasses.asdict(task.defaults), **overrides,
                 **{k: gen_value(k, v, "--sweep") for k, v in chosen.items() if k in GEN_KEYS}}
-    block_layout(settings["gen_length"], settings["block_length"], settings["steps"])
-    if settings["temperature"] < 0:
-        raise ConfigError(f"temperature must be >= 0, got {settings['temperature']}", where="--temperature",
-                          fix="e.g. 0 or 0.5")
+    check_settings(decoder, gen_length=settings["gen_length"], block_length=settings["block_length"],
+                   steps=settings["steps"], temperature=settings["temperature"])
     sweep = {k: settings[k] if k in GEN_KEYS else getattr(decoder.config, k) for k in chosen}
     adapter = str(Path(request.adapter).expanduser().resolve()) if request.adapter else None
     setup = samples.jsonable({"task": task.name, "protocol": task.protocol, "decoder": decoder_name,
@@ -205,6 +204,7 @@ def run_bench(request: BenchRequest) -> dict[str, Any] | None:
     if not request.tasks:
         raise ConfigError("no task given", where="evotok bench", fix="name one, e.g. `evotok bench gsm8k`")
     tasks = [task_registry.get(name) for name in dict.fromkeys(request.tasks)]
+    output_dir(request.out, "--out")  # before any data or model is loaded
     folder = model_path(request.model)
     runs = plan(request, tasks, folder)
     data = resolve_data(request.data, tasks)
@@ -218,7 +218,6 @@ def run_bench(request: BenchRequest) -> dict[str, Any] | None:
         model = _load_model(request, folder, group)
         prompts = {t.name: render(t, loaded[t.name].docs, model) for t in tasks}
         check_lengths(runs, prompts, model)
-        request.out.mkdir(parents=True, exist_ok=True)
         for run in runs:
             execute(run, loaded[run.task.name].docs, prompts[run.task.name], model, request, group, note)
         group.barrier()
@@ -226,6 +225,7 @@ def run_bench(request: BenchRequest) -> dict[str, Any] | None:
             return None
         from evotok_cli.bench.results import build_document, write_atomic
         document = build_document(request, runs, loaded, model, group.world)
+        request.out.mkdir(parents=True, exist_ok=True)
         write_atomic(request.out / "results.json", document)
         return document
     finally:

@@ -12,10 +12,12 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from evotok_cli.errors import DataError
+from evotok_cli.files import read_text
 
 SCHEMA = "evotok.bench.sample/1"
 
@@ -60,14 +62,14 @@ def jsonable(value: Any) -> Any:
     return str(value)
 
 
-def read(path: Path) -> list[dict[str, Any]]:
-    """The complete lines of a samples file (a final line without its newline was cut by a kill)."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise DataError(f"cannot read samples ({exc})", where=str(path), fix="check the --out folder") from None
+def read(path: Path, note: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """The complete lines of a samples file (a final line without its newline was cut by a kill; `note`
+    hears that it was dropped)."""
+    text = read_text(path, what="samples file", fix="pass a samples_*.jsonl file written by evotok bench")
     lines = text.split("\n")
     complete = lines[:-1]  # the part after the last newline is empty or unfinished
+    if lines[-1].strip() and note is not None:
+        note(f"{path}: dropped its unfinished last line (line {len(lines)}, cut by an interrupted run)")
     records = []
     for number, line in enumerate(complete, start=1):
         if not line.strip():
@@ -99,16 +101,20 @@ class Writer:
     """Append sample lines; each batch is flushed and synced before the next one starts."""
 
     def __init__(self, path: Path):
-        trim_partial_tail(path)
-        self.handle = path.open("a", encoding="utf-8")
+        self.path, self.handle = path, None
 
     def write(self, records: list[dict[str, Any]]) -> None:
+        if self.handle is None:  # opened at the first batch: a run that fails before it writes nothing
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            trim_partial_tail(self.path)
+            self.handle = self.path.open("a", encoding="utf-8")
         self.handle.write("".join(json.dumps(jsonable(r), ensure_ascii=False) + "\n" for r in records))
         self.handle.flush()
         os.fsync(self.handle.fileno())
 
     def close(self) -> None:
-        self.handle.close()
+        if self.handle is not None:
+            self.handle.close()
 
     def __enter__(self) -> Writer:
         return self

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from evotok_cli.bench.results import accuracy
 from evotok_cli.errors import ConfigError, DataError
+from evotok_cli.files import input_file, read_text
 
 SCHEMA = "evotok.bench.score/1"
 _OFFICIAL = re.compile(r"(.+)_\d+_generations\.json")
@@ -47,10 +49,8 @@ def expand(paths: list[Path]) -> list[Path]:
                 raise DataError("no *_generations.json or samples_*.jsonl files in the folder", where=str(p),
                                 fix="pass generation files or a bench --out folder")
             files += found
-        elif p.is_file():
-            files.append(p)
         else:
-            raise DataError("file not found", where=str(p), fix="pass existing generation files or folders")
+            files.append(input_file(p, what="generations file", fix="pass existing generation files or folders"))
     return files
 
 
@@ -69,14 +69,16 @@ def _load_task(name: str, where: str) -> Any:
 
 
 def score_paths(paths: list[Path], task: str | None = None) -> dict[str, Any]:
+    """The score document; its `notes` say what was left out (an unfinished last line of a killed run)."""
     setups: dict[tuple[str, str], Setup] = {}
+    notes: list[str] = []
     for path in expand(paths):
         if path.suffix == ".jsonl":
-            _score_samples(path, task, setups)
+            _score_samples(path, task, setups, notes.append)
         else:
             _score_official(path, task, setups)
     rows = [_summary(s) for s in setups.values()]
-    return {"schema": SCHEMA, "setups": rows, "best_over_folders": _best(rows)}
+    return {"schema": SCHEMA, "setups": rows, "best_over_folders": _best(rows), "notes": notes}
 
 
 def _score_official(path: Path, task_name: str | None, setups: dict[tuple[str, str], Setup]) -> None:
@@ -85,10 +87,12 @@ def _score_official(path: Path, task_name: str | None, setups: dict[tuple[str, s
         raise ConfigError("cannot tell the task from the file name", where=str(path),
                           fix="pass --task gsm8k|math500|svamp|countdown")
     task = _load_task(name, str(path))
+    text = read_text(path, what="generations file", fix="pass a UTF-8 JSON file")
     try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"cannot read the generations file ({exc})", where=str(path), fix="pass a JSON file") from None
+        document = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"generations file is not JSON ({exc.msg}, line {exc.lineno})", where=str(path),
+                        fix="pass the JSON file the official evaluation wrote") from None
     items = document.get("generations") if isinstance(document, dict) else None
     if not isinstance(items, list):
         raise DataError('no "generations" list', where=str(path),
@@ -109,13 +113,14 @@ def _score_official(path: Path, task_name: str | None, setups: dict[tuple[str, s
         _add(setup, task, generation, target)
 
 
-def _score_samples(path: Path, task_name: str | None, setups: dict[tuple[str, str], Setup]) -> None:
+def _score_samples(path: Path, task_name: str | None, setups: dict[tuple[str, str], Setup],
+                   note: Callable[[str], None]) -> None:
     from evotok_cli.bench import samples
 
     match = _OURS_RANK.fullmatch(path.name)
     name = match.group(1) if match else path.stem
     tasks: dict[str, Any] = {}
-    for record in samples.read(path):
+    for record in samples.read(path, note):
         current = task_name or record.get("task")
         if not current:
             raise DataError("sample line has no task", where=str(path), fix="pass --task NAME")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from collections.abc import Callable
@@ -73,13 +74,26 @@ class StepEvent:
     blocks: list[dict[str, Any]] | None = None  # d2f: the block pipeline after this pass
 
 
+GENERATION_SETTINGS = ("gen_length", "block_length", "steps", "temperature")
+
+
 class Decoder(Protocol):
+    """A decoder plugin. Optional: `settings_used`, the generation settings it reads (default: all of
+    GENERATION_SETTINGS), so that the CLI validates and reports only those; and
+    `check_settings(gen_length=..., block_length=..., steps=...)`, its own early check of them (raise
+    ConfigError), run before the model loads."""
+
     name: ClassVar[str]
     Config: ClassVar[type]
 
     def __init__(self, config: Any) -> None: ...
 
     def generate(self, model: Any, request: GenerationRequest) -> GenerationResult: ...
+
+
+def settings_used(decoder: Any) -> tuple[str, ...]:
+    """The generation settings `decoder` (a class or an instance) reads."""
+    return tuple(getattr(decoder, "settings_used", GENERATION_SETTINGS))
 
 
 # -- option parsing ------------------------------------------------------------------------------
@@ -113,7 +127,11 @@ def _coerce(value: Any, annotation: Any, key: str, where: str) -> Any:
                 raise ValueError
             return int(str(value)) if not isinstance(value, (int, float)) else int(value)
         if annotation is float:
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):  # nan would slip through every range check
+                raise ConfigError(f"{key}={value!r} is not a finite number", where=where,
+                                  fix=f"give {key} a finite number")
+            return number
         if annotation is str:
             return str(value)
     except ValueError:

@@ -33,11 +33,16 @@ def block_layout(gen_length: int, block_length: int, steps: int) -> BlockLayout:
     if gen_length <= 0:
         raise ConfigError(f"gen length must be positive, got {gen_length}", where="--gen-length",
                           fix="e.g. --gen-length 128")
-    if block_length <= 0 or gen_length % block_length:
+    if block_length <= 0:
+        raise ConfigError(f"block length must be positive, got {block_length}", where="--block-length",
+                          fix="e.g. --block-length 32")
+    if steps <= 0:
+        raise ConfigError(f"steps must be positive, got {steps}", where="--steps", fix="e.g. --steps 64")
+    if gen_length % block_length:
         raise ConfigError(f"gen length {gen_length} is not divisible by block length {block_length}",
                           where="--block-length", fix="pick a block length that divides the gen length")
     blocks = gen_length // block_length
-    if steps <= 0 or steps % blocks:
+    if steps % blocks:
         raise ConfigError(f"steps {steps} is not divisible by the number of blocks {blocks}", where="--steps",
                           fix=f"pick steps as a multiple of {blocks} (gen length / block length)")
     return BlockLayout(gen_length, block_length, steps)

@@ -7,6 +7,7 @@ weights are refused because unpickling runs arbitrary code. Nothing from the fol
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,8 @@ from typing import Any
 
 import torch
 
-from evotok_cli.errors import CheckpointError
+from evotok_cli.errors import CheckpointError, DataError
+from evotok_cli.files import input_dir, read_text
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -26,25 +28,26 @@ CONVERT_HINT = (
 
 
 def model_dir(path: str | Path) -> Path:
-    folder = Path(path).expanduser()
-    if not folder.exists():
-        raise CheckpointError("model folder does not exist", where=str(folder),
-                              fix="pass --model DIR with a Hugging Face checkpoint folder")
-    if not folder.is_dir():
-        raise CheckpointError("expected a folder, got a file", where=str(folder),
-                              fix="pass the folder that holds config.json and the safetensors")
-    return folder
+    """The checkpoint folder, or one line saying why it is not one (missing, a file, a symlink loop)."""
+    return input_dir(path, what="model folder", error=CheckpointError,
+                     fix="pass a Hugging Face checkpoint folder with config.json and safetensors weights")
 
 
 def read_json(path: Path, what: str) -> dict[str, Any]:
-    if not path.is_file():
+    """A JSON object from the checkpoint or adapter folder; every way of failing is one line naming the file."""
+    if not os.path.lexists(path):
         raise CheckpointError(f"no {path.name}", where=str(path.parent), fix=f"the folder needs its {what}")
+    fix = f"repair or re-download {what}"
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"not valid JSON ({exc})", where=str(path), fix=f"repair or re-download {what}") from None
+        text = read_text(path, what=what, fix=fix, error=CheckpointError)
+    except DataError as exc:  # not UTF-8: a damaged download, so a checkpoint problem
+        raise CheckpointError(exc.what, where=exc.where, fix=fix) from None
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as exc:  # ValueError: bad JSON, or an integer of 4300+ digits
+        raise CheckpointError(f"not valid JSON ({exc})", where=str(path), fix=fix) from None
     if not isinstance(data, dict):
-        raise CheckpointError("expected a JSON object", where=str(path), fix=f"repair or re-download {what}")
+        raise CheckpointError("expected a JSON object", where=str(path), fix=fix)
     return data
 
 
@@ -60,7 +63,7 @@ def generation_defaults(folder: Path) -> dict[str, int | str]:
     """Decoding defaults a checkpoint ships for itself: the "evotok" section of its generation_config.json
     (a model trained on 48-token answers should not be asked for 128 by default)."""
     path = folder / "generation_config.json"
-    if not path.is_file():
+    if not os.path.lexists(path):
         return {}
     section = read_json(path, "generation_config.json").get("evotok") or {}
     if not isinstance(section, dict):
@@ -69,7 +72,7 @@ def generation_defaults(folder: Path) -> dict[str, int | str]:
     def ok(key: str, value: object) -> bool:
         if key in TEXT_GENERATION_KEYS:
             return isinstance(value, str)
-        return key in GENERATION_KEYS and isinstance(value, int) and value > 0
+        return key in GENERATION_KEYS and isinstance(value, int) and not isinstance(value, bool) and value > 0
 
     bad = [k for k, v in section.items() if not ok(k, v)]
     if bad:
@@ -140,9 +143,21 @@ def tensor_shapes(weights: WeightFiles) -> dict[str, tuple[tuple[int, ...], str,
     return out
 
 
+# safetensors dtype names of the weights we can cast: integer, bool or 8-bit float tensors are quantized
+# or damaged, and casting them to floats would load silently and compute garbage.
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+
+
+def check_float(name: str, dtype: str, path: Path) -> None:
+    if dtype not in FLOAT_DTYPES:
+        raise CheckpointError(f"tensor {name} has dtype {dtype}; evotok loads floating-point weights only "
+                              f"({', '.join(FLOAT_DTYPES)})", where=str(path),
+                              fix="quantized or integer weights are not supported: use the original float checkpoint")
+
+
 def check_tensors(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[tuple[int, ...], str, Path]],
                   where: str) -> None:
-    """Strict: every parameter present with its exact shape, nothing extra."""
+    """Strict: every parameter present with its exact shape and a float dtype, nothing extra."""
     missing = sorted(set(expected) - set(found))
     if missing:
         more = f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -158,6 +173,7 @@ def check_tensors(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[t
             raise CheckpointError(
                 f"tensor {name} has shape {list(found[name][0])}, config.json implies {list(shape)}",
                 where=str(found[name][2]), fix="the weights do not match config.json")
+        check_float(name, found[name][1], found[name][2])
 
 
 def iter_tensors(weights: WeightFiles, device: str) -> Iterator[tuple[str, torch.Tensor]]:
@@ -177,5 +193,9 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """Write atomically (temp file + rename) with the `format: pt` metadata transformers expects."""
     from safetensors.torch import save_file
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
-    tmp.replace(path)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+        tmp.replace(path)
+    except BaseException:  # a full disk or an interrupt: leave no half-written .tmp beside the weights
+        tmp.unlink(missing_ok=True)
+        raise

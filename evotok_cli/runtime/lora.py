@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from evotok_cli.errors import CheckpointError
+from evotok_cli.files import input_dir
 from evotok_cli.runtime import checkpoint
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -33,9 +34,18 @@ class AdapterReport:
     use_rslora: bool
     target_modules: list[str] | str
     merged_modules: int
+    replaced_tensors: int = 0  # modules_to_save: full tensors copied over the model's
     matched: dict[str, int] = field(default_factory=dict)  # target name -> modules merged
     unmatched_targets: list[str] = field(default_factory=list)  # targets with no module in this model
     partial: list[str] = field(default_factory=list)  # human-readable notes on partial coverage
+
+    @property
+    def matches_nothing(self) -> bool:
+        """Merging would change nothing the config promises: every listed target names no module of the
+        model, or no tensor of the adapter lands anywhere (the base model would run under its name)."""
+        listed = _target_names(self.target_modules) if not isinstance(self.target_modules, str) else []
+        all_unmatched = bool(listed) and set(listed) <= set(self.unmatched_targets)
+        return all_unmatched or (self.merged_modules == 0 and self.replaced_tensors == 0)
 
     def summary(self) -> str:
         kinds = ", ".join(f"{k} x{n}" for k, n in sorted(self.matched.items()))
@@ -70,10 +80,51 @@ def read_adapter_config(folder: Path) -> dict[str, Any]:
             raise CheckpointError(f"{key}=true is not supported", where=where, fix="use a plain LoRA adapter")
     if cfg.get("bias", "none") != "none":
         raise CheckpointError(f"bias={cfg['bias']!r} is not supported", where=where, fix="train with bias='none'")
-    if not isinstance(cfg.get("r"), int) or cfg["r"] <= 0:
-        raise CheckpointError(f"r must be a positive integer, got {cfg.get('r')!r}", where=where,
-                              fix="repair adapter_config.json")
+    _check_values(cfg, where)
     return cfg
+
+
+def _bad(key: str, value: Any, wanted: str, where: str) -> CheckpointError:
+    return CheckpointError(f"{key} must be {wanted}, got {value!r}", where=where, fix="repair adapter_config.json")
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _positive_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def _check_values(cfg: dict[str, Any], where: str) -> None:
+    """Types first: `float("abc")` or a string `use_rslora` would crash or merge at a wrong scale."""
+    if not _positive_int(cfg.get("r")):
+        raise _bad("r", cfg.get("r"), "a positive integer", where)
+    if "lora_alpha" in cfg and not _positive_number(cfg["lora_alpha"]):
+        raise _bad("lora_alpha", cfg["lora_alpha"], "a positive number", where)
+    if not isinstance(cfg.get("use_rslora", False), bool):
+        raise _bad("use_rslora", cfg["use_rslora"], "true or false", where)
+    targets = cfg.get("target_modules")
+    if targets is not None and not isinstance(targets, str) and (
+            not isinstance(targets, list) or not all(isinstance(t, str) for t in targets)):
+        raise _bad("target_modules", targets, "a list of module names or a regex string", where)
+    for key, ok, wanted in (("rank_pattern", _positive_int, "positive integers"),
+                            ("alpha_pattern", _positive_number, "positive numbers")):
+        pattern = cfg.get(key) or {}
+        if not isinstance(pattern, dict) or not all(ok(v) for v in pattern.values()):
+            raise _bad(key, pattern, f"an object mapping module names to {wanted}", where)
+        for name in pattern:
+            _compile(name, key, where)
+    if isinstance(targets, str) and targets != "all-linear":
+        _compile(targets, "target_modules", where)
+
+
+def _compile(pattern: str, key: str, where: str) -> re.Pattern:
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise CheckpointError(f"{key} holds an invalid regular expression {pattern!r} ({exc})", where=where,
+                              fix="repair adapter_config.json") from None
 
 
 def resolve_adapter(model_folder: Path, adapter: str | Path) -> Path:
@@ -86,11 +137,11 @@ def resolve_adapter(model_folder: Path, adapter: str | Path) -> Path:
     return path
 
 
-def merge_adapter(net: nn.Module, folder: str | Path, family: str) -> AdapterReport:
-    folder = Path(folder).expanduser()
-    if not folder.is_dir():
-        raise CheckpointError("adapter folder does not exist", where=str(folder),
-                              fix="pass --adapter DIR with adapter_config.json and adapter_model.safetensors")
+def merge_adapter(net: nn.Module, folder: str | Path, family: str, *, strict: bool = True) -> AdapterReport:
+    """Merge into `net` and say what was adapted. `strict` (loading for use) refuses an adapter that
+    matches nothing; `evotok info` passes False to show that instead."""
+    folder = input_dir(folder, what="adapter folder", error=CheckpointError,
+                       fix="pass --adapter DIR with adapter_config.json and adapter_model.safetensors")
     cfg = read_adapter_config(folder)
     weights_path = folder / ADAPTER_WEIGHTS
     if not weights_path.is_file():
@@ -99,6 +150,8 @@ def merge_adapter(net: nn.Module, folder: str | Path, family: str) -> AdapterRep
             f"no {ADAPTER_WEIGHTS}" + (" (only pickle weights found; evotok never unpickles)" if pickles else ""),
             where=str(folder), fix=checkpoint.CONVERT_HINT if pickles else "save the adapter with safe_serialization")
     files = checkpoint.WeightFiles((weights_path,), None)
+    for name, (_, dtype, path) in checkpoint.tensor_shapes(files).items():
+        checkpoint.check_float(name, dtype, path)
     tensors = dict(checkpoint.iter_tensors(files, "cpu"))
     params = dict(net.named_parameters())
     modules = dict(net.named_modules())
@@ -136,7 +189,12 @@ def merge_adapter(net: nn.Module, folder: str | Path, family: str) -> AdapterRep
             raise CheckpointError(
                 f"{module_name}: lora_A {list(a.shape)} / lora_B {list(b.shape)} do not fit weight {list(w.shape)}",
                 where=str(weights_path), fix="the adapter was made for a model of another size")
-        r = _pattern_value(cfg.get("rank_pattern"), module_name, a.shape[0])
+        r = _pattern_value(cfg.get("rank_pattern"), module_name, cfg["r"])
+        if a.shape[0] != r:
+            raise CheckpointError(f"{module_name}: lora_A has rank {a.shape[0]}, but adapter_config.json says r={r}",
+                                  where=str(weights_path),
+                                  fix="the config does not belong to these weights and would merge them at the "
+                                      "wrong scale: save both together again")
         alpha = _pattern_value(cfg.get("alpha_pattern"), module_name, report.lora_alpha)
         scaling = alpha / (math.sqrt(r) if report.use_rslora else r)
         with torch.no_grad():
@@ -150,8 +208,13 @@ def merge_adapter(net: nn.Module, folder: str | Path, family: str) -> AdapterRep
                 raise CheckpointError(f"{name} has shape {list(tensor.shape)}, expected {list(params[name].shape)}",
                                       where=str(weights_path), fix="the adapter was made for a model of another size")
             params[name].copy_(tensor.to(params[name].dtype))
+    report.replaced_tensors = len(replaced)
     report.matched = dict(kinds)
     _report_coverage(report, net, cfg)
+    if strict and report.matches_nothing:
+        raise CheckpointError(f"the adapter matches nothing in this {family} model ({'; '.join(report.partial)})",
+                              where=str(folder / ADAPTER_CONFIG),
+                              fix="it was made for another model: `evotok info MODEL --adapter DIR` shows its targets")
     return report
 
 

@@ -7,13 +7,14 @@ and cache), the mask / stop ids, whether logits are shifted, and the maximum len
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from evotok_cli.errors import CheckpointError
 from evotok_cli.runtime import checkpoint
 from evotok_cli.runtime import tokenizer as tok
 from evotok_cli.runtime.architectures import Family, detect_family
@@ -31,6 +32,7 @@ class DiffusionModel:
     weights: checkpoint.WeightFiles | None
     adapter: AdapterReport | None = None
     eot_id: int | None = None
+    logits_checked: bool = field(default=False, repr=False)  # see `_check_finite`
 
     # -- the protocol decoders use ---------------------------------------------------------------
     @property
@@ -73,7 +75,24 @@ class DiffusionModel:
         return self.net.embed_soft(ids, weights)
 
     def __call__(self, input_ids=None, **kwargs) -> torch.Tensor:
-        return self.net(input_ids, **kwargs)
+        logits = self.net(input_ids, **kwargs)
+        if not self.logits_checked:
+            self._check_finite(logits)
+        return logits
+
+    def _check_finite(self, logits: torch.Tensor) -> None:
+        """NaN/inf weights (or an adapter or dtype that overflows) poison every logit of the first forward
+        pass; checking that pass once, not each step, stops them before they decode into garbage."""
+        if logits.numel() == 0:
+            return
+        if not bool(torch.isfinite(logits).all()):
+            source = "its weights" + (f" or the adapter {self.adapter.path}" if self.adapter else "")
+            dtype = str(self.dtype).removeprefix("torch.")
+            fix = f"{source} hold NaN/inf values" + ("" if dtype == "float32" else f" or overflow in {dtype}")
+            fix += ": download them again" + ("" if dtype == "float32" else ", or try --dtype float32")
+            raise CheckpointError("the model's first forward pass gave NaN or infinite logits", where=str(self.path),
+                                  fix=fix)
+        self.logits_checked = True
 
     def new_cache(self, batch: int, length: int):
         return self.net.new_cache(batch, length)
@@ -119,7 +138,7 @@ class DiffusionModel:
                 "path": self.adapter.path, "r": self.adapter.r, "lora_alpha": self.adapter.lora_alpha,
                 "rslora": self.adapter.use_rslora, "merged_modules": self.adapter.merged_modules,
                 "matched": self.adapter.matched, "unmatched_targets": self.adapter.unmatched_targets,
-                "notes": self.adapter.partial,
+                "matches_nothing": self.adapter.matches_nothing, "notes": self.adapter.partial,
             },
             "unknown_config_keys": list(self.config.unknown_keys),
         }
@@ -177,7 +196,7 @@ def inspect_model(path: str | Path, *, adapter: str | Path | None = None) -> dic
     net = build_model(family, config, device=torch.device("cpu"), dtype=torch.float32)  # meta: free
     checkpoint.check_tensors({n: tuple(p.shape) for n, p in net.named_parameters()}, shapes, str(folder))
     # on meta: names and shapes only
-    report = merge_adapter(net, resolve_adapter(folder, adapter), family.name) if adapter else None
+    report = merge_adapter(net, resolve_adapter(folder, adapter), family.name, strict=False) if adapter else None
     tokenizer = tok.load_tokenizer(folder)
     module = family.load()
     eot = next((t for t in (tok.token_id(tokenizer, s) for s in module.EOT_TOKENS) if t is not None), None)

@@ -7,10 +7,16 @@ directly, so no tokenizer class named in the folder is ever imported or executed
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
 from evotok_cli.errors import CheckpointError
+from evotok_cli.runtime.checkpoint import read_json
+
+# Small JSON files transformers reads beside tokenizer.json: checked first, so that a damaged one is named
+# as itself rather than blamed on tokenizer.json.
+SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json")
 
 
 def has_tokenizer(folder: Path) -> bool:
@@ -21,6 +27,9 @@ def load_tokenizer(folder: Path) -> Any:
     """The fast tokenizer of the folder, or None when the checkpoint ships none (use --prompt-ids)."""
     if not has_tokenizer(folder):
         return None
+    for name in SIDE_FILES:
+        if os.path.lexists(folder / name):
+            read_json(folder / name, name)
     from transformers import PreTrainedTokenizerFast
     from transformers.utils import logging as hf_logging
 

@@ -14,15 +14,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from evotok_cli.files import atomic_write_text
 from evotok_cli.runtime.checkpoint import INDEX_FILE, SINGLE_FILE, save_safetensors
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
 def write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def save_model(net: nn.Module | None, hf_config: dict[str, Any], folder: str | Path, *,

@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from evotok_cli.errors import CheckpointError
+from evotok_cli.errors import CheckpointError, DataError
+from evotok_cli.files import read_text
 from evotok_cli.runtime.checkpoint import save_safetensors
 
 PREFIX = "checkpoint-"
@@ -53,8 +54,14 @@ def save_checkpoint(folder: Path, *, step: int, model_state: dict[str, torch.Ten
     meta = {"step": step, "param_groups": state["param_groups"], "scheduler": scheduler_state,
             "python_random": [py_state[0], list(py_state[1]), py_state[2]], **extra}
     (tmp / "state.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+    if final.exists():  # the same step saved again: the old copy goes only once the new one is in place
+        old = folder / f".old-{PREFIX}{step:07d}"
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(final)
     if keep:
         for old in list_checkpoints(folder)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
@@ -76,24 +83,74 @@ def _like(full: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return distribute_tensor(full.to(target.dtype), mesh, target.placements)
 
 
+STATE_TYPES: dict[str, type] = {"step": int, "micro": int, "param_groups": list, "scheduler": dict,
+                                 "python_random": list}
+
+
+DAMAGED_FIX = "delete the damaged checkpoint folder; --resume then takes the previous one"
+
+
+def _damaged(what: str, path: Path) -> CheckpointError:
+    return CheckpointError(what, where=str(path), fix=DAMAGED_FIX)
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's state.json, checked key by key: a damaged file is one line, never a traceback
+    from deep inside the resume."""
+    file = path / "state.json"
+    try:
+        meta = json.loads(read_text(file, what="state.json", fix=DAMAGED_FIX, error=CheckpointError))
+    except DataError as exc:  # not UTF-8
+        raise _damaged(exc.what, file) from None
+    except json.JSONDecodeError as exc:
+        raise _damaged(f"state.json is not valid JSON ({exc.msg} at line {exc.lineno})", file) from None
+    except RecursionError:
+        raise _damaged("state.json is not valid JSON (nested too deeply)", file) from None
+    if not isinstance(meta, dict):
+        raise _damaged("state.json is not a JSON object", file)
+    for key, kind in STATE_TYPES.items():
+        if key not in meta:
+            raise _damaged(f"state.json lacks {key!r}", file)
+        value = meta[key]
+        if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 0):
+            raise _damaged(f"state.json: {key!r} should be {'a count' if kind is int else kind.__name__}, "
+                           f"got {json.dumps(value)[:40]}", file)
+    return meta
+
+
 def load_checkpoint(path: Path, *, model_params: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
                     param_names: list[str], generators: dict[str, torch.Generator],
                     py_random: random.Random) -> dict[str, Any]:
     from safetensors.torch import load_file
 
+    meta = read_state(path)
     try:
-        meta = json.loads((path / "state.json").read_text(encoding="utf-8"))
         weights = load_file(str(path / "model.safetensors"))
         opt = load_file(str(path / "optimizer.safetensors"))
         rng = load_file(str(path / "rng.safetensors"))
     except Exception as exc:
-        raise CheckpointError(f"cannot read training checkpoint ({exc})", where=str(path),
-                              fix="delete the damaged checkpoint folder; --resume then takes the previous one",
-                              ) from None
+        raise _damaged(f"cannot read training checkpoint ({exc})", path) from None
     missing = set(model_params) - set(weights)
     if missing:
         raise CheckpointError(f"checkpoint lacks {sorted(missing)[0]}", where=str(path),
                               fix="resume with the same --lora-*/--full settings as the interrupted run")
+    for name, p in model_params.items():
+        if tuple(weights[name].shape) != tuple(p.shape):
+            raise CheckpointError(f"{name} has shape {tuple(weights[name].shape)} in the checkpoint, "
+                                  f"{tuple(p.shape)} now", where=str(path),
+                                  fix="resume with the same --lora-*/--full settings as the interrupted run")
+    try:
+        _restore(meta, weights, opt, rng, model_params=model_params, optimizer=optimizer,
+                 param_names=param_names, generators=generators, py_random=py_random)
+    except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as exc:
+        raise _damaged(f"cannot restore the training state ({type(exc).__name__}: {exc})", path) from None
+    return meta
+
+
+def _restore(meta: dict[str, Any], weights: dict[str, torch.Tensor], opt: dict[str, torch.Tensor],
+             rng: dict[str, torch.Tensor], *, model_params: dict[str, torch.nn.Parameter],
+             optimizer: torch.optim.Optimizer, param_names: list[str], generators: dict[str, torch.Generator],
+             py_random: random.Random) -> None:
     with torch.no_grad():
         for name, p in model_params.items():
             p.copy_(_like(weights[name].to(p.device), p))
@@ -114,4 +171,3 @@ def load_checkpoint(path: Path, *, model_params: dict[str, torch.nn.Parameter], 
         gen.set_state(rng[f"gen_{name}"])
     version, internal, gauss = meta["python_random"]
     py_random.setstate((version, tuple(internal), gauss))
-    return meta

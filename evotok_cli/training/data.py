@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from evotok_cli.errors import DataError
+from evotok_cli.files import read_text
 from evotok_cli.runtime import tokenizer as tok
 
 EVOTOKEN_SYSTEM_PROMPT = (
@@ -98,41 +99,44 @@ def render(item: Any, tokenizer: Any, where: str) -> tuple[str, str]:
 def load_examples(path: str | Path, tokenizer: Any, *, eot_id: int | None, max_length: int,
                   min_response: int = 1, skip_invalid: bool = False) -> tuple[list[Example], DataStats]:
     p = Path(path).expanduser()
-    if not p.is_file():
-        raise DataError("training data not found", where=str(p), fix="pass a JSONL file")
+    # missing, a folder, a link loop or non-UTF-8 bytes (with the line they are on): one line each
+    text = read_text(p, what="training data", fix="pass a JSONL file").removeprefix("\ufeff")
     if tokenizer is None:
         raise DataError("the model has no tokenizer", where=str(p), fix="train a model folder with tokenizer.json")
     stats = DataStats()
     examples: list[Example] = []
-    with p.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            stats.lines += 1
-            where = f"{p}:{number}"
+    # newlines only: a JSON string may hold U+2028 and other characters that splitlines() breaks on
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        stats.lines += 1
+        where = f"{p}:{number}"
+        try:
             try:
-                try:
-                    item = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"invalid JSON ({exc.msg})", where=where, fix="one JSON object per line") from None
-                prompt, response = render(item, tokenizer, where)
-            except DataError as exc:
-                if not skip_invalid:
-                    raise DataError(exc.what, where=exc.where,
-                                    fix=(exc.fix + "; " if exc.fix else "") + "or pass --skip-invalid") from None
-                stats.skipped["invalid"] += 1
-                continue
-            prompt_ids = tok.encode(tokenizer, prompt)
-            response_ids = list(tokenizer(response, add_special_tokens=False)["input_ids"])
-            if eot_id is not None and tok.has_chat_template(tokenizer):
-                response_ids.append(eot_id)
-            example = Example(prompt_ids, response_ids)
-            if example.length > max_length:
-                stats.skipped["longer than --max-length"] += 1
-            elif len(response_ids) < min_response:
-                stats.skipped["response shorter than the minimum"] += 1
-            else:
-                examples.append(example)
+                item = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"invalid JSON ({exc.msg})", where=where, fix="one JSON object per line") from None
+            except RecursionError:
+                raise DataError("invalid JSON (nested too deeply)", where=where,
+                                fix="one JSON object per line") from None
+            prompt, response = render(item, tokenizer, where)
+        except DataError as exc:
+            if not skip_invalid:
+                raise DataError(exc.what, where=exc.where,
+                                fix=(exc.fix + "; " if exc.fix else "") + "or pass --skip-invalid") from None
+            stats.skipped["invalid"] += 1
+            continue
+        prompt_ids = tok.encode(tokenizer, prompt)
+        response_ids = list(tokenizer(response, add_special_tokens=False)["input_ids"])
+        if eot_id is not None and tok.has_chat_template(tokenizer):
+            response_ids.append(eot_id)
+        example = Example(prompt_ids, response_ids)
+        if example.length > max_length:
+            stats.skipped["longer than --max-length"] += 1
+        elif len(response_ids) < min_response:
+            stats.skipped["response shorter than the minimum"] += 1
+        else:
+            examples.append(example)
     stats.used = len(examples)
     if not examples:
         raise DataError(f"no usable examples ({stats.summary()})", where=str(p),

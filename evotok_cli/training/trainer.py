@@ -2,7 +2,8 @@
 
 Order of a step: micro-batches in a fixed, seeded order (epoch permutation), one backward per objective
 pass, gradient accumulation, clipping, AdamW, linear schedule with warmup. Checkpoints carry everything
-needed to continue bit-for-bit; SIGINT/SIGTERM save one before exiting.
+needed to continue bit-for-bit; SIGINT/SIGTERM save one before exiting. `preflight` checks the data file
+and the output folder before the model loads (see `runs`: one run per folder).
 """
 
 from __future__ import annotations
@@ -14,14 +15,15 @@ import random
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_origin, get_type_hints
 
 import torch
 
 from evotok_cli.errors import ConfigError
-from evotok_cli.training import checkpointing
+from evotok_cli.files import atomic_write_text, input_file, output_dir
+from evotok_cli.training import checkpointing, runs
 from evotok_cli.training.data import Example, load_examples
 from evotok_cli.training.objectives import Batch, collate
 
@@ -65,23 +67,40 @@ class TrainConfig:
     fsdp: bool = False  # shard weights, gradients and moments over the processes (FSDP2)
 
     def validate(self) -> None:
+        self._check_types()
         checks = [
             (self.objective in OBJECTIVES, "--objective", f"unknown objective {self.objective!r}",
              f"use one of {', '.join(OBJECTIVES)}"),
-            (self.lr > 0, "--lr", f"learning rate must be > 0, got {self.lr}", "e.g. --lr 1e-5"),
+            (0 < self.lr < math.inf, "--lr", f"learning rate must be > 0 and finite, got {self.lr}", "e.g. --lr 1e-5"),
             (self.batch_size >= 1, "--batch-size", f"batch size must be >= 1, got {self.batch_size}", "e.g. 2"),
             (self.grad_accum >= 1, "--grad-accum", f"must be >= 1, got {self.grad_accum}", "e.g. 4"),
             (self.lora_r >= 1, "--lora-r", f"LoRA rank must be >= 1, got {self.lora_r}", "e.g. 128"),
+            (self.lora_alpha > 0, "--lora-alpha", f"must be > 0, got {self.lora_alpha}", "e.g. 256"),
+            (bool(self.lora_targets), "--lora-targets", "no module names given", "e.g. q_proj,k_proj,v_proj"),
             (0 <= self.lora_dropout < 1, "--lora-dropout", f"must be in [0, 1), got {self.lora_dropout}", "e.g. 0.05"),
             (self.epochs > 0 or self.max_steps, "--epochs", "nothing to train", "set --epochs or --max-steps"),
+            (math.isfinite(self.epochs), "--epochs", f"must be finite, got {self.epochs}", "e.g. 3"),
             (self.max_steps is None or self.max_steps >= 1, "--max-steps", "must be >= 1", "e.g. 1000"),
+            (self.weight_decay >= 0, "--weight-decay", f"must be >= 0, got {self.weight_decay}", "e.g. 0.1"),
+            (self.warmup >= 0, "--warmup", f"must be >= 0, got {self.warmup}", "e.g. 100"),
+            (self.min_response >= 0, "--min-response", f"must be >= 0, got {self.min_response}", "e.g. 32"),
+            (self.response_length is None or self.response_length >= 1, "--response-length", "must be >= 1",
+             "e.g. 256"),
             (self.trajectory_steps >= 1, "--trajectory-steps", "must be >= 1", "e.g. 4"),
             (self.k_soft >= 1, "--k-soft", "must be >= 1", "e.g. 3"),
-            (all(c >= 1 for c in self.decode_counts), "--decode-counts", "counts must be >= 1", "e.g. 1,2,4,8"),
-            (all(b >= 1 for b in self.block_sizes), "--block-sizes", "sizes must be >= 1", "e.g. 512"),
+            (bool(self.decode_counts) and all(c >= 1 for c in self.decode_counts), "--decode-counts",
+             f"counts must be >= 1, got {self.decode_counts}", "e.g. 1,2,4,8"),
+            (bool(self.block_sizes) and all(b >= 1 for b in self.block_sizes), "--block-sizes",
+             f"sizes must be >= 1, got {self.block_sizes}", "e.g. 512"),
             (len(self.alpha_range) == 2 and 0 <= self.alpha_range[0] <= self.alpha_range[1] <= 1,
              "--alpha-range", f"need two values 0 <= lo <= hi <= 1, got {self.alpha_range}", "e.g. 0.5,1.0"),
+            (self.d2f_block_size >= 1, "d2f_block_size", "must be >= 1", "e.g. 16"),
+            (len(self.d2f_mask_range) == 2 and 0 <= self.d2f_mask_range[0] <= self.d2f_mask_range[1] <= 1,
+             "d2f_mask_range", f"need two values 0 <= lo <= hi <= 1, got {self.d2f_mask_range}", "e.g. 0.2,0.7"),
             (self.save_every >= 1, "--save-every", "must be >= 1", "e.g. 500"),
+            (self.keep_checkpoints >= 0, "--keep-checkpoints", "must be >= 0 (0 keeps all)", "e.g. 3"),
+            (self.log_every >= 1, "log_every", "must be >= 1", "e.g. 10"),
+            (self.max_grad_norm > 0, "max_grad_norm", "must be > 0", "e.g. 1.0"),
             (self.max_length >= 8, "--max-length", "must be >= 8", "e.g. 1024"),
             (not (self.objective == "d2f" and self.full), "--full",
              "d2f distils the model without its adapter into the adapter, so it needs LoRA", "drop --full"),
@@ -89,6 +108,36 @@ class TrainConfig:
         for ok, where, what, fix in checks:
             if not ok:
                 raise ConfigError(what, where=where, fix=fix)
+
+    def _check_types(self) -> None:
+        """A value of the wrong type (from a YAML config) is one line, not a TypeError further on."""
+        hints = get_type_hints(type(self))
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not _has_type(value, hints[f.name]):
+                flag = f.name if f.name in YAML_ONLY else "--" + f.name.replace("_", "-")
+                raise ConfigError(f"expected {_type_name(hints[f.name])}, got {value!r}", where=flag,
+                                  fix="check the flag or the --config value")
+
+
+YAML_ONLY = {"d2f_block_size", "d2f_mask_range", "log_every", "max_grad_norm", "data", "model", "out"}
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    origin, args = get_origin(hint), get_args(hint)
+    if origin is list:
+        return isinstance(value, list) and all(_has_type(v, args[0]) for v in value)
+    if args:  # a union, e.g. int | None
+        return any(_has_type(value, a) for a in args)
+    if isinstance(value, bool):
+        return hint is bool
+    if hint is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint)
 
 
 OBJECTIVES = ("cts", "sft", "d2f")
@@ -104,7 +153,12 @@ def lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
 
 
 class StopRequested(Exception):
-    pass
+    """A signal stopped training after a checkpoint; the exit code tells the caller which one."""
+
+    def __init__(self, signal_name: str):
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+        self.exit_code = 128 + int(getattr(signal.Signals, signal_name, signal.SIGTERM))
 
 
 class Trainer:
@@ -113,6 +167,17 @@ class Trainer:
         self.cfg, self.log = cfg, log
         self.out = Path(cfg.out).expanduser()
         self.stop_signal: str | None = None
+        self.run: dict[str, Any] | None = None  # the run's identity, once `preflight` has checked the folder
+        self.checked_for_resume: bool | None = None
+
+    def preflight(self, resume: bool = False) -> None:
+        """Before the model loads: the data file can be read, --out can be written and holds no other
+        run (or, with `resume`, the same run, unfinished)."""
+        input_file(self.cfg.data, what="training data", fix="pass a JSONL file")
+        output_dir(self.out, "--out")
+        self.run = runs.identity(self.cfg)
+        runs.check_out(self.out, self.run, resume=resume)
+        self.checked_for_resume = resume
 
     # -- setup -----------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -265,7 +330,8 @@ class Trainer:
         if not self.group.is_main:
             self.group.barrier()
             return None
-        extra = {"micro": self.micro, "history_tail": self.history[-200:], "config": asdict(self.cfg)}
+        extra = {"micro": self.micro, "history_tail": self.history[-200:], "config": asdict(self.cfg),
+                 "total_steps": self.total_steps, "run": self.run}
         path = checkpointing.save_checkpoint(
             self.checkpoint_dir, step=self.step, model_state=weights,
             optimizer_state=moments, param_names=self.opt_names, scheduler_state=self.scheduler.state_dict(),
@@ -283,17 +349,30 @@ class Trainer:
                                              py_random=self.py_random)
         self.scheduler.load_state_dict(meta["scheduler"])
         self.step, self.micro = meta["step"], meta["micro"]
-        self.history = list(self._read_log())
+        self.history = self._read_log()
         self.log(f"resumed from {found[-1].name} (step {self.step} of {self.total_steps})")
         return True
 
-    def _read_log(self):
+    def _read_log(self) -> list[dict[str, Any]]:
+        """The logged steps up to the checkpoint's. A line torn by a crash mid-append (or otherwise
+        unreadable) is dropped with a note: the log is rewritten from what is kept."""
         path = self.out / "loss_log.jsonl"
-        if path.is_file():
-            for line in path.read_text(encoding="utf-8").splitlines():
+        if not path.is_file():
+            return []
+        kept, dropped = [], 0
+        for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
+            try:
                 rec = json.loads(line)
-                if rec["step"] <= self.step:
-                    yield rec
+            except json.JSONDecodeError:
+                dropped += 1
+                continue
+            if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
+                dropped += 1
+            elif rec["step"] <= self.step:
+                kept.append(rec)
+        if dropped:
+            self.log(f"loss_log.jsonl: dropped {dropped} unreadable line(s) (torn by an interruption?)")
+        return kept
 
     # -- the loop --------------------------------------------------------------------------------
     def _on_signal(self, signum, frame) -> None:
@@ -302,6 +381,8 @@ class Trainer:
     def train(self, *, resume: bool = False, progress: Any = None) -> dict[str, Any]:
         cfg = self.cfg
         main = self.group.is_main
+        if self.checked_for_resume is not resume:
+            self.preflight(resume)
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
         self.group.barrier()
@@ -309,9 +390,9 @@ class Trainer:
             self.resume()
         if main:
             self._rewrite_log()
-            (self.out / "training_args.json").write_text(json.dumps(
+            atomic_write_text(self.out / "training_args.json", json.dumps(
                 {**asdict(cfg), "total_steps": self.total_steps, "processes": self.group.world,
-                 "data_stats": self.stats.summary()}, indent=2))
+                 "data_stats": self.stats.summary(), "run": self.run}, indent=2))
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         self.net.train()
         objective = self.objective()
@@ -348,12 +429,12 @@ class Trainer:
                         f.write(json.dumps(record) + "\n")
                 if progress is not None and main:
                     progress(self.step, self.total_steps, record)
-                if self.step % cfg.save_every == 0 or self.step == self.total_steps:
-                    self.save()
+                saved = self.step % cfg.save_every == 0 or self.step == self.total_steps
+                path = self.save() if saved else None
                 if self._stop_requested():
-                    path = self.save()
+                    path = path if saved else self.save()
                     self.log(f"{self.stop_signal}: saved {path}; continue with --resume")
-                    raise StopRequested
+                    raise StopRequested(self.stop_signal or "SIGTERM")
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
@@ -390,10 +471,7 @@ class Trainer:
         return bool(flag.item())
 
     def _rewrite_log(self) -> None:
-        path = self.out / "loss_log.jsonl"
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history), encoding="utf-8")
-        tmp.replace(path)
+        atomic_write_text(self.out / "loss_log.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
 
     # -- output ----------------------------------------------------------------------------------
     def export(self) -> dict[str, Any]:

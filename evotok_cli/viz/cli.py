@@ -35,12 +35,16 @@ def trace(
           --steps 32 --trace run.jsonl
       evotok trace run.jsonl --html run.html --png run.png
     """
-    from rich.console import Console
-
+    from evotok_cli.console import stderr
     from evotok_cli.viz.trace import read_trace
 
     if html is None and png is None:
         raise EvotokError("nothing to draw", where="evotok trace", fix="pass --html OUT.html and/or --png OUT.png")
+    from evotok_cli.files import output_file
+
+    for path, flag in ((html, "--html"), (png, "--png")):
+        if path is not None:
+            output_file(path, flag)
     data = read_trace(file)
     data.select(prompt_index)  # a missing prompt fails before any file is written
     from evotok_cli.runtime.tokenizer import has_tokenizer
@@ -48,7 +52,7 @@ def trace(
     if model is None and data.model and has_tokenizer(Path(data.model)):
         model = data.model
     text = _token_text(model, data.mask_id)
-    err = Console(stderr=True, highlight=False)
+    err = stderr()
     if html is not None:
         from evotok_cli.viz.html import write_html
         err.print(f"wrote {write_html(data, html, text, prompt_index)}")

@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from evotok_cli.files import atomic_write_text
 from evotok_cli.viz.style import (
     BLOCK_COLOURS,
     BLOCK_LABELS,
@@ -30,8 +31,7 @@ from evotok_cli.viz.trace import PromptTrace, Step, Trace
 
 def write_html(trace: Trace, out: str | Path, text: TokenText, prompt_index: int | None = None) -> Path:
     path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_html(trace, text, trace.select(prompt_index)), encoding="utf-8")
+    atomic_write_text(path, render_html(trace, text, trace.select(prompt_index)))
     return path
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from evotok_cli.errors import EvotokError
+from evotok_cli.files import atomic_open
 from evotok_cli.viz.style import (
     BLOCK_COLOURS,
     BLOCK_LABELS,
@@ -43,8 +44,8 @@ def write_png(trace: Trace, out: str | Path, text: TokenText, prompt_index: int 
     prompt = trace.select(prompt_index)[0]
     fig = draw(plt, trace, prompt, text)
     path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    with atomic_open(path, "wb") as handle:
+        fig.savefig(handle, format="png", dpi=dpi, bbox_inches="tight")
     plt.close(fig)
     return path
 

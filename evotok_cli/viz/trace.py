@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from evotok_cli.errors import DataError
+from evotok_cli.files import read_text
 from evotok_cli.viz.style import STATES
 
 SCHEMA = "evotok.trace/1"  # the value evotok_cli.generation.TRACE_SCHEMA writes
@@ -119,13 +120,7 @@ class _Line:
 def read_trace(path: str | Path) -> Trace:
     """The trace at `path`, grouped by prompt (ascending index) with steps in file order."""
     where = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError("no such file", where=where,
-                        fix="write one with `evotok generate --trace FILE.jsonl`") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"cannot read it ({exc})", where=where) from None
+    text = read_text(path, what="trace file", fix="write one with `evotok generate --trace FILE.jsonl`")
     decoder: str | None = None
     mask_id: int | None = None
     model: str | None = None

@@ -101,17 +101,24 @@ def block_causal_mask(blocks: list[PipelineBlock], lo: int, hi: int, device) -> 
 class D2FDecoder:
     name = "d2f"
     Config = D2FConfig
+    settings_used = ("gen_length", "temperature")  # blocks come from block_size, passes from the pipeline
 
     def __init__(self, config: D2FConfig):
         self.config = config
 
-    def generate(self, model, request: GenerationRequest) -> GenerationResult:
-        t0 = time.perf_counter()
+    def check_settings(self, *, gen_length: int, **_: int) -> int:
+        """The token budget, which whole pipeline blocks must fill."""
         cfg = self.config
-        budget = cfg.max_new_tokens or request.gen_length
+        budget = cfg.max_new_tokens or gen_length
         if budget % cfg.block_size:
             raise ConfigError(f"max new tokens {budget} is not a multiple of block_size {cfg.block_size}",
-                              where="--opt block_size", fix="pick a block size that divides --gen-length")
+                              where="--opt block_size",
+                              fix="pick a block size that divides --gen-length (or --opt max_new_tokens)")
+        return budget
+
+    def generate(self, model, request: GenerationRequest) -> GenerationResult:
+        t0 = time.perf_counter()
+        budget = self.check_settings(gen_length=request.gen_length)
         generator = None
         if request.seed is not None:
             generator = torch.Generator(device=model.device).manual_seed(request.seed)

@@ -311,9 +311,9 @@ def write_training_data(names: list[str], *, split: str, n: int, seed: int, out,
     """Interleave n problems of each task into a JSONL file of {"prompt", "response", "prefill"}
     (with `cuts`, each problem is followed by its cut copies: see `training_lines`)."""
     import json
-    from pathlib import Path
 
     from evotok_cli.errors import ConfigError
+    from evotok_cli.files import atomic_open, output_file
 
     unknown = [t for t in names if t not in TASKS]
     if unknown:
@@ -321,16 +321,15 @@ def write_training_data(names: list[str], *, split: str, n: int, seed: int, out,
                           fix=f"choose from {', '.join(TASKS)}")
     if split not in ("train", "test"):
         raise ConfigError(f"unknown split {split!r}", where="--split", fix="use train or test")
+    if n < 1:
+        raise ConfigError(f"--n must be >= 1, got {n}", where="--n", fix="e.g. --n 1000")
+    path = output_file(out, "--out")
     per_task = [data_problems(t, split, n, seed) for t in names]
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     count = 0
-    with tmp.open("w", encoding="utf-8") as f:
+    with atomic_open(path) as f:
         for i in range(n):
             for problems in per_task:
                 for line in training_lines(problems[i], cuts):
                     f.write(json.dumps(line) + "\n")
                     count += 1
-    tmp.replace(path)
     return count

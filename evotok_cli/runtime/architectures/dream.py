@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from evotok_cli.errors import CheckpointError
+from evotok_cli.runtime.architectures import check_heads, check_token_id, config_bool, config_float, config_int
 from evotok_cli.runtime.architectures.llada import RMSNorm, rope_cos_sin
 from evotok_cli.runtime.attention import attend
 from evotok_cli.runtime.cache import KVCache
@@ -66,8 +67,9 @@ def _rope_theta(raw: dict[str, Any], where: str) -> float:
         if params.get("rope_type", "default") != "default":
             raise CheckpointError(f"unsupported rope_parameters {params!r} (evotok implements plain RoPE)",
                                   where=where, fix="this Dream variant is not supported; please open an issue")
-        return float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
-    return float(raw.get("rope_theta", 10000.0))
+        if "rope_theta" in params:
+            return config_float(params, "rope_theta", where, default=10000.0)
+    return config_float(raw, "rope_theta", where, default=10000.0)
 
 
 def _check_supported(raw: dict[str, Any], where: str) -> None:
@@ -77,6 +79,9 @@ def _check_supported(raw: dict[str, Any], where: str) -> None:
                 f"unsupported config option {key}={raw[key]!r} (evotok implements {allowed[0]!r})",
                 where=where, fix="this Dream variant is not supported; please open an issue with its config")
     layer_types = raw.get("layer_types")
+    if layer_types is not None and not isinstance(layer_types, list):
+        raise CheckpointError(f"config.json key layer_types must be a list, got {layer_types!r}", where=where,
+                              fix="correct the value in config.json or download the file again")
     if layer_types and any(t != "full_attention" for t in layer_types):
         raise CheckpointError("unsupported layer_types: only full attention is implemented", where=where,
                               fix="this Dream variant is not supported; please open an issue with its config")
@@ -118,25 +123,26 @@ class DreamConfig:
     def from_hf(cls, raw: dict[str, Any], where: str) -> DreamConfig:
         """Validate a Dream `config.json` and keep what the forward pass needs."""
         _check_supported(raw, where)
-        d_model, n_heads = int(raw["hidden_size"]), int(raw["num_attention_heads"])
-        n_kv = int(raw.get("num_key_value_heads") or n_heads)
-        if d_model % n_heads or n_heads % n_kv:
-            raise CheckpointError(f"hidden_size {d_model} / num_attention_heads {n_heads} / num_key_value_heads "
-                                  f"{n_kv} do not divide", where=where, fix="fix the head counts in config.json")
+        size = {k: config_int(raw, k, where) for k in _SIZE_KEYS}
+        d_model, n_heads = size["hidden_size"], size["num_attention_heads"]
+        n_kv = config_int(raw, "num_key_value_heads", where, default=n_heads)
+        check_heads(d_model, n_heads, n_kv, ("hidden_size", "num_attention_heads", "num_key_value_heads"), where)
         if raw.get("head_dim") not in (None, d_model // n_heads):
             raise CheckpointError(f"head_dim {raw['head_dim']} differs from hidden_size / num_attention_heads "
                                   f"({d_model // n_heads})", where=where, fix="this Dream variant is not supported")
-        eos = int(raw.get("eos_token_id", 151643))
+        eos = config_int(raw, "eos_token_id", where, default=151643, minimum=0)
+        ids = {"mask_token_id": config_int(raw, "mask_token_id", where, default=151666, minimum=0),
+               "eos_token_id": eos, "pad_token_id": config_int(raw, "pad_token_id", where, default=eos, minimum=0)}
+        for key, value in ids.items():
+            check_token_id(key, value, size["vocab_size"], where)
         known = set(_REQUIRED_VALUES) | _INERT_KEYS | _HF_KEYS
         return cls(
-            d_model=d_model, n_heads=n_heads, n_kv_heads=n_kv, n_layers=int(raw["num_hidden_layers"]),
-            intermediate_size=int(raw["intermediate_size"]), vocab_size=int(raw["vocab_size"]),
-            max_position_embeddings=int(raw["max_position_embeddings"]), rope_theta=_rope_theta(raw, where),
-            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            mask_token_id=int(raw.get("mask_token_id", 151666)), eos_token_id=eos,
-            pad_token_id=int(raw.get("pad_token_id") if raw.get("pad_token_id") is not None else eos),
-            unknown_keys=tuple(sorted(set(raw) - known)),
+            d_model=d_model, n_heads=n_heads, n_kv_heads=n_kv, n_layers=size["num_hidden_layers"],
+            intermediate_size=size["intermediate_size"], vocab_size=size["vocab_size"],
+            max_position_embeddings=size["max_position_embeddings"], rope_theta=_rope_theta(raw, where),
+            rms_norm_eps=config_float(raw, "rms_norm_eps", where, default=1e-6),
+            tie_word_embeddings=config_bool(raw, "tie_word_embeddings", where, default=False),
+            **ids, unknown_keys=tuple(sorted(set(raw) - known)),
         )
 
     def to_hf(self) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from evotok_cli.errors import CheckpointError
+from evotok_cli.runtime.architectures import check_heads, check_token_id, config_bool, config_float, config_int
 from evotok_cli.runtime.attention import attend
 from evotok_cli.runtime.cache import KVCache
 
@@ -85,20 +86,23 @@ class LLaDAConfig:
         if missing:
             raise CheckpointError(f"config.json lacks {', '.join(missing)}", where=where,
                                   fix="a LLaDA config needs d_model, n_heads, n_layers, mlp_hidden_size, ...")
-        n_heads = int(raw["n_heads"])
-        n_kv = raw.get("n_kv_heads") or n_heads
-        if raw["d_model"] % n_heads or n_heads % n_kv:
-            raise CheckpointError(f"d_model {raw['d_model']} / n_heads {n_heads} / n_kv_heads {n_kv} do not divide",
-                                  where=where, fix="fix the head counts in config.json")
+        size = {k: config_int(raw, k, where) for k in _SIZE_KEYS}
+        n_kv = config_int(raw, "n_kv_heads", where, default=size["n_heads"])
+        check_heads(size["d_model"], size["n_heads"], n_kv, ("d_model", "n_heads", "n_kv_heads"), where)
+        embedding_size = config_int(raw, "embedding_size", where, default=size["vocab_size"])
+        if embedding_size < size["vocab_size"]:
+            raise CheckpointError(f"embedding_size {embedding_size} is smaller than vocab_size {size['vocab_size']}",
+                                  where=where, fix="correct embedding_size or vocab_size in config.json")
+        ids = {k: config_int(raw, k, where, default=d, minimum=0)
+               for k, d in (("mask_token_id", 126336), ("eos_token_id", 126081))}
+        for key, value in ids.items():
+            check_token_id(key, value, size["vocab_size"], where)
         known = set(_REQUIRED_VALUES) | _INERT_KEYS | set(cls.__dataclass_fields__)
         return cls(
-            d_model=int(raw["d_model"]), n_heads=n_heads, n_kv_heads=int(n_kv), n_layers=int(raw["n_layers"]),
-            mlp_hidden_size=int(raw["mlp_hidden_size"]), vocab_size=int(raw["vocab_size"]),
-            embedding_size=int(raw.get("embedding_size") or raw["vocab_size"]),
-            max_sequence_length=int(raw["max_sequence_length"]),
-            rope_theta=float(raw.get("rope_theta", 10000.0)), rms_norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
-            weight_tying=bool(raw.get("weight_tying", False)),
-            mask_token_id=int(raw.get("mask_token_id", 126336)), eos_token_id=int(raw.get("eos_token_id", 126081)),
+            **size, n_kv_heads=n_kv, embedding_size=embedding_size, **ids,
+            rope_theta=config_float(raw, "rope_theta", where, default=10000.0),
+            rms_norm_eps=config_float(raw, "rms_norm_eps", where, default=1e-5),
+            weight_tying=config_bool(raw, "weight_tying", where, default=False),
             unknown_keys=tuple(sorted(set(raw) - known)),
         )
 

@@ -1,0 +1,172 @@
+"""Reading the user's files and writing ours without surprises.
+
+Inputs: a missing file, a folder, a symlink loop, unreadable or non-UTF-8 bytes each become one
+`DataError` line naming the file (and the byte offset), never a `UnicodeDecodeError` traceback.
+Outputs: every command checks its output paths *before* the work starts (a folder where a file is
+wanted, a file where a folder is wanted, a place nothing can be created in), and writes through a
+temporary sibling that is renamed into place, so a crash or a full disk never leaves half a file, and a
+failed write never leaves the temporary behind.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import TextIO
+
+from evotok_cli.errors import ConfigError, DataError
+
+
+def _stat_problem(path: Path) -> str | None:
+    """Why `path` cannot be opened as an existing file or folder, or None when it can."""
+    try:
+        path.stat()
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "is a symbolic link loop"
+        if exc.errno == errno.ENOENT:
+            return "is a broken symbolic link" if path.is_symlink() else "does not exist"
+        if exc.errno == errno.ENOTDIR:
+            return "does not exist (a part of the path is a file, not a folder)"
+        return f"cannot be opened ({exc.strerror})"
+    return None
+
+
+def input_file(path: str | Path, *, what: str, fix: str, error: type = DataError) -> Path:
+    """`path` as an existing regular file, or one line saying what is wrong with it."""
+    p = Path(path).expanduser()
+    problem = _stat_problem(p)
+    if problem is None and p.is_dir():
+        problem = "is a folder, not a file"
+    if problem is not None:
+        raise error(f"{what} {problem}", where=str(p), fix=fix)
+    return p
+
+
+def input_dir(path: str | Path, *, what: str, fix: str, error: type = DataError) -> Path:
+    """`path` as an existing folder, or one line saying what is wrong with it."""
+    p = Path(path).expanduser()
+    problem = _stat_problem(p)
+    if problem is None and not p.is_dir():
+        problem = "is a file, not a folder"
+    if problem is not None:
+        raise error(f"{what} {problem}", where=str(p), fix=fix)
+    return p
+
+
+def decode_utf8(data: bytes, where: str, *, what: str = "file") -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise DataError(f"{what} is not UTF-8 text (byte 0x{data[exc.start]:02x} on line {line}, offset {exc.start})",
+                        where=where, fix="save it as UTF-8") from None
+
+
+def read_text(path: str | Path, *, what: str = "file", fix: str = "pass a readable UTF-8 text file",
+              error: type = DataError) -> str:
+    """The whole file as text; every way of failing is one line naming the file."""
+    p = input_file(path, what=what, fix=fix, error=error)
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise error(f"{what} cannot be read ({exc.strerror})", where=str(p), fix=fix) from None
+    return decode_utf8(data, str(p), what=what)
+
+
+def check_text(value: str, where: str) -> str:
+    """Command-line text that carries undecodable bytes (Python keeps them as lone surrogates)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ConfigError(f"text is not valid UTF-8 (bad byte at character {exc.start})", where=where,
+                          fix="pass UTF-8 text") from None
+    return value
+
+
+def _nearest_existing(p: Path) -> Path:
+    for candidate in (p, *p.parents):
+        if os.path.lexists(candidate):
+            return candidate
+    return Path(".")
+
+
+def _probe_writable(folder: Path, flag: str) -> None:
+    """Create and delete one empty file in `folder`: the only test that holds for root and odd
+    file systems (/proc, read-only mounts) alike."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=".evotok-probe-", dir=folder)
+    except OSError as exc:
+        raise ConfigError(f"cannot write into {folder} ({exc.strerror})", where=flag,
+                          fix="choose a writable location") from None
+    os.close(fd)
+    os.unlink(name)
+
+
+def _check_parent(p: Path, flag: str) -> None:
+    base = _nearest_existing(p.parent)
+    if not base.is_dir():
+        raise ConfigError(f"{base} is a file, so {p} cannot be created", where=flag,
+                          fix="choose a path whose parent is a folder")
+    _probe_writable(base, flag)
+
+
+def output_file(path: str | Path, flag: str, *, overwrite: bool = True) -> Path:
+    """Check, before any work, that a file can be written at `path` (its parent folder may be created)."""
+    p = Path(path).expanduser()
+    problem = _stat_problem(p) if os.path.lexists(p) else None
+    if problem == "is a symbolic link loop":
+        raise ConfigError(f"output {problem}", where=flag, fix="choose another path")
+    if p.is_dir():
+        raise ConfigError(f"{p} is a folder, not a file", where=flag, fix="pass a file path, e.g. out.jsonl")
+    if p.exists() and not overwrite:
+        raise ConfigError(f"{p} already exists", where=flag, fix="choose a new path or remove the file")
+    _check_parent(p, flag)
+    return p
+
+
+def output_dir(path: str | Path, flag: str) -> Path:
+    """Check, before any work, that `path` is a folder or can be created as one. Creates nothing."""
+    p = Path(path).expanduser()
+    if os.path.lexists(p):
+        problem = _stat_problem(p)
+        if problem is not None:
+            raise ConfigError(f"output folder {problem}", where=flag, fix="choose another folder")
+        if not p.is_dir():
+            raise ConfigError(f"{p} is a file, not a folder", where=flag, fix="choose a folder path")
+        _probe_writable(p, flag)
+        return p
+    _check_parent(p, flag)
+    return p
+
+
+@contextmanager
+def atomic_open(path: str | Path, mode: str = "w") -> Iterator[TextIO]:
+    """Write `path` through a temporary sibling renamed into place on success, removed on failure."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, unlike mkstemp's 0600
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as handle:
+            yield handle
+        os.replace(tmp, p)
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    with atomic_open(path) as handle:
+        handle.write(text)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_open(path, "wb") as handle:
+        handle.write(data)
