@@ -6,8 +6,11 @@ on CPU the process's peak resident set above the baseline after loading the mode
 
     python benchmarks/cts_memory.py                 # CPU, a 12-layer x 512 model, batch 4, length 512
     python benchmarks/cts_memory.py --device cuda   # on a GPU
+    python benchmarks/cts_memory.py --activation-checkpointing   # K = 1 with and without it
 
 Target (issue 5): peak memory of K = 4 <= 1.3x that of K = 1. Writes benchmarks/results/cts_memory-<device>.{json,md}.
+With --activation-checkpointing (issue 20): the peak with `finetune --activation-checkpointing` over the
+peak without, both in training mode; writes cts_memory-<device>[-full]-checkpointing.{json,md}.
 """
 
 from __future__ import annotations
@@ -57,8 +60,9 @@ def peak_tensor_mb(step, device) -> float:
 
 
 def measure(model_dir: str, device: str, K: int, keep_graphs: bool, batch: int, length: int, steps: int,
-            full: bool) -> dict:
-    """One configuration, in this process."""
+            full: bool, checkpointing: bool | None = None) -> dict:
+    """One configuration, in this process. `checkpointing` not None: in training mode (as finetune
+    runs, LoRA dropout on), with activation checkpointing on or off."""
     import torch
     import torch.nn.functional as F
 
@@ -76,6 +80,9 @@ def measure(model_dir: str, device: str, K: int, keep_graphs: bool, batch: int, 
         get_peft_model(lm.net, LoraConfig(r=d["lora_r"].default, lora_alpha=d["lora_alpha"].default,
                                           lora_dropout=d["lora_dropout"].default,
                                           target_modules=d["lora_targets"].default_factory(), bias="none"))
+    if checkpointing is not None:
+        lm.net.activation_checkpointing = checkpointing
+        lm.net.train()
     dev = lm.device
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(10, lm.vocab_size - 10, (batch, length), generator=g).to(dev)
@@ -90,8 +97,9 @@ def measure(model_dir: str, device: str, K: int, keep_graphs: bool, batch: int, 
         lm.net.zero_grad(set_to_none=True)
 
     rss_before = rss_peak_mb()
+    t0 = time.perf_counter()
     peak = peak_tensor_mb(step, dev)  # the first step, also a warm-up
-    times = []
+    times = [] if steps else [time.perf_counter() - t0]  # --steps 0: time the measured step (profiled)
     for _ in range(steps):
         t0 = time.perf_counter()
         step()
@@ -101,6 +109,8 @@ def measure(model_dir: str, device: str, K: int, keep_graphs: bool, batch: int, 
     row = {"K": K, "trained": "all weights" if full else "LoRA q/k/v r128",
            "graphs": "all kept, one backward" if keep_graphs else "one backward per pass",
            "peak_mb": round(peak, 1), "step_s": round(min(times), 3)}
+    if checkpointing is not None:
+        row["checkpointing"] = checkpointing
     if dev.type == "cpu":
         row["peak_rss_mb"] = round(rss_peak_mb() - rss_before, 1)
     return row
@@ -143,28 +153,36 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=1, help="timed steps after the measured one")
     p.add_argument("--vocab", type=int, default=0, help="vocabulary size (default: LLaDA's real 126464)")
     p.add_argument("--full", action="store_true", help="train all weights (default: finetune's LoRA adapter)")
-    p.add_argument("--worker", nargs=2, metavar=("K", "KEEP"), help=argparse.SUPPRESS)
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="measure K = 1 in training mode without and with activation checkpointing")
+    p.add_argument("--worker", nargs=3, metavar=("K", "KEEP", "CKPT"), help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = p.parse_args()
     if args.worker:
+        ckpt = {"-": None, "0": False, "1": True}[args.worker[2]]
         print(json.dumps(measure(args.model, args.device, int(args.worker[0]), args.worker[1] == "1", args.batch,
-                                 args.length, args.steps, args.full)))
+                                 args.length, args.steps, args.full, ckpt)))
         return
+    runs = [(1, False, "0"), (1, False, "1")] if args.activation_checkpointing else \
+        [(1, False, "-"), (4, False, "-"), (4, True, "-")]
     from evotok_cli.runtime.init import REAL_VOCAB, create_model
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         model = create_model(Path(tmp) / "m", layers=args.layers, hidden=args.hidden, heads=max(1, args.hidden // 64),
-                             kv_heads=None, mlp=None, max_length=4096, vocab_size=args.vocab, real_vocab=not args.vocab,
-                             seed=0)
-        for K, keep in ((1, False), (4, False), (4, True)):
-            cmd = [sys.executable, __file__, "--worker", str(K), str(int(keep)), "--model", str(model),
+                             kv_heads=None, mlp=None, max_length=4096, vocab_size=args.vocab or REAL_VOCAB,
+                             real_vocab=not args.vocab, seed=0)
+        for K, keep, ckpt in runs:
+            cmd = [sys.executable, __file__, "--worker", str(K), str(int(keep)), ckpt, "--model", str(model),
                    "--device", args.device, "--batch", str(args.batch), "--length", str(args.length),
                    "--steps", str(args.steps)] + (["--full"] if args.full else [])
             row = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
             rows.append(row)
             print(json.dumps(row), flush=True)
+    if args.activation_checkpointing:
+        write_checkpointing(args, rows)
+        return
     ratio = rows[1]["peak_mb"] / rows[0]["peak_mb"]
     vocab = args.vocab or REAL_VOCAB
     rss = args.device == "cpu"
@@ -185,6 +203,36 @@ def main() -> None:
             "length": args.length, "trained": "all weights" if args.full else "lora", "device": args.device}
     (args.out / f"cts_memory-{tag}.json").write_text(
         json.dumps({"meta": meta, "rows": rows, "k4_over_k1": ratio}, indent=2) + "\n")
+    (args.out / f"cts_memory-{tag}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def write_checkpointing(args: argparse.Namespace, rows: list[dict]) -> None:
+    """Issue 20's table: the peak with activation checkpointing over the peak without (target <= 0.4)."""
+    from evotok_cli.runtime.init import REAL_VOCAB
+
+    ratio = rows[1]["peak_mb"] / rows[0]["peak_mb"]
+    vocab = args.vocab or REAL_VOCAB
+    rss = args.device == "cpu"
+    lines = ["# CTS memory with activation checkpointing", "",
+             f"{'all weights' if args.full else 'LoRA (finetune defaults)'}, training mode, K = 1, "
+             f"{args.layers} layers x {args.hidden}, vocab {vocab}, batch {args.batch}, length {args.length}, "
+             f"device {args.device}; peak tensor memory with / without checkpointing = {ratio:.2f} (target <= 0.4).",
+             "", "Peak MB: live tensors above the weights during one step"
+             + (" (profiler allocation events)" if rss else "") + ". Checkpointing removes the transformer "
+             "blocks' activations; what it cannot remove is the (batch, length, vocab) logits and the loss's "
+             "copies of them, computed after the last block.", "",
+             "| checkpointing | peak MB |" + (" RSS MB |" if rss else "") + " step s |",
+             "|---|---|" + ("---|" if rss else "") + "---|"]
+    lines += [f"| {'on' if r['checkpointing'] else 'off'} | {r['peak_mb']:.0f} |"
+              + (f" {r['peak_rss_mb']:.0f} |" if rss else "") + f" {r['step_s']:.2f} |" for r in rows]
+    args.out.mkdir(parents=True, exist_ok=True)
+    tag = ("cuda" if args.device.startswith("cuda") else "cpu") + ("-full" if args.full else "") + \
+        (f"-vocab{args.vocab}" if args.vocab else "") + "-checkpointing"
+    meta = {"layers": args.layers, "hidden": args.hidden, "vocab": vocab, "batch": args.batch,
+            "length": args.length, "trained": "all weights" if args.full else "lora", "device": args.device, "K": 1}
+    (args.out / f"cts_memory-{tag}.json").write_text(
+        json.dumps({"meta": meta, "rows": rows, "with_over_without": ratio}, indent=2) + "\n")
     (args.out / f"cts_memory-{tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

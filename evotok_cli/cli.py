@@ -13,6 +13,7 @@ from typing import Any
 import typer
 
 from evotok_cli import __version__
+from evotok_cli.config import GENERATE_DEFAULTS, GENERATE_TYPES, generate_defaults, model_folder
 from evotok_cli.errors import EvotokError
 
 app = typer.Typer(
@@ -26,16 +27,6 @@ app = typer.Typer(
 )
 
 MODEL_HELP = "checkpoint folder (Hugging Face layout); default: the bundled model"
-GENERATE_DEFAULTS: dict[str, Any] = {
-    "model": None, "decoder": "hard-mask", "gen_length": 128, "block_length": 32, "steps": 64,
-    "temperature": 0.0, "seed": 0, "threshold": None, "remasking": None, "adapter": None, "device": "auto",
-    "dtype": "auto", "chat_template": True, "system": None, "prefill": "", "batch_size": 8, "json": False,
-    "trace": None,
-}
-GENERATE_TYPES = {"model": str, "decoder": str, "threshold": float, "remasking": str, "adapter": str, "system": str,
-                  "trace": str}
-
-
 def _stderr() -> Any:
     from evotok_cli.console import stderr
     return stderr()
@@ -57,13 +48,8 @@ def root(
     """
 
 
-def default_model() -> Path:
-    from evotok_cli.assets import default_model_path
-    return default_model_path()
-
-
 def _model_path(model: str | None) -> Path:
-    return Path(model).expanduser() if model else default_model()
+    return model_folder(model)
 
 
 # -- info ----------------------------------------------------------------------------------------
@@ -221,10 +207,9 @@ def generate(
 
     dec = make_decoder(decoder_name, options)  # validate options before the (slow) model load
     from evotok_cli.generation import check_settings
-    from evotok_cli.runtime.checkpoint import generation_defaults
 
     model_path = _model_path(get("model", model))
-    s.defaults = {**GENERATE_DEFAULTS, **generation_defaults(model_path)}  # the model's own, under YAML and flags
+    s.defaults = generate_defaults(model_path)  # the model's own, under YAML and flags
     gen_length_v, block_v, steps_v = get("gen_length", gen_length), get("block_length", block_length), get("steps", steps)
     temperature_v = get("temperature", temperature)
     check_settings(dec, gen_length=gen_length_v, block_length=block_v, steps=steps_v, temperature=temperature_v)
@@ -262,6 +247,10 @@ def generate(
               "device": str(lm.device),
               "dtype": str(lm.dtype).removeprefix("torch."), "decoder_options": _jsonable(vars(dec.config))}
     if json_out:
+        from evotok_cli.bench.results import versions
+        from evotok_cli.runtime.device import describe_runtime
+
+        params["runtime"], params["versions"] = describe_runtime(lm.device, lm.dtype), versions()
         typer.echo(json.dumps({"schema": "evotok.generate/1", "model": str(model_path), "decoder": decoder_name,
                                "params": params, "results": results}, indent=2))
     else:
@@ -359,11 +348,12 @@ FINETUNE_DEFAULTS: dict[str, Any] = {
     "decode_counts": "1,2,4,8", "block_sizes": "512", "alpha_range": "0.5,1.0", "k_soft": 3,
     "d2f_block_size": 16, "d2f_mask_range": "0.2,0.7", "seed": 42, "save_every": 500, "keep_checkpoints": 3,
     "log_every": 10, "skip_invalid": False, "device": "auto", "json": False, "fsdp": False,
+    "activation_checkpointing": None, "pg_timeout": 30.0,
 }
 
 
 FINETUNE_TYPES = {"model": str, "out": str, "adapter": str, "max_steps": int, "min_response": int,
-                  "response_length": int}
+                  "response_length": int, "activation_checkpointing": bool}
 
 
 def _csv(text: Any, kind: type, where: str) -> list:
@@ -411,6 +401,8 @@ def finetune(
     skip_invalid: bool | None = typer.Option(None, "--skip-invalid", help="count and skip malformed lines instead of stopping", show_default=False),
     device: str | None = typer.Option(None, "--device", help="[default: auto]", show_default=False),
     fsdp: bool | None = typer.Option(None, "--fsdp", help="shard weights, gradients and optimiser state over the processes of torchrun / accelerate launch (also on with accelerate's FSDP config)", show_default=False),
+    activation_checkpointing: bool | None = typer.Option(None, "--activation-checkpointing/--no-activation-checkpointing", help="recompute each transformer block's activations in the backward instead of keeping them [default: on a GPU with --full or when a micro-batch's activations would fill a quarter of it; off on the CPU]", show_default=False),
+    pg_timeout: float | None = typer.Option(None, "--pg-timeout", envvar="EVOTOK_PG_TIMEOUT", help="minutes the processes of a multi-process run wait for each other before the job fails [default: 30]", show_default=False),
     config: Path | None = typer.Option(None, "--config", "-c", help="YAML with defaults for any option above", show_default=False),
     as_json: bool | None = typer.Option(None, "--json", help="print a JSON summary (schema evotok.finetune/1)", show_default=False),
 ) -> None:
@@ -459,7 +451,9 @@ def finetune(
         d2f_mask_range=_csv(get("d2f_mask_range", None), float, "d2f_mask_range"),
         seed=get("seed", seed), save_every=get("save_every", save_every),
         keep_checkpoints=get("keep_checkpoints", keep_checkpoints), log_every=get("log_every", None),
-        skip_invalid=get("skip_invalid", skip_invalid), device=get("device", device), fsdp=get("fsdp", fsdp))
+        skip_invalid=get("skip_invalid", skip_invalid), device=get("device", device), fsdp=get("fsdp", fsdp),
+        activation_checkpointing=get("activation_checkpointing", activation_checkpointing),
+        pg_timeout=float(get("pg_timeout", pg_timeout)))
     err = _stderr()
     trainer = Trainer(cfg, log=lambda m: err.print(f"[dim]{m}[/dim]"))
     trainer.preflight(resume)  # data file, --out, one run per folder: before the model loads
@@ -554,6 +548,10 @@ _register_bench(app)
 from evotok_cli.viz.cli import register as _register_viz  # noqa: E402 (trace)
 
 _register_viz(app)
+
+from evotok_cli.serve.cli import register as _register_serve  # noqa: E402 (serve)
+
+_register_serve(app)
 
 
 def main() -> None:

@@ -14,6 +14,32 @@ from typing import Any
 from evotok_cli.errors import ConfigError
 from evotok_cli.files import read_text
 
+# `evotok generate`'s built-in defaults; `evotok serve` starts from the same ones
+GENERATE_DEFAULTS: dict[str, Any] = {
+    "model": None, "decoder": "hard-mask", "gen_length": 128, "block_length": 32, "steps": 64,
+    "temperature": 0.0, "seed": 0, "threshold": None, "remasking": None, "adapter": None, "device": "auto",
+    "dtype": "auto", "chat_template": True, "system": None, "prefill": "", "batch_size": 8, "json": False,
+    "trace": None,
+}
+GENERATE_TYPES = {"model": str, "decoder": str, "threshold": float, "remasking": str, "adapter": str, "system": str,
+                  "trace": str}
+
+
+def model_folder(model: str | None) -> Path:
+    """The checkpoint folder a --model value names; none: the bundled model."""
+    if model:
+        return Path(model).expanduser()
+    from evotok_cli.assets import default_model_path
+    return default_model_path()
+
+
+def generate_defaults(folder: Path) -> dict[str, Any]:
+    """Built-in generate defaults under the model folder's own (generation_config.json's "evotok"):
+    what a setting is when no flag, variable or YAML names it, for `generate` and `serve` alike."""
+    from evotok_cli.runtime.checkpoint import generation_defaults
+
+    return {**GENERATE_DEFAULTS, **generation_defaults(folder)}
+
 
 def load_yaml(path: str | Path | None) -> dict[str, Any]:
     if path is None:

@@ -74,42 +74,58 @@ def generate(model: Any, decoder_name: str, decoder: Any, prompts: list[Prompt],
              block_length: int, steps: int, temperature: float, seed: int | None, batch_size: int = 8,
              trace: Path | None = None, on_pass: Callable[[int], None] | None = None,
              on_event: Callable[[StepEvent], None] | None = None,
-             on_batch: Callable[[int, int], None] | None = None) -> tuple[list[dict[str, Any]], float]:
-    """Decode `prompts` in batches; returns one result per prompt and the total wall time."""
+             on_batch: Callable[[int, int], None] | None = None,
+             seeds: list[int] | None = None) -> tuple[list[dict[str, Any]], float]:
+    """Decode `prompts` in the step engine, at most `batch_size` rows at a time (a finished row's place is
+    refilled at once); returns one result per prompt and the wall time. Prompt i samples from seed + i
+    (or `seeds[i]`), whatever the batch size."""
+    from evotok_cli.decoding.engine import Engine, make_jobs
+
     if batch_size < 1:
         raise ConfigError(f"batch size must be >= 1, got {batch_size}", where="--batch-size", fix="e.g. --batch-size 8")
     check_settings(decoder, gen_length=gen_length, block_length=block_length, steps=steps, temperature=temperature)
-    results: list[dict[str, Any]] = []
-    wall = 0.0
     with atomic_open(trace) if trace else nullcontext() as handle:  # a trace appears whole or not at all
-        for batch, first in enumerate(range(0, len(prompts), batch_size)):
-            chunk = prompts[first:first + batch_size]
-            writer = TraceWriter(handle, decoder_name, model, first) if handle else None
-            listeners = [f for f in (writer, on_event) if f]
-            request = GenerationRequest(
-                prompts=[p.ids for p in chunk], gen_length=gen_length, block_length=block_length, steps=steps,
-                temperature=temperature, seed=None if seed is None else seed + first, trace=bool(listeners),
-                on_event=(lambda e, ls=listeners: [f(e) for f in ls]) if listeners else None, on_pass=on_pass)
-            synchronize(model.device)
-            t0 = time.perf_counter()
-            out = decoder.generate(model, request)
-            synchronize(model.device)
-            seconds = time.perf_counter() - t0
-            wall += seconds
-            for prompt, row in zip(chunk, out.rows):
-                answer = answer_tokens(row.token_ids, model.stop_ids)
-                results.append({
-                    "prompt": prompt.text if prompt.text is not None else prompt.ids,
-                    "text": model.answer_text(row.token_ids),
-                    "token_ids": row.token_ids,
-                    "nfe": row.nfe,
-                    "batch": batch,
-                    "batch_seconds": seconds,  # rows of a batch finish together: the time is the batch's
-                    "tokens": answer,
-                })
-            if on_batch is not None:
-                on_batch(len(results), len(prompts))
+        listeners = [f for f in (TraceWriter(handle, decoder_name, model) if handle else None, on_event) if f]
+        request = GenerationRequest(
+            prompts=[p.ids for p in prompts], gen_length=gen_length, block_length=block_length, steps=steps,
+            temperature=temperature, seed=seed, seeds=seeds, trace=bool(listeners),
+            on_event=(lambda e: [f(e) for f in listeners]) if listeners else None)
+        engine = Engine(model, max_rows=batch_size)
+        jobs = make_jobs(model, decoder, request, cohort=batch_size)
+        done_rows = [0]
+
+        def on_done(job: Any) -> None:
+            done_rows[0] += job.rows
+            if on_batch is not None and job.error is None:
+                on_batch(done_rows[0], len(prompts))
+
+        for _, job in jobs:
+            job.on_done = on_done
+            engine.submit(job)
+
+        synchronize(model.device)
+        t0 = time.perf_counter()
+        engine.run(on_step=(lambda e: on_pass(e.steps)) if on_pass is not None else None)
+        synchronize(model.device)
+        wall = time.perf_counter() - t0
+    errors = [job.error for _, job in jobs if job.error is not None]
+    if errors:
+        raise errors[0]
+    results = [row_result(model, prompts[first + offset], row, job.seconds)
+               for first, job in jobs for offset, row in enumerate(job.result.rows)]
     return results, wall
+
+
+def row_result(model: Any, prompt: Prompt, row: Any, seconds: float) -> dict[str, Any]:
+    """One prompt's result as `generate --json` reports it (the server answers from the same dict)."""
+    return {
+        "prompt": prompt.text if prompt.text is not None else prompt.ids,
+        "text": model.answer_text(row.token_ids),
+        "token_ids": row.token_ids,
+        "nfe": row.nfe,
+        "seconds": seconds,  # this row's own: from joining the running batch to leaving it
+        "tokens": answer_tokens(row.token_ids, model.stop_ids),
+    }
 
 
 def answer_tokens(ids: list[int], stop_ids: tuple[int, ...]) -> int:

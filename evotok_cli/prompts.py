@@ -17,6 +17,7 @@ class Prompt:
     text: str | None  # what the user wrote (None for --prompt-ids)
     ids: list[int] | None = None  # given ids, or filled in by `encode_prompts`
     system: str | None = None
+    messages: list[dict[str, str]] | None = None  # a whole conversation (the server's chat requests)
 
 
 def parse_ids(text: str, where: str) -> list[int]:
@@ -76,8 +77,11 @@ def encode_prompts(prompts: list[Prompt], tokenizer: Any, *, chat: bool, vocab_s
             if tokenizer is None:
                 raise ConfigError("this checkpoint has no tokenizer, so text prompts cannot be encoded",
                                   where="--prompt", fix="pass token ids with --prompt-ids 1,2,3")
-            rendered = tok.render_prompt(tokenizer, prompt.text or "", chat=chat, system=prompt.system or system,
-                                         prefill=prefill)
+            if prompt.messages is not None:
+                rendered = tok.render_messages(tokenizer, prompt.messages, chat=chat, prefill=prefill)
+            else:
+                rendered = tok.render_prompt(tokenizer, prompt.text or "", chat=chat, system=prompt.system or system,
+                                             prefill=prefill)
             prompt.ids = tok.encode(tokenizer, rendered)
         bad = [i for i in prompt.ids if i >= vocab_size]
         if bad:

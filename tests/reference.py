@@ -161,3 +161,104 @@ def d2f_generate(model, prompt: list[int], *, max_new: int, block_size: int, add
                 eos = True
     gen = x[0, P:]
     return gen.masked_fill(gen == mask_id, eos_id).tolist(), nfe
+
+
+# -- the releases' random streams (rng=reference) -----------------------------------------------------
+# LLaDA's `generate` and EvoToken's `generate_soft_token` sample with one generator seeded once, decoding
+# the prompts one after another (batch size 1): each pass draws float64 uniforms over the whole canvas's
+# logits (B, L, V) when the temperature is above 0, then, for random remasking, float32 uniforms (B, L).
+# LLaDA runs every scheduled pass of a block (also on a full block); EvoToken stops when the block is full.
+
+
+def _noisy_argmax(logits, temperature, generator, mask_id):
+    if temperature > 0:
+        u = torch.rand(logits.shape, dtype=torch.float64, generator=generator)
+        scores = logits.double().exp() / (-torch.log(u)) ** temperature
+    else:
+        scores = logits.clone()
+    scores[..., mask_id] = float("-inf")  # shared deliberate difference: [MASK] is never a candidate
+    return scores.argmax(-1)
+
+
+@torch.no_grad()
+def llada_release(model, prompts, *, gen_length, block_length, steps, mask_id, temperature, seed,
+                  remasking="low_confidence"):
+    generator = torch.Generator().manual_seed(seed)
+    outputs = []
+    for prompt in prompts:
+        P = len(prompt)
+        x = torch.tensor([prompt + [mask_id] * gen_length])
+        per_block = steps // (gen_length // block_length)
+        for b in range(gen_length // block_length):
+            start, end = P + b * block_length, P + (b + 1) * block_length
+            counts = schedule(int((x[:, start:end] == mask_id).sum()), per_block)
+            for i in range(per_block):
+                mask_index = x == mask_id
+                logits = model(x)
+                x0 = _noisy_argmax(logits, temperature, generator, mask_id)
+                if remasking == "low_confidence":
+                    x0_p = F.softmax(logits, dim=-1).gather(-1, x0[..., None]).squeeze(-1)
+                else:
+                    x0_p = torch.rand(x0.shape, generator=generator)
+                x0_p[:, end:] = float("-inf")
+                x0 = torch.where(mask_index, x0, x)
+                confidence = torch.where(mask_index, x0_p, torch.tensor(float("-inf")))
+                if counts[i]:
+                    index = torch.topk(confidence[0], k=counts[i]).indices
+                    x[0, index] = x0[0, index]
+        outputs.append(x[0, P:].tolist())
+    return outputs
+
+
+@torch.no_grad()
+def evotoken_release(model, prompts, *, gen_length, block_length, steps, mask_id, alpha, k, temperature, seed,
+                     remasking="low_confidence"):
+    generator = torch.Generator().manual_seed(seed)
+    outputs = []
+    for prompt in prompts:
+        P = len(prompt)
+        L = P + gen_length
+        x = torch.tensor([prompt + [mask_id] * gen_length])
+        conf = torch.zeros(1, L, dtype=torch.float64)
+        soft_ids = soft_w = None
+        per_block = steps // (gen_length // block_length)
+        for b in range(gen_length // block_length):
+            start, end = P + b * block_length, P + (b + 1) * block_length
+            counts = schedule(block_length, per_block)
+            for i in range(per_block):
+                if not (x[:, start:end] == mask_id).any():
+                    break
+                if soft_ids is None:
+                    logits = model(x)
+                else:
+                    w = soft_w.to(torch.float32)
+                    w = w / w.sum(-1, keepdim=True).clamp(min=1e-12)
+                    logits = model(inputs_embeds=(model.embed(soft_ids) * w[..., None]).sum(-2))
+                x0 = _noisy_argmax(logits, temperature, generator, mask_id)
+                scores = logits.double()
+                if temperature == 0:
+                    scores[..., mask_id] = float("-inf")  # Q6: only the greedy pass hides [MASK] from p
+                p = F.softmax(scores, dim=-1)
+                if remasking == "low_confidence":
+                    conf0 = p.gather(-1, x0[..., None]).squeeze(-1)
+                else:
+                    conf0 = torch.rand(x0.shape, generator=generator).double()
+                pos = torch.arange(L)[None]
+                eligible = (x == mask_id) & (pos < end)
+                score = torch.where(eligible, conf0, torch.tensor(float("-inf"), dtype=torch.float64))
+                index = torch.topk(score[0], k=counts[i]).indices
+                x[0, index] = x0[0, index]
+                conf[0, index] = conf0[0, index]
+                revise = (x != mask_id) & (pos >= start) & (conf0 > conf)
+                x[revise] = x0[revise]
+                conf[revise] = conf0[revise]
+                q, t = torch.topk(p, k, dim=-1)
+                S = q.sum(-1, keepdim=True)
+                extra = torch.where(x[..., None] == mask_id, S / (1 - alpha) * alpha, torch.zeros_like(S))
+                soft_w = torch.cat([q, extra], -1)
+                soft_w = soft_w / soft_w.sum(-1, keepdim=True)
+                soft_ids = torch.cat([t, x[..., None]], -1)
+                soft_w[:, :start] = 0
+                soft_w[:, :start, -1] = 1
+        outputs.append(x[0, P:].tolist())
+    return outputs

@@ -50,7 +50,7 @@ def test_generate_json_schema(cli, tiny_llada):
     assert doc["params"]["gen_length"] == 8 and doc["params"]["decoder_options"]["cache"] == "none"
     assert [r["prompt"] for r in doc["results"]] == ["What is 2+3?", "Hello"]
     for r in doc["results"]:
-        assert len(r["token_ids"]) == 8 and r["nfe"] == 4 and r["batch_seconds"] > 0 and isinstance(r["text"], str)
+        assert len(r["token_ids"]) == 8 and r["nfe"] == 4 and r["seconds"] > 0 and isinstance(r["text"], str)
     assert "NFE 4" in proc.stderr and "tok/s" in proc.stderr
 
 

@@ -46,7 +46,7 @@ def test_the_matrix_is_large_and_covers_every_command():
     assert len(CASES) >= 150
     commands = {c.argv[0] for c in CASES}
     bench_forms = {c.argv[1] for c in CASES if c.argv[0] == "bench" and c.argv[1] in ("score", "report")}
-    assert {"generate", "bench", "finetune", "trace", "info", "data", "init-model", "decoders"} <= commands
+    assert {"generate", "bench", "finetune", "trace", "info", "data", "init-model", "decoders", "serve"} <= commands
     assert bench_forms == {"score", "report"}
 
 

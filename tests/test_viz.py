@@ -283,7 +283,7 @@ def test_generate_show_still_prints_the_answer(cli, tiny_llada):
     assert "prompt 0 · step 8" in shown.stderr and "Soft(V)" in shown.stderr
 
 
-def test_live_canvas_draws_each_batch():
+def test_live_canvas_shows_rows_joining_and_leaving():
     from rich.console import Console
 
     from evotok_cli.decoding.api import StepEvent
@@ -300,11 +300,14 @@ def test_live_canvas_draws_each_batch():
     console = Console(file=buffer, force_terminal=False, width=100)
     with LiveCanvas(Model(), console) as view:
         view.update(event(1, 0, [2, 11, 12]))
-        view.update(event(2, 0, [2, 13, 14]))
-        view.update(event(1, 0, [2, 21, 22]))  # a new batch: the first one stays printed
+        view.update(event(1, 1, [2, 21, 22]))  # a second row joins
+        view.update(event(2, 0, [10, 13, 14]))  # row 0 is done: printed, and it leaves the live area
+        assert sorted(view.rows) == [1]
+        view.update(event(1, 2, [2, 31, 32]))  # the next prompt takes its place
+        assert sorted(view.rows) == [1, 2]
     out = buffer.getvalue()
-    assert "prompt 0 · step 2" in out and "· 13 14" in out
-    assert "prompt 1 · step 1" in out and "· 21 22" in out
+    assert "prompt 0 · step 2" in out and "10 13 14" in out
+    assert "prompt 1 · step 1" in out and "· 21 22" in out and "prompt 2 · step 1" in out
     assert out.endswith("\n")
 
 

@@ -185,7 +185,7 @@ def run(
         None,
         "--seed",
         envvar="EVOTOK_SEED",
-        help="base seed; a batch uses seed + its first doc_id [default: 0]",
+        help="base seed; each item samples from seed + its doc_id, whatever the batch size [default: 0]",
         show_default=False,
     ),
     batch_size: int | None = typer.Option(

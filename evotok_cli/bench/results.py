@@ -74,6 +74,7 @@ def build_document(request: Any, runs: list[Any], loaded: dict[str, Any], model:
     """The results document of a finished bench run (every process's samples merged)."""
     from evotok_cli.bench.runner import parse_sweeps
     from evotok_cli.bench.samples import jsonable
+    from evotok_cli.runtime.device import describe_runtime
 
     rows = []
     for run in runs:
@@ -96,7 +97,7 @@ def build_document(request: Any, runs: list[Any], loaded: dict[str, Any], model:
         "created": now(),
         "model": {"path": str(model.path), "adapter": request.adapter, "family": model.family.name,
                   "parameters": model.parameter_count(), "dtype": str(model.dtype).removeprefix("torch."),
-                  "device": str(model.device)},
+                  "device": str(model.device), "runtime": describe_runtime(model.device, model.dtype)},
         "config": {"tasks": list(loaded), "decoders": list(dict.fromkeys(request.decoders)), "limit": request.limit,
                    "batch_size": request.batch_size, "seed": request.seed, "options": jsonable(request.options),
                    "sweep": dict(parse_sweeps(request.sweeps)),

@@ -301,17 +301,46 @@ def execute(run: Run, docs: list[Doc], prompts: dict[int, Any], model: Any, requ
         return
     path = samples.path_for(request.out, run.name, group.rank, group.world)
     settings = run.settings
+    if getattr(run.decoder, "reference_rng", False):
+        _execute_release_stream(run, todo, done, prompts, model, request, group, path)
+        return
     with samples.Writer(path) as writer:
         for first in range(0, len(todo), request.batch_size):
             batch = todo[first:first + request.batch_size]
             results, wall = generate(
                 model, run.decoder_name, run.decoder, [prompts[d.doc_id] for d in batch],
                 gen_length=settings["gen_length"], block_length=settings["block_length"], steps=settings["steps"],
-                temperature=settings["temperature"], seed=request.seed + batch[0].doc_id, batch_size=len(batch))
+                temperature=settings["temperature"], seed=None, seeds=[request.seed + d.doc_id for d in batch],
+                batch_size=len(batch))  # an item samples from seed + its doc_id, whatever the batch size
+            # each item's share of its batch's wall time: summed over a run, that is the run's decode time
             writer.write([record(run, doc, result, wall / len(batch), model, group.rank)
                           for doc, result in zip(batch, results)])
             if request.on_batch is not None:
                 request.on_batch(run, mine - len(todo) + first + len(batch), mine)
+
+
+def _execute_release_stream(run: Run, todo: list[Doc], done: set[int], prompts: dict[int, Any], model: Any,
+                            request: BenchRequest, group: Any, path: Path) -> None:
+    """rng=reference: the release evaluates with one random stream seeded once and continued across its
+    items in order (each process its own share, every process with the same seed), so the items are one
+    sequential job and their samples are written when it ends. A partial run cannot resume: the stream
+    would have to be replayed through the finished items."""
+    from evotok_cli.generation import generate
+
+    if done:
+        raise ConfigError(f"{run.name}: rng=reference replays one random stream from the first item, so a "
+                          "partly finished run cannot resume", where=str(path),
+                          fix="pass a fresh --out (or delete this run's sample files)")
+    settings = run.settings
+    results, wall = generate(
+        model, run.decoder_name, run.decoder, [prompts[d.doc_id] for d in todo], gen_length=settings["gen_length"],
+        block_length=settings["block_length"], steps=settings["steps"], temperature=settings["temperature"],
+        seed=request.seed, batch_size=1)
+    with samples.Writer(path) as writer:
+        writer.write([record(run, doc, result, wall / len(todo), model, group.rank)
+                      for doc, result in zip(todo, results)])
+    if request.on_batch is not None:
+        request.on_batch(run, len(todo), len(todo))
 
 
 def record(run: Run, doc: Doc, result: dict[str, Any], seconds: float, model: Any, rank: int) -> dict[str, Any]:

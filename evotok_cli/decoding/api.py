@@ -34,7 +34,8 @@ class GenerationRequest:
     block_length: int = 32
     steps: int = 64
     temperature: float = 0.0
-    seed: int | None = None
+    seed: int | None = None  # row i draws from seed + i, unless `seeds` names each row's seed
+    seeds: list[int | None] | None = None
     trace: bool = False  # build a StepEvent per forward pass and row
     on_event: Callable[[StepEvent], None] | None = None  # receives StepEvents when trace is on
     on_pass: Callable[[int], None] | None = None  # called after each forward pass with the pass count
@@ -72,6 +73,14 @@ class StepEvent:
     revised: list[int]
     candidates: list[list[tuple[int, float]]] | None = None
     blocks: list[dict[str, Any]] | None = None  # d2f: the block pipeline after this pass
+
+
+def row_seed(request: GenerationRequest, row: int) -> int | None:
+    """The seed of one row's random generator: rows never share a stream, so a row samples the same
+    tokens whatever batch it is decoded in."""
+    if request.seeds is not None:
+        return request.seeds[row]
+    return None if request.seed is None else request.seed + row
 
 
 GENERATION_SETTINGS = ("gen_length", "block_length", "steps", "temperature")

@@ -16,21 +16,40 @@ model then starts one position earlier so that output exists (spec 7.2).
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any, ClassVar
 
 import torch
 
-from evotok_cli.decoding.api import GenerationRequest, GenerationResult, RowResult, StepEvent
+from evotok_cli.decoding.api import GenerationRequest, GenerationResult, RowResult, StepEvent, row_seed
 from evotok_cli.decoding.canvas import Canvas, build_canvas
-from evotok_cli.decoding.schedule import block_layout, transfer_schedule
+from evotok_cli.decoding.engine import ForwardPass, Program, drive, shifted_listener
+from evotok_cli.decoding.schedule import block_layout, release_draws, transfer_schedule
+from evotok_cli.errors import ConfigError
 from evotok_cli.runtime.cache import KVCache
 
 
+def check_reference_rng(config: Any, where: str) -> None:
+    """rng=reference reproduces the releases' loops, which have no KV cache and no threshold."""
+    if getattr(config, "rng", "fast") != "reference":
+        return
+    if getattr(config, "cache", "none") != "none" or getattr(config, "threshold", None) is not None:
+        raise ConfigError("rng=reference reproduces the release, which runs without a cache or a threshold",
+                          where=where, fix="use cache=none and no threshold with rng=reference")
+
+
 class Block:
-    """Canvas columns [start, end) of the block being decoded, and its index."""
+    """Canvas columns [start, end) of the block being decoded, its index, and the columns [lo, hi) fed in
+    the current pass (the references rank candidates over the fed positions: `ranked_columns`)."""
 
     def __init__(self, index: int, start: int, end: int):
         self.index, self.start, self.end = index, start, end
+        self.fed = (start, end)
+
+    def ranked_columns(self, start: int | None = None) -> tuple[int, int]:
+        """(offset, width) of the columns from `start` (default: the block's) within the fed window."""
+        lo, hi = self.fed
+        return (self.start if start is None else start) - lo, hi - lo
 
 
 class BlockwiseDecoder:
@@ -90,26 +109,73 @@ class BlockwiseDecoder:
         return block.start, block.end  # dual
 
     def forward(self, model: Any, state: Any, canvas: Canvas, block: Block, lo: int, hi: int,
-                cache: KVCache | None, first: bool) -> tuple[torch.Tensor, tuple[int, int]]:
+                cache: KVCache | None, first: bool) -> tuple[ForwardPass, tuple[int, int]]:
+        """The pass to run (the engine runs it, shared with other rows when it can) and the canvas
+        columns its logits cover."""
         cols = self.logits_range(canvas, lo, hi, block)
         shift = int(model.shifted_logits)
         # Dream predicts position i from the output at i - 1: that position must be fed too. Under a cache
         # it is re-fed (its K/V refreshed like the rest of the window), the same approximation as the window.
         lo = min(lo, cols[0] - shift)
-        logits = model(**self.inputs(model, state, canvas, lo, hi, block, first),
-                       pad_offsets=canvas.pad_offsets, position_ids=canvas.positions[:, lo:hi], cache=cache,
-                       start=lo, logits_slice=(cols[0] - shift - lo, cols[1] - shift - lo))
-        return logits, cols
+        return ForwardPass(self.inputs(model, state, canvas, lo, hi, block, first),
+                           position_ids=canvas.positions[:, lo:hi], pad_offsets=canvas.pad_offsets, cache=cache,
+                           start=lo if cache is not None else 0,
+                           logits_slice=(cols[0] - shift - lo, cols[1] - shift - lo)), cols
+
+    def generate(self, model: Any, request: GenerationRequest) -> GenerationResult:
+        """Decode the request's rows together, alone (the CLI runs `program` in the step engine)."""
+        return drive(model, self.program(model, request))
+
+    # The release runs every scheduled pass of a block, also after the block is full (LLaDA's `generate`
+    # does; EvoToken's loop stops): with rng=reference those passes' draws are made and discarded.
+    release_runs_every_step: ClassVar[bool] = False
+
+    @property
+    def reference_rng(self) -> bool:
+        return getattr(self.config, "rng", "fast") == "reference"
+
+    def split(self, request: GenerationRequest) -> bool:
+        """Whether each row may run as a program of its own (and share passes with any other row): without
+        a KV cache a row needs nothing but its own canvas. A cache is one batch-shaped memory, so cached
+        rows decode as one cohort; rng=reference decodes them one after another from one stream."""
+        return self.cache_mode == "none" and not self.reference_rng
+
+    def sequential(self, request: GenerationRequest) -> bool:
+        """rng=reference: the release decodes one prompt at a time from one random stream (batch-1
+        semantics), so the rows are one program that holds one live row at a time."""
+        return self.reference_rng
 
     @torch.no_grad()
-    def generate(self, model: Any, request: GenerationRequest) -> GenerationResult:
+    def program(self, model: Any, request: GenerationRequest) -> Program:
+        """The block loop as a program: yields each forward pass, receives its logits. One random stream per
+        program: a row decoded alone draws from its own seed; a cached cohort shares its first row's (its
+        rows' noise is drawn in one batch); rng=reference runs the rows in turn on the first row's stream."""
+        seed = row_seed(request, 0)
+        generator = None if seed is None else torch.Generator(device=model.device).manual_seed(seed)
+        if not self.reference_rng or len(request.prompts) == 1:
+            return (yield from self._block_loop(model, request, generator))
+        t0, rows, nfe = time.perf_counter(), [], 0
+        for index, prompt in enumerate(request.prompts):
+            part = replace(request, prompts=[prompt], seeds=None, on_event=shifted_listener(request.on_event, index))
+            result = yield from self._block_loop(model, part, generator)
+            rows += result.rows
+            nfe += result.nfe
+        return GenerationResult(rows=rows, nfe=nfe, seconds=time.perf_counter() - t0)
+
+    def _draws(self, model: Any, generator: Any, canvas: Canvas, request: GenerationRequest) -> Any:
+        """What a pass's update draws from: the row's generator, or the release's draws of the pass."""
+        if not self.reference_rng:
+            return generator
+        return release_draws(generator, canvas.batch, canvas.length, model.vocab_size,
+                             temperature=request.temperature,
+                             random_remasking=getattr(self.config, "remasking", "") == "random",
+                             device=canvas.x.device)
+
+    def _block_loop(self, model: Any, request: GenerationRequest, generator: Any) -> Program:
         t0 = time.perf_counter()
         layout = block_layout(request.gen_length, request.block_length, request.steps)
         canvas = build_canvas(request.prompts, request.gen_length, mask_id=model.mask_id, pad_id=model.eos_id,
                               max_length=model.max_length, device=model.device)
-        generator = None
-        if request.seed is not None:
-            generator = torch.Generator(device=model.device).manual_seed(request.seed)
         state = self.start(model, canvas, request)
         cache = model.new_cache(canvas.batch, canvas.length) if self.cache_mode != "none" else None
         nfe, row_nfe, first = 0, [0] * canvas.batch, True
@@ -122,14 +188,21 @@ class BlockwiseDecoder:
                 active = (canvas.x[:, block.start:block.end] == model.mask_id).any(dim=1)
                 live = active.tolist()  # the one read-back per pass: is anything left to decode?
                 if not any(live) or (self.threshold is None and step >= len(schedule)):
+                    if self.reference_rng and self.release_runs_every_step:
+                        for _ in range(step, len(schedule)):  # passes the release runs on a full block
+                            self._draws(model, generator, canvas, request)
                     break
                 tracing = request.trace and request.on_event is not None
                 traced = self._describe(model, state, canvas, first) if tracing else None
                 lo, hi = self.feed_range(canvas, block, step == 0)
-                logits, cols = self.forward(model, state, canvas, block, lo, hi, cache, first)
+                block.fed = (lo, hi)
+                forward_pass, cols = self.forward(model, state, canvas, block, lo, hi, cache, first)
+                logits = yield forward_pass
                 counts = [schedule[step] if a else 0 for a in live] if self.threshold is None else []
+                draws = self._draws(model, generator, canvas, request)
+                randomness = draws.cols(*cols) if self.reference_rng else draws
                 committed, revised = self.update(model, state, canvas, logits, cols, block, counts, active,
-                                                 generator, request.temperature)
+                                                 randomness, request.temperature)
                 nfe += 1
                 row_nfe = [n + a for n, a in zip(row_nfe, live)]
                 if traced is not None:

@@ -8,6 +8,7 @@ Each function mirrors one step of the reference code (LLaDA `generate`, Fast-dLL
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -54,7 +55,43 @@ def transfer_schedule(mask_count: int, steps: int) -> list[int]:
     return [base + 1] * extra + [base] * (steps - extra)
 
 
-def gumbel_candidates(logits: torch.Tensor, temperature: float, generator: torch.Generator | None,
+@dataclass(frozen=True)
+class ReleaseDraws:
+    """`rng=reference`: one pass's random numbers, drawn as LLaDA's `generate` and EvoToken's
+    `generate_soft_token` draw them: float64 uniforms over the whole canvas's logits (B, L, V) for the
+    Gumbel noise when sampling, then float32 uniforms (B, L) for random remasking, in that order, from
+    one generator continued across passes, blocks and prompts. A decoder reads the columns it uses; the
+    price is the draw over every column and the whole vocabulary, paid only in this mode."""
+
+    gumbel: torch.Tensor | None  # (B, L, V) float64
+    remask: torch.Tensor | None  # (B, L) float32
+
+    def cols(self, a: int, b: int) -> ReleaseDraws:
+        return ReleaseDraws(None if self.gumbel is None else self.gumbel[:, a:b],
+                            None if self.remask is None else self.remask[:, a:b])
+
+
+def release_draws(generator: torch.Generator | None, rows: int, length: int, vocab: int, *, temperature: float,
+                  random_remasking: bool, device: torch.device) -> ReleaseDraws:
+    """The draws of one pass of the releases (see ReleaseDraws)."""
+    gumbel = None
+    if temperature > 0:  # add_gumbel_noise returns the logits untouched at temperature 0: no draw
+        gumbel = torch.rand((rows, length, vocab), dtype=torch.float64, device=device, generator=generator)
+    remask = torch.rand((rows, length), device=device, generator=generator) if random_remasking else None
+    return ReleaseDraws(gumbel, remask)
+
+
+Randomness = torch.Generator | ReleaseDraws | None  # a row's generator (rng=fast) or a pass's drawn numbers
+
+
+def remask_uniform(shape: torch.Size, source: Randomness, device: torch.device) -> torch.Tensor:
+    """Random remasking's confidences (float64): drawn now, or the release's float32 draw of the pass."""
+    if isinstance(source, ReleaseDraws):
+        return source.remask.to(torch.float64)
+    return torch.rand(shape, dtype=torch.float64, device=device, generator=source)
+
+
+def gumbel_candidates(logits: torch.Tensor, temperature: float, generator: Randomness,
                       exclude: int | None = None) -> torch.Tensor:
     """Candidate token per position: argmax at temperature 0, else an exact sample of
     softmax(logits / T) drawn as in the references: argmax of exp(logits) / (-log u)^T in float64.
@@ -68,7 +105,10 @@ def gumbel_candidates(logits: torch.Tensor, temperature: float, generator: torch
             scores[..., exclude] = float("-inf")
         return scores.argmax(dim=-1)
     scores = logits.to(torch.float64)
-    u = torch.rand(scores.shape, dtype=torch.float64, device=scores.device, generator=generator)
+    if isinstance(generator, ReleaseDraws):
+        u = generator.gumbel
+    else:
+        u = torch.rand(scores.shape, dtype=torch.float64, device=scores.device, generator=generator)
     scores = scores.exp() / (-torch.log(u)) ** temperature
     if exclude is not None:
         scores[..., exclude] = float("-inf")
@@ -110,23 +150,62 @@ def token_confidence(logits: torch.Tensor, tokens: torch.Tensor, *, dtype: torch
 
 
 def select_transfer(confidence: torch.Tensor, eligible: torch.Tensor, counts: list[int] | None,
-                    threshold: float | None) -> torch.Tensor:
+                    threshold: float | None, *, strict: bool = False,
+                    at_least_one: bool | torch.Tensor = True, columns: tuple[int, int] | None = None) -> torch.Tensor:
     """Which positions to commit, per row: the `counts[b]` most confident eligible positions, or
     (threshold mode, Fast-dLLM's rule) the most confident eligible position plus every other eligible one
-    whose confidence is >= threshold.
+    whose confidence is >= threshold. D2F's variant: `strict` (>), and the most confident one only in the
+    rows where `at_least_one` (a bool, or one per row: D2F's rows are blocks, fully activated or not).
 
-    confidence, eligible: (B, L). Ties are broken by torch.topk's order, as in the references. `counts`
-    never exceeds a row's eligible positions (LLaDA's schedule guarantees it), so no count is read back
-    from the device.
+    confidence, eligible: (B, L). Ties are broken by torch.topk's order, as in the references: torch.topk
+    breaks exact ties (common in bf16) differently over a short slice than over a long row, so with
+    `columns` = (offset, width) the top-k runs over a row of `width` columns, -inf but for these L at
+    `offset`, as the references rank over every fed position. `counts` never exceeds a row's eligible
+    positions (LLaDA's schedule guarantees it), so no count is read back from the device.
     """
     # an eligible position with confidence -inf (e.g. an EOS candidate under confidence_eos_eot_inf) still
     # outranks every ineligible one, so a block can always be completed
     scores = confidence.clamp(min=torch.finfo(confidence.dtype).min).masked_fill(~eligible, float("-inf"))
     if threshold is not None:
         best = torch.zeros_like(eligible).scatter_(1, scores.argmax(dim=1, keepdim=True), True)
-        return eligible & (best | (confidence >= threshold))
+        if at_least_one is not True:
+            best &= torch.as_tensor(at_least_one, device=best.device).reshape(-1, 1)
+        passed = confidence > threshold if strict else confidence >= threshold
+        return eligible & (best | passed)
+    offset = 0
+    if columns is not None and columns != (0, scores.shape[1]):
+        offset, width = columns
+        wide = scores.new_full((scores.shape[0], width), float("-inf"))
+        wide[:, offset:offset + scores.shape[1]] = scores
+        scores = wide
     chosen = torch.zeros_like(eligible)
     for b, n in enumerate(counts):
         if n > 0:
-            chosen[b, torch.topk(scores[b], k=n).indices] = True
+            chosen[b, torch.topk(scores[b], k=n).indices - offset] = True
+    return chosen
+
+
+def llada_step(model: Any, logits: torch.Tensor, window: torch.Tensor, confidence: torch.Tensor, *,
+               counts: list[int], active: torch.Tensor, generator: Randomness, temperature: float,
+               remasking: str = "low_confidence", threshold: float | None = None, exact: bool = True,
+               logits_eos_inf: bool = False, confidence_eos_eot_inf: bool = False,
+               columns: tuple[int, int] | None = None) -> torch.Tensor:
+    """LLaDA's low-confidence remasking step over one block: candidates, their confidence, and the
+    committed [MASK] positions, written into `window` (B, n) and `confidence` (B, n) in place (they are
+    views of the caller's canvas). `exact`: the softmax in the logits' dtype, as LLaDA's `generate`
+    computes it; otherwise in float64 (Fast-dLLM). Returns the bool mask of committed positions."""
+    if logits_eos_inf:
+        logits = logits.clone()
+        logits[..., model.eos_id] = float("-inf")
+    x0 = gumbel_candidates(logits, temperature, generator, exclude=model.mask_id)  # (B, n)
+    if remasking == "random":
+        conf = remask_uniform(x0.shape, generator, x0.device)
+    else:
+        conf = token_confidence(logits, x0, dtype=logits.dtype if exact else torch.float64)
+    if confidence_eos_eot_inf:
+        conf = conf.masked_fill(torch.isin(x0, torch.tensor(model.stop_ids, device=x0.device)), float("-inf"))
+    eligible = (window == model.mask_id) & active[:, None]
+    chosen = select_transfer(conf, eligible, counts, threshold, columns=columns)
+    window[chosen] = x0[chosen]
+    confidence[chosen] = conf[chosen].to(torch.float64)
     return chosen

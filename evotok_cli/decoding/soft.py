@@ -77,8 +77,8 @@ def input_states(ids: torch.Tensor | None, weights: torch.Tensor | None, tokens:
         return [MASK if t == mask_id else DECODED for t in tokens.tolist()]
     states = []
     for own, last_w, rest in zip(ids[:, -1].tolist(), weights[:, -1].tolist(), weights[:, :-1].abs().sum(-1).tolist()):
-        if rest == 0 and last_w > 0:
-            states.append(DECODED)
+        if rest == 0 and last_w > 0:  # one-hot: [Decode], or a hard [MASK] (d2f's new blocks, ablations)
+            states.append(MASK if own == mask_id else DECODED)
         elif own == mask_id:
             states.append(SOFT_MASK)
         else:

@@ -45,3 +45,24 @@ def synchronize(device: torch.device) -> None:
     """Honest timing: wait for queued GPU work before reading the clock."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def describe_runtime(device: torch.device, dtype: torch.dtype) -> dict[str, object]:
+    """Where a result came from: two runs that differ in these may differ in their tokens (kernels,
+    reduction orders and precision change with each)."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    return {"device": str(device), "device_name": name, "dtype": str(dtype).removeprefix("torch."),
+            "torch": torch.__version__, "cuda": torch.version.cuda, "threads": torch.get_num_threads()}
+
+
+def _cpu_name() -> str:
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -4,7 +4,11 @@
 bench shards items by position (rank r takes r, r + world, ...): no padding and no duplicates, unlike
 torch's DistributedSampler; its processes only meet after generating, so rank 0 can merge the sample
 files over gloo. finetune splits each global batch across processes and sums gradients (gloo on CPU,
-NCCL on GPUs).
+NCCL whenever the process's device is a GPU).
+
+Each process of a multi-process job owns GPU LOCAL_RANK: `auto` and `cuda` map to it, and the device is
+made current (`torch.cuda.set_device`) before the process group starts, so NCCL and FSDP allocate on it
+rather than on GPU 0. An explicit `cuda:N` would put every process on the same GPU and is refused.
 """
 
 from __future__ import annotations
@@ -14,7 +18,10 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-BARRIER_TIMEOUT = timedelta(hours=24)  # ranks finish at different times on long evaluations
+from evotok_cli.errors import ConfigError
+
+BARRIER_TIMEOUT = timedelta(hours=24)  # bench: ranks finish at different times on long evaluations
+TRAIN_TIMEOUT_MINUTES = 30.0  # finetune: ranks meet every step, so a longer wait means a hung job
 
 
 @dataclass
@@ -24,6 +31,7 @@ class Group:
     local_rank: int = 0
     started: bool = False  # a process group exists (barriers needed)
     owned: bool = False  # we created it (and destroy it at the end)
+    backend: str | None = None
 
     @property
     def is_main(self) -> bool:
@@ -45,22 +53,67 @@ class Group:
 
     def device(self, requested: str) -> str:
         """Each process its own GPU under a launcher (cuda -> cuda:LOCAL_RANK)."""
-        if self.world > 1 and requested in ("auto", "cuda"):
-            import torch
-            if torch.cuda.is_available():
-                return f"cuda:{self.local_rank % torch.cuda.device_count()}"
-        return requested
+        return rank_device(requested, self.local_rank, self.world)
 
 
-def from_environment(backend: str = "gloo") -> Group:
-    """The process group a launcher asked for (WORLD_SIZE > 1), joined; else a group of one."""
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+def rank_device(requested: str, local_rank: int, world: int) -> str:
+    """The device of one process of `world`: `auto`/`cuda` -> `cuda:LOCAL_RANK` when there are GPUs;
+    `cuda:N` is refused with more than one process (they would all share GPU N)."""
     if world <= 1:
-        return Group()
+        return requested
+    import torch
+
+    name = requested.strip().lower()
+    if name.startswith("cuda:"):
+        raise ConfigError(f"{requested} would put all {world} processes on the same GPU", where="--device",
+                          fix="use --device cuda (each process takes GPU LOCAL_RANK); pick GPUs with "
+                              "CUDA_VISIBLE_DEVICES")
+    if name in ("auto", "cuda") and torch.cuda.is_available():
+        return f"cuda:{local_rank % torch.cuda.device_count()}"
+    return requested
+
+
+def timeout_from(minutes: float | None) -> timedelta:
+    """How long a collective may wait for the slowest process before the job fails."""
+    return timedelta(minutes=TRAIN_TIMEOUT_MINUTES if minutes is None else minutes)
+
+
+def _ranks() -> tuple[int, int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
+    return world, rank, int(os.environ.get("LOCAL_RANK", str(rank)))
+
+
+def from_environment(backend: str | None = "gloo", *, device: str | None = None,
+                     timeout: timedelta = BARRIER_TIMEOUT) -> Group:
+    """The process group a launcher asked for (WORLD_SIZE > 1), joined; else a group of one.
+
+    With `device` (a --device value), the process's own device is chosen first and, if it is a GPU, made
+    current before the group starts; the backend is then NCCL for a GPU and gloo otherwise."""
+    world, rank, local_rank = _ranks()
+    if world <= 1:
+        if device is not None and device.strip().lower().startswith("cuda:"):
+            _bind(device)  # cuda:N alone: N is current too (its random state is the one checkpoints keep)
+        return Group()
+    if device is not None:
+        mine = rank_device(device, local_rank, world)
+        backend = _bind(mine)
     import torch.distributed as dist
     owned = not dist.is_initialized()
     if owned:
-        dist.init_process_group(backend, rank=rank, world_size=world, timeout=BARRIER_TIMEOUT)
-    return Group(rank=rank, world=world, local_rank=local_rank, started=True, owned=owned)
+        dist.init_process_group(backend or "gloo", rank=rank, world_size=world, timeout=timeout)
+    return Group(rank=rank, world=world, local_rank=local_rank, started=True, owned=owned,
+                 backend=backend or "gloo")
+
+
+def _bind(device: str) -> str:
+    """Make a GPU device current for this process (before any CUDA allocation); its backend."""
+    import torch
+
+    if not device.startswith("cuda"):
+        return "gloo"
+    from evotok_cli.runtime.device import resolve_device
+
+    resolved = resolve_device(device)
+    torch.cuda.set_device(resolved)
+    return "nccl"

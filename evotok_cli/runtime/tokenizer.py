@@ -48,11 +48,18 @@ def has_chat_template(tokenizer: Any) -> bool:
 
 def render_prompt(tokenizer: Any, text: str, *, chat: bool, system: str | None = None, prefill: str = "") -> str:
     """The string the model sees: the chat template with a generation prompt (when there is one) + prefill."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+    return render_messages(tokenizer, messages, chat=chat, prefill=prefill)
+
+
+def render_messages(tokenizer: Any, messages: list[dict[str, str]], *, chat: bool, prefill: str = "") -> str:
+    """A conversation as the model sees it: the chat template with a generation prompt + prefill; with no
+    template (or chat off), the contents joined by blank lines. `render_prompt` is the one-question case,
+    so a server's chat request and `generate -p` render the same question identically."""
     if chat and has_chat_template(tokenizer):
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
         rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     else:
-        rendered = (system + "\n\n" + text) if system else text
+        rendered = "\n\n".join(m["content"] for m in messages)
     return rendered + prefill
 
 

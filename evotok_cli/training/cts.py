@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from evotok_cli.decoding.soft import one_hot_slots, soft_weights, top_k_probabilities
+from evotok_cli.decoding.evolution import evolve
 from evotok_cli.training.objectives import Batch
 
 
@@ -80,23 +80,16 @@ def plan_batch(batch: Batch, settings: CTSSettings, mask_id: int, rng: random.Ra
 
 def _soft_state(logits: torch.Tensor, x: torch.Tensor, conf: torch.Tensor, starts: list[int], *, mask_id: int,
                 k: int, alphas: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Revision + soft inputs for the next pass (spec 2.3 step 4), under no-grad, in place on x/conf."""
-    B, N = x.shape
-    probs, top_ids = top_k_probabilities(logits, k, exclude=None)  # (B, N, k), [MASK] included (T2)
-    x0, conf0 = top_ids[..., 0], probs[..., 0]  # the argmax and its probability
-    cols = torch.arange(N, device=x.device)[None, :]
+    """Revision + soft inputs for the next pass (spec 2.3 step 4), under no-grad, in place on x/conf: the
+    EvoToken rule with CTS's arguments (argmax candidates, [MASK] included (T2); no commit, the planned
+    positions are already decoded; revision from each block start; one alpha per sample)."""
+    cols = torch.arange(x.shape[1], device=x.device)[None, :]
     start = torch.tensor(starts, device=x.device)[:, None]
-    revise = (x != mask_id) & (cols >= start) & (conf0 > conf)
-    x[revise] = x0[revise]
-    conf[revise] = conf0[revise]
-    ids_list, w_list = [], []
-    for b in range(B):
-        ids_b, w_b = soft_weights(probs[b:b + 1], top_ids[b:b + 1], x[b:b + 1], mask_id, alphas[b])
-        hard_ids, hard_w = one_hot_slots(x[b:b + 1, :starts[b]], k, w_b.dtype)
-        ids_b[:, :starts[b]], w_b[:, :starts[b]] = hard_ids, hard_w
-        ids_list.append(ids_b)
-        w_list.append(w_b)
-    return torch.cat(ids_list), torch.cat(w_list)
+    step = evolve(logits, x, conf, mask_id=mask_id, candidates="cts", live=cols >= start, k=k, alpha=alphas,
+                  frozen=cols < start)
+    x.copy_(step.tokens)
+    conf.copy_(step.confidence)
+    return step.soft_ids, step.soft_weights
 
 
 def cts_step(net: torch.nn.Module, lm, batch: Batch, settings: CTSSettings, *, rng: random.Random,

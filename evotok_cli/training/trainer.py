@@ -65,6 +65,8 @@ class TrainConfig:
     skip_invalid: bool = False
     device: str = "auto"
     fsdp: bool = False  # shard weights, gradients and moments over the processes (FSDP2)
+    activation_checkpointing: bool | None = None  # None: on where memory needs it (memory.checkpointing_default)
+    pg_timeout: float = 30.0  # minutes a collective waits for the slowest process before the job fails
 
     def validate(self) -> None:
         self._check_types()
@@ -102,6 +104,8 @@ class TrainConfig:
             (self.log_every >= 1, "log_every", "must be >= 1", "e.g. 10"),
             (self.max_grad_norm > 0, "max_grad_norm", "must be > 0", "e.g. 1.0"),
             (self.max_length >= 8, "--max-length", "must be >= 8", "e.g. 1024"),
+            (0 < self.pg_timeout < math.inf, "--pg-timeout", f"must be > 0 minutes and finite, got {self.pg_timeout}",
+             "e.g. 30"),
             (not (self.objective == "d2f" and self.full), "--full",
              "d2f distils the model without its adapter into the adapter, so it needs LoRA", "drop --full"),
         ]
@@ -152,6 +156,17 @@ def lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
     return factor
 
 
+# A full fine-tune trained on a GPU is written as the official checkpoints are: bf16 (what inference uses;
+# 16 GB at 8B instead of 32), in safetensors shards of at most 5 GB with an index.
+EXPORT_DTYPE = torch.bfloat16
+EXPORT_SHARD_BYTES = 5 * 10**9
+
+
+def _on_cuda(device: str) -> bool:
+    """Whether a --device value (after the per-process mapping) means a GPU."""
+    return device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+
+
 class StopRequested(Exception):
     """A signal stopped training after a checkpoint; the exit code tells the caller which one."""
 
@@ -186,14 +201,16 @@ class Trainer:
 
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
-        gpu = cfg.device in ("auto", "cuda") and torch.cuda.is_available()
-        self.group = distributed.from_environment("nccl" if gpu else "gloo")
+        # the process's own device first, made current before the process group or any CUDA allocation
+        self.group = distributed.from_environment(device=cfg.device, timeout=distributed.timeout_from(cfg.pg_timeout))
         if not self.group.is_main:
             self.log = lambda message: None
         device = self.group.device(cfg.device)
+        gpu = _on_cuda(device)
+        self.checkpointing = self._plan_memory(device) if gpu else bool(cfg.activation_checkpointing)
         # LoRA on a GPU: the frozen base in bf16 (an 8B model's fp32 copy alone would need 32 GB), the
         # adapter in fp32 (peft's default); full fine-tuning and the CPU keep fp32 weights
-        frozen_bf16 = not cfg.full and (device.startswith("cuda") or (device == "auto" and gpu))
+        frozen_bf16 = not cfg.full and gpu
         self.lm = load_model(cfg.model, adapter=cfg.adapter, device=device,
                              dtype="bfloat16" if frozen_bf16 else "float32")
         self.device = self.lm.device
@@ -203,6 +220,8 @@ class Trainer:
                               fix="fine-tune a LLaDA-family checkpoint")
         net = self.lm.net
         net.requires_grad_(cfg.full)
+        net.activation_checkpointing = self.checkpointing
+        self.log(f"activation checkpointing: {'on' if self.checkpointing else 'off'}")
         self.base_net = net
         if not cfg.full:
             from peft import LoraConfig, get_peft_model
@@ -217,7 +236,7 @@ class Trainer:
             net = get_peft_model(net, lora)
         self.net = net
         self.sharded = False
-        if cfg.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+        if self.fsdp_requested:
             if self.group.world > 1:
                 self._shard()
             else:
@@ -247,13 +266,45 @@ class Trainer:
         self.micro = 0  # micro-batches consumed since the start of training
         self.history: list[dict[str, Any]] = []
 
-    def _shard(self) -> None:
-        """FSDP2: each transformer block is one unit, gathered for its forward and backward."""
-        from torch.distributed.fsdp import fully_shard
+    @property
+    def fsdp_requested(self) -> bool:
+        return self.cfg.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
 
+    @property
+    def shards(self) -> int:
+        """Over how many processes FSDP will shard the weights (1: every process holds them all)."""
+        return self.group.world if self.fsdp_requested else 1
+
+    def _plan_memory(self, device: str) -> bool:
+        """On a GPU, before the weights load: refuse a --full run whose training state cannot fit, and
+        decide activation checkpointing (the flag, or the rule in `memory.checkpointing_default`)."""
+        from evotok_cli.runtime.device import resolve_device
+        from evotok_cli.training import memory
+
+        cfg = self.cfg
+        gpu = resolve_device(device)
+        gpu = gpu if gpu.index is not None else torch.device("cuda", torch.cuda.current_device())
+        size = memory.model_size(cfg.model) if cfg.full or cfg.activation_checkpointing is None else None
+        free, total = memory.gpu_memory(gpu)
+        if cfg.full:
+            memory.check_full(size.params, free, shards=self.shards, device=str(gpu))
+        if cfg.activation_checkpointing is not None:
+            return cfg.activation_checkpointing
+        return memory.checkpointing_default(cuda=True, full=cfg.full, size=size,
+                                            tokens=cfg.batch_size * cfg.max_length, total=total)
+
+    def _shard(self) -> None:
+        """FSDP2: each transformer block is one unit, gathered for its forward and backward. On a GPU the
+        gathered weights are bf16 (half the traffic and memory of fp32) while the shards the optimiser
+        updates stay fp32, and gradients are reduced in fp32 so that summing over processes loses nothing."""
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        options = {}
+        if self.device.type == "cuda":
+            options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         for unit in self.base_net.shard_units():
-            fully_shard(unit)
-        fully_shard(self.base_net)
+            fully_shard(unit, **options)
+        fully_shard(self.base_net, **options)
         self.sharded = True
 
     @property
@@ -263,9 +314,16 @@ class Trainer:
         gloo lacks), hence the factor of the world size when sharded."""
         return (self.group.world if self.sharded else 1) / self.cfg.grad_accum
 
-    def _full_state(self, state: dict[str, Any]) -> dict[str, Any]:
-        """Sharded tensors gathered into full ones (a collective: every process must call it)."""
-        return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in state.items()}
+    def _gathered(self, state: dict[str, Any], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """Sharded tensors gathered one at a time, kept (on the CPU, in `dtype`) by process 0 only: no
+        process ever holds more than one full tensor on its GPU (a collective: every process calls it)."""
+        out = {}
+        for key, value in state.items():
+            full = value.full_tensor() if hasattr(value, "full_tensor") else value
+            if self.group.is_main:
+                out[key] = full.detach().to("cpu", dtype=dtype or full.dtype)
+            del full
+        return out
 
     @property
     def global_batch(self) -> int:
@@ -323,20 +381,44 @@ class Trainer:
         return self.out / "checkpoints"
 
     def save(self) -> Path | None:
-        """Every process gathers (a no-op unless sharded), rank 0 writes, the others wait for it."""
-        weights = self._full_state({n: p.detach() for n, p in self.params.items()})
-        moments = self.optimizer.state_dict()
-        moments = {**moments, "state": {i: self._full_state(v) for i, v in moments["state"].items()}}
+        """Rank 0 writes, the others wait for it; sharded, every process writes its own shards."""
+        if self.sharded:
+            return self._save_shards()
         if not self.group.is_main:
             self.group.barrier()
             return None
-        extra = {"micro": self.micro, "history_tail": self.history[-200:], "config": asdict(self.cfg),
-                 "total_steps": self.total_steps, "run": self.run}
         path = checkpointing.save_checkpoint(
-            self.checkpoint_dir, step=self.step, model_state=weights,
-            optimizer_state=moments, param_names=self.opt_names, scheduler_state=self.scheduler.state_dict(),
-            generators={"noise": self.noise}, py_random=self.py_random, extra=extra, keep=self.cfg.keep_checkpoints)
+            self.checkpoint_dir, step=self.step, model_state={n: p.detach() for n, p in self.params.items()},
+            optimizer_state=self.optimizer.state_dict(), param_names=self.opt_names,
+            scheduler_state=self.scheduler.state_dict(), generators={"noise": self.noise},
+            py_random=self.py_random, extra=self._checkpoint_extra(), keep=self.cfg.keep_checkpoints)
         self.group.barrier()
+        return path
+
+    def _checkpoint_extra(self) -> dict[str, Any]:
+        return {"micro": self.micro, "history_tail": self.history[-200:], "config": asdict(self.cfg),
+                "total_steps": self.total_steps, "run": self.run}
+
+    def _save_shards(self) -> Path | None:
+        """FSDP: each process writes the shards it holds (weights and moments, never gathered) into the
+        checkpoint's temporary folder; rank 0 then adds the rest and renames it into place."""
+        group, step = self.group, self.step
+        if group.is_main:
+            checkpointing.start_checkpoint(self.checkpoint_dir, step)
+        group.barrier()
+        tmp = checkpointing.temporary(self.checkpoint_dir, step)
+        moments = self.optimizer.state_dict()
+        checkpointing.write_tensors(tmp, {n: p.detach() for n, p in self.params.items()}, moments,
+                                    self.opt_names, shard=(group.rank, group.world))
+        group.barrier()
+        path = None
+        if group.is_main:
+            path = checkpointing.finish_checkpoint(
+                self.checkpoint_dir, tmp, step=step, param_groups=moments["param_groups"],
+                scheduler_state=self.scheduler.state_dict(), generators={"noise": self.noise},
+                py_random=self.py_random, extra={**self._checkpoint_extra(), "shards": group.world},
+                keep=self.cfg.keep_checkpoints)
+        group.barrier()
         return path
 
     def resume(self) -> bool:
@@ -344,9 +426,10 @@ class Trainer:
         if not found:
             self.log(f"--resume: no checkpoint in {self.checkpoint_dir}, starting from step 0")
             return False
+        shard = (self.group.rank, self.group.world) if self.sharded else None
         meta = checkpointing.load_checkpoint(found[-1], model_params=self.params, optimizer=self.optimizer,
                                              param_names=self.opt_names, generators={"noise": self.noise},
-                                             py_random=self.py_random)
+                                             py_random=self.py_random, shard=shard)
         self.scheduler.load_state_dict(meta["scheduler"])
         self.step, self.micro = meta["step"], meta["micro"]
         self.history = self._read_log()
@@ -474,20 +557,27 @@ class Trainer:
         atomic_write_text(self.out / "loss_log.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
 
     # -- output ----------------------------------------------------------------------------------
+    def _export_dtype(self) -> torch.dtype | None:
+        """bf16 for a model trained on a GPU (see EXPORT_DTYPE); the CPU's fp32 as it is."""
+        return EXPORT_DTYPE if self.device.type == "cuda" else None
+
     def export(self) -> dict[str, Any]:
         """Every process gathers the weights; rank 0 writes them and returns the summary."""
         from evotok_cli.runtime.writer import copy_tokenizer, save_model
 
         cfg = self.cfg
         if cfg.full:
-            state = self._full_state(self.base_net.state_dict())
+            dtype = self._export_dtype()
+            state = self._gathered(self.base_net.state_dict(), dtype)
         else:
             from peft import get_peft_model_state_dict
-            state = self._full_state(get_peft_model_state_dict(self.net, save_embedding_layers=False))
+            state = self._gathered(get_peft_model_state_dict(self.net, save_embedding_layers=False))
         if not self.group.is_main:
             return {}
         if cfg.full:
-            save_model(None, self.lm.config.to_hf(), self.out, state=state)
+            total = sum(t.numel() * t.element_size() for t in state.values())
+            save_model(None, self.lm.config.to_hf(), self.out, state=state, dtype=dtype,
+                       shard_bytes=EXPORT_SHARD_BYTES if total > EXPORT_SHARD_BYTES else None)
             copy_tokenizer(self.lm.path, self.out)
             kind = "model"
         else:

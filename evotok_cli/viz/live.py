@@ -22,8 +22,7 @@ class LiveCanvas:
     def __init__(self, model: Any, console: Any, refresh_per_second: float = 8):
         self.text = TokenText(getattr(model, "tokenizer", None), model.mask_id)
         self.console, self.refresh_per_second = console, refresh_per_second
-        self.rows: dict[int, StepEvent] = {}  # the latest event of each row of the running batch
-        self.done = 0  # prompts of earlier batches, printed above the live area
+        self.rows: dict[int, StepEvent] = {}  # the latest event of each live row, by prompt index
         self.live: Any = None
 
     def __enter__(self) -> LiveCanvas:
@@ -43,26 +42,27 @@ class LiveCanvas:
         return False
 
     def update(self, event: StepEvent) -> None:
-        previous = self.rows.get(event.row)
-        if previous is not None and event.step < previous.step:  # a new batch starts: keep the old one on screen
-            if self.live is not None:
-                self.live.console.print(self.render(legend=False))
-            self.done += len(self.rows)
-            self.rows = {}
+        """Rows join the live area with their first pass; a row with no [MASK] left is printed above it and
+        leaves (the engine refills its place with the next prompt)."""
         self.rows[event.row] = event
+        finished = [r for r, e in self.rows.items() if self.text.mask_id not in e.tokens]
+        if finished and len(self.rows) > 1 and self.live is not None:
+            for row in sorted(finished):
+                self.live.console.print(self.render(rows=[row], legend=False))
+                del self.rows[row]
         if self.live is not None:
             self.live.update(self.render())
 
     # -- drawing -----------------------------------------------------------------------------------
-    def render(self, legend: bool = True) -> Any:
+    def render(self, rows: list[int] | None = None, legend: bool = True) -> Any:
         from rich.console import Group
         from rich.text import Text
 
         parts: list[Any] = []
-        for row in sorted(self.rows):
+        for row in sorted(self.rows) if rows is None else rows:
             event = self.rows[row]
             lo, hi = event.block
-            parts.append(Text(f"prompt {self.done + row} · step {event.step} · block [{lo}, {hi})", style="bold"))
+            parts.append(Text(f"prompt {row} · step {event.step} · block [{lo}, {hi})", style="bold"))
             parts.append(self.canvas(event))
         if not parts:
             parts.append(Text("waiting for the first forward pass...", style="dim"))

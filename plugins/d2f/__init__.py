@@ -33,14 +33,16 @@ are those of single runs, and throughput is that of batch size 1.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 
 import torch
 
-from evotok_cli.decoding.api import GenerationRequest, GenerationResult, RowResult, StepEvent, option
+from evotok_cli.decoding.api import GenerationRequest, GenerationResult, RowResult, StepEvent, option, row_seed
 from evotok_cli.decoding.canvas import build_canvas
-from evotok_cli.decoding.schedule import gumbel_candidates
-from evotok_cli.decoding.soft import input_states, one_hot_slots, soft_weights, top_k_relative
+from evotok_cli.decoding.engine import ForwardPass, Program, drive
+from evotok_cli.decoding.evolution import Commit, as_decoded, evolve
+from evotok_cli.decoding.soft import input_states, one_hot_slots
 from evotok_cli.errors import ConfigError
 
 
@@ -117,16 +119,24 @@ class D2FDecoder:
         return budget
 
     def generate(self, model, request: GenerationRequest) -> GenerationResult:
+        """Decode the request's rows one after another, alone (the CLI runs `program` in the step engine)."""
+        return drive(model, self.program(model, request))
+
+    def split(self, request: GenerationRequest) -> bool:
+        """Each row is a pipeline of its own: one program per row."""
+        return True
+
+    @torch.no_grad()
+    def program(self, model, request: GenerationRequest) -> Program:
         t0 = time.perf_counter()
         budget = self.check_settings(gen_length=request.gen_length)
-        generator = None
-        if request.seed is not None:
-            generator = torch.Generator(device=model.device).manual_seed(request.seed)
         rows, nfe = [], 0
         for index, prompt in enumerate(request.prompts):
+            seed = row_seed(request, index)
+            generator = None if seed is None else torch.Generator(device=model.device).manual_seed(seed)
             canvas = build_canvas([prompt], budget, mask_id=model.mask_id, pad_id=model.eos_id,
                                   max_length=model.max_length, device=model.device)
-            run = self._decode_row(model, canvas.x, len(prompt), budget, request, generator, index)
+            run = yield from self._decode_row(model, canvas.x, len(prompt), budget, request, generator, index)
             gen = run.x[0, len(prompt):]
             gen = gen.masked_fill(gen == model.mask_id, model.eos_id)  # blocks never added (after EOS)
             rows.append(RowResult(token_ids=gen.tolist(), nfe=run.nfe))
@@ -134,8 +144,8 @@ class D2FDecoder:
         return GenerationResult(rows=rows, nfe=nfe, seconds=time.perf_counter() - t0)
 
     # -- one row ---------------------------------------------------------------------------------
-    @torch.no_grad()
-    def _decode_row(self, model, x, prompt_len, budget, request, generator, row) -> RowRun:
+    def _decode_row(self, model, x, prompt_len, budget, request, generator,
+                    row) -> Generator[ForwardPass, torch.Tensor, RowRun]:
         cfg = self.config
         run = RowRun(x=x, prompt=PipelineBlock(0, prompt_len, state="to_cache", full=True))
         cache = model.new_cache(1, x.shape[1]) if cfg.cache else None
@@ -158,8 +168,9 @@ class D2FDecoder:
             a = active[0].start
             shift = int(model.shifted_logits)
             first_out = max(lo, a - shift)
-            out = model(**inputs, attention_mask=block_causal_mask(chain, lo, hi, x.device),
-                        cache=cache, start=lo, logits_slice=(first_out - lo, hi - lo))[0]  # (hi - first_out, V)
+            mask = block_causal_mask(chain, lo, hi, x.device)
+            out = (yield ForwardPass(inputs, position_ids=None, attention_mask=mask, cache=cache, start=lo,
+                                     logits_slice=(first_out - lo, hi - lo)))[0]  # (hi - first_out, V)
             run.nfe += 1
             logits = self._align(out, a, first_out, hi, shift, run)
             for b in chain:
@@ -218,71 +229,59 @@ class D2FDecoder:
     def _inputs(self, model, run, soft_ids, soft_w, lo, hi) -> dict:
         if not self.config.soft:
             return {"input_ids": run.x[:, lo:hi]}
-        ids, w = soft_ids[:, lo:hi].clone(), soft_w[:, lo:hi].clone()
-        for b in run.blocks:  # only unfinished active blocks that already have a prediction are soft
-            if self._is_soft(b):
-                continue
-            s, e = max(b.start, lo) - lo, min(b.end, hi) - lo
-            if e > s:
-                ids[:, s:e], w[:, s:e] = one_hot_slots(run.x[:, lo + s:lo + e], ids.shape[-1] - 1, w.dtype)
-        return {"soft_inputs": (ids, w)}
+        # only unfinished active blocks that already have a prediction are soft; the rest is fed one-hot
+        hard = _hard_columns(run.blocks, lo, hi, self._is_soft, run.x.device)
+        return {"soft_inputs": as_decoded(soft_ids[:, lo:hi], soft_w[:, lo:hi], run.x[:, lo:hi], hard)}
 
     @staticmethod
     def _is_soft(b: PipelineBlock) -> bool:
         return b.state == "active" and b.predicted and b.masks_left > 0
 
     def _decode_blocks(self, model, run, active, logits, a, conf, soft_ids, soft_w, temperature, generator):
+        """One pass of the EvoToken rule over the active blocks (consecutive, `block_size` columns each), with
+        D2F's arguments: candidates from model-dtype probabilities, commits over skip_threshold per block
+        (the best one if none in a fully activated block), and in soft mode revisions and soft inputs."""
         cfg = self.config
         x = run.x[0]
-        probs = torch.softmax(logits, dim=-1)  # (n, V) in the model's dtype, as D2F does
-        if temperature == 0:  # argmax of the probabilities: in bf16 near-ties round equal, first index wins
-            x0 = probs.index_fill(-1, torch.tensor([model.mask_id], device=x.device), -1.0).argmax(-1)
-        else:
-            x0 = gumbel_candidates(logits, temperature, generator, exclude=model.mask_id)
-        conf0 = probs.gather(-1, x0[:, None]).squeeze(-1).float()
-        committed, revised = [], []
+        hi = active[-1].end
+        masked = x[a:hi] == model.mask_id
+        # a complete block is [Decode]: nothing to commit, no more revisions
+        live = masked.view(-1, cfg.block_size).any(-1, keepdim=True).expand(-1, cfg.block_size).reshape(1, -1)
+        full = torch.tensor([b.full for b in active], device=x.device)
+        step = evolve(logits[None, : hi - a], x[None, a:hi], conf[:, a:hi], mask_id=model.mask_id,
+                      candidates="d2f", temperature=temperature, generator=generator,
+                      commit=Commit(threshold=cfg.skip_threshold, strict=True, at_least_one=full,
+                                    group=cfg.block_size),
+                      live=live, revise=cfg.soft, k=cfg.k_soft if cfg.soft else None, alpha=cfg.alpha)
+        x[a:hi], conf[:, a:hi] = step.tokens[0], step.confidence
+        if cfg.soft:
+            soft_ids[:, a:hi], soft_w[:, a:hi] = step.soft_ids, step.soft_weights.to(soft_w.dtype)
         for b in active:
-            s, e = b.start - a, b.end - a
-            masked = x[b.start:b.end] == model.mask_id
-            block_conf = conf0[s:e]
-            take = masked & (block_conf > cfg.skip_threshold)
-            if not bool(take.any()) and b.full and bool(masked.any()):
-                best = torch.where(masked, block_conf, torch.tensor(-1.0, device=x.device)).argmax()
-                take[best] = True
-            cols = take.nonzero().flatten()
-            x[b.start + cols] = x0[s:e][cols]
-            conf[0, b.start + cols] = block_conf[cols].double()
-            committed += (b.start + cols).tolist()
-            if cfg.soft and bool(masked.any()):  # a complete block is [Decode]: no more revisions
-                decoded = (~masked) & (block_conf.double() > conf[0, b.start:b.end]) & (x0[s:e] != model.mask_id)
-                for i in decoded.nonzero().flatten().tolist():
-                    if int(x[b.start + i]) != int(x0[s + i]):
-                        revised.append(b.start + i)
-                    x[b.start + i] = x0[s + i]
-                    conf[0, b.start + i] = float(block_conf[i])
             b.masks_left = int((x[b.start:b.end] == model.mask_id).sum())
             b.predicted = True
-            if model.eos_id in x0[s:e][cols].tolist():  # EOS (not end-of-turn) stops new blocks, as in D2F
-                run.eos = True
-        if cfg.soft:
-            lo, hi = active[0].start, active[-1].end
-            exclude = model.mask_id if temperature == 0 else None
-            top_q, top_ids = top_k_relative(logits[: hi - a][None], cfg.k_soft, exclude)
-            ids, w = soft_weights(top_q, top_ids, x[None, lo:hi], model.mask_id, cfg.alpha)
-            soft_ids[:, lo:hi], soft_w[:, lo:hi] = ids, w.to(soft_w.dtype)
-        return committed, revised
+        if bool((step.tokens[step.committed] == model.eos_id).any()):  # EOS (not end-of-turn) stops new blocks
+            run.eos = True
+        committed = (a + step.committed[0].nonzero().flatten()).tolist()
+        return committed, (a + step.revised[0].nonzero().flatten()).tolist()
 
     def _trace_states(self, run, soft_ids, soft_w, mask_id, prompt_len):
         gen = run.x[0, prompt_len:]
         if not self.config.soft:
             return input_states(None, None, gen, mask_id), None
-        ids, w = soft_ids[0, prompt_len:].clone(), soft_w[0, prompt_len:].double()
-        for b in run.blocks:
-            if not self._is_soft(b):
-                s, e = b.start - prompt_len, b.end - prompt_len
-                ids[s:e], w[s:e] = one_hot_slots(gen[s:e], ids.shape[-1] - 1, w.dtype)
+        hard = _hard_columns(run.blocks, prompt_len, run.x.shape[1], self._is_soft, run.x.device)
+        ids, w = as_decoded(soft_ids[0, prompt_len:], soft_w[0, prompt_len:].double(), gen, hard)
         states = input_states(ids, w, gen, mask_id)
         states = [("mask" if t == mask_id and st == "decoded" else st) for st, t in zip(states, gen.tolist())]
         cands = [[(int(i), round(float(v), 6)) for i, v in zip(pi.tolist(), pw.tolist()) if v > 0]
                  for pi, pw in zip(ids, w)]
         return states, cands
+
+
+def _hard_columns(blocks: list[PipelineBlock], lo: int, hi: int, is_soft: Callable[[PipelineBlock], bool],
+                  device: torch.device) -> torch.Tensor:
+    """(hi - lo,) bool: the columns of the blocks that are not soft, fed one-hot on their tokens ([Decode])."""
+    hard = torch.zeros(hi - lo, dtype=torch.bool, device=device)
+    for b in blocks:
+        if not is_soft(b):
+            hard[max(b.start, lo) - lo:max(min(b.end, hi) - lo, 0)] = True
+    return hard

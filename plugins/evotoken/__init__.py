@@ -22,10 +22,11 @@ from typing import Literal
 import torch
 
 from evotok_cli.decoding.api import option
-from evotok_cli.decoding.blockwise import BlockwiseDecoder
+from evotok_cli.decoding.blockwise import BlockwiseDecoder, check_reference_rng
 from evotok_cli.decoding.canvas import Canvas
-from evotok_cli.decoding.schedule import gumbel_candidates, select_transfer, token_confidence
-from evotok_cli.decoding.soft import input_states, one_hot_slots, soft_weights, top_k_relative
+from evotok_cli.decoding.evolution import Commit, as_decoded, evolve
+from evotok_cli.decoding.schedule import llada_step
+from evotok_cli.decoding.soft import input_states, one_hot_slots
 
 
 @dataclass
@@ -40,6 +41,22 @@ class EvoTokenConfig:
         min=0.0, max=1.0, min_open=True)
     cache: Literal["none", "prefix", "dual"] = option(
         "none", "KV cache policy (Fast-dLLM semantics); 'none' is the faithful reference")
+    soft_mask: bool = option(True, "ablation: feed undecided positions as Soft([MASK]+V); false: hard [MASK]")
+    soft_decoded: bool = option(True, "ablation: feed committed positions as Soft(V) until their block ends; "
+                                      "false: as [Decode] at once")
+    revise: bool = option(True, "ablation: committed positions of the block may take a more confident "
+                                "candidate; false: never")
+    rng: Literal["fast", "reference"] = option(
+        "fast", "random numbers: 'fast' draws what each pass needs from the row's own seed; 'reference' draws "
+        "them as the release does (over the whole canvas and vocabulary, one stream for all prompts in turn)")
+
+    def validate(self, where: str) -> None:
+        check_reference_rng(self, where)
+
+    @property
+    def plain(self) -> bool:
+        """All three states off: nothing of EvoToken is left, the step is LLaDA's low-confidence remasking."""
+        return not (self.soft_mask or self.soft_decoded or self.revise)
 
 
 class EvoTokenState:
@@ -57,49 +74,45 @@ class EvoTokenDecoder(BlockwiseDecoder):
         return EvoTokenState(canvas, self.config.k_soft, model.dtype)
 
     def logits_range(self, canvas, lo, hi, block):
+        if self.config.plain:  # no soft states to rebuild: only the block's candidates are needed
+            return block.start, block.end
         # soft states are rebuilt for every fed generated position (future blocks included, Q3)
         return max(lo, canvas.gen_start), hi
 
     def inputs(self, model, state, canvas, lo, hi, block, first):
-        if not state.soft:
+        if not state.soft or self.config.plain:
             return {"input_ids": canvas.x[:, lo:hi]}
         return {"soft_inputs": (state.ids[:, lo:hi], state.weights[:, lo:hi])}
 
     def update(self, model, state, canvas, logits, cols, block, counts, active, generator, temperature):
         cfg = self.config
         a, b = cols
+        if cfg.plain:  # LLaDA's step exactly (its confidences: LLaDA's softmax, or Fast-dLLM's with a cache)
+            chosen = llada_step(model, logits, canvas.x[:, a:b], state.confidence[:, a:b], counts=counts,
+                                active=active, generator=generator, temperature=temperature,
+                                remasking=cfg.remasking, threshold=cfg.threshold,
+                                exact=cfg.cache == "none" and cfg.threshold is None, columns=block.ranked_columns(a))
+            return _full(canvas, chosen, a, b), torch.zeros_like(canvas.x, dtype=torch.bool)
         s, e = max(a, block.start), min(b, block.end)  # only block columns can be committed or revised
-        scores = logits  # this pass's own tensor: nothing reads it after this update, so it is edited in place
-        if temperature == 0:  # [MASK] set to -inf in the same tensor the softmax reads (Q6)
-            scores[..., model.mask_id] = float("-inf")
-        # sampled: p keeps the mask's (tiny) mass, as the release does
-        relative, top_ids = top_k_relative(scores, cfg.k_soft)  # soft states of every column
-        in_block = scores[:, s - a:e - a]
-        x0 = gumbel_candidates(in_block, temperature, generator, exclude=model.mask_id)
-        if cfg.remasking == "random":
-            conf0 = torch.rand(x0.shape, dtype=torch.float64, device=x0.device, generator=generator)
-        elif temperature == 0:  # x0 is the top-1 candidate; only block columns need the normaliser
-            conf0 = token_confidence(in_block, top_ids[:, s - a:e - a, 0], dtype=torch.float64)
-        else:
-            conf0 = token_confidence(in_block, x0, dtype=torch.float64)
-        x = canvas.x[:, s:e]  # a view: writes go to the canvas
-        c = state.confidence[:, s:e]
-        live = active[:, None]
-        eligible = (x == model.mask_id) & live
-        chosen = select_transfer(conf0, eligible, counts, cfg.threshold)
-        x[chosen] = x0[chosen]
-        c[chosen] = conf0[chosen]
-        revise = (x != model.mask_id) & live & (conf0 > c)  # strictly higher, never re-masks
-        changed = revise & (x0 != x)
-        x[revise] = x0[revise]
-        c[revise] = conf0[revise]
-        ids, weights = soft_weights(relative, top_ids, canvas.x[:, a:b], model.mask_id, cfg.alpha)
-        ids = torch.where(live[..., None], ids, state.ids[:, a:b])
-        weights = torch.where(live[..., None], weights.to(state.weights.dtype), state.weights[:, a:b])
-        state.ids[:, a:b], state.weights[:, a:b] = ids, weights
-        self._freeze_before(state, canvas, block.start, rows=active)
+        live = active[:, None]  # a row whose block is full is [Decode]: it neither commits nor revises
+        step = evolve(logits, canvas.x[:, a:b], state.confidence[:, a:b], mask_id=model.mask_id,
+                      candidates="evotoken", temperature=temperature, generator=generator, remasking=cfg.remasking,
+                      window=(s - a, e - a), commit=Commit(counts=counts, threshold=cfg.threshold,
+                                                           columns=block.ranked_columns(s)), live=live,
+                      revise=cfg.revise, k=cfg.k_soft, alpha=cfg.alpha,
+                      frozen=torch.arange(a, b, device=live.device) < block.start)
+        canvas.x[:, a:b], state.confidence[:, a:b] = step.tokens, step.confidence
+        ids, weights = step.soft_ids, step.soft_weights
+        if not (cfg.soft_mask and cfg.soft_decoded):  # ablations: some states fed hard instead
+            undecided = step.tokens == model.mask_id
+            hard = (undecided & (not cfg.soft_mask)) | (~undecided & (not cfg.soft_decoded))
+            ids, weights = as_decoded(ids, weights, step.tokens, hard)
+        keep = live[..., None]  # finished rows keep their soft inputs
+        state.ids[:, a:b] = torch.where(keep, ids, state.ids[:, a:b])
+        state.weights[:, a:b] = torch.where(keep, weights.to(state.weights.dtype), state.weights[:, a:b])
+        self._freeze_before(state, canvas, a, rows=active)  # [Decode] also left of the columns fed this pass
         state.soft = True
-        return _full(canvas, chosen, s, e), _full(canvas, changed, s, e)
+        return _full(canvas, step.committed, a, b), _full(canvas, step.revised, a, b)
 
     def end_block(self, model, state, canvas, block):
         if self.cache_mode != "none":  # the next block's cached prefix must hold the final tokens

@@ -18,9 +18,10 @@ from typing import Literal
 import torch
 
 from evotok_cli.decoding.api import option
-from evotok_cli.decoding.blockwise import BlockwiseDecoder
+from evotok_cli.decoding.blockwise import BlockwiseDecoder, check_reference_rng
 from evotok_cli.decoding.canvas import Canvas
-from evotok_cli.decoding.schedule import gumbel_candidates, select_transfer, token_confidence
+from evotok_cli.decoding.engine import ForwardPass
+from evotok_cli.decoding.schedule import llada_step
 from evotok_cli.errors import ConfigError
 
 
@@ -36,11 +37,15 @@ class HardMaskConfig:
     cfg_scale: float = option(0.0, "classifier-free guidance scale (0 = off)", min=0.0)
     logits_eos_inf: bool = option(False, "forbid EOS as a candidate")
     confidence_eos_eot_inf: bool = option(False, "rank EOS/EOT candidates last")
+    rng: Literal["fast", "reference"] = option(
+        "fast", "random numbers: 'fast' draws what each pass needs from the row's own seed; 'reference' draws "
+        "them as the release does (over the whole canvas and vocabulary, one stream for all prompts in turn)")
 
     def validate(self, where: str) -> None:
         if self.cfg_scale > 0 and self.cache != "none":
             raise ConfigError("cfg_scale needs cache=none (the unconditional copy has no cache)", where=where,
                               fix="drop cfg_scale or use cache=none")
+        check_reference_rng(self, where)
 
 
 class HardMaskState:
@@ -51,6 +56,7 @@ class HardMaskState:
 class HardMaskDecoder(BlockwiseDecoder):
     name = "hard-mask"
     Config = HardMaskConfig
+    release_runs_every_step = True  # LLaDA's `generate` runs every scheduled step of a block
 
     def start(self, model, canvas, request):
         return HardMaskState(canvas)
@@ -64,32 +70,26 @@ class HardMaskDecoder(BlockwiseDecoder):
         unconditional = canvas.x.masked_fill(prompt, model.mask_id)
         offsets = canvas.pad_offsets
         shift = int(model.shifted_logits)  # lo is 0 here: guidance runs without a cache
-        logits = model(input_ids=torch.cat([canvas.x, unconditional])[:, lo:hi],
-                       pad_offsets=None if offsets is None else offsets * 2,
-                       position_ids=torch.cat([canvas.positions] * 2)[:, lo:hi], start=lo,
-                       logits_slice=(block.start - shift - lo, block.end - shift - lo))
-        cond, uncond = logits.chunk(2)
-        return uncond + (self.config.cfg_scale + 1) * (cond - uncond), (block.start, block.end)
+        scale = self.config.cfg_scale
+
+        def guide(logits: torch.Tensor) -> torch.Tensor:
+            cond, uncond = logits.chunk(2)
+            return uncond + (scale + 1) * (cond - uncond)
+
+        return ForwardPass({"input_ids": torch.cat([canvas.x, unconditional])[:, lo:hi]},
+                           position_ids=torch.cat([canvas.positions] * 2)[:, lo:hi],
+                           pad_offsets=None if offsets is None else offsets * 2,
+                           logits_slice=(block.start - shift - lo, block.end - shift - lo),
+                           combine=guide), (block.start, block.end)
 
     def update(self, model, state, canvas, logits, cols, block, counts, active, generator, temperature):
         cfg = self.config
         a, b = cols
-        if cfg.logits_eos_inf:
-            logits = logits.clone()
-            logits[..., model.eos_id] = float("-inf")
-        x0 = gumbel_candidates(logits, temperature, generator, exclude=model.mask_id)  # (B, b - a)
-        if cfg.remasking == "random":
-            conf = torch.rand(x0.shape, dtype=torch.float64, device=x0.device, generator=generator)
-        else:
-            exact = cfg.cache == "none" and cfg.threshold is None
-            conf = token_confidence(logits, x0, dtype=logits.dtype if exact else torch.float64)
-        if cfg.confidence_eos_eot_inf:
-            conf = conf.masked_fill(torch.isin(x0, torch.tensor(model.stop_ids, device=x0.device)), float("-inf"))
-        window = canvas.x[:, a:b]
-        eligible = (window == model.mask_id) & active[:, None]
-        chosen = select_transfer(conf, eligible, counts, cfg.threshold)
-        window[chosen] = x0[chosen]
-        state.confidence[:, a:b][chosen] = conf[chosen].to(torch.float64)
+        chosen = llada_step(model, logits, canvas.x[:, a:b], state.confidence[:, a:b], counts=counts, active=active,
+                            generator=generator, temperature=temperature, remasking=cfg.remasking,
+                            threshold=cfg.threshold, exact=cfg.cache == "none" and cfg.threshold is None,
+                            logits_eos_inf=cfg.logits_eos_inf, confidence_eos_eot_inf=cfg.confidence_eos_eot_inf,
+                            columns=block.ranked_columns(a))
         committed = torch.zeros_like(canvas.x, dtype=torch.bool)
         committed[:, a:b] = chosen
         return committed, torch.zeros_like(committed)

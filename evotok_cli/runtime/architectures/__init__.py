@@ -104,3 +104,19 @@ def check_token_id(key: str, value: int, vocab: int, where: str) -> None:
     if value >= vocab:
         raise CheckpointError(f"config.json key {key} = {value} is outside the vocabulary ({vocab} tokens)",
                               where=where, fix="correct the token id or vocab_size in config.json")
+
+
+def run_blocks(blocks: Any, x: Any, *args: Any, checkpointed: bool = False) -> Any:
+    """The transformer blocks in turn. `checkpointed` (set by `finetune --activation-checkpointing`, and
+    only while training) keeps each block's input instead of its activations and recomputes them in the
+    backward: the same gradients for about a third more compute, with activation memory of one block
+    instead of all of them."""
+    if not checkpointed:
+        for block in blocks:
+            x = block(x, *args)
+        return x
+    from torch.utils.checkpoint import checkpoint
+
+    for block in blocks:
+        x = checkpoint(block, x, *args, use_reentrant=False)
+    return x

@@ -25,7 +25,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from evotok_cli.errors import CheckpointError
-from evotok_cli.runtime.architectures import check_heads, check_token_id, config_bool, config_float, config_int
+from evotok_cli.runtime.architectures import (
+    check_heads,
+    check_token_id,
+    config_bool,
+    config_float,
+    config_int,
+    run_blocks,
+)
 from evotok_cli.runtime.architectures.llada import RMSNorm, rope_cos_sin
 from evotok_cli.runtime.attention import attend
 from evotok_cli.runtime.cache import KVCache
@@ -237,6 +244,7 @@ class DreamModel(nn.Module):
     """The diffusion LM behind the decoders' model protocol (see `evotok_cli.runtime.model`)."""
 
     shifted_logits = True  # the prediction for position i is the output at i - 1 (see the module docstring)
+    activation_checkpointing = False  # finetune may set it: recompute block activations in the backward
 
     def __init__(self, cfg: DreamConfig):
         super().__init__()
@@ -285,8 +293,8 @@ class DreamModel(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(start, start + L, device=x.device).expand(B, L)
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)  # (B, 1, L, D)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, attention_mask, cache, start, pad_offsets)
+        x = run_blocks(self.model.layers, x, cos, sin, attention_mask, cache, start, pad_offsets,
+                       checkpointed=self.training and self.activation_checkpointing)
         if logits_slice is not None:
             x = x[:, logits_slice[0]:logits_slice[1]]
         x = self.model.norm(x)

@@ -16,7 +16,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from evotok_cli.errors import CheckpointError
-from evotok_cli.runtime.architectures import check_heads, check_token_id, config_bool, config_float, config_int
+from evotok_cli.runtime.architectures import (
+    check_heads,
+    check_token_id,
+    config_bool,
+    config_float,
+    config_int,
+    run_blocks,
+)
 from evotok_cli.runtime.attention import attend
 from evotok_cli.runtime.cache import KVCache
 
@@ -214,6 +221,7 @@ class LLaDAModelLM(nn.Module):
     """The diffusion LM behind the decoders' model protocol (see `evotok_cli.runtime.model`)."""
 
     shifted_logits = False  # LLaDA predicts position i from the output at i
+    activation_checkpointing = False  # finetune may set it: recompute block activations in the backward
 
     def __init__(self, cfg: LLaDAConfig):
         super().__init__()
@@ -274,8 +282,8 @@ class LLaDAModelLM(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(start, start + L, device=x.device).expand(B, L)
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
-        for block in self.transformer.blocks:
-            x = block(x, cos, sin, attention_mask, cache, start, pad_offsets)
+        x = run_blocks(self.transformer.blocks, x, cos, sin, attention_mask, cache, start, pad_offsets,
+                       checkpointed=self.training and self.activation_checkpointing)
         if logits_slice is not None:
             x = x[:, logits_slice[0]:logits_slice[1]]
         x = self.transformer.ln_f(x)

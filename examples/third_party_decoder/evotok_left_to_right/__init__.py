@@ -1,4 +1,8 @@
-"""left-to-right: commit the leftmost masked positions of the current block, whatever their confidence."""
+"""left-to-right: commit the leftmost masked positions of the current block, whatever their confidence.
+
+A `BlockwiseDecoder` supplies the block loop as a program for evotok's step engine; a decoder writes only
+its step: `update`, from one pass's logits to the committed positions (see the README's decoder API).
+"""
 
 from __future__ import annotations
 

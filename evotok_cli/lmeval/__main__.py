@@ -1,0 +1,38 @@
+"""`python -m evotok_cli.lmeval ARGS`: lm-eval's own command line, with the `evotok` model registered.
+
+lm-eval 0.4.x finds models only in its own table or in modules already imported (`register_model`), and
+reads no entry points, so `lm_eval --model evotok` alone cannot see evotok. This runs the same command
+line after the import; evotok's user errors end as one `error: ...` line with exit code 2, as in `evotok`.
+
+    python -m evotok_cli.lmeval --model evotok --model_args model=./LLaDA-8B-Instruct,decoder=evotoken,alpha=0.7 \
+        --tasks gsm8k --apply_chat_template
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from evotok_cli.errors import EvotokError
+
+
+def register() -> None:
+    """Import the model module, which registers `evotok` (or says in one line that lm-eval is missing)."""
+    import evotok_cli.lmeval.model  # noqa: F401
+
+
+def main() -> None:
+    """Register the model, then hand sys.argv to lm-eval's command line."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        register()
+        from lm_eval.__main__ import cli_evaluate
+
+        cli_evaluate()
+    except EvotokError as exc:
+        print(f"error: {exc.line()}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,237 @@
+"""The HTTP surface: OpenAI's /v1/models, /v1/completions and /v1/chat/completions, plus GET / (a live
+page), /health and /metrics. Every error is an OpenAI error object; every request gets one access-log
+line on stderr."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import sys
+import time
+import traceback
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from evotok_cli.serve.metrics import CONTENT_TYPE
+from evotok_cli.serve.page import CSP, render_page
+from evotok_cli.serve.plan import make_plan
+from evotok_cli.serve.responses import Reply, response
+from evotok_cli.serve.schema import MAX_BODY_BYTES, ApiError, parse_chat, parse_completion, parse_json
+from evotok_cli.serve.sessions import Service, Session
+from evotok_cli.serve.stream import chunks, failure_of, timeout_error
+
+ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions")
+CLIENT_GONE = 499  # nginx's status for a client that closed the connection before the answer
+
+
+def create_app(service: Service, *, api_key: str | None, decoders: list[str]) -> Any:
+    """The ASGI application: FastAPI's routes inside the access log."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        service.loop = asyncio.get_running_loop()
+        yield
+        await asyncio.to_thread(service.stop, 10.0)
+
+    api = FastAPI(title="evotok serve", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    served = service.served
+
+    def authorize(request: Request) -> None:
+        if api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            raise ApiError(401, "missing or incorrect API key (send the header Authorization: Bearer KEY)",
+                           code="invalid_api_key")
+
+    @api.get("/")
+    async def page() -> HTMLResponse:
+        text = render_page(served.name, decoders, served.defaults, served.decoder)
+        return HTMLResponse(text, headers={"Content-Security-Policy": CSP, "Cache-Control": "no-store"})
+
+    @api.get("/health")
+    async def health() -> JSONResponse:
+        body = {"status": "draining" if service.draining else "ok", "model": served.name,
+                "live_rows": service.engine.live_rows, "waiting": service.waiting()}
+        return JSONResponse(body, status_code=503 if service.draining else 200)
+
+    @api.get("/metrics")
+    async def metrics(request: Request) -> PlainTextResponse:
+        authorize(request)
+        text = service.metrics.render(service.engine, waiting=service.waiting(), in_flight=len(service.sessions))
+        return PlainTextResponse(text, media_type=CONTENT_TYPE)
+
+    @api.get("/v1/models")
+    async def models(request: Request) -> JSONResponse:
+        authorize(request)
+        return JSONResponse({"object": "list", "data": [model_card(service)]})
+
+    @api.get("/v1/models/{name:path}")
+    async def model(name: str, request: Request) -> JSONResponse:
+        authorize(request)
+        if name != served.name:
+            raise not_served(name, served.name)
+        return JSONResponse(model_card(service))
+
+    @api.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await complete(service, request, chat=False, authorize=authorize)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await complete(service, request, chat=True, authorize=authorize)
+
+    @api.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @api.exception_handler(HTTPException)
+    async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        body = ApiError(exc.status_code, str(exc.detail), code=code).body()
+        return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @api.exception_handler(Exception)
+    async def server_error(_: Request, exc: Exception) -> JSONResponse:
+        body = ApiError(500, "internal server error", code="internal_error", type="server_error").body()
+        return JSONResponse(body, status_code=500)
+
+    return AccessLog(api, service)
+
+
+def model_card(service: Service) -> dict[str, Any]:
+    served = service.served
+    return {"id": served.name, "object": "model", "created": 0, "owned_by": "evotok",
+            "adapter": served.adapter, "decoder": served.decoder}
+
+
+def not_served(name: str | None, served: str) -> ApiError:
+    return ApiError(404, f"model {name!r} is not served here (this server serves {served!r})", param="model",
+                    code="model_not_found")
+
+
+async def read_body(request: Request) -> bytes:
+    """The body, refused (413) as soon as it passes the limit rather than after reading it all."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise ApiError(413, f"request body is {declared} bytes, over the limit of {MAX_BODY_BYTES}",
+                       code="body_too_large")
+    body = bytearray()
+    async for piece in request.stream():
+        body += piece
+        if len(body) > MAX_BODY_BYTES:
+            raise ApiError(413, f"request body is over the limit of {MAX_BODY_BYTES} bytes", code="body_too_large")
+    return bytes(body)
+
+
+async def complete(service: Service, request: Request, *, chat: bool, authorize: Callable[[Request], None]) -> Response:
+    """One completion request: check, plan, submit, then answer whole or as a stream."""
+    deadline = service.deadline()
+    authorize(request)
+    body = parse_json(await read_body(request))
+    fields = parse_chat(body) if chat else parse_completion(body)
+    served = service.served
+    if fields.model is not None and fields.model != served.name:
+        raise not_served(fields.model, served.name)
+    plan = make_plan(fields, served)
+    session = service.open(plan, events=fields.stream)
+    reply = Reply(chat=chat, model=served.name)
+    note = noter(request)
+    if fields.stream:
+        return StreamingResponse(chunks(service, session, fields, reply, deadline, note),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    try:
+        outcome = await wait(service, session, request, deadline)
+    finally:
+        service.close(session)
+    if outcome == "disconnect":
+        note("disconnect")
+        return Response(status_code=CLIENT_GONE)
+    if outcome == "timeout":
+        note("timeout")
+        raise timeout_error(service.timeout)
+    failure = next((f for f in (failure_of(job, session) for _, job in session.jobs) if f is not None), None)
+    if failure is not None:
+        raise failure
+    results = session.results(served.model)
+    service.metrics.prompt_tokens += plan.prompt_tokens
+    service.metrics.completion_tokens += sum(r["tokens"] for r in results)
+    extension = {"decoder": plan.decoder_name, "settings": plan.settings}
+    return JSONResponse(response(reply, results, fields.stop, plan.prompt_tokens, extension))
+
+
+def noter(request: Request) -> Callable[[str], None]:
+    """Lets a handler add a word (disconnect, timeout, ...) to its access-log line."""
+    state = request.scope.setdefault("state", {})
+    return lambda text: state.__setitem__("evotok_note", text)
+
+
+async def wait(service: Service, session: Session, request: Request, deadline: float) -> str:
+    """Wait for the session's jobs: "done", or "disconnect" / "timeout" after cancelling them."""
+    finished = asyncio.ensure_future(session.finished.wait())
+    gone = asyncio.ensure_future(disconnected(request))
+    try:
+        done, _ = await asyncio.wait({finished, gone}, timeout=max(0.0, deadline - time.monotonic()),
+                                     return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        finished.cancel()
+        gone.cancel()
+    if session.finished.is_set():
+        return "done"
+    reason = "disconnect" if gone in done else "timeout"
+    service.cancel(session, reason)
+    return reason
+
+
+async def disconnected(request: Request) -> None:
+    """Returns when the client closes the connection (the body has been read, so only that can come)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+class AccessLog:
+    """One stderr line per request (client, method, path, status, seconds, note) and the request counters;
+    also the last stop for an unexpected exception: logged with its traceback here, never sent."""
+
+    def __init__(self, app: Any, service: Service):
+        self.app, self.service = app, service
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start, status = time.monotonic(), [0]
+        scope.setdefault("state", {})
+
+        async def record(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, record)
+        except Exception as exc:
+            status[0] = status[0] or 500
+            print(f"error: unexpected {type(exc).__name__} serving {scope['path']}: {exc}", file=sys.stderr)
+            traceback.print_exc(file=sys.stderr)
+        finally:
+            self.log(scope, status[0], time.monotonic() - start)
+
+    def log(self, scope: dict[str, Any], status: int, seconds: float) -> None:
+        note = scope["state"].get("evotok_note")
+        if note == "disconnect":
+            status = CLIENT_GONE
+        path = scope["path"]
+        route = path if path in ROUTES else ("/v1/models/{id}" if path.startswith("/v1/models/") else "other")
+        self.service.metrics.request(route, status, seconds)
+        client = scope.get("client") or ("-", 0)
+        shown = json.dumps(path)[1:-1]  # control characters escaped: one request, one line
+        print(f'{client[0]}:{client[1]} "{scope["method"]} {shown}" {status} {seconds:.3f}s'
+              + (f" {note}" if note else ""), file=sys.stderr, flush=True)

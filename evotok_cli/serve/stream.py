@@ -1,0 +1,184 @@
+"""Server-sent events for `"stream": true`: OpenAI chunks, then `data: [DONE]`.
+
+Text is sent once it can no longer change: positions before the current block of a StepEvent are final
+(for d2f: the blocks that left the `active` state), so a row's text grows block by block, and its last
+chunk carries the rest and the finish_reason. `"stream_mode": "evolve"` sends a chunk for every forward
+pass and row, with the whole canvas in an `evotok` field (schema in docs/serve.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+import traceback
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from evotok_cli.errors import EvotokError
+from evotok_cli.generation import row_result
+from evotok_cli.serve.responses import Reply, cut_at_stop, finish, usage
+from evotok_cli.serve.schema import ApiError, CompletionFields
+from evotok_cli.serve.sessions import Service, Session
+
+
+def sse(obj: Any) -> str:
+    return "data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False) + "\n\n"
+
+
+DONE = "data: [DONE]\n\n"
+
+
+def final_end(event: Any) -> int:
+    """Generated positions before this index are final after the pass of `event`."""
+    if event.blocks is not None:  # d2f: blocks leave `active` in order
+        end = 0
+        for block in event.blocks:
+            if block["state"] == "active":
+                break
+            end = block["end"]
+        return end
+    return event.block[0]
+
+
+class RowText:
+    """One row's answer text as its positions become final: deltas that never need taking back.
+
+    The decoded prefix is held back by what could still change when more tokens follow: a character
+    whose bytes are incomplete, trailing whitespace (tokenizers tidy spaces before punctuation), and the
+    last len(longest stop string) - 1 characters, which could begin a stop string."""
+
+    def __init__(self, model: Any, stops: list[str]):
+        self.model, self.stops = model, stops
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.sent, self.seen, self.closed = "", 0, False
+
+    def advance(self, tokens: list[int], end: int) -> str:
+        if self.closed or end <= self.seen:
+            return ""
+        self.seen = end
+        ids = tokens[:end]
+        text, hit = cut_at_stop(self.model.answer_text(ids), self.stops)
+        if hit or any(t in self.model.stop_ids for t in ids):
+            self.closed = True  # the answer is complete: what remains can only be the end of the row
+        else:
+            text = text[:len(text) - self.hold].rstrip().rstrip("\ufffd")
+        if not text.startswith(self.sent):
+            return ""
+        delta, self.sent = text[len(self.sent):], text
+        return delta
+
+    def finish(self, text: str) -> str:
+        """The rest of the row's final text."""
+        self.closed = True
+        if not text.startswith(self.sent):  # a bug: the streamed prefix and the final text disagree
+            print(f"warning: streamed text {self.sent!r} is not a prefix of the answer {text!r}", file=sys.stderr)
+            return ""
+        return text[len(self.sent):]
+
+
+class Pieces:
+    """Token id -> its text (None for [MASK]), cached: the evolve stream names every position's token."""
+
+    def __init__(self, model: Any):
+        self.tokenizer, self.mask_id, self.cache = model.tokenizer, model.mask_id, {}
+
+    def __call__(self, token: int) -> str | None:
+        if token == self.mask_id:
+            return None
+        if token not in self.cache:
+            self.cache[token] = (str(token) if self.tokenizer is None
+                                 else self.tokenizer.decode([token], skip_special_tokens=False))
+        return self.cache[token]
+
+
+def evolve(event: Any, pieces: Pieces) -> dict[str, Any]:
+    """The canvas after one pass of one row (the `evotok` field of an evolve chunk)."""
+    candidates = None if event.candidates is None else [
+        [[pieces(t), w] for t, w in slots] for slots in event.candidates]
+    return {"index": event.row, "step": event.step, "block": list(event.block), "final": final_end(event),
+            "states": event.states, "tokens": [pieces(t) for t in event.tokens], "ids": event.tokens,
+            "confidence": event.confidence, "committed": event.committed, "revised": event.revised,
+            "candidates": candidates, "blocks": event.blocks}
+
+
+async def chunks(service: Service, session: Session, fields: CompletionFields, reply: Reply, deadline: float,
+                 note: Callable[[str], None]) -> AsyncIterator[str]:
+    """The SSE body of one streamed request; cancelling it (a client gone) cancels the session's jobs."""
+    model = service.served.model
+    plan = session.plan
+    texts = [RowText(model, fields.stop) for _ in plan.rows]
+    firsts = {job.id: first for first, job in session.jobs}
+    pieces = Pieces(model) if fields.stream_mode == "evolve" else None
+    results: dict[int, dict[str, Any]] = {}
+    try:
+        if reply.chat:
+            yield sse(reply.chunk([reply.delta(i, "", role=True) for i in range(len(plan.rows))]))
+        while len(results) < len(plan.rows):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise asyncio.TimeoutError
+            kind, item = await asyncio.wait_for(session.queue.get(), timeout=remaining)
+            if kind == "step":
+                delta = texts[item.row].advance(item.tokens, final_end(item))
+                if pieces is not None:
+                    yield sse(reply.chunk([reply.delta(item.row, delta)], evotok=evolve(item, pieces)))
+                elif delta:
+                    yield sse(reply.chunk([reply.delta(item.row, delta)]))
+                continue
+            failure = failure_of(item, session)
+            if failure is not None:
+                note(failure.code or "error")
+                yield sse(failure.body())
+                break
+            first = firsts[item.id]
+            for offset, row in enumerate(item.result.rows):
+                i = first + offset
+                results[i] = row_result(model, plan.rows[i], row, item.seconds)
+                service.metrics.completion_tokens += results[i]["tokens"]
+                text, reason = finish(results[i], fields.stop)
+                yield sse(reply.chunk([reply.delta(i, texts[i].finish(text), reason)]))
+        else:
+            service.metrics.prompt_tokens += plan.prompt_tokens
+            if fields.include_usage:
+                ordered = [results[i] for i in sorted(results)]
+                yield sse(reply.chunk([], usage=usage(plan.prompt_tokens, ordered)))
+        yield DONE
+    except asyncio.TimeoutError:
+        service.cancel(session, "timeout")
+        note("timeout")
+        yield sse(timeout_error(service.timeout).body())
+        yield DONE
+    except asyncio.CancelledError:
+        note("disconnect")
+        raise
+    finally:
+        service.close(session, "disconnect")
+
+
+def timeout_error(seconds: float) -> ApiError:
+    return ApiError(504, f"the request took longer than the server's --timeout of {seconds:g} s; it was cancelled",
+                    code="timeout", type="server_error")
+
+
+def failure_of(job: Any, session: Session) -> ApiError | None:
+    """Why a finished job has no result, as an error object (None when it has one)."""
+    if job.error is not None:
+        return job_error(job.error)
+    if job.result is None:
+        reason = session.reason or "shutdown"
+        if reason == "shutdown":
+            return ApiError(503, "the server shut down before this request finished", code="shutting_down",
+                            type="server_error")
+        return ApiError(499, f"cancelled ({reason})", code=reason, type="server_error")
+    return None
+
+
+def job_error(error: BaseException) -> ApiError:
+    """A decoding failure: the user's (400, one line) or the server's (500, no traceback)."""
+    if isinstance(error, EvotokError):
+        return ApiError(400, error.line(), code="invalid_value")
+    print(f"error: decoding failed ({type(error).__name__}: {error})", file=sys.stderr)
+    traceback.print_exception(type(error), error, error.__traceback__, file=sys.stderr)
+    return ApiError(500, "internal error while decoding", code="internal_error", type="server_error")

@@ -1,0 +1,48 @@
+"""`evotok serve`: bad flags, folders and settings, each refused in one line before the port is bound."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+from tests.hostile import Case, Ctx, write
+
+
+def _model_copy(generation_config: dict) -> object:
+    """A copy of the tiny model whose generation_config.json says `generation_config`."""
+    def setup(ctx: Ctx) -> None:
+        shutil.copytree(ctx.model, ctx.tmp / "m")
+        (ctx.tmp / "m" / "generation_config.json").write_text(json.dumps(generation_config))
+    return setup
+
+
+M = ["-m", "{model}"]
+
+CASES = [
+    Case("serve-port-negative", ["serve", *M, "--port", "-1"], "--port"),
+    Case("serve-port-too-big", ["serve", *M, "--port", "70000"], "65535"),
+    Case("serve-port-text", ["serve", *M, "--port", "http"], "--port"),
+    Case("serve-max-rows-zero", ["serve", *M, "--max-rows", "0"], "--max-rows"),
+    Case("serve-max-rows-text", ["serve", *M, "--max-rows", "many"], "--max-rows"),
+    Case("serve-max-queue-negative", ["serve", *M, "--max-queue", "-1"], "--max-queue"),
+    Case("serve-timeout-zero", ["serve", *M, "--timeout", "0"], "--timeout: 0.0 is not a positive number"),
+    Case("serve-timeout-nan", ["serve", *M, "--timeout", "nan"], "--timeout: nan"),
+    Case("serve-timeout-inf", ["serve", *M, "--timeout", "inf"], "--timeout: inf"),
+    Case("serve-grace-negative", ["serve", *M, "--grace", "-1"], "--grace"),
+    Case("serve-host-empty", ["serve", *M, "--host", " "], "--host: empty host"),
+    Case("serve-api-key-empty", ["serve", *M, "--api-key", ""], "--api-key: empty API key"),
+    Case("serve-api-key-bad-bytes", ["serve", *M, "--api-key", "k\udcff"], "--api-key: text is not valid UTF-8"),
+    Case("serve-decoder-unknown", ["serve", *M, "-d", "hard_mask"], "unknown decoder 'hard_mask'"),
+    Case("serve-model-missing", ["serve", "-m", "{tmp}/none"], "model folder does not exist"),
+    Case("serve-model-file", ["serve", "-m", "{tmp}/f.txt"], "is a file, not a folder", write("f.txt", "x\n")),
+    Case("serve-model-bad-defaults", ["serve", "-m", "{tmp}/m"], "generation_config.json",
+         _model_copy({"evotok": {"gen_length": "many"}})),
+    Case("serve-model-defaults-vs-decoder", ["serve", "-m", "{tmp}/m"], "not divisible",
+         _model_copy({"evotok": {"gen_length": 48, "block_length": 10, "steps": 48}})),
+    Case("serve-adapter-missing", ["serve", *M, "--adapter", "{tmp}/none"], "adapter folder does not exist"),
+    Case("serve-adapter-file", ["serve", *M, "--adapter", "{tmp}/f.txt"], "is a file, not a folder",
+         write("f.txt", "x\n")),
+    Case("serve-device-unknown", ["serve", *M, "--device", "tpu"], "--device"),
+    Case("serve-dtype-unknown", ["serve", *M, "--dtype", "float8"], "unknown dtype 'float8'"),
+    Case("serve-env-decoder", ["serve", *M], "unknown decoder 'evo'", env={"EVOTOK_DECODER": "evo"}),
+]
