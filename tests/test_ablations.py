@@ -48,7 +48,7 @@ def test_all_states_off_is_hard_mask_on_the_bundled_model():
     model = load_model(default_model_path())
     prompts = [encode(model.tokenizer, render_prompt(model.tokenizer, p.question, chat=True, system=None,
                                                      prefill="<reasoning>"))
-               for task in ("sudoku4", "arith-small", "countdown3") for p in data_problems(task, "test", 4, 0)]
+               for task in ("sudoku4", "arith-small", "countdown3") for p in data_problems(task, "test", 2, 0)]
     for cache in ("none", "dual"):
         evo = _run(model, "evotoken", {**OFF, "cache": cache}, prompts=prompts, gen=(48, 16, 48))
         hard = _run(model, "hard-mask", {"cache": cache}, prompts=prompts, gen=(48, 16, 48))

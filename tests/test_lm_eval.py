@@ -17,10 +17,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lm_eval  # noqa: E402,F401 (the test extra installs it: missing must fail, not skip)
 import pytest
 import torch
-
-pytest.importorskip("lm_eval")
 
 from evotok_cli.errors import ConfigError  # noqa: E402
 from evotok_cli.lmeval.loglik import greedy_reproduces, mc_loglikelihood  # noqa: E402
@@ -287,7 +286,6 @@ def bench_samples(tmp_path_factory) -> tuple[dict, list[dict]]:
 @pytest.mark.slow
 @pytest.mark.parametrize("stop_at_eos", [False, True])
 def test_lm_eval_scores_what_evotok_bench_scores(task_dir, bench_samples, stop_at_eos):
-    import lm_eval
     from lm_eval.tasks import TaskManager
 
     out = lm_eval.simple_evaluate(model="evotok", model_args=model_args(stop_at_eos=stop_at_eos),
@@ -312,7 +310,6 @@ def test_lm_eval_scores_what_evotok_bench_scores(task_dir, bench_samples, stop_a
 
 @pytest.mark.slow
 def test_multiple_choice_runs_through_the_estimator(tmp_path):
-    import lm_eval
     import yaml
     from lm_eval.tasks import TaskManager
 

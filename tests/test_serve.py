@@ -17,12 +17,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx  # the test extra installs both: a missing one must fail the suite, not skip it
+import openai
 import pytest
 
 from tests.conftest import one_line_error, write_llada
-
-openai = pytest.importorskip("openai")
-httpx = pytest.importorskip("httpx")
 
 # the server's model: a tiny LLaDA with a longer context (slow requests) and its own generation defaults
 DEFAULTS = {"gen_length": 16, "block_length": 8, "steps": 16, "prefill": "<reasoning>"}

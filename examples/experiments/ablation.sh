@@ -5,7 +5,7 @@
 # combinations x sudoku4, arith-small, countdown3, at 48 and 24 forward passes for 48 tokens. All three
 # off is LLaDA's low-confidence remasking (tests/test_ablations.py shows it is hard-mask token for token).
 # Usage: bash examples/experiments/ablation.sh [OUT]      rerun with the same OUT to resume
-# Environment: MODEL (default: the bundled model), ADAPTER, LIMIT (problems per task, default 200),
+# Environment: TASKS (default "sudoku4 arith-small countdown3"), MODEL (default: the bundled model), ADAPTER, LIMIT (problems per task, default 200),
 #   BUDGETS (default "48 24"), GEN (default "--gen-length 48 --block-length 16"), BATCH (default 50)
 set -euo pipefail
 out=${1:-runs/experiments/ablation}
@@ -14,7 +14,7 @@ adapter=(); [[ -n ${ADAPTER:-} ]] && adapter=(--adapter "$ADAPTER")
 read -r -a gen <<< "${GEN:---gen-length 48 --block-length 16}"
 folders=()
 for steps in ${BUDGETS:-48 24}; do
-  evotok bench sudoku4 arith-small countdown3 ${model[@]+"${model[@]}"} ${adapter[@]+"${adapter[@]}"} \
+  evotok bench ${TASKS:-sudoku4 arith-small countdown3} ${model[@]+"${model[@]}"} ${adapter[@]+"${adapter[@]}"} \
       -d evotoken --sweep soft_mask=true,false --sweep soft_decoded=true,false --sweep revise=true,false \
       --limit "${LIMIT:-200}" --batch-size "${BATCH:-50}" "${gen[@]}" --steps "$steps" --out "$out/nfe$steps"
   folders+=("$out/nfe$steps")
