@@ -58,6 +58,20 @@ def llada_generate(model, prompt: list[int], *, gen_length: int, block_length: i
     return x[0, P:].tolist(), nfe
 
 
+def soft_state(p, x, *, k, alpha, start, mask_id):
+    """Spec 1.3: top-k of p plus the own-token slot (mask weight alpha for [MASK] positions), renormalised;
+    positions before the block start one-hot ([Decode])."""
+    q, t = torch.topk(p, k, dim=-1)
+    S = q.sum(-1, keepdim=True)
+    extra = torch.where(x[..., None] == mask_id, S / (1 - alpha) * alpha, torch.zeros_like(S))
+    soft_w = torch.cat([q, extra], -1)
+    soft_w = soft_w / soft_w.sum(-1, keepdim=True)
+    soft_ids = torch.cat([t, x[..., None]], -1)
+    soft_w[:, :start] = 0
+    soft_w[:, :start, -1] = 1
+    return soft_ids, soft_w
+
+
 @torch.no_grad()
 def evotoken_generate(model, prompt: list[int], *, gen_length: int, block_length: int, steps: int,
                       mask_id: int, alpha: float, k: int, record: list | None = None) -> tuple[list[int], int]:
@@ -104,14 +118,7 @@ def evotoken_generate(model, prompt: list[int], *, gen_length: int, block_length
             revise = decoded & (conf0 > conf)
             x[revise] = x0[revise]
             conf[revise] = conf0[revise]
-            q, t = torch.topk(p, k, dim=-1)
-            S = q.sum(-1, keepdim=True)
-            extra = torch.where(x[..., None] == mask_id, S / (1 - alpha) * alpha, torch.zeros_like(S))
-            soft_w = torch.cat([q, extra], -1)
-            soft_w = soft_w / soft_w.sum(-1, keepdim=True)
-            soft_ids = torch.cat([t, x[..., None]], -1)
-            soft_w[:, :start] = 0
-            soft_w[:, :start, -1] = 1
+            soft_ids, soft_w = soft_state(p, x, k=k, alpha=alpha, start=start, mask_id=mask_id)
     return x[0, P:].tolist(), nfe
 
 
@@ -252,13 +259,6 @@ def evotoken_release(model, prompts, *, gen_length, block_length, steps, mask_id
                 revise = (x != mask_id) & (pos >= start) & (conf0 > conf)
                 x[revise] = x0[revise]
                 conf[revise] = conf0[revise]
-                q, t = torch.topk(p, k, dim=-1)
-                S = q.sum(-1, keepdim=True)
-                extra = torch.where(x[..., None] == mask_id, S / (1 - alpha) * alpha, torch.zeros_like(S))
-                soft_w = torch.cat([q, extra], -1)
-                soft_w = soft_w / soft_w.sum(-1, keepdim=True)
-                soft_ids = torch.cat([t, x[..., None]], -1)
-                soft_w[:, :start] = 0
-                soft_w[:, :start, -1] = 1
+                soft_ids, soft_w = soft_state(p, x, k=k, alpha=alpha, start=start, mask_id=mask_id)
         outputs.append(x[0, P:].tolist())
     return outputs

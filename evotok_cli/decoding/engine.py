@@ -240,8 +240,10 @@ class Engine:
 
     def run(self, jobs: list[Job] | None = None, on_step: Callable[[Engine], None] | None = None) -> None:
         """Step until `jobs` (default: everything submitted) are done."""
-        pending = jobs if jobs is not None else None
-        while not self.idle() if pending is None else not all(j.done.is_set() for j in pending):
+        def finished() -> bool:
+            return self.idle() if jobs is None else all(j.done.is_set() for j in jobs)
+
+        while not finished():
             if not self.step():
                 break
             if on_step is not None:

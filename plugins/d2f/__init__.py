@@ -271,7 +271,6 @@ class D2FDecoder:
         hard = _hard_columns(run.blocks, prompt_len, run.x.shape[1], self._is_soft, run.x.device)
         ids, w = as_decoded(soft_ids[0, prompt_len:], soft_w[0, prompt_len:].double(), gen, hard)
         states = input_states(ids, w, gen, mask_id)
-        states = [("mask" if t == mask_id and st == "decoded" else st) for st, t in zip(states, gen.tolist())]
         cands = [[(int(i), round(float(v), 6)) for i, v in zip(pi.tolist(), pw.tolist()) if v > 0]
                  for pi, pw in zip(ids, w)]
         return states, cands
