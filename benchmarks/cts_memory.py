@@ -7,6 +7,8 @@ on CPU the process's peak resident set above the baseline after loading the mode
     python benchmarks/cts_memory.py                 # CPU, a 12-layer x 512 model, batch 4, length 512
     python benchmarks/cts_memory.py --device cuda   # on a GPU
     python benchmarks/cts_memory.py --activation-checkpointing   # K = 1 with and without it
+    python benchmarks/cts_memory.py --trajectory-steps 1,2,4,8 --model-dir evotok_cli/assets/evotok-tiny \
+        --batch 16 --length 128 --steps 2      # the trajectory-length study's column, on the bundled model
 
 Target (issue 5): peak memory of K = 4 <= 1.3x that of K = 1. Writes benchmarks/results/cts_memory-<device>.{json,md}.
 With --activation-checkpointing (issue 20): the peak with `finetune --activation-checkpointing` over the
@@ -155,6 +157,8 @@ def main() -> None:
     p.add_argument("--full", action="store_true", help="train all weights (default: finetune's LoRA adapter)")
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="measure K = 1 in training mode without and with activation checkpointing")
+    p.add_argument("--trajectory-steps", help="comma-separated K values: one row each (one backward per pass)")
+    p.add_argument("--model-dir", help="measure this checkpoint instead of a random model of --layers/--hidden")
     p.add_argument("--worker", nargs=3, metavar=("K", "KEEP", "CKPT"), help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
@@ -166,13 +170,15 @@ def main() -> None:
         return
     runs = [(1, False, "0"), (1, False, "1")] if args.activation_checkpointing else \
         [(1, False, "-"), (4, False, "-"), (4, True, "-")]
+    if args.trajectory_steps:
+        runs = [(int(k), False, "-") for k in args.trajectory_steps.split(",")]
     from evotok_cli.runtime.init import REAL_VOCAB, create_model
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        model = create_model(Path(tmp) / "m", layers=args.layers, hidden=args.hidden, heads=max(1, args.hidden // 64),
-                             kv_heads=None, mlp=None, max_length=4096, vocab_size=args.vocab or REAL_VOCAB,
-                             real_vocab=not args.vocab, seed=0)
+        model = Path(args.model_dir) if args.model_dir else create_model(
+            Path(tmp) / "m", layers=args.layers, hidden=args.hidden, heads=max(1, args.hidden // 64), kv_heads=None,
+            mlp=None, max_length=4096, vocab_size=args.vocab or REAL_VOCAB, real_vocab=not args.vocab, seed=0)
         for K, keep, ckpt in runs:
             cmd = [sys.executable, __file__, "--worker", str(K), str(int(keep)), ckpt, "--model", str(model),
                    "--device", args.device, "--batch", str(args.batch), "--length", str(args.length),
@@ -182,6 +188,9 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     if args.activation_checkpointing:
         write_checkpointing(args, rows)
+        return
+    if args.trajectory_steps:
+        write_trajectory(args, rows)
         return
     ratio = rows[1]["peak_mb"] / rows[0]["peak_mb"]
     vocab = args.vocab or REAL_VOCAB
@@ -203,6 +212,29 @@ def main() -> None:
             "length": args.length, "trained": "all weights" if args.full else "lora", "device": args.device}
     (args.out / f"cts_memory-{tag}.json").write_text(
         json.dumps({"meta": meta, "rows": rows, "k4_over_k1": ratio}, indent=2) + "\n")
+    (args.out / f"cts_memory-{tag}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def write_trajectory(args: argparse.Namespace, rows: list[dict]) -> None:
+    """The trajectory-length study's cost column: peak memory and step time per K, relative to K = 1."""
+    shape = f"the checkpoint {args.model_dir}" if args.model_dir else f"{args.layers} layers x {args.hidden}"
+    rss = args.device == "cpu"
+    base = rows[0]
+    lines = ["# CTS cost per trajectory length K", "",
+             f"LoRA (finetune defaults), {shape}, batch {args.batch}, length {args.length}, device {args.device}; "
+             "one backward per pass, so the graphs of earlier passes are freed before the next pass runs.", "",
+             "| K | peak MB | peak / K=1 |" + (" RSS MB |" if rss else "") + " step s | step / K=1 |",
+             "|---|---|---|" + ("---|" if rss else "") + "---|---|"]
+    lines += [f"| {r['K']} | {r['peak_mb']:.0f} | {r['peak_mb'] / base['peak_mb']:.2f} |"
+              + (f" {r['peak_rss_mb']:.0f} |" if rss else "")
+              + f" {r['step_s']:.2f} | {r['step_s'] / base['step_s']:.2f} |" for r in rows]
+    args.out.mkdir(parents=True, exist_ok=True)
+    tag = ("cuda" if args.device.startswith("cuda") else "cpu") + "-trajectory"
+    meta = {"model": args.model_dir, "layers": None if args.model_dir else args.layers,
+            "hidden": None if args.model_dir else args.hidden, "batch": args.batch, "length": args.length,
+            "device": args.device, "command": " ".join(["python", "benchmarks/cts_memory.py", *sys.argv[1:]])}
+    (args.out / f"cts_memory-{tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     (args.out / f"cts_memory-{tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -3,18 +3,24 @@
 Builds a random-weight model with LLaDA-8B's shapes (bf16, directly on the GPU: built on the meta device,
 allocated with `to_empty`, initialised in place; no checkpoint needed), then reports
 1. per-forward latency at a few sequence lengths next to the memory-bandwidth bound (every weight byte
-   read once per pass) and the compute bound (2 FLOPs per weight per position);
+   read once per pass) and the compute bound (2 FLOPs per weight per position), with the device's
+   bandwidth and peak compute read from a table by its name (H100, H200, A100, L40S; flags override);
 2. wall time, NFE, tokens/s and peak memory of each decoder x cache mode at gen 256 / block 32 / steps 128,
-   batch 1, through the same decoders and model protocol as `evotok generate`.
+   batch 1, through the same decoders and model protocol as `evotok generate`; a batch of equal prompts,
+   a left-padded batch of 8 mixed lengths, and temperature 0.5 (the paper tasks' sampling);
+3. the forward under torch.compile (`--no-compile` skips it): latency next to eager and a cached hard-mask run, or
+   the error where compile does not work;
+4. a random LoRA adapter (deltas 1e-3 of the weights) merged against unmerged: logit difference, how
+   much of the adapter's change a merge keeps, and the cost of each per forward.
 
 Random weights give near-uniform predictions, so threshold-driven decoders (d2f) take as many passes as
 their rules allow at low confidence; the NFE column says how many passes were run, and ms/forward is the
 number that transfers to real checkpoints. Tokens/s counts the whole generated span (a random model's
 EOS means nothing).
 
-    python benchmarks/gpu_check.py                 # H100 SXM defaults, ~3 minutes
-    python benchmarks/gpu_check.py --quick         # ~2 minutes
-    python benchmarks/gpu_check.py --bandwidth-gbs 2039 --peak-tflops 312   # A100 80GB SXM
+    python benchmarks/gpu_check.py                 # ~3 minutes on an H100, plus compiling (a few minutes)
+    python benchmarks/gpu_check.py --quick --no-compile   # the quickest full table
+    python benchmarks/gpu_check.py --bandwidth-gbs 2039 --peak-tflops 312   # a device the table lacks
     python benchmarks/gpu_check.py --device cpu --layers 1 --hidden 256 --quick   # smoke test, no GPU
 
 Results: benchmarks/results/gpu_check-<device>-<time>.json and .md (`--out` to change the folder).
@@ -34,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _gpu_rows import compiled_rows, device_bounds, lora_rows, mixed_lengths, sync, timed
 
 try:
     from evotok_cli.runtime.architectures.llada import LLaDAConfig, LLaDAModelLM
@@ -76,6 +83,9 @@ class Settings:
     lengths: list[int]
     bandwidth_gbs: float
     peak_tflops: float
+    bounds_source: str
+    padded_batch: int
+    compile: bool
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -87,10 +97,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=REAL["d_model"],
                    help="d_model (4096); heads = hidden / 128, MLP = 3 x hidden as in LLaDA-8B")
     p.add_argument("--vocab", type=int, default=REAL["vocab_size"], help="vocabulary (126464)")
-    p.add_argument("--bandwidth-gbs", type=float, default=3350.0,
-                   help="peak memory bandwidth in GB/s (default 3350: H100 SXM; A100 80GB: 2039; H200: 4800)")
-    p.add_argument("--peak-tflops", type=float, default=989.0,
-                   help="peak dense bf16 TFLOP/s (default 989: H100 SXM; A100: 312)")
+    p.add_argument("--bandwidth-gbs", type=float, default=None,
+                   help="peak memory bandwidth in GB/s (default: the device's, from a table; H100 SXM 3350, "
+                        "H100 PCIe 2000, H200 4800, A100 80GB SXM 2039, A100 40GB 1555)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="peak dense bf16 TFLOP/s (default: the device's, from the table; H100/H200 989, A100 312)")
     p.add_argument("--gen-length", type=int, default=256)
     p.add_argument("--block-length", type=int, default=32)
     p.add_argument("--steps", type=int, default=128)
@@ -98,8 +109,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--decoders", default="hard-mask,evotoken,d2f", help="comma-separated subset")
     p.add_argument("--batch", type=int, default=16,
                    help="also run hard-mask and evotoken without cache on this many prompts at once (1: skip)")
+    p.add_argument("--padded-batch", type=int, default=8,
+                   help="also run hard-mask and evotoken without cache on this many prompts of mixed lengths "
+                        "(left-padded; 1: skip)")
+    p.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="skip the torch.compile rows (their first passes compile: a minute or two on a GPU)")
     p.add_argument("--quick", action="store_true",
-                   help="two lengths, a one-block warm-up and one timed run per decoder (~1 min on an H100)")
+                   help="two lengths, one timed run per decoder after a warm-up on the same shapes with two "
+                        "passes per block")
     p.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON and Markdown results")
     return p.parse_args(argv)
 
@@ -113,7 +130,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         raise CheckError(f"no GPU {device.index} (found {torch.cuda.device_count()})")
     if args.hidden % 128 or args.hidden < 128:
         raise CheckError(f"--hidden {args.hidden} must be a multiple of 128 (the head size)")
-    for flag in ("layers", "vocab", "gen_length", "block_length", "steps", "prompt_length", "batch"):
+    for flag in ("layers", "vocab", "gen_length", "block_length", "steps", "prompt_length", "batch", "padded_batch"):
         if getattr(args, flag) < 1:
             raise CheckError(f"--{flag.replace('_', '-')} must be >= 1")
     if args.vocab < 16:
@@ -128,12 +145,18 @@ def settings_from(args: argparse.Namespace) -> Settings:
                       max_sequence_length=4096, rope_theta=500000.0, rms_norm_eps=1e-5,
                       mask_token_id=min(REAL["mask_token_id"], vocab - 1),
                       eos_token_id=min(REAL["eos_token_id"], vocab - 2))
+    for flag in ("bandwidth_gbs", "peak_tflops"):
+        value = getattr(args, flag)
+        if value is not None and not value > 0:
+            raise CheckError(f"--{flag.replace('_', '-')} must be a positive number, got {value}")
     canvas = args.prompt_length + args.gen_length
     lengths = [args.block_length, canvas] if args.quick else [args.block_length, 128, canvas, 1024]
+    bounds = device_bounds(device_name(device), args.bandwidth_gbs, args.peak_tflops)
     return Settings(device=device, dtype=dtype, cfg=cfg, prompt_length=args.prompt_length, gen_length=args.gen_length,
                     block_length=args.block_length, steps=args.steps, repeats=1 if args.quick else 3,
-                    batch=args.batch,
-                    lengths=sorted(set(lengths)), bandwidth_gbs=args.bandwidth_gbs, peak_tflops=args.peak_tflops)
+                    batch=args.batch, lengths=sorted(set(lengths)), bandwidth_gbs=bounds["bandwidth_gbs"],
+                    peak_tflops=bounds["peak_tflops"], bounds_source=bounds["source"], padded_batch=args.padded_batch,
+                    compile=args.compile)
 
 
 # -- model ------------------------------------------------------------------------------------------
@@ -179,11 +202,6 @@ def model_facts(net: LLaDAModelLM, cfg: LLaDAConfig, dtype: torch.dtype) -> dict
 
 # -- measurements -----------------------------------------------------------------------------------
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @torch.inference_mode()
 def forward_latency(model: Any, s: Settings, facts: dict[str, Any], iters: int) -> list[dict[str, Any]]:
     """Median wall time of one full forward (all positions' logits) per sequence length, batch 1."""
@@ -193,14 +211,7 @@ def forward_latency(model: Any, s: Settings, facts: dict[str, Any], iters: int) 
         ids = torch.randint(0, s.cfg.vocab_size, (1, length), generator=gen).to(s.device)
         for _ in range(2):  # warm-up: kernel selection, allocator
             model(ids)
-        times = []
-        for _ in range(iters):
-            sync(s.device)
-            t0 = time.perf_counter()
-            model(ids)
-            sync(s.device)
-            times.append(time.perf_counter() - t0)
-        ms = statistics.median(times) * 1e3
+        ms = timed(lambda ids=ids: model(ids), s.device, iters) * 1e3
         bw_ms = facts["bytes_read_per_forward"] / (s.bandwidth_gbs * 1e9) * 1e3
         fl_ms = facts["flops_per_position"] * length / (s.peak_tflops * 1e12) * 1e3
         rows.append({"seq_len": length, "ms": ms, "bandwidth_bound_ms": bw_ms, "compute_bound_ms": fl_ms,
@@ -208,9 +219,12 @@ def forward_latency(model: Any, s: Settings, facts: dict[str, Any], iters: int) 
     return rows
 
 
-def run_decoder(model: Any, name: str, options: dict[str, Any], s: Settings, batch: int = 1) -> dict[str, Any]:
-    """A warm-up generation (the full one, or one block when quick), then `repeats` timed ones; the median
-    is reported. `batch` different random prompts of the same length are decoded together."""
+def run_decoder(model: Any, name: str, options: dict[str, Any], s: Settings, batch: int = 1,
+                temperature: float = 0.0, padded: bool = False) -> dict[str, Any]:
+    """A warm-up generation, then `repeats` timed ones; the median is reported. `batch` random prompts
+    are decoded together, of the same length or (`padded`) of lengths spread around it. The warm-up runs
+    the timed shapes: the whole request, or when quick the same canvas and blocks with two passes per
+    block (a full pass and a windowed one under a cache), so no timed pass meets a new shape."""
     from evotok_cli.decoding.api import GenerationRequest
     from evotok_cli.generation import make_decoder
 
@@ -218,12 +232,14 @@ def run_decoder(model: Any, name: str, options: dict[str, Any], s: Settings, bat
         options = {**options, "block_size": s.block_length}
     decoder = make_decoder(name, options)
     g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(0, s.cfg.mask_token_id, (s.prompt_length,), generator=g).tolist() for _ in range(batch)]
+    lengths = mixed_lengths(s.prompt_length, batch) if padded else [s.prompt_length] * batch
+    prompts = [torch.randint(0, s.cfg.mask_token_id, (n,), generator=g).tolist() for n in lengths]
     request = GenerationRequest(prompts=prompts, gen_length=s.gen_length, block_length=s.block_length,
-                                steps=s.steps, temperature=0.0, seed=0)
+                                steps=s.steps, temperature=temperature, seed=0)
+    blocks = s.gen_length // s.block_length
     warm = request if s.repeats > 1 else GenerationRequest(
-        prompts=request.prompts, gen_length=s.block_length, block_length=s.block_length,
-        steps=max(1, s.steps * s.block_length // s.gen_length), temperature=0.0, seed=0)
+        prompts=request.prompts, gen_length=s.gen_length, block_length=s.block_length,
+        steps=min(s.steps, 2 * blocks), temperature=temperature, seed=0)
     with torch.inference_mode():
         decoder.generate(model, warm)
         if s.device.type == "cuda":
@@ -238,8 +254,40 @@ def run_decoder(model: Any, name: str, options: dict[str, Any], s: Settings, bat
             nfe = max(r.nfe for r in out.rows)
     seconds = statistics.median(times)
     peak = torch.cuda.max_memory_allocated(s.device) / 2**30 if s.device.type == "cuda" else None
-    return {"batch": batch, "nfe": nfe, "seconds": seconds, "tokens_per_s": batch * s.gen_length / seconds,
+    return {"batch": batch, "padded": padded, "temperature": temperature, "nfe": nfe, "seconds": seconds,
+            "tokens_per_s": batch * s.gen_length / seconds,
             "ms_per_forward": seconds / nfe * 1e3, "tokens_per_forward": s.gen_length / nfe, "peak_memory_gib": peak}
+
+
+def decoder_runs(s: Settings, wanted: list[str]) -> list[tuple[str, str, dict[str, Any], int, float, bool]]:
+    """(decoder, cache label, options, batch, temperature, padded) of every decoder row: each decoder and
+    cache at batch 1, then without cache a batch of equal prompts, a left-padded batch, temperature 0.5."""
+    runs = [(d, c, o, 1, 0.0, False) for d, c, o in RUNS]
+    plain = [(d, c, o) for d, c, o in RUNS if c == "none" and d != "d2f"]
+    runs += [(d, c, o, s.batch, 0.0, False) for d, c, o in plain] if s.batch > 1 else []
+    runs += [(d, c, o, s.padded_batch, 0.0, True) for d, c, o in plain] if s.padded_batch > 1 else []
+    runs += [(d, c, o, 1, 0.5, False) for d, c, o in plain]
+    return [r for r in runs if r[0] in wanted]
+
+
+def decoder_row(model: Any, s: Settings, decoder: str, cache: str, options: dict[str, Any], batch: int,
+                temperature: float, padded: bool) -> dict[str, Any]:
+    """One decoder row, or its error: one failing decoder must not lose the others' numbers."""
+    row: dict[str, Any] = {"decoder": decoder, "cache": cache, "options": dict(options), "batch": batch}
+    what = f"  {decoder:9s} cache={cache:6s} batch {batch:2d}{' padded' if padded else ''} T={temperature:g}"
+    try:
+        row.update(run_decoder(model, decoder, options, s, batch, temperature=temperature, padded=padded))
+        log(f"{what}: NFE {row['nfe']:4d}, {row['seconds']:7.2f} s, {row['tokens_per_s']:8.1f} tok/s, "
+            f"{row['ms_per_forward']:7.2f} ms/forward")
+    except torch.cuda.OutOfMemoryError:
+        row["error"] = "out of GPU memory"
+    except Exception as exc:
+        row["error"] = f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:300]
+    if row.get("error"):
+        log(f"{what}: FAILED ({row['error']})")
+    if s.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
 
 
 def device_name(device: torch.device) -> str:
@@ -253,7 +301,8 @@ def device_name(device: torch.device) -> str:
 def issue_targets(rows: list[dict[str, Any]]) -> dict[str, float]:
     """Issue 3's ratios: evotoken's slowdown over hard-mask at equal NFE, the caches' speed-ups over no
     cache, and batched over batch-1 throughput (tokens/s)."""
-    speed = {(r["decoder"], r["cache"], r.get("batch", 1)): r["tokens_per_s"] for r in rows if not r.get("error")}
+    speed = {(r["decoder"], r["cache"], r.get("batch", 1)): r["tokens_per_s"] for r in rows
+             if not r.get("error") and not r.get("padded") and not r.get("temperature")}
     out: dict[str, float] = {}
 
     def ratio(key: str, a: tuple, b: tuple) -> None:
@@ -280,8 +329,8 @@ def markdown(doc: dict[str, Any]) -> str:
         f"{doc['when']}, torch {doc['torch']}, {doc['dtype']}{', quick' if st['quick'] else ''}. Random weights, "
         f"LLaDA-8B shapes: {m['layers']} layers, hidden {m['hidden']}, {m['heads']} heads, MLP {m['mlp']}, "
         f"vocab {m['vocab']}: {m['parameters'] / 1e9:.3g}B parameters, {m['weight_bytes'] / 2**30:.3g} GiB of weights.",
-        f"Bounds use {doc['bandwidth_gbs']:g} GB/s and {doc['peak_tflops']:g} TFLOP/s (from flags, not measured"
-        f"{on_cpu}).",
+        f"Bounds use {doc['bandwidth_gbs']:g} GB/s and {doc['peak_tflops']:g} TFLOP/s ({doc['bounds_source']}; "
+        f"data-sheet peaks, not measured{on_cpu}).",
         "",
         "| sequence length | ms / forward | bandwidth bound ms | compute bound ms | achieved / bound |",
         "|---:|---:|---:|---:|---:|",
@@ -294,24 +343,54 @@ def markdown(doc: dict[str, Any]) -> str:
         f"{st['steps']}, temperature 0, median of {st['repeats']} run(s) after a warm-up"
         f"{' (one block)' if st['quick'] else ''}; tokens/s counts every row of a batch.",
         "",
-        "| decoder | cache | batch | NFE | seconds | tokens/s | ms / forward | tokens / forward | peak GiB |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| decoder | cache | batch | T | NFE | seconds | tokens/s | ms / forward | tokens / forward | peak GiB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in doc["decoders"]:
+        batch = f"{r.get('batch', 1)}{' padded' if r.get('padded') else ''}"
+        head = f"| {r['decoder']} | {r['cache']} | {batch} | {r.get('temperature', 0):g} |"
         if r.get("error"):
-            lines.append(f"| {r['decoder']} | {r['cache']} | {r.get('batch', 1)} | failed: {r['error']} | | | | | |")
+            lines.append(f"{head} failed: {r['error']} | | | | | |")
             continue
         peak = "-" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.1f}"
-        lines.append(f"| {r['decoder']} | {r['cache']} | {r.get('batch', 1)} | {r['nfe']} | {r['seconds']:.2f} | "
-                     f"{r['tokens_per_s']:.1f} | "
+        lines.append(f"{head} {r['nfe']} | {r['seconds']:.2f} | {r['tokens_per_s']:.1f} | "
                      f"{r['ms_per_forward']:.2f} | {r['tokens_per_forward']:.2f} | {peak} |")
     targets = issue_targets(doc["decoders"])
     if targets:
         lines += ["", "Issue 3's ratios (targets: evotoken slowdown <= 1.05, prefix >= 2.5, dual >= 4, batch 16 >= 4): "
                   + ", ".join(f"{k} {v:.2f}" for k, v in targets.items()) + "."]
+    lines += compiled_markdown(doc.get("compiled")) + lora_markdown(doc.get("lora"))
     lines += ["", "Random weights: d2f's thresholds see near-uniform confidences, so its NFE is not what a trained "
               "model needs; ms / forward is.", ""]
     return "\n".join(lines)
+
+
+def compiled_markdown(c: dict[str, Any] | None) -> list[str]:
+    if c is None:
+        return []
+    if c["error"]:
+        return ["", f"torch.compile: failed ({c['error']})."]
+    lines = ["", f"torch.compile (whole forward, dynamic shapes; first call {c.get('compile_seconds', 0):.0f} s):", "",
+             "| sequence length | ms / forward | eager ms | speed-up |", "|---:|---:|---:|---:|"]
+    lines += [f"| {r['seq_len']} | {r['ms']:.3g} | {r['eager_ms']:.3g} | {r['speedup']:.2f}x |" for r in c["latency"]]
+    d = c.get("decoder")
+    if d:
+        lines += ["", f"Compiled hard-mask, dual cache, batch 1: NFE {d['nfe']}, {d['seconds']:.2f} s, "
+                      f"{d['tokens_per_s']:.1f} tokens/s, {d['ms_per_forward']:.2f} ms / forward."]
+    return lines
+
+
+def lora_markdown(lo: dict[str, Any] | None) -> list[str]:
+    if lo is None:
+        return []
+    if lo.get("error"):
+        return ["", f"LoRA merged vs unmerged: failed ({lo['error']})."]
+    est = lo["estimate"]
+    return ["", f"LoRA (random, r={lo['rank']}, {lo['modules']} modules, ||dW||/||W|| {lo['relative_delta']:.2g}): "
+                f"a merge into {est['dtype']} rounds away {est['lost_if_merged']:.0%} of the delta entries; merged and "
+                f"unmerged logits differ by up to {lo['max_logit_diff']:.3g} (the adapter moves them by up to "
+                f"{lo['max_logit_change_unmerged']:.3g}), and the merge keeps {lo['merged_keeps']:.0%} of the unmerged "
+                f"change. ms / forward: unmerged {lo['unmerged_ms']:.3g}, merged {lo['merged_ms']:.3g}."]
 
 
 def write_results(doc: dict[str, Any], out: Path) -> tuple[Path, Path]:
@@ -341,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"error: unknown decoder {unknown[0]!r} (choose from hard-mask, evotoken, d2f)")
         return 2
     name = device_name(s.device)
-    log(f"device: {name}; bandwidth {s.bandwidth_gbs:g} GB/s, peak {s.peak_tflops:g} TFLOP/s (from flags)")
+    log(f"device: {name}; bandwidth {s.bandwidth_gbs:g} GB/s, peak {s.peak_tflops:g} TFLOP/s ({s.bounds_source})")
     try:
         net = build_random_model(s.cfg, s.device, s.dtype)
     except torch.cuda.OutOfMemoryError:
@@ -352,41 +431,39 @@ def main(argv: list[str] | None = None) -> int:
     facts = model_facts(net, s.cfg, s.dtype)
     log(f"model: {facts['parameters'] / 1e9:.3g}B parameters, {facts['weight_bytes'] / 2**30:.3g} GiB "
         f"({str(s.dtype).removeprefix('torch.')})")
-    latency = forward_latency(model, s, facts, iters=3 if args.quick else 10)
+    iters = 3 if args.quick else 10
+    latency = forward_latency(model, s, facts, iters=iters)
     for r in latency:
         log(f"  L={r['seq_len']:5d}: {r['ms']:8.2f} ms/forward (bandwidth bound {r['bandwidth_bound_ms']:.3g} ms, "
             f"compute bound {r['compute_bound_ms']:.3g} ms)")
-    rows = []
-    batched = [(d, c, o, s.batch) for d, c, o in RUNS if c == "none" and d != "d2f"] if s.batch > 1 else []
-    for decoder, cache, options, batch in [(d, c, o, 1) for d, c, o in RUNS] + batched:
-        if decoder not in wanted:
-            continue
-        row: dict[str, Any] = {"decoder": decoder, "cache": cache, "options": {k: v for k, v in options.items()},
-                               "batch": batch}
-        try:
-            row.update(run_decoder(model, decoder, options, s, batch))
-            log(f"  {decoder:9s} cache={cache:6s} batch {batch:2d}: NFE {row['nfe']:4d}, {row['seconds']:7.2f} s, "
-                f"{row['tokens_per_s']:8.1f} tok/s, {row['ms_per_forward']:7.2f} ms/forward")
-        except torch.cuda.OutOfMemoryError:
-            row["error"] = "out of GPU memory"
-        except Exception as exc:  # one failing decoder must not lose the others' numbers
-            row["error"] = f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:300]
-        if row.get("error"):
-            log(f"  {decoder:9s} cache={cache:6s} batch {batch:2d}: FAILED ({row['error']})")
-        rows.append(row)
-        if s.device.type == "cuda":
-            torch.cuda.empty_cache()
+    rows = [decoder_row(model, s, *run) for run in decoder_runs(s, wanted)]
     doc = {
         "schema": SCHEMA, "device": name, "when": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__,
         "dtype": str(s.dtype).removeprefix("torch."), "bandwidth_gbs": s.bandwidth_gbs, "peak_tflops": s.peak_tflops,
-        "model": facts,
+        "bounds_source": s.bounds_source, "model": facts,
         "settings": {"quick": args.quick, "prompt_length": s.prompt_length, "gen_length": s.gen_length,
-                     "block_length": s.block_length, "steps": s.steps, "repeats": s.repeats, "batch": s.batch},
+                     "block_length": s.block_length, "steps": s.steps, "repeats": s.repeats, "batch": s.batch,
+                     "padded_batch": s.padded_batch, "padded_prompt_lengths": mixed_lengths(s.prompt_length,
+                                                                                              s.padded_batch)},
         "latency": latency, "decoders": rows, "targets": issue_targets(rows),
     }
+    if s.compile:
+        log("  torch.compile: compiling (a minute or two on a GPU) ...")
+        eager = {r["seq_len"]: r["ms"] for r in latency}
+        doc["compiled"] = compiled_rows(model, s.lengths, s.cfg.vocab_size, s.device, iters, eager,
+                                        lambda m: run_decoder(m, "hard-mask", {"cache": "dual"}, s))
+        c = doc["compiled"]
+        log(f"  torch.compile: FAILED ({c['error']})" if c["error"] else "  torch.compile: " + ", ".join(
+            f"L={r['seq_len']} {r['ms']:.2f} ms ({r['speedup']:.2f}x)" for r in c["latency"]))
+    try:
+        doc["lora"] = lora_rows(model, relative=1e-3, rank=16, length=s.block_length, device=s.device, iters=iters)
+        log(f"  LoRA: merged vs unmerged logits differ by up to {doc['lora']['max_logit_diff']:.3g}; the merge keeps "
+            f"{doc['lora']['merged_keeps']:.0%} of the change")
+    except Exception as exc:  # recorded, like a failed decoder
+        doc["lora"] = {"error": f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:300]}
     json_path, md_path = write_results(doc, args.out)
     log(f"wrote {json_path} and {md_path}")
-    return 1 if any(r.get("error") for r in rows) else 0
+    return 1 if any(r.get("error") for r in rows) or doc["lora"].get("error") else 0
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402
 
-from evotok_cli.bench.tasks.synthetic import data_problems  # noqa: E402
+from evotok_cli.training.synthetic import data_problems  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 SUMMARY = re.compile(r"NFE (\d+), (\d+) answer tokens in ([0-9.]+)s")

@@ -1,4 +1,5 @@
-"""Settings precedence: built-in defaults < YAML (--config) < environment (EVOTOK_*) < flags.
+"""Settings precedence: built-in defaults < YAML (--config) < environment (EVOTOK_*) < flags; and
+`evotok generate`'s options, declared once.
 
 Typer resolves flags and EVOTOK_* variables (a flag beats its variable); an option left unset arrives as
 None and is filled from the YAML file, then from the built-in default. Decoder options come from the
@@ -8,29 +9,96 @@ YAML `decoder:` section, overridden by `--opt key=value`.
 from __future__ import annotations
 
 import difflib
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
+from evotok_cli.decoding.api import CommitOptions
 from evotok_cli.errors import ConfigError
 from evotok_cli.files import read_text
+from evotok_cli.options import option, yaml_defaults
 
-# `evotok generate`'s built-in defaults; `evotok serve` starts from the same ones
-GENERATE_DEFAULTS: dict[str, Any] = {
-    "model": None, "decoder": "hard-mask", "gen_length": 128, "block_length": 32, "steps": 64,
-    "temperature": 0.0, "seed": 0, "threshold": None, "remasking": None, "adapter": None, "device": "auto",
-    "dtype": "auto", "chat_template": True, "system": None, "prefill": "", "batch_size": 8, "json": False,
-    "trace": None,
-}
-GENERATE_TYPES = {"model": str, "decoder": str, "threshold": float, "remasking": str, "adapter": str, "system": str,
-                  "trace": str}
+MODEL_HELP = "checkpoint folder (Hugging Face layout); default: the bundled model"
+SHORTHANDS = tuple(f.name for f in fields(CommitOptions))  # decoder options that are generate flags too
 
 
-def model_folder(model: str | None) -> Path:
+def _env(name: str) -> str:
+    return "EVOTOK_" + name.upper()
+
+
+def _shorthand(name: str) -> Any:
+    """A flag (and --config key) that sets the decoder option `name`, with the decoder option's help and
+    choices; the decoder checks the value."""
+    declared = next(f for f in fields(CommitOptions) if f.name == name)
+    hint = get_type_hints(CommitOptions)[name]
+    choices = " | ".join(get_args(hint)) + ": " if get_origin(hint) is Literal else ""
+    return option(None, f"{choices}{declared.metadata['help']} (same as --opt {name}=X)", envvar=_env(name))
+
+
+@dataclass
+class GenerateOptions:
+    """Every `evotok generate` option but --config and --json: its flag, --help text, default and --config key.
+    The defaults of gen_length, block_length, steps and prefill yield to the model folder's own
+    (`generate_defaults`); `evotok serve` starts from the same defaults."""
+
+    prompt: list[str] | None = option(None, "prompt text (repeat for a batch)", flags=("--prompt", "-p"),
+                                      cli_type=list[str], yaml=False)
+    prompt_ids: list[str] | None = option(None, "prompt as token ids, e.g. 1,2,3 (repeatable)", cli_type=list[str],
+                                          yaml=False)
+    prompts_file: str | None = option(None, 'JSONL: {"prompt": ...} or {"prompt_ids": [...]} per line',
+                                      cli_type=Path, yaml=False)
+    model: str | None = option(None, MODEL_HELP, flags=("--model", "-m"), envvar=_env("model"))
+    decoder: str = option("hard-mask", "hard-mask | evotoken | d2f | any installed plugin", flags=("--decoder", "-d"),
+                          envvar=_env("decoder"))
+    gen_length: int = option(128, "tokens to generate", shown="the model's generation_config.json, else 128",
+                             envvar=_env("gen_length"))
+    block_length: int = option(32, "semi-autoregressive block size", shown="the model's, else 32",
+                               envvar=_env("block_length"))
+    steps: int = option(64, "forward-pass budget (steps = gen length: 1 token per step)", shown="the model's, else 64",
+                        envvar=_env("steps"))
+    temperature: float = option(0.0, "0 = greedy", envvar=_env("temperature"))
+    seed: int = option(0, "random seed", envvar=_env("seed"))
+    threshold: float | None = _shorthand("threshold")
+    remasking: str | None = _shorthand("remasking")
+    opt: list[str] | None = option(None, "decoder option key=value (repeatable); see `evotok decoders --details NAME`",
+                                   flags=("--opt", "-o"), cli_type=list[str], yaml=False)
+    adapter: str | None = option(None, "PEFT LoRA adapter folder, applied at load (see --lora-mode)",
+                                 envvar=_env("adapter"))
+    lora_mode: str = option("auto", "merged | unmerged | auto: merge the adapter into the weights (fastest), or keep "
+                            "it beside them (bf16 rounds small merged deltas away)", envvar=_env("lora_mode"),
+                            shown="auto, unmerged only where a merge would lose most of the delta")
+    compile: bool = option(False, "run the forward under torch.compile (fuses small kernels; the first passes "
+                           "compile, minutes)", flags=("--compile/--no-compile",), envvar=_env("compile"))
+    device: str = option("auto", "auto | cpu | cuda | cuda:N", envvar=_env("device"))
+    dtype: str = option("auto", "auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16", shown="",
+                        envvar=_env("dtype"))
+    chat_template: bool = option(True, "wrap text prompts in the model's chat template", shown="on",
+                                 flags=("--chat-template/--no-chat-template",), envvar=_env("chat_template"))
+    system: str | None = option(None, "system message for the chat template")
+    prefill: str = option("", 'text placed after the chat template, before the answer, e.g. "<reasoning>"',
+                          shown="the model's generation_config.json, else none", envvar=_env("prefill"))
+    batch_size: int = option(8, "prompts decoded together", envvar=_env("batch_size"))
+    trace: str | None = option(None, "write every forward pass's token states to this JSONL file", cli_type=Path)
+    show: bool = option(False, "watch the canvas evolve live on stderr, states in colour", yaml=False)
+
+
+# `evotok generate`'s built-in defaults and the types of those that are None, as its --config file is checked
+GENERATE_DEFAULTS, GENERATE_TYPES = yaml_defaults(GenerateOptions)
+GENERATE_DEFAULTS["json"] = False
+
+
+def model_folder(model: str | Path | None) -> Path:
     """The checkpoint folder a --model value names; none: the bundled model."""
     if model:
         return Path(model).expanduser()
     from evotok_cli.assets import default_model_path
     return default_model_path()
+
+
+def checked_model_folder(model: str | Path | None) -> Path:
+    """`model_folder`, checked now: a missing folder, a file or a link loop fails here, before planning."""
+    from evotok_cli.runtime.checkpoint import model_dir
+    return model_dir(model_folder(model))
 
 
 def generate_defaults(folder: Path) -> dict[str, Any]:

@@ -19,8 +19,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(1)
 
 from evotok_cli.runtime.architectures.llada import LLaDAConfig, LLaDAModelLM  # noqa: E402
+from evotok_cli.runtime.tokenizer_build import build_tokenizer  # noqa: E402
 from evotok_cli.runtime.writer import init_weights, save_model  # noqa: E402
-from evotok_cli.training.tokenizer_build import build_tokenizer  # noqa: E402
 
 CORPUS = [
     "What is 2 + 3? Tom has 12 apples and buys 5 more. How many apples does he have?",

@@ -41,9 +41,9 @@ def test_all_states_off_is_hard_mask_on_dream_and_with_a_threshold(tiny_dream):
 @pytest.mark.slow
 def test_all_states_off_is_hard_mask_on_the_bundled_model():
     from evotok_cli.assets import default_model_path
-    from evotok_cli.bench.tasks.synthetic import data_problems
     from evotok_cli.runtime.model import load_model
     from evotok_cli.runtime.tokenizer import encode, render_prompt
+    from evotok_cli.training.synthetic import data_problems
 
     model = load_model(default_model_path())
     prompts = [encode(model.tokenizer, render_prompt(model.tokenizer, p.question, chat=True, system=None,

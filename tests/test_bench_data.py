@@ -181,12 +181,12 @@ def test_countdown_has_no_hub_dataset():
 
 # -- the bundled model's tasks ---------------------------------------------------------------------------
 def test_synthetic_tasks_are_the_generators_test_split():
-    from evotok_cli.bench.tasks.synthetic import TASKS
+    from evotok_cli.training.synthetic import GENERATORS
 
     for name in ("sudoku4", "arith-small", "arith", "countdown3"):
         task = registry.get(name)
         loaded = task.load(None, 5)
-        problems = TASKS[name].problems("test", 5, 0)
+        problems = GENERATORS[name].problems("test", 5, 0)
         assert [d.question for d in loaded.docs] == [p.question for p in problems]
         assert task.system_prompt is None and task.prefill == "<reasoning>"
         assert (task.defaults.gen_length, task.defaults.block_length, task.defaults.steps) == (48, 16, 48)
@@ -209,12 +209,6 @@ def test_resolve_data():
     with pytest.raises(ConfigError, match="one data file for 2 tasks"):
         resolve_data([str(DATA / "gsm8k/test.jsonl")], tasks)
     assert resolve_data([str(DATA / "gsm8k/test.jsonl")], tasks[:1]) == {"gsm8k": DATA / "gsm8k/test.jsonl"}
-
-
-def test_builtin_table_matches_pyproject():
-    tomllib = pytest.importorskip("tomllib")
-    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
-    assert project["entry-points"]["evotok.tasks"] == registry.BUILTIN
 
 
 def test_unknown_task_suggests_the_closest():

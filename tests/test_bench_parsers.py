@@ -102,13 +102,13 @@ def test_no_box_returns_the_text_itself_and_unbalanced_none():
 
 
 def test_synthetic_scorers_keep_their_contract():
-    from evotok_cli.bench.tasks.synthetic import TASKS
+    from evotok_cli.bench.tasks.bundled import Arith, Countdown3, Sudoku4
 
-    assert TASKS["sudoku4"].score("no box", "1234|3412|2143|4321") == (None, False)
+    assert Sudoku4().score("no box", "1234|3412|2143|4321") == (None, False)
     grid = "1234|3412|2143|4321"
-    assert TASKS["sudoku4"].score(f"\\boxed{{{grid}}}", grid) == (grid, True)
-    assert TASKS["arith"].score("<answer>\\boxed{17}</answer>", 17.0) == (17.0, True)
-    assert TASKS["countdown3"].score("\\boxed{(3+5)*2}", [[3, 5, 2], 16]) == ("(3+5)*2", True)
+    assert Sudoku4().score(f"\\boxed{{{grid}}}", grid) == (grid, True)
+    assert Arith().score("<answer>\\boxed{17}</answer>", 17.0) == (17.0, True)
+    assert Countdown3().score("\\boxed{(3+5)*2}", [[3, 5, 2], 16]) == ("(3+5)*2", True)
 
 
 # -- MATH500 ---------------------------------------------------------------------------------------

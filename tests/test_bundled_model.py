@@ -10,7 +10,8 @@ import json
 import pytest
 
 from evotok_cli.assets import default_model_path
-from evotok_cli.bench.tasks.synthetic import TASKS, in_test_split
+from evotok_cli.bench.tasks import registry
+from evotok_cli.training.synthetic import GENERATORS, in_test_split
 
 BUNDLED = default_model_path()
 
@@ -55,8 +56,8 @@ def test_info_without_model_describes_the_bundled_model(cli):
 
 @pytest.mark.parametrize("task, index, decoder, adapter", SOLVED)
 def test_answers_held_out_problems(cli, task, index, decoder, adapter):
-    problem = TASKS[task].problems("test", index + 1, 0)[index]
-    assert in_test_split(problem.key, TASKS[task].one_in)  # held out from training by construction
+    problem = GENERATORS[task].problems("test", index + 1, 0)[index]
+    assert in_test_split(problem.key, GENERATORS[task].one_in)  # held out from training by construction
     args = ["generate", "-p", problem.question, "-d", decoder, "--temperature", "0", "--json"]
     if adapter:
         args += ["--adapter", adapter]
@@ -67,7 +68,7 @@ def test_answers_held_out_problems(cli, task, index, decoder, adapter):
     doc = json.loads(proc.stdout)
     assert doc["params"]["prefill"] == "<reasoning>" and doc["params"]["gen_length"] == 48
     text = doc["results"][0]["text"]
-    parsed, correct = TASKS[task].score(text, problem.target)
+    parsed, correct = registry.get(task).score(text, problem.target)
     assert correct, f"{task} #{index}: {parsed!r} from {text!r}"
 
 
@@ -86,14 +87,14 @@ def test_step_probe_counts_every_calculation_in_both_settings():
 
     model = load_model(BUNDLED, device="cpu")
     counts = step_probe.probe(model, "arith", 3)
-    problems = TASKS["arith"].problems("test", 3, 0)
+    problems = GENERATORS["arith"].problems("test", 3, 0)
     assert counts["steps"] == sum(p.reasoning.count("=") for p in problems)
     assert counts["copies visible"] == counts["steps"]
     assert counts["rest masked"] < counts["copies visible"]
     # --split train reads the problems `evotok data arith --seed 12` wrote (the continued pretraining's)
     import itertools
 
-    train = list(itertools.islice(TASKS["arith"].stream("train", 12), 2))
+    train = list(itertools.islice(GENERATORS["arith"].stream("train", 12), 2))
     counts = step_probe.probe(model, "arith", 2, split="train", seed=12)
     assert counts["steps"] == sum(p.reasoning.count("=") for p in train)
     assert {p.question for p in train}.isdisjoint(p.question for p in problems)

@@ -11,22 +11,22 @@ from pathlib import Path
 
 import pytest
 
-from evotok_cli.bench.tasks.synthetic import TASKS, all_sudoku4, grid_text, in_test_split
+from evotok_cli.training.synthetic import GENERATORS, all_sudoku4, grid_text, in_test_split
 
 RECIPE = Path(__file__).resolve().parents[1] / "examples" / "bundled_model"
 TOY = ["--max-steps", "2", "--batch-size", "4", "--grad-accum", "1", "--save-every", "1"]
 
 
 def test_train_and_test_splits_are_disjoint_by_construction():
-    for name, task in TASKS.items():
+    for name, task in GENERATORS.items():
         train = task.problems("train", 300, 11)
         test = task.problems("test", 100, 11)
         assert not {p.key for p in train} & {p.key for p in test}, name
         assert all(not in_test_split(p.key, task.one_in) for p in train)
         assert all(in_test_split(p.key, task.one_in) for p in test)
-    test_grids = {grid_text(g) for g in all_sudoku4() if in_test_split(grid_text(g), TASKS["sudoku4"].one_in)}
+    test_grids = {grid_text(g) for g in all_sudoku4() if in_test_split(grid_text(g), GENERATORS["sudoku4"].one_in)}
     assert len(test_grids) == 46  # about a sixth of the 288 grids never appears in training (docs quote 46)
-    assert TASKS["sudoku4"].problems("test", 5, 0) == TASKS["sudoku4"].problems("test", 5, 0)  # deterministic
+    assert GENERATORS["sudoku4"].problems("test", 5, 0) == GENERATORS["sudoku4"].problems("test", 5, 0)  # deterministic
 
 
 def test_test_splits_never_change():
@@ -35,13 +35,13 @@ def test_test_splits_never_change():
     pinned = {"sudoku4": "84c911fe0406476f", "arith": "318fdd066be92142", "arith-small": "998cfd1e935218c6",
               "countdown3": "9cf7a0a28f11fc24"}
     for name, digest in pinned.items():
-        text = "\n".join(p.question + "\x00" + p.response for p in TASKS[name].problems("test", 200, 0))
+        text = "\n".join(p.question + "\x00" + p.response for p in GENERATORS[name].problems("test", 200, 0))
         assert hashlib.sha256(text.encode()).hexdigest()[:16] == digest, name
 
 
 def test_arith_small_stays_within_twenty_writes_each_result_once_and_adds_up():
     lengths, distinct = set(), set()
-    for p in TASKS["arith-small"].problems("train", 20000, 5):
+    for p in GENERATORS["arith-small"].problems("train", 20000, 5):
         value = int(re.match(r"\w+ has (\d+) ", p.question).group(1))
         assert 2 <= value <= 12
         first, *rest = p.reasoning.rstrip(".").split(", ")

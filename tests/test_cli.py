@@ -153,3 +153,28 @@ def test_prefill_follows_the_chat_template(cli, tmp_path, tiny_llada):
     assert json.loads(cli(*args, "--json").stdout)["params"]["prefill"] == "<reasoning>"
     assert cli(*args).stdout.startswith("<reasoning>")
     assert json.loads(cli(*args, "--json", "--prefill", "").stdout)["params"]["prefill"] == ""
+
+
+def test_serve_declares_the_model_options_generate_declares():
+    """`serve`'s model, adapter, decoder, device, dtype, LoRA-mode and compile options are `generate`'s own
+    declarations (only the decoder's help is serve's), and its --help lists every option with its default."""
+    import dataclasses
+
+    from typer.testing import CliRunner
+
+    from evotok_cli.cli import app
+    from evotok_cli.config import GenerateOptions
+    from evotok_cli.options import default_of, from_flags, shown
+    from evotok_cli.serve.config import ServeOptions
+
+    generate = {f.name: f for f in dataclasses.fields(GenerateOptions)}
+    serve = {f.name: f for f in dataclasses.fields(ServeOptions)}
+    for name in ("model", "adapter", "decoder", "device", "dtype", "lora_mode", "compile"):
+        mine, theirs = dict(serve[name].metadata), dict(generate[name].metadata)
+        if name == "decoder":
+            mine.pop("help"), theirs.pop("help")
+        assert (default_of(serve[name]), mine) == (default_of(generate[name]), theirs), name
+    assert from_flags(ServeOptions, {"port": 0}) == ServeOptions(port=0)  # unset flags are the defaults
+    text = " ".join(CliRunner().invoke(app, ["serve", "--help"], env={"COLUMNS": "200"}).output.split())
+    for f in serve.values():
+        assert f"{f.metadata['help']} [default: {shown(f)}]" in text if shown(f) else f.metadata["help"] in text, f.name

@@ -8,7 +8,7 @@ import torch
 
 from evotok_cli.decoding.api import GenerationRequest, parse_options
 from evotok_cli.decoding.soft import DECODED, MASK, SOFT, SOFT_MASK, soft_weights, top_k_probabilities
-from plugins.evotoken import EvoTokenDecoder
+from evotok_plugins.evotoken import EvoTokenDecoder
 from tests import reference
 
 PROMPTS = [[5, 17, 33], [40, 41, 42, 43, 44], [7, 9]]

@@ -27,15 +27,16 @@ def _run(script: str, out: Path, env: dict[str, str]) -> subprocess.CompletedPro
 def test_the_three_studies_run_and_resume_at_toy_size(tmp_path, tiny_llada):
     model = {"MODEL": str(tiny_llada)}
     trajectory = _run("trajectory.sh", tmp_path / "trajectory", {
-        **model, **TOY, "GEN": "--gen-length 8 --block-length 4 --steps 4", "TRAJECTORIES": "2", "LINES": "4",
+        **model, **TOY, "GEN": "--gen-length 8 --block-length 4 --steps 4", "TRAJECTORIES": "1 2", "LINES": "4",
         "TRAIN_ARGS": "--max-steps 1 --batch-size 2 --grad-accum 1 --response-length 8 --max-length 128 "
                       "--min-response 1 --save-every 1 --warmup 0"})
     assert trajectory.returncode == 0, trajectory.stderr[-3000:]
-    for k in (2,):
+    for k in (1, 2):
         args = json.loads((tmp_path / "trajectory" / f"cts-k{k}" / "training_args.json").read_text())
         assert args["trajectory_steps"] == k
-        assert json.loads((tmp_path / "trajectory" / f"bench-k{k}" / "results.json").read_text())["results"]
-    assert (tmp_path / "trajectory" / "report.md").is_file()
+        doc = json.loads((tmp_path / "trajectory" / f"bench-k{k}" / "results.json").read_text())
+        assert doc["results"] and doc["model"]["adapter_training"]["trajectory_steps"] == k
+    assert (tmp_path / "trajectory" / "report.md").is_file()  # plotted against trajectory_steps (the script's --x)
 
     alpha = _run("alpha.sh", tmp_path / "alpha", {**model, **TOY, "STEPS": "4", "ALPHAS": "0.5,0.9", "KS": "1,3",
                                                    "CTS": str(tmp_path / "trajectory" / "cts-k2")})

@@ -204,7 +204,7 @@ class _EntryPoint:
 
 
 def _decoder(label: str) -> type:
-    from plugins.hard_mask import HardMaskDecoder
+    from evotok_plugins.hard_mask import HardMaskDecoder
     return type(label, (HardMaskDecoder,), {})
 
 

@@ -101,7 +101,7 @@ def test_min_response_zero_means_zero(cli, data, tiny_llada, tmp_path):
 
 
 def test_progress_without_a_terminal_reports_every_tenth_and_every_30_seconds():
-    from evotok_cli.cli import _TrainProgress
+    from evotok_cli.training.progress import TrainProgress as _TrainProgress
 
     class Console:
         is_terminal = False

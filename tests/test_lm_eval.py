@@ -254,7 +254,7 @@ def task_dir(tmp_path_factory) -> Path:
     """The task YAML beside a JSON-lines file of the first test problems, as `evotok data` writes them."""
     import yaml
 
-    from evotok_cli.bench.tasks.synthetic import write_training_data
+    from evotok_cli.training.synthetic import write_training_data
 
     folder = tmp_path_factory.mktemp("lm-eval-task")
     items = folder / "sudoku4.jsonl"

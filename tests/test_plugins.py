@@ -133,3 +133,33 @@ def test_every_decoder_keeps_its_contract(tiny_model, data):
         for b, p in enumerate(prompts):
             pad = longest - len(p)
             assert torch.allclose(fed[b, pad:pad + len(p)], tiny_model.embed(torch.tensor(p)), atol=1e-6)
+
+
+def test_the_built_in_decoders_install_under_a_name_of_our_own():
+    """The folder plugins/ installs as `evotok_plugins`: no top-level `plugins` package, which any other
+    project could also install, and every built-in decoder's entry point under our name."""
+    from importlib import metadata
+
+    dist = metadata.distribution("evotok")
+    top_level = set((dist.read_text("top_level.txt") or "").split())
+    assert top_level == {"evotok_cli", "evotok_plugins"}, "reinstall: pip install -e ."
+    assert not [f for f in dist.files or [] if f.parts[0] == "plugins"]
+    ours = {ep.name: ep.value for ep in dist.entry_points if ep.group == registry.GROUP}
+    assert ours == {"hard-mask": "evotok_plugins.hard_mask:HardMaskDecoder",
+                    "evotoken": "evotok_plugins.evotoken:EvoTokenDecoder", "d2f": "evotok_plugins.d2f:D2FDecoder"}
+    assert {name: registry.get(name).__module__ for name in ours} == {
+        name: value.partition(":")[0] for name, value in ours.items()}
+
+
+def test_the_package_list_names_every_package_folder():
+    """pyproject.toml lists the packages by hand (find cannot rename plugins/): a package folder it
+    leaves out would be missing from the wheel while the editable install still imports it."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    renamed = {folder: name for name, folder in tool["package-dir"].items()}
+    on_disk = set()
+    for top in ("evotok_cli", "plugins"):
+        for init in (ROOT / top).rglob("__init__.py"):
+            parts = init.parent.relative_to(ROOT).parts
+            on_disk.add(".".join((renamed.get(parts[0], parts[0]), *parts[1:])))
+    assert sorted(tool["packages"]) == sorted(on_disk)

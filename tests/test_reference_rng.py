@@ -97,8 +97,8 @@ def test_bench_reproduces_a_release_evaluation_run(cli, tmp_path, tiny_llada, ti
     """One stream seeded once and continued across the items in order: the release's evaluation loop."""
     import json
 
-    from evotok_cli.bench.tasks.synthetic import data_problems
     from evotok_cli.runtime.tokenizer import encode, render_prompt
+    from evotok_cli.training.synthetic import data_problems
 
     out = tmp_path / "runs"
     args = ["bench", "arith-small", "-m", str(tiny_llada), "-d", "hard-mask", "--opt", "rng=reference", "--limit", "3",

@@ -65,10 +65,10 @@ def test_read_groups_steps_by_prompt(traces):
 
 
 def test_viz_states_are_the_decoders_states():
-    from evotok_cli.decoding.soft import STATES
+    from evotok_cli.decoding.soft import DECODED, MASK, SOFT, SOFT_MASK
     from evotok_cli.viz.style import STATES as DRAWN
 
-    assert DRAWN == STATES
+    assert DRAWN == (MASK, SOFT_MASK, SOFT, DECODED)
 
 
 def _edit(index: int, change):

@@ -15,29 +15,10 @@ from typing import Any
 import typer
 from typer.core import TyperGroup
 
-from evotok_cli.errors import ConfigError
+from evotok_cli.bench.config import BenchOptions
+from evotok_cli.console import stderr
+from evotok_cli.options import with_options
 
-BENCH_DEFAULTS: dict[str, Any] = {
-    "tasks": None,
-    "decoders": None,
-    "model": None,
-    "adapter": None,
-    "data": None,
-    "limit": None,
-    "gen_length": None,
-    "block_length": None,
-    "steps": None,
-    "temperature": None,
-    "seed": 0,
-    "batch_size": 1,
-    "sweep": None,
-    "out": "bench-results",
-    "device": "auto",
-    "dtype": "auto",
-    "json": False,
-}
-BENCH_TYPES = {"model": str, "adapter": str, "limit": int, "gen_length": int, "block_length": int, "steps": int,
-               "temperature": float}
 SUBCOMMANDS = ("run", "score", "report")
 
 
@@ -84,155 +65,22 @@ bench_app = typer.Typer(
 )
 
 
-def _stderr() -> Any:
-    from evotok_cli.console import stderr
-
-    return stderr()
-
-
-def _as_list(value: Any, key: str, where: str | None) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list) and all(isinstance(v, (str, int, float)) for v in value):
-        return [str(v) for v in value]
-    raise ConfigError(
-        f"{key}: expected a name or a list of names, got {value!r}", where=where, fix=f"write e.g. `{key}: [a, b]`"
-    )
-
-
-def _yaml_sweep(value: Any, where: str | None) -> list[str]:
-    """`sweep: {alpha: [0.5, 0.7]}` or `sweep: ["alpha=0.5,0.7"]`."""
-    if isinstance(value, dict):
-        out = []
-        for key, values in value.items():
-            items = values if isinstance(values, list) else [values]
-            out.append(f"{key}=" + ",".join(str(v) for v in items))
-        return out
-    return _as_list(value, "sweep", where)
-
-
-def _yaml_data(value: Any, where: str | None) -> list[str]:
-    """`data: PATH`, `data: [PATH, TASK=PATH]` or `data: {TASK: PATH}`."""
-    if isinstance(value, dict):
-        return [f"{task}={path}" for task, path in value.items()]
-    return _as_list(value, "data", where)
-
-
 @bench_app.command("run")
+@with_options(BenchOptions)  # --decoder ... --compile, from BenchOptions' fields; they arrive in **options
 def run(
     tasks: list[str] = typer.Argument(
         None, metavar="TASK", show_default=False,
         help="tasks to run: gsm8k math500 svamp countdown sudoku4 arith-small arith countdown3 ...",
     ),
-    decoder: list[str] = typer.Option(
-        None, "--decoder", "-d", help="decoder to compare (repeatable) [default: hard-mask]", show_default=False
-    ),
-    model: str | None = typer.Option(
-        None,
-        "--model",
-        "-m",
-        envvar="EVOTOK_MODEL",
-        help="checkpoint folder; default: the bundled model",
-        show_default=False,
-    ),
-    adapter: str | None = typer.Option(
-        None, "--adapter", envvar="EVOTOK_ADAPTER", help="PEFT LoRA adapter folder, merged at load", show_default=False
-    ),
-    data: list[str] = typer.Option(
-        None,
-        "--data",
-        help="data file or folder (PATH for all tasks, or TASK=PATH; repeatable); "
-        "default: the task's Hugging Face dataset",
-        show_default=False,
-    ),
-    limit: int | None = typer.Option(
-        None,
-        "--limit",
-        help="first N items of each task (bundled tasks: N test problems) [default: all; 200 for bundled tasks]",
-        show_default=False,
-    ),
-    gen_length: int | None = typer.Option(
-        None,
-        "--gen-length",
-        envvar="EVOTOK_GEN_LENGTH",
-        help="tokens to generate [default: per task: 256 paper tasks, 48 bundled tasks]",
-        show_default=False,
-    ),
-    block_length: int | None = typer.Option(
-        None,
-        "--block-length",
-        envvar="EVOTOK_BLOCK_LENGTH",
-        help="block size [default: per task: 32 paper tasks, 16 bundled tasks]",
-        show_default=False,
-    ),
-    steps: int | None = typer.Option(
-        None,
-        "--steps",
-        envvar="EVOTOK_STEPS",
-        help="forward-pass budget [default: per task: 128 paper tasks, 48 bundled tasks]",
-        show_default=False,
-    ),
-    temperature: float | None = typer.Option(
-        None,
-        "--temperature",
-        envvar="EVOTOK_TEMPERATURE",
-        help="sampling temperature [default: per task: 0.5 paper tasks (EvoToken's script), 0 bundled tasks]",
-        show_default=False,
-    ),
-    seed: int | None = typer.Option(
-        None,
-        "--seed",
-        envvar="EVOTOK_SEED",
-        help="base seed; each item samples from seed + its doc_id, whatever the batch size [default: 0]",
-        show_default=False,
-    ),
-    batch_size: int | None = typer.Option(
-        None,
-        "--batch-size",
-        envvar="EVOTOK_BATCH_SIZE",
-        help="items decoded together [default: 1, the protocol's]",
-        show_default=False,
-    ),
-    opt: list[str] = typer.Option(
-        None,
-        "--opt",
-        "-o",
-        help="decoder option key=value for every decoder that has it (repeatable)",
-        show_default=False,
-    ),
-    sweep: list[str] = typer.Option(
-        None,
-        "--sweep",
-        help="key=v1,v2,...: one run per value, for each decoder that has the option (or for every decoder: "
-        "gen_length, block_length, steps, temperature); repeat for a grid",
-        show_default=False,
-    ),
     config: Path | None = typer.Option(
-        None,
-        "--config",
-        "-c",
-        envvar="EVOTOK_CONFIG",
-        help="YAML with defaults for these options (tasks:, decoders:, sweep:, data:, ...) "
-        "and a `decoder:` options section",
-        show_default=False,
-    ),
-    out: Path | None = typer.Option(
-        None,
-        "--out",
-        help="folder for sample logs and results.json; rerunning with it resumes [default: bench-results]",
-        show_default=False,
-    ),
-    device: str | None = typer.Option(
-        None, "--device", envvar="EVOTOK_DEVICE", help="auto | cpu | cuda | cuda:N [default: auto]", show_default=False
-    ),
-    dtype: str | None = typer.Option(
-        None, "--dtype", envvar="EVOTOK_DTYPE", help="auto | float32 | bfloat16 [default: auto]", show_default=False
+        None, "--config", "-c", envvar="EVOTOK_CONFIG", show_default=False,
+        help="YAML with defaults for these options (tasks:, decoders:, sweep:, data:, ...) and a `decoder:` options "
+        "section",
     ),
     as_json: bool | None = typer.Option(
         None, "--json", help="print the results document (schema evotok.bench/1) on stdout", show_default=False
     ),
+    **options: Any,
 ) -> None:
     """Run TASKs with each --decoder (x each --sweep value): per-sample logs, results.json, a table on stderr.
 
@@ -244,99 +92,9 @@ def run(
     \b
     Example: evotok bench arith sudoku4 -d hard-mask -d evotoken --sweep alpha=0.5,0.7 --limit 50
     """
-    from evotok_cli.config import Settings, parse_opts
+    from evotok_cli.bench import command
 
-    s = Settings(BENCH_DEFAULTS, config, command="bench", types=BENCH_TYPES)
-    where = s.path
-    task_names = list(tasks or []) or _as_list(s.get("tasks", None), "tasks", where)
-    decoders = list(decoder or []) or _as_list(s.get("decoders", None), "decoders", where) or None
-    options = dict(s.decoder_options)
-    options.update(parse_opts(opt))
-    from evotok_cli.bench.runner import DEFAULT_DECODER, BenchRequest, run_bench
-
-    request = BenchRequest(
-        tasks=task_names,
-        decoders=decoders or [DEFAULT_DECODER],
-        model=s.get("model", model),
-        adapter=s.get("adapter", adapter),
-        data=list(data or []) or _yaml_data(s.get("data", None), where),
-        limit=s.get("limit", limit),
-        overrides={
-            k: s.get(k, v)
-            for k, v in (
-                ("gen_length", gen_length),
-                ("block_length", block_length),
-                ("steps", steps),
-                ("temperature", temperature),
-            )
-        },
-        seed=s.get("seed", seed),
-        batch_size=s.get("batch_size", batch_size),
-        options=options,
-        sweeps=list(sweep or []) or _yaml_sweep(s.get("sweep", None), where),
-        out=Path(s.get("out", out)).expanduser(),
-        device=s.get("device", device),
-        dtype=s.get("dtype", dtype),
-    )
-    err = _stderr()
-    request.on_note = lambda line: err.print(f"[yellow]note:[/yellow] {line}")
-    with _Progress(err) as on_batch:
-        request.on_batch = on_batch
-        document = run_bench(request)
-    if document is None:  # a non-zero rank: rank 0 reports
-        return
-    from evotok_cli.bench.table import render
-
-    err.print(render(document))
-    err.print(f"[dim]wrote {request.out / 'results.json'}[/dim]")
-    if s.get("json", as_json):
-        typer.echo(json.dumps(document, indent=2, ensure_ascii=False))
-
-
-class _Progress:
-    """A transient per-run progress bar on a terminal; in a log (stderr piped), a plain line per tenth of
-    each run's items and at least every 30 s."""
-
-    def __init__(self, console: Any):
-        self.console, self.bar, self.tasks = console, None, {}
-
-    def __enter__(self) -> Any:
-        if not self.console.is_terminal:
-            from evotok_cli.console import PlainProgress
-
-            def plain(run: Any, done: int, total: int) -> None:
-                if run.name not in self.tasks:
-                    self.tasks[run.name] = PlainProgress(self.console, f"{run.task.name} {run.decoder_name} "
-                                                         f"{run.label}".strip(), total)
-                self.tasks[run.name].update(done, "items")
-
-            return plain
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.bar = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=self.console,
-            transient=True,
-        )
-        self.bar.start()
-
-        def update(run: Any, done: int, total: int) -> None:
-            key = run.name
-            if key not in self.tasks:
-                self.tasks[key] = self.bar.add_task(
-                    f"{run.task.name} {run.decoder_name} {run.label}".strip(), total=total
-                )
-            self.bar.update(self.tasks[key], completed=done)
-
-        return update
-
-    def __exit__(self, *exc: Any) -> bool:
-        if self.bar is not None:
-            self.bar.stop()
-        return False
+    command.run({"tasks": tasks or None, **options}, config=config, as_json=as_json)
 
 
 @bench_app.command("score")
@@ -372,7 +130,7 @@ def score(
     from evotok_cli.bench.score import score_paths, table
 
     document = score_paths(paths, task)
-    err = _stderr()
+    err = stderr()
     for line in document["notes"]:
         err.print(f"[yellow]note:[/yellow] {line}")
     if as_json:
@@ -392,7 +150,8 @@ def report(
         None, "--out", help="write PREFIX.md and PREFIX.png [default: FIRST_DIR/report]", show_default=False
     ),
     x: str = typer.Option(
-        "auto", "--x", help="x axis: auto (the swept option if any, else NFE) | nfe | the name of a swept option"
+        "auto", "--x", help="x axis: auto (the swept option if any, else the one training setting the runs' "
+        "adapters differ in, else NFE) | nfe | a swept option | an adapter training setting (e.g. trajectory_steps)"
     ),
 ) -> None:
     """Render one or more runs as a Markdown table (stdout and PREFIX.md) and a PNG plot of accuracy per

@@ -10,17 +10,25 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from evotok_cli.errors import DataError
-
-if TYPE_CHECKING:
-    from evotok_cli.bench.tasks.protocol import DatasetTask
 
 Record = dict[str, Any]
 
 
-def task_records(task: DatasetTask, data: Path | None) -> tuple[list[Record], str]:
+class DataSource(Protocol):
+    """What the reader asks of a task (`DatasetTask` has it): where its items may be, and its name and an
+    example path for messages."""
+
+    name: str
+    hub: tuple[str, str | None, str] | None  # (path, config, split) for load_dataset
+    folders: tuple[str, ...]  # sub-folders of a --data folder to look in first
+    patterns: tuple[str, ...]  # file globs, in order of preference
+    example: str  # what to pass to --data
+
+
+def task_records(task: DataSource, data: Path | None) -> tuple[list[Record], str]:
     """The task's items and a description of where they came from."""
     if data is None:
         return hub_records(task)
@@ -44,7 +52,7 @@ def is_saved_dataset(folder: Path) -> bool:
     return (folder / "state.json").is_file() or (folder / "dataset_dict.json").is_file()
 
 
-def find_task_files(task: DatasetTask, folder: Path) -> list[Path]:
+def find_task_files(task: DataSource, folder: Path) -> list[Path]:
     """The task's files in `folder`: first in its named sub-folders (so the folder of all sets works),
     then in the folder itself; parquet shards of one split come back together."""
     bases = [folder / name for name in task.folders] + [folder]
@@ -179,7 +187,7 @@ def _hub_resolvable() -> bool:
     return True
 
 
-def hub_records(task: DatasetTask) -> tuple[list[Record], str]:
+def hub_records(task: DataSource) -> tuple[list[Record], str]:
     """The task's Hugging Face dataset through `datasets` (online, or from the user's cache)."""
     fix = f"pass --data {task.example} (or a folder holding it)"
     if task.hub is None:

@@ -1,8 +1,9 @@
 """`evotok bench report`: results.json files as a Markdown table and a PNG plot.
 
 The plot has one panel per task and one line per decoder: accuracy (± standard error) against the swept
-option when the runs swept one, else against the mean NFE (so runs at several --steps budgets, in one
-folder each, line up as an accuracy-vs-compute curve).
+option when the runs swept one, else against a training setting that tells the runs' adapters apart
+(CTS's `trajectory_steps` over adapters trained with K = 1, 2, 4, 8), else against the mean NFE (so runs
+at several --steps budgets, in one folder each, line up as an accuracy-vs-compute curve).
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ def rows_of(documents: list[tuple[Path, dict[str, Any]]]) -> list[dict[str, Any]
     rows = []
     for file, document in documents:
         for row in document["results"]:
-            rows.append({**row, "source": str(file.parent), "adapter": adapter_name(document)})
+            rows.append({**row, "source": str(file.parent), "adapter": adapter_name(document),
+                         "training": (document.get("model") or {}).get("adapter_training") or {}})
     return rows
 
 
@@ -80,20 +82,36 @@ def budget_table(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _differing_training(rows: list[dict[str, Any]]) -> list[str]:
+    """Numeric adapter training settings that take more than one value across the runs."""
+    keys = {k for r in rows for k, v in r["training"].items() if isinstance(v, (int, float))}
+    return sorted(k for k in keys if len({repr(r["training"].get(k)) for r in rows}) > 1)
+
+
+def x_value(row: dict[str, Any], axis: str) -> Any:
+    """The row's value on a swept-option or adapter-training axis (None: the row has none)."""
+    value = (row.get("sweep") or {}).get(axis)
+    return row["training"].get(axis) if value is None else value
+
+
 def x_axis(rows: list[dict[str, Any]], choice: str) -> str:
-    """"nfe", or the swept option to plot against."""
+    """"nfe", or the swept option or adapter training setting to plot against."""
     swept = {k for r in rows for k in (r.get("sweep") or {})}
+    trained = _differing_training(rows)
     if choice == "nfe":
         return "nfe"
     if choice != "auto":
-        if choice not in swept:
-            raise ConfigError(f"no run swept {choice!r} (swept: {', '.join(sorted(swept)) or 'nothing'})",
+        if choice not in swept and choice not in trained:
+            known = ", ".join(sorted(swept | set(trained))) or "nothing"
+            raise ConfigError(f"no run swept {choice!r} and no adapters differ in it (swept or differing: {known})",
                               where="--x", fix="use --x auto or --x nfe")
         return choice
     if len(swept) == 1:
         key = next(iter(swept))
         if len({(r.get("sweep") or {}).get(key) for r in rows if r.get("sweep")}) > 1:
             return key
+    if not swept and len(trained) == 1:
+        return trained[0]
     return "nfe"
 
 
@@ -150,11 +168,14 @@ def plot(rows: list[dict[str, Any]], axis: str) -> bytes:
             if axis == "nfe":
                 x, name = r["mean_nfe"], method_of(r)
             else:
-                value = (r.get("sweep") or {}).get(axis)
+                value = x_value(r, axis)
                 if value is None:
                     flat.append((f"{method_of(r)} (no {axis})", r["accuracy"]))
                     continue
                 x, name = float(value), method_of(r, skip=("steps", axis))
+                if axis in r["training"]:  # the adapters are the points of one line, not lines of their own
+                    objective = r["training"].get("objective", "adapter")
+                    name = method_of({**r, "adapter": None}, skip=("steps", axis)) + f" + {objective}"
             lines.setdefault(name, []).append((float(x), r["accuracy"], r["accuracy_stderr"] or 0.0))
         for name, points in lines.items():
             points.sort()

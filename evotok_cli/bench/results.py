@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
@@ -72,8 +71,8 @@ def collect(out: Path, name: str, doc_ids: list[int]) -> tuple[list[dict[str, An
 
 def build_document(request: Any, runs: list[Any], loaded: dict[str, Any], model: Any, world: int) -> dict[str, Any]:
     """The results document of a finished bench run (every process's samples merged)."""
-    from evotok_cli.bench.runner import parse_sweeps
-    from evotok_cli.bench.samples import jsonable
+    from evotok_cli.bench.sweep import parse_sweeps
+    from evotok_cli.provenance import jsonable, versions
     from evotok_cli.runtime.device import describe_runtime
 
     rows = []
@@ -95,20 +94,46 @@ def build_document(request: Any, runs: list[Any], loaded: dict[str, Any], model:
     return {
         "schema": SCHEMA,
         "created": now(),
-        "model": {"path": str(model.path), "adapter": request.adapter, "family": model.family.name,
+        "model": {"path": str(model.path), "adapter": request.adapter,
+                  "adapter_training": adapter_training(model.path, request.adapter), "family": model.family.name,
                   "parameters": model.parameter_count(), "dtype": str(model.dtype).removeprefix("torch."),
-                  "device": str(model.device), "runtime": describe_runtime(model.device, model.dtype)},
+                  "device": str(model.device), "lora_mode": model.adapter.mode if model.adapter else None,
+                  "compiled": model.compiled, "runtime": describe_runtime(model.device, model.dtype)},
         "config": {"tasks": list(loaded), "decoders": list(dict.fromkeys(request.decoders)), "limit": request.limit,
                    "batch_size": request.batch_size, "seed": request.seed, "options": jsonable(request.options),
                    "sweep": dict(parse_sweeps(request.sweeps)),
                    "overrides": {k: v for k, v in request.overrides.items() if v is not None},
-                   "device": request.device, "dtype": request.dtype, "world_size": world, "out": str(request.out)},
+                   "device": request.device, "dtype": request.dtype, "compile": request.compile,
+                   "lora_mode": request.lora_mode, "world_size": world, "out": str(request.out)},
         "tasks": tasks,
         "results": rows,
         "best_over_sweep": best_over_sweep(rows),
         "versions": versions(),
         "git": git_revision(),
     }
+
+
+# What distinguishes one fine-tuning run from another in a study (`bench report --x trajectory_steps`); paths,
+# run bookkeeping and device settings are left out.
+TRAINING_KEYS = ("objective", "full", "lora_r", "lora_alpha", "lora_targets", "max_steps", "lr", "batch_size",
+                 "grad_accum", "response_length", "trajectory_steps", "decode_counts", "block_sizes",
+                 "alpha_range", "k_soft", "d2f_block_size", "d2f_mask_range", "seed")
+
+
+def adapter_training(model_path: Path, adapter: str | None) -> dict[str, Any] | None:
+    """The training settings of the adapter a run used, from the `training_args.json` that `evotok finetune`
+    writes beside it, so that a study over adapters (CTS's trajectory length) can be plotted from the
+    results alone; None for no adapter or one not made by evotok (e.g. the shipped adapters)."""
+    if not adapter:
+        return None
+    from evotok_cli.runtime.lora import resolve_adapter
+
+    file = resolve_adapter(Path(model_path), adapter) / "training_args.json"
+    try:
+        args = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return {k: args[k] for k in TRAINING_KEYS if k in args} if isinstance(args, dict) else None
 
 
 def best_over_sweep(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -133,21 +158,6 @@ def best_over_sweep(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                      "accuracy_stderr": winner["accuracy_stderr"], "n": winner["n"],
                      "chosen_on": "test set", "note": BEST_NOTE})
     return best
-
-
-def versions() -> dict[str, str | None]:
-    """Installed versions of what decides the numbers (read from package metadata, nothing imported)."""
-    from importlib import metadata
-
-    from evotok_cli import __version__
-
-    found: dict[str, str | None] = {"evotok": __version__, "python": platform.python_version()}
-    for name in ("torch", "transformers", "tokenizers", "numpy", "datasets", "math-verify"):
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            found[name] = None
-    return found
 
 
 def git_revision() -> dict[str, Any] | None:

@@ -2,8 +2,10 @@
 
 Order of work: check everything that can be wrong without the model (tasks, decoders, options, sweep,
 data, generation settings), then load the model once, then for each run generate the items that no
-sample file holds yet, batch by batch, appending each batch to this process's sample file. After all
-processes are done, rank 0 reads every sample file and writes results.json.
+sample file holds yet, batch by batch, appending each batch to this process's sample file. Above batch
+size 1, items are batched in prompt-length order (each process's share, stably sorted) so that a shared
+forward pads little; sample files are then in that order, results.json in doc order. After all processes
+are done, rank 0 reads every sample file and writes results.json.
 
 Batch seeds are `seed + doc_id of the batch's first item`; at batch size 1 (the protocol's) each item
 therefore gets the same noise whatever the number of processes or interruptions.
@@ -20,16 +22,19 @@ from pathlib import Path
 from typing import Any
 
 from evotok_cli.bench import samples
+from evotok_cli.bench.config import DEFAULT_DECODER, BenchOptions
+from evotok_cli.bench.sweep import parse_sweeps
 from evotok_cli.bench.tasks.base import Doc, Task
+from evotok_cli.config import checked_model_folder as model_path
+from evotok_cli.decoding.api import GENERATION_SETTINGS as GEN_KEYS
 from evotok_cli.errors import CheckpointError, ConfigError
 from evotok_cli.files import output_dir
-
-GEN_KEYS = ("gen_length", "block_length", "steps", "temperature")
-DEFAULT_DECODER = "hard-mask"
 
 
 @dataclass
 class BenchRequest:
+    """What to run; the defaults are the command's (`BenchOptions`)."""
+
     tasks: list[str]
     decoders: list[str] = field(default_factory=lambda: [DEFAULT_DECODER])
     model: str | Path | None = None  # None: the bundled model
@@ -37,13 +42,15 @@ class BenchRequest:
     data: list[str] = field(default_factory=list)  # "PATH" or "TASK=PATH" entries
     limit: int | None = None
     overrides: dict[str, Any] = field(default_factory=dict)  # user-set gen_length/block_length/steps/temperature
-    seed: int = 0
-    batch_size: int = 1
+    seed: int = BenchOptions.seed
+    batch_size: int = BenchOptions.batch_size
     options: dict[str, Any] = field(default_factory=dict)  # decoder options for every decoder that has them
     sweeps: list[str] = field(default_factory=list)  # "key=v1,v2,..."
-    out: Path = Path("bench-results")
-    device: str = "auto"
-    dtype: str = "auto"
+    out: Path = Path(BenchOptions.out)
+    device: str = BenchOptions.device
+    dtype: str = BenchOptions.dtype
+    compile: bool = BenchOptions.compile  # run the forward under torch.compile
+    lora_mode: str = BenchOptions.lora_mode  # how an adapter is applied: merged | unmerged | auto
     on_batch: Callable[[Run, int, int], None] | None = None  # (run, items done, items to do) per batch
     on_note: Callable[[str], None] | None = None  # one-line remarks (protocol quirks hit, resumed counts)
 
@@ -63,22 +70,6 @@ class Run:
 
 
 # -- parsing the request -----------------------------------------------------------------------------
-def parse_sweeps(entries: list[str]) -> list[tuple[str, list[str]]]:
-    sweeps: list[tuple[str, list[str]]] = []
-    for entry in entries:
-        key, sep, values = entry.partition("=")
-        key = key.strip().replace("-", "_")
-        items = list(dict.fromkeys(v.strip() for v in values.split(",") if v.strip()))
-        if not sep or not key or not items:
-            raise ConfigError(f"{entry!r} is not key=v1,v2,...", where="--sweep",
-                              fix="write e.g. --sweep alpha=0.5,0.7")
-        if key in (k for k, _ in sweeps):
-            raise ConfigError(f"{key!r} is swept twice", where="--sweep",
-                              fix=f"give all values in one --sweep {key}=...")
-        sweeps.append((key, items))
-    return sweeps
-
-
 def gen_value(key: str, raw: Any, where: str) -> int | float:
     kind = float if key == "temperature" else int
     try:
@@ -121,14 +112,6 @@ def resolve_data(entries: list[str], tasks: list[Task]) -> dict[str, Path]:
             raise ConfigError(f"one data file for {len(readers)} tasks ({', '.join(t.name for t in readers)})",
                               where=f"--data {path}", fix="write --data TASK=FILE for each task, or pass a folder")
     return mapping
-
-
-def model_path(model: str | Path | None) -> Path:
-    if model:
-        from evotok_cli.runtime.checkpoint import model_dir
-        return model_dir(Path(model).expanduser())  # a missing folder or a link loop fails here, before planning
-    from evotok_cli.assets import default_model_path
-    return default_model_path()
 
 
 # -- planning ----------------------------------------------------------------------------------------
@@ -194,7 +177,9 @@ def run_bench(request: BenchRequest) -> dict[str, Any] | None:
     """Run the request; returns the results document on rank 0 (None on the other ranks)."""
     from evotok_cli.bench.tasks import registry as task_registry
     from evotok_cli.runtime import distributed
+    from evotok_cli.runtime.lora import check_lora_mode
 
+    check_lora_mode(request.lora_mode)
     if request.batch_size < 1:
         raise ConfigError(f"batch size must be >= 1, got {request.batch_size}", where="--batch-size",
                           fix="e.g. --batch-size 1 (the protocol's) or 8")
@@ -235,7 +220,8 @@ def run_bench(request: BenchRequest) -> dict[str, Any] | None:
 def _load_model(request: BenchRequest, folder: Path, group: Any) -> Any:
     from evotok_cli.runtime.model import load_model
 
-    model = load_model(folder, adapter=request.adapter, device=group.device(request.device), dtype=request.dtype)
+    model = load_model(folder, adapter=request.adapter, device=group.device(request.device), dtype=request.dtype,
+                       compile=request.compile, lora_mode=request.lora_mode)
     if model.tokenizer is None:
         raise CheckpointError("the checkpoint has no tokenizer, so benchmark prompts cannot be encoded",
                               where=str(folder), fix="add tokenizer.json (and a chat template) to the folder")
@@ -304,6 +290,8 @@ def execute(run: Run, docs: list[Doc], prompts: dict[int, Any], model: Any, requ
     if getattr(run.decoder, "reference_rng", False):
         _execute_release_stream(run, todo, done, prompts, model, request, group, path)
         return
+    if request.batch_size > 1:  # batches of similar prompt lengths: less padding in each shared forward
+        todo.sort(key=lambda d: len(prompts[d.doc_id].ids))  # stable: equal lengths keep doc order
     with samples.Writer(path) as writer:
         for first in range(0, len(todo), request.batch_size):
             batch = todo[first:first + request.batch_size]

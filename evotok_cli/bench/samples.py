@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
 from collections.abc import Callable
@@ -18,6 +17,7 @@ from typing import Any
 
 from evotok_cli.errors import DataError
 from evotok_cli.files import read_text
+from evotok_cli.provenance import jsonable
 
 SCHEMA = "evotok.bench.sample/1"
 
@@ -47,19 +47,6 @@ def paths_of(out: Path, name: str) -> list[Path]:
 def fingerprint(setup: dict[str, Any]) -> str:
     """A short id of everything that decides a sample's content; resuming under another setup is refused."""
     return hashlib.sha256(json.dumps(setup, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def jsonable(value: Any) -> Any:
-    """JSON-safe copy: tuples become lists, non-finite floats strings ("nan", "inf")."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return str(value)
 
 
 def read(path: Path, note: Callable[[str], None] | None = None) -> list[dict[str, Any]]:

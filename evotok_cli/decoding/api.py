@@ -25,6 +25,26 @@ def option(default: Any, help: str, *, min: float | None = None, max: float | No
                                             "min_open": min_open, "max_open": max_open})
 
 
+# -- the commit rule the blockwise decoders share ------------------------------------------------
+def remasking_option() -> Any:
+    return option("low_confidence", "rank masked positions by the candidate's probability, or randomly")
+
+
+def threshold_option() -> Any:
+    return option(None, "Fast-dLLM parallel decoding: commit every candidate with confidence >= this instead of "
+                        "the schedule's count (always at least one per pass)", min=0.0, max=1.0, min_open=True)
+
+
+@dataclass
+class CommitOptions:
+    """How a blockwise decoder (hard-mask, evotoken) picks what a pass commits: options of those decoders,
+    declared here once for them and for `evotok generate`'s shorthand flags (`--remasking X` is
+    `--opt remasking=X`), whose help is theirs."""
+
+    remasking: Literal["low_confidence", "random"] = remasking_option()
+    threshold: float | None = threshold_option()
+
+
 @dataclass
 class GenerationRequest:
     """What every decoder is asked to do, for a batch of prompts (token ids, different lengths)."""

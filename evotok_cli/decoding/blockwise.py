@@ -6,8 +6,12 @@ owns the canvas, the cache, the per-row bookkeeping of a batch, NFE and the trac
 
 Cache policies (spec 6.3): `none` feeds the whole canvas every pass (the faithful reference); `prefix`
 runs one full pass at each block start, then feeds the current block and everything after it; `dual`
-runs one full pass at each block start, then feeds only the current block. Passes that can commit
-nothing are skipped (the references run them; they change no token, so outputs are identical).
+runs one full pass at each block start, then feeds only the current block.
+
+A block ends when it holds no [MASK], which is where EvoToken's loop stops too. LLaDA's `generate` runs
+the rest of the block's scheduled passes; a full block has no [MASK] for hard-mask's step to fill, so we
+skip them, and with rng=reference make and discard their random draws (`release_runs_every_step`). An
+EvoToken pass on a full block would not be idle (it revises decoded tokens): its release never runs one.
 
 Models with shifted logits (Dream) predict position i from the output at i - 1; the window fed to the
 model then starts one position earlier so that output exists (spec 7.2).
@@ -64,7 +68,7 @@ class BlockwiseDecoder:
         """Per-generation state beyond the canvas (confidences, soft inputs...)."""
         return None
 
-    def inputs(self, model: Any, state: Any, canvas: Canvas, lo: int, hi: int, block: Block, first: bool) -> dict:
+    def inputs(self, model: Any, state: Any, canvas: Canvas, lo: int, hi: int, block: Block) -> dict:
         """Model inputs for canvas columns [lo, hi): `input_ids=`, or `soft_inputs=(ids, weights)` that the
         model mixes into input embeddings."""
         return {"input_ids": canvas.x[:, lo:hi]}
@@ -82,7 +86,7 @@ class BlockwiseDecoder:
     def end_block(self, model: Any, state: Any, canvas: Canvas, block: Block) -> None:
         """Called when every row has filled the block."""
 
-    def describe_inputs(self, model: Any, state: Any, canvas: Canvas, row: int, first: bool
+    def describe_inputs(self, model: Any, state: Any, canvas: Canvas, row: int
                         ) -> tuple[list[str], list[list[tuple[int, float]]] | None]:
         """Trace: the input state of each generated position in the coming pass, and soft candidates."""
         gen = canvas.generated()[row].tolist()
@@ -109,7 +113,7 @@ class BlockwiseDecoder:
         return block.start, block.end  # dual
 
     def forward(self, model: Any, state: Any, canvas: Canvas, block: Block, lo: int, hi: int,
-                cache: KVCache | None, first: bool) -> tuple[ForwardPass, tuple[int, int]]:
+                cache: KVCache | None) -> tuple[ForwardPass, tuple[int, int]]:
         """The pass to run (the engine runs it, shared with other rows when it can) and the canvas
         columns its logits cover."""
         cols = self.logits_range(canvas, lo, hi, block)
@@ -117,7 +121,7 @@ class BlockwiseDecoder:
         # Dream predicts position i from the output at i - 1: that position must be fed too. Under a cache
         # it is re-fed (its K/V refreshed like the rest of the window), the same approximation as the window.
         lo = min(lo, cols[0] - shift)
-        return ForwardPass(self.inputs(model, state, canvas, lo, hi, block, first),
+        return ForwardPass(self.inputs(model, state, canvas, lo, hi, block),
                            position_ids=canvas.positions[:, lo:hi], pad_offsets=canvas.pad_offsets, cache=cache,
                            start=lo if cache is not None else 0,
                            logits_slice=(cols[0] - shift - lo, cols[1] - shift - lo)), cols
@@ -129,6 +133,10 @@ class BlockwiseDecoder:
     # The release runs every scheduled pass of a block, also after the block is full (LLaDA's `generate`
     # does; EvoToken's loop stops): with rng=reference those passes' draws are made and discarded.
     release_runs_every_step: ClassVar[bool] = False
+    # Without a threshold, `update` commits exactly counts[b] [MASK]s of every live row (hard-mask and
+    # evotoken do: LLaDA's schedule never asks for more than a row holds): the loop then tracks what is
+    # left on the host (`_live`). False (the safe default for other decoders) reads it back every pass.
+    exact_schedule: ClassVar[bool] = False
 
     @property
     def reference_rng(self) -> bool:
@@ -178,7 +186,7 @@ class BlockwiseDecoder:
                               max_length=model.max_length, device=model.device)
         state = self.start(model, canvas, request)
         cache = model.new_cache(canvas.batch, canvas.length) if self.cache_mode != "none" else None
-        nfe, row_nfe, first = 0, [0] * canvas.batch, True
+        nfe, row_nfe = 0, [0] * canvas.batch
         for index in range(layout.num_blocks):
             start = canvas.gen_start + index * layout.block_length
             block = Block(index, start, start + layout.block_length)
@@ -186,17 +194,17 @@ class BlockwiseDecoder:
             step = 0
             while True:
                 active = (canvas.x[:, block.start:block.end] == model.mask_id).any(dim=1)
-                live = active.tolist()  # the one read-back per pass: is anything left to decode?
+                live = self._live(active, schedule, step)
                 if not any(live) or (self.threshold is None and step >= len(schedule)):
                     if self.reference_rng and self.release_runs_every_step:
                         for _ in range(step, len(schedule)):  # passes the release runs on a full block
                             self._draws(model, generator, canvas, request)
                     break
                 tracing = request.trace and request.on_event is not None
-                traced = self._describe(model, state, canvas, first) if tracing else None
+                traced = self._describe(model, state, canvas) if tracing else None
                 lo, hi = self.feed_range(canvas, block, step == 0)
                 block.fed = (lo, hi)
-                forward_pass, cols = self.forward(model, state, canvas, block, lo, hi, cache, first)
+                forward_pass, cols = self.forward(model, state, canvas, block, lo, hi, cache)
                 logits = yield forward_pass
                 counts = [schedule[step] if a else 0 for a in live] if self.threshold is None else []
                 draws = self._draws(model, generator, canvas, request)
@@ -210,15 +218,23 @@ class BlockwiseDecoder:
                 if request.on_pass is not None:
                     request.on_pass(nfe)
                 step += 1
-                first = False
             self.end_block(model, state, canvas, block)
         gen = canvas.generated().tolist()
         rows = [RowResult(token_ids=gen[b], nfe=row_nfe[b]) for b in range(canvas.batch)]
         return GenerationResult(rows=rows, nfe=nfe, seconds=time.perf_counter() - t0)
 
+    def _live(self, active: torch.Tensor, schedule: list[int], step: int) -> list[bool]:
+        """Which rows still hold a [MASK] in the block. With a threshold rows finish at passes of their own:
+        read `active` back (the one read-back of a pass). Without one, a decoder whose update commits
+        exactly `counts[b]` [MASK]s of each live row (`exact_schedule`) leaves sum(schedule[step:]) of them
+        in every row, so the host knows without asking the device, and never waits for it between passes."""
+        if self.threshold is None and self.exact_schedule:
+            return [sum(schedule[step:]) > 0] * active.shape[0]
+        return active.tolist()
+
     # -- trace -----------------------------------------------------------------------------------
-    def _describe(self, model, state, canvas, first):
-        return [self.describe_inputs(model, state, canvas, b, first) for b in range(canvas.batch)]
+    def _describe(self, model, state, canvas):
+        return [self.describe_inputs(model, state, canvas, b) for b in range(canvas.batch)]
 
     def _emit(self, request, state, canvas, block, traced, row_nfe, active, committed, revised):
         g0 = canvas.gen_start

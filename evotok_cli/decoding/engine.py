@@ -10,7 +10,9 @@ rows are refilled from the queue at once.
 
 Why this keeps tokens exact: a shared forward left-pads the rows' input embeddings into one batch, and the
 runtime attends a padded row over its own keys only, so each row's logits are those of the row alone
-(`runtime/attention.py`); each program then updates from its own logits with its own random generator.
+(`runtime/attention.py`: bit for bit on its per-row path, the CPU default; up to float rounding with its
+one masked call per layer, the GPU default); each program then updates from its own logits with its own
+random generator.
 
 `drive(model, program)` runs one program alone: what `decoder.generate` does for library callers.
 """

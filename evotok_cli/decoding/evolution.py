@@ -113,12 +113,15 @@ def evolve(logits: torch.Tensor, tokens: torch.Tensor, confidence: torch.Tensor,
     if commit is not None:
         chosen = _commit(conf0, (xw == mask_id) & live, commit)
     stored = conf0.to(c.dtype)  # d2f: float32 confidences are stored and compared in float64
-    xw[chosen], cw[chosen] = x0[chosen], stored[chosen]
+    # torch.where, not boolean indexing: the same values, without the read-back of a nonzero() per write
+    xw.copy_(torch.where(chosen, x0, xw))
+    cw.copy_(torch.where(chosen, stored, cw))
     changed = torch.zeros_like(chosen)
     if revise:  # strictly higher: a just-committed position (equal confidence) keeps its token
         better = (xw != mask_id) & live & (stored > cw)
         changed = better & (x0 != xw)
-        xw[better], cw[better] = x0[better], stored[better]
+        xw.copy_(torch.where(better, x0, xw))
+        cw.copy_(torch.where(better, stored, cw))
     committed, revised = _widen(chosen, x, lo, hi), _widen(changed, x, lo, hi)
     if top is None:
         return Evolution(x, c, committed, revised, None, None)

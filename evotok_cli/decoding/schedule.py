@@ -91,12 +91,28 @@ def remask_uniform(shape: torch.Size, source: Randomness, device: torch.device) 
     return torch.rand(shape, dtype=torch.float64, device=device, generator=source)
 
 
+SAMPLE_CHUNK_ELEMS = 1 << 22  # float64 elements of one row chunk of sampling (32 MB)
+
+
 def gumbel_candidates(logits: torch.Tensor, temperature: float, generator: Randomness,
-                      exclude: int | None = None) -> torch.Tensor:
+                      exclude: int | None = None, chunk_elems: int | None = None) -> torch.Tensor:
     """Candidate token per position: argmax at temperature 0, else an exact sample of
     softmax(logits / T) drawn as in the references: argmax of exp(logits) / (-log u)^T in float64.
 
-    `exclude` (the mask id) is removed from the candidates, as EvoToken and Fast-dLLM-free LLaDA code do.
+    `exclude` (the mask id) is never a candidate: its column is set to -inf after the noise is applied, so
+    the uniforms are still drawn over the whole vocabulary (the releases' random stream is unchanged) and
+    the confidences (`token_confidence`) are untouched. This is a deliberate difference from the releases
+    (LLaDA's `generate`, Fast-dLLM, EvoToken's `generate_soft_token`), whose argmax may pick [MASK]: a
+    trained model never predicts it, and a committed [MASK] would leave its block unfinished. It is shared
+    with tests/reference.py, so the faithfulness tests compare like with like.
+
+    At T > 0 the rows (dim 0) go a few at a time, at most `chunk_elems` (default `SAMPLE_CHUNK_ELEMS`)
+    float64 elements per chunk but at least one row, so the float64 temporaries are two chunks, not
+    several B x L x vocabulary copies (GBs at B=32 and a 126k vocabulary). Each row's uniforms are drawn
+    by a call of their own, in row order, so the stream does not depend on the chunk size. On CPU that is
+    the stream of one draw over all rows (CPU draws are serial); a CUDA draw depends on its size, so
+    there a program of several rows on one generator (a KV-cache cohort) draws other numbers than one
+    draw over the batch would (equally valid; rows decoded alone are unaffected).
     """
     if temperature == 0:
         scores = logits
@@ -104,12 +120,24 @@ def gumbel_candidates(logits: torch.Tensor, temperature: float, generator: Rando
             scores = logits.clone()
             scores[..., exclude] = float("-inf")
         return scores.argmax(dim=-1)
-    scores = logits.to(torch.float64)
+    rows = max(1, (chunk_elems or SAMPLE_CHUNK_ELEMS) // max(1, logits[:1].numel()))
+    return torch.cat([_gumbel_argmax(logits[i:i + rows], i, temperature, generator, exclude)
+                      for i in range(0, logits.shape[0], rows)])
+
+
+def _gumbel_argmax(logits: torch.Tensor, first: int, temperature: float, generator: Randomness,
+                   exclude: int | None) -> torch.Tensor:
+    """argmax of exp(logits) / (-log u)^T over rows [first, first + len(logits)): two float64 temporaries
+    of the chunk's size, in place, the same operations (hence the same numbers) as on the whole batch."""
     if isinstance(generator, ReleaseDraws):
-        u = generator.gumbel
+        noise = generator.gumbel[first:first + logits.shape[0]].log()  # a copy: the drawn numbers stay
     else:
-        u = torch.rand(scores.shape, dtype=torch.float64, device=scores.device, generator=generator)
-    scores = scores.exp() / (-torch.log(u)) ** temperature
+        noise = torch.empty(logits.shape, dtype=torch.float64, device=logits.device)
+        for row in noise:  # what torch.rand draws, row by row
+            row.uniform_(generator=generator)
+        noise.log_()
+    noise.neg_().pow_(temperature)  # (-log u)^T
+    scores = torch.div(logits.to(torch.float64, copy=True).exp_(), noise, out=noise)
     if exclude is not None:
         scores[..., exclude] = float("-inf")
     return scores.argmax(dim=-1)
@@ -179,9 +207,9 @@ def select_transfer(confidence: torch.Tensor, eligible: torch.Tensor, counts: li
         wide[:, offset:offset + scores.shape[1]] = scores
         scores = wide
     chosen = torch.zeros_like(eligible)
-    for b, n in enumerate(counts):
+    for b, n in enumerate(counts):  # a top-k per row with its own k: a larger k may break ties differently
         if n > 0:
-            chosen[b, torch.topk(scores[b], k=n).indices - offset] = True
+            chosen[b].scatter_(0, torch.topk(scores[b], k=n).indices - offset, True)
     return chosen
 
 
@@ -202,10 +230,15 @@ def llada_step(model: Any, logits: torch.Tensor, window: torch.Tensor, confidenc
         conf = remask_uniform(x0.shape, generator, x0.device)
     else:
         conf = token_confidence(logits, x0, dtype=logits.dtype if exact else torch.float64)
-    if confidence_eos_eot_inf:
-        conf = conf.masked_fill(torch.isin(x0, torch.tensor(model.stop_ids, device=x0.device)), float("-inf"))
+    if confidence_eos_eot_inf:  # compared one id at a time: no host-to-device copy of the ids (a CUDA sync)
+        stop = torch.zeros_like(x0, dtype=torch.bool)
+        for token in model.stop_ids:
+            stop |= x0 == token
+        conf = conf.masked_fill(stop, float("-inf"))
     eligible = (window == model.mask_id) & active[:, None]
     chosen = select_transfer(conf, eligible, counts, threshold, columns=columns)
-    window[chosen] = x0[chosen]
-    confidence[chosen] = conf[chosen].to(torch.float64)
+    # torch.where, not boolean indexing: the same values, without the read-back of a nonzero() per read and
+    # per write (four per pass); `window` and `confidence` are views of the caller's canvas, written in place
+    window.copy_(torch.where(chosen, x0, window))
+    confidence.copy_(torch.where(chosen, conf.to(torch.float64), confidence))
     return chosen

@@ -13,7 +13,6 @@ import torch
 from evotok_cli.decoding.schedule import logsumexp64
 
 MASK, SOFT_MASK, SOFT, DECODED = "mask", "soft_mask", "soft", "decoded"
-STATES = (MASK, SOFT_MASK, SOFT, DECODED)
 
 
 def top_k_probabilities(logits: torch.Tensor, k: int, exclude: int | None) -> tuple[torch.Tensor, torch.Tensor]:

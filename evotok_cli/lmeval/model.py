@@ -216,10 +216,10 @@ class EvotokLM(LM):
             raise ConfigError(f"batch_size must be >= 1, got {s.batch_size}", where=WHERE, fix="e.g. batch_size=8")
 
     def _load(self) -> Any:
-        from evotok_cli.bench.runner import model_path
+        from evotok_cli.config import checked_model_folder
         from evotok_cli.runtime.model import load_model
 
-        folder = model_path(self.settings.model)
+        folder = checked_model_folder(self.settings.model)
         model = load_model(folder, adapter=self.settings.adapter, device=self.settings.device,
                            dtype=self.settings.dtype)
         if model.tokenizer is None:

@@ -1,34 +1,118 @@
 """Bidirectional scaled-dot-product attention shared by the architectures.
 
-Left-padded batches are attended row by row over each row's real keys only (`pad_offsets`), so a padded
-row computes exactly the floating-point operations of the same prompt decoded alone: batched and single
-runs then agree bit for bit, which a padding mask cannot promise (masked keys change the reductions'
-length and order). The price is one kernel call per row once any row of the batch is padded; batches of
-equal-length prompts keep a single call.
+A left-padded batch (rows of different lengths in one forward, `pad_offsets`) is attended in one of two
+ways, chosen by `padded_mode` (process-wide; `padded_attention(mode)` sets it for a block):
+
+- "masked": ONE SDPA call per layer with a key-padding mask. Each row sees its own real keys only, so its
+  output is the row's alone up to float rounding, not bit for bit: the fused kernels sum the same terms
+  in another order and over a longer row (~1e-7 relative in fp32 on CPU), which is enough to flip a
+  near-tie, and EvoToken's revisions amplify such flips (several batch == solo token tests differ).
+- "rowwise": one call per padded row over its real keys, exactly the floating-point operations of the
+  row decoded alone, so batched and single runs agree bit for bit; B calls per layer.
+- "auto" (the default): rowwise on CPU, masked elsewhere. On CPU a forward is bound by its matmuls and
+  the per-row calls cost nothing measurable (benchmarks/padded_batch.py, batch 8, prompts 20..200, the
+  bundled model: masked 0.95x the per-row tokens/s on a busy 2-core CPU), while the per-row path
+  attends over fewer keys and keeps tokens exact; on a GPU each of the B x layers calls is a launch.
+
+Padding queries (masked mode) attend to their row's real keys too: a query with no key gives a NaN
+softmax row, and a NaN there would reach real rows through the next layer (masked weights are 0, and
+0 * NaN is NaN). Their outputs are never read.
+
+Grouped-query heads (Dream): the CPU fused kernel takes `enable_gqa` with a mask; on CUDA the fused
+kernel that takes a mask (memory-efficient) does not take grouped heads, and SDPA would fall back to the
+math path, so off CPU a masked call expands the K/V heads first.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 
-
-def _sdpa(q, k, v, mask):
-    """Grouped-query attention without copying keys: SDPA repeats the K/V heads itself."""
-    if k.shape[1] != q.shape[1]:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+PADDED_MODES = ("auto", "masked", "rowwise")
+padded_mode = "auto"  # how a left-padded batch is attended; see the module docstring
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
-           pad_offsets: list[int] | None = None, start: int = 0) -> torch.Tensor:
-    """q: (B, H, Lq, D) for canvas positions [start, start + Lq); k, v: (B, Hkv, Lk, D) for [0, Lk) (or
-    for the fed positions when Lk == Lq and start == 0). mask: bool (B, 1, Lq, Lk), True = may attend."""
-    if not pad_offsets or not any(pad_offsets):
-        return _sdpa(q, k, v, mask)
+@contextmanager
+def padded_attention(mode: str) -> Iterator[None]:
+    """Attend padded batches with `mode` ("auto", "masked" or "rowwise") inside the block, process-wide."""
+    global padded_mode
+    if mode not in PADDED_MODES:
+        raise ValueError(f"padded attention mode {mode!r}: one of {', '.join(PADDED_MODES)}")
+    previous, padded_mode = padded_mode, mode
+    try:
+        yield
+    finally:
+        padded_mode = previous
+
+
+def resolved_mode(device: torch.device) -> str:
+    """The mode `padded_mode` means on `device`: "auto" is rowwise on CPU, masked elsewhere."""
+    if padded_mode == "auto":
+        return "rowwise" if device.type == "cpu" else "masked"
+    return padded_mode
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """SDPA on a fused kernel for multi-head and grouped-query heads, masked or not."""
+    if k.shape[1] == q.shape[1]:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    if mask is not None and q.device.type != "cpu":  # CUDA: no fused kernel takes a mask and grouped heads
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, H, Lk, D)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # no K/V copy
+
+
+_real_keys_memo: tuple[tuple, torch.Tensor] | None = None  # the last forward's; see `real_keys`
+
+
+def real_keys(pad_offsets: list[int], lk: int, device: torch.device) -> torch.Tensor:
+    """(B, 1, 1, Lk) bool, True at each row's real keys [off, Lk). Built once per forward and kept: every
+    layer asks for the same one, and building it copies the offsets to the device (a GPU stall)."""
+    global _real_keys_memo
+    key = (tuple(pad_offsets), lk, device)
+    if _real_keys_memo is None or _real_keys_memo[0] != key:
+        off = torch.tensor(pad_offsets, device=device)[:, None]  # (B, 1)
+        _real_keys_memo = (key, (torch.arange(lk, device=device) >= off)[:, None, None, :])
+    return _real_keys_memo[1]
+
+
+def padding_mask(pad_offsets: list[int], lq: int, lk: int, start: int, mask: torch.Tensor | None,
+                 device: torch.device) -> torch.Tensor:
+    """Bool mask, True = may attend: each row's real keys, combined with `mask` for real queries.
+
+    Without `mask` it is (B, 1, 1, Lk) and every query, padding included, sees its row's real keys. With
+    one it is (B, 1, Lq, Lk): real queries keep `mask` restricted to real keys, padding queries get the
+    real keys alone (their row of `mask` may allow padding keys only, which would leave them none).
+    """
+    keys = real_keys(pad_offsets, lk, device)
+    if mask is None:
+        return keys
+    real_queries = keys[..., start:start + lq].transpose(-1, -2)  # (B, 1, Lq, 1): queries sit among the keys
+    return torch.where(real_queries, mask & keys, keys)
+
+
+def _attend_rowwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                    pad_offsets: list[int], start: int) -> torch.Tensor:
+    """One call per row over its real keys and queries: bit for bit the row decoded alone."""
     out = torch.zeros_like(q)
     for b, off in enumerate(pad_offsets):
         q_off = max(0, off - start)  # queries that are padding stay zero: nothing reads them
         row_mask = None if mask is None else mask[b:b + 1, :, q_off:, off:]
         out[b:b + 1, :, q_off:] = _sdpa(q[b:b + 1, :, q_off:], k[b:b + 1, :, off:], v[b:b + 1, :, off:], row_mask)
     return out
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+           pad_offsets: list[int] | None = None, start: int = 0) -> torch.Tensor:
+    """q: (B, H, Lq, D) for canvas positions [start, start + Lq); k, v: (B, Hkv, Lk, D) for [0, Lk) (or
+    for the fed positions when Lk == Lq and start == 0). mask: bool (B, 1, Lq, Lk), True = may attend.
+    pad_offsets: left padding per row (keys [0, off) and queries before canvas position off are padding)."""
+    if not pad_offsets or not any(pad_offsets):
+        return _sdpa(q, k, v, mask)
+    if resolved_mode(q.device) == "rowwise":
+        return _attend_rowwise(q, k, v, mask, pad_offsets, start)
+    return _sdpa(q, k, v, padding_mask(pad_offsets, q.shape[2], k.shape[2], start, mask, q.device))

@@ -183,5 +183,5 @@ def _write_tokenizer(source: Any, tokenizer_from: Path | None, stage: Path, voca
     if tokenizer_from is not None:
         copy_tokenizer(Path(tokenizer_from).expanduser(), stage)
         return source
-    from evotok_cli.training.tokenizer_build import build_tokenizer
+    from evotok_cli.runtime.tokenizer_build import build_tokenizer
     return build_tokenizer(source, stage, vocab_size=vocab_size, model_max_length=max_length)

@@ -1,15 +1,24 @@
-"""Merge a PEFT LoRA adapter into the loaded weights: W <- W + scaling * B @ A.
+"""Apply a PEFT LoRA adapter to the loaded weights: merged (W <- W + scaling * B @ A) or beside them.
 
-Merging once at load time makes an adapted model exactly as fast as the base model. Scaling is
-lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA; per-module `rank_pattern` / `alpha_pattern` are
-honoured. Target modules that match only part of the model are reported, never silently ignored.
+Merging once at load time makes an adapted model exactly as fast as the base model. But W sits on the
+grid of its dtype, so a delta entry smaller than half a grid step of its weight is rounded away: in bf16
+(8 significant bits) a delta of 0.1% of W is lost almost entirely, and a merged adapter then scores lower
+on a GPU than on the fp32 CPU path. `mode="unmerged"` keeps the adapter beside the layer instead
+(`LoRALinear`: y = W x + s B A x, summed in fp32 and rounded once); `"auto"` merges unless that would
+lose most of the delta. `DeltaStats` measures what a merge keeps (both in `lora_precision.py`).
+
+Scaling is lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA; per-module `rank_pattern` /
+`alpha_pattern` are honoured. Target modules that match only part of the model are reported, never
+silently ignored.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,13 +26,23 @@ from typing import Any
 import torch
 from torch import nn
 
-from evotok_cli.errors import CheckpointError
+from evotok_cli.errors import CheckpointError, ConfigError
 from evotok_cli.files import input_dir
 from evotok_cli.runtime import checkpoint
+from evotok_cli.runtime.lora_precision import (  # noqa: F401 (LoRALinear, delta_summary: re-exported)
+    DeltaStats,
+    LoRALinear,
+    LoRAPair,
+    delta_stats,
+    delta_summary,
+)
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
+LORA_MODES = ("auto", "merged", "unmerged")
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+MOSTLY_LOST = 0.5  # `auto` keeps an adapter unmerged when a merge would round away more of its entries
 
 
 @dataclass
@@ -35,9 +54,11 @@ class AdapterReport:
     target_modules: list[str] | str
     merged_modules: int
     replaced_tensors: int = 0  # modules_to_save: full tensors copied over the model's
-    matched: dict[str, int] = field(default_factory=dict)  # target name -> modules merged
+    matched: dict[str, int] = field(default_factory=dict)  # target name -> modules adapted
     unmatched_targets: list[str] = field(default_factory=list)  # targets with no module in this model
     partial: list[str] = field(default_factory=list)  # human-readable notes on partial coverage
+    mode: str | None = None  # how it was applied: merged, or unmerged (beside each layer); None: not applied
+    delta: DeltaStats | None = None  # None where no weights were read (on the meta device)
 
     @property
     def matches_nothing(self) -> bool:
@@ -47,12 +68,23 @@ class AdapterReport:
         all_unmatched = bool(listed) and set(listed) <= set(self.unmatched_targets)
         return all_unmatched or (self.merged_modules == 0 and self.replaced_tensors == 0)
 
-    def summary(self) -> str:
-        kinds = ", ".join(f"{k} x{n}" for k, n in sorted(self.matched.items()))
-        text = f"LoRA r={self.r} alpha={self.lora_alpha:g}{' rsLoRA' if self.use_rslora else ''}: {kinds}"
-        if self.partial:
-            text += "; " + "; ".join(self.partial)
-        return text
+
+def adapter_summary(facts: dict[str, Any]) -> str:
+    """An adapter in one line, for `evotok info`: from its facts there (`DiffusionModel.info()["adapter"]`)."""
+    kinds = ", ".join(f"{k} x{n}" for k, n in sorted(facts["matched"].items()))
+    text = (("MATCHES NOTHING in this model (--adapter refuses it): " if facts["matches_nothing"] else "")
+            + f"r={facts['r']} alpha={facts['lora_alpha']:g}{' rsLoRA' if facts['rslora'] else ''}, "
+            + f"{facts['merged_modules']} modules: {kinds}")
+    for note in facts["notes"]:
+        text += "; " + note
+    return text + ("; " + delta_summary(facts["delta"]) if facts.get("delta") else "")
+
+
+def check_lora_mode(mode: str) -> str:
+    if mode not in LORA_MODES:
+        raise ConfigError(f"unknown LoRA mode {mode!r}", where="--lora-mode",
+                          fix="use merged (fastest), unmerged (keeps small deltas in bf16) or auto")
+    return mode
 
 
 def _pattern_value(pattern: dict[str, Any], module: str, default: Any) -> Any:
@@ -137,12 +169,65 @@ def resolve_adapter(model_folder: Path, adapter: str | Path) -> Path:
     return path
 
 
-def merge_adapter(net: nn.Module, folder: str | Path, family: str, *, strict: bool = True) -> AdapterReport:
-    """Merge into `net` and say what was adapted. `strict` (loading for use) refuses an adapter that
-    matches nothing; `evotok info` passes False to show that instead."""
+def merge_adapter(net: nn.Module, folder: str | Path, family: str, *, strict: bool = True,
+                  mode: str = "merged", weight_of: Callable[[LoRAPair], torch.Tensor] | None = None) -> AdapterReport:
+    """Apply the adapter in `folder` to `net` (merged, unmerged, or `auto`: see the module docstring) and
+    say what was adapted. `strict` (loading for use) refuses an adapter that matches nothing; `evotok
+    info` passes False to show that instead. On the meta device nothing is applied: coverage only, and
+    the deltas are sized against `weight_of(pair)` (the real weight, read from the files) if given."""
+    if mode not in LORA_MODES:
+        raise ValueError(f"LoRA mode {mode!r}: one of {', '.join(LORA_MODES)}")
     folder = input_dir(folder, what="adapter folder", error=CheckpointError,
                        fix="pass --adapter DIR with adapter_config.json and adapter_model.safetensors")
     cfg = read_adapter_config(folder)
+    pairs, replaced, report = read_adapter(net, folder, cfg, family)
+    _report_coverage(report, net, cfg)
+    if strict and report.matches_nothing:
+        raise CheckpointError(f"the adapter matches nothing in this {family} model ({'; '.join(report.partial)})",
+                              where=str(folder / ADAPTER_CONFIG),
+                              fix="it was made for another model: `evotok info MODEL --adapter DIR` shows its targets")
+    if any(p.module.weight.is_meta for p in pairs):
+        if weight_of is not None and pairs:
+            report.delta = delta_stats(pairs, weight_of, torch.bfloat16)
+        return report
+    dtype = next(net.parameters()).dtype
+    report.delta = delta_stats(pairs, lambda p: p.module.weight, dtype if dtype in LOW_PRECISION else torch.bfloat16)
+    report.mode = choose_mode(mode, dtype, report.delta)
+    if report.mode == "merged" and dtype in LOW_PRECISION and report.delta.lost > MOSTLY_LOST:
+        warnings.warn(f"merging the adapter into {report.delta.dtype} weights rounds away {report.delta.lost:.0%} "
+                      f"of its entries (--lora-mode unmerged or auto keeps them beside the weights)", stacklevel=2)
+    params = dict(net.named_parameters())
+    with torch.no_grad():
+        for p in pairs:
+            apply_pair(net, p, report.mode)
+        for name, tensor in replaced.items():
+            params[name].copy_(tensor)
+    return report
+
+
+def choose_mode(mode: str, dtype: torch.dtype, stats: DeltaStats | None) -> str:
+    """`auto`: unmerged only where merging would round away most of the delta (bf16/fp16 weights and
+    small deltas); everywhere else merged, which is as fast as the base model."""
+    if mode != "auto":
+        return mode
+    lossy = dtype in LOW_PRECISION and stats is not None and stats.lost > MOSTLY_LOST
+    return "unmerged" if lossy else "merged"
+
+
+def apply_pair(net: nn.Module, p: LoRAPair, mode: str) -> None:
+    """Merge one pair into its weight, or put a `LoRALinear` in its layer's place."""
+    w = p.module.weight
+    if mode == "merged":
+        w.copy_((w.float() + p.delta()).to(w.dtype))
+        return
+    wrapped = LoRALinear(p.module, p.a.to(w.device), (p.b * p.scaling).to(w.device))
+    parent, _, child = p.name.rpartition(".")
+    setattr(net.get_submodule(parent) if parent else net, child, wrapped)
+
+
+def read_adapter(net: nn.Module, folder: Path, cfg: dict[str, Any],
+                 family: str) -> tuple[list[LoRAPair], dict[str, torch.Tensor], AdapterReport]:
+    """The adapter's tensors, checked against `net`: LoRA pairs and modules_to_save replacements."""
     weights_path = folder / ADAPTER_WEIGHTS
     if not weights_path.is_file():
         pickles = [p.name for p in folder.glob("adapter_model.bin")]
@@ -155,28 +240,30 @@ def merge_adapter(net: nn.Module, folder: str | Path, family: str, *, strict: bo
     tensors = dict(checkpoint.iter_tensors(files, "cpu"))
     params = dict(net.named_parameters())
     modules = dict(net.named_modules())
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    base = cfg.get("base_model_name_or_path") or "unknown base"
+    found: dict[str, dict[str, torch.Tensor]] = {}
     replaced: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
         name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
         m = re.fullmatch(r"(.+)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight", name)
         if m:
-            pairs.setdefault(m.group(1), {})[m.group(2)] = tensor
+            found.setdefault(m.group(1), {})[m.group(2)] = tensor
         elif name in params:  # modules_to_save: a full replacement tensor
-            replaced[name] = tensor
+            if params[name].shape != tensor.shape:
+                raise CheckpointError(f"{name} has shape {list(tensor.shape)}, expected {list(params[name].shape)}",
+                                      where=str(weights_path), fix="the adapter was made for a model of another size")
+            replaced[name] = tensor.to(params[name].dtype)
         else:
-            base = cfg.get("base_model_name_or_path") or "unknown base"
             raise CheckpointError(f"adapter tensor {key} matches no module of this {family} model",
                                   where=str(weights_path),
                                   fix=f"the adapter was made for another architecture ({base})")
     report = AdapterReport(path=str(folder), r=cfg["r"], lora_alpha=float(cfg.get("lora_alpha", cfg["r"])),
                            use_rslora=bool(cfg.get("use_rslora")), target_modules=cfg.get("target_modules"),
-                           merged_modules=0)
-    kinds: Counter[str] = Counter()
-    for module_name, ab in sorted(pairs.items()):
+                           merged_modules=0, replaced_tensors=len(replaced))
+    pairs, kinds = [], Counter()
+    for module_name, ab in sorted(found.items()):
         module = modules.get(module_name)
         if not isinstance(module, nn.Linear):
-            base = cfg.get("base_model_name_or_path") or "unknown base"
             raise CheckpointError(f"adapter targets {module_name}, which is not a linear layer of this {family} model",
                                   where=str(weights_path),
                                   fix=f"the adapter was made for another architecture ({base})")
@@ -196,26 +283,10 @@ def merge_adapter(net: nn.Module, folder: str | Path, family: str, *, strict: bo
                                   fix="the config does not belong to these weights and would merge them at the "
                                       "wrong scale: save both together again")
         alpha = _pattern_value(cfg.get("alpha_pattern"), module_name, report.lora_alpha)
-        scaling = alpha / (math.sqrt(r) if report.use_rslora else r)
-        with torch.no_grad():
-            delta = (b.to(w.device) @ a.to(w.device)) * scaling  # (out, in), in fp32
-            w.copy_((w.float() + delta).to(w.dtype))
+        pairs.append(LoRAPair(module_name, module, a, b, alpha / (math.sqrt(r) if report.use_rslora else r)))
         kinds[module_name.rsplit(".", 1)[-1]] += 1
-        report.merged_modules += 1
-    with torch.no_grad():
-        for name, tensor in replaced.items():
-            if params[name].shape != tensor.shape:
-                raise CheckpointError(f"{name} has shape {list(tensor.shape)}, expected {list(params[name].shape)}",
-                                      where=str(weights_path), fix="the adapter was made for a model of another size")
-            params[name].copy_(tensor.to(params[name].dtype))
-    report.replaced_tensors = len(replaced)
-    report.matched = dict(kinds)
-    _report_coverage(report, net, cfg)
-    if strict and report.matches_nothing:
-        raise CheckpointError(f"the adapter matches nothing in this {family} model ({'; '.join(report.partial)})",
-                              where=str(folder / ADAPTER_CONFIG),
-                              fix="it was made for another model: `evotok info MODEL --adapter DIR` shows its targets")
-    return report
+    report.merged_modules, report.matched = len(pairs), dict(kinds)
+    return pairs, replaced, report
 
 
 def _report_coverage(report: AdapterReport, net: nn.Module, cfg: dict[str, Any]) -> None:

@@ -7,6 +7,7 @@ and cache), the mask / stop ids, whether logits are shifted, and the maximum len
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from evotok_cli.runtime import checkpoint
 from evotok_cli.runtime import tokenizer as tok
 from evotok_cli.runtime.architectures import Family, detect_family
 from evotok_cli.runtime.device import resolve_device, resolve_dtype
-from evotok_cli.runtime.lora import AdapterReport, merge_adapter, resolve_adapter
+from evotok_cli.runtime.lora import AdapterReport, LoRAPair, check_lora_mode, merge_adapter, resolve_adapter
 
 
 @dataclass
@@ -32,6 +33,7 @@ class DiffusionModel:
     weights: checkpoint.WeightFiles | None
     adapter: AdapterReport | None = None
     eot_id: int | None = None
+    compiled_forward: Callable[..., torch.Tensor] | None = field(default=None, repr=False)  # --compile
     logits_checked: bool = field(default=False, repr=False)  # see `_check_finite`
 
     # -- the protocol decoders use ---------------------------------------------------------------
@@ -61,6 +63,10 @@ class DiffusionModel:
         return self.config.vocab_size
 
     @property
+    def compiled(self) -> bool:
+        return self.compiled_forward is not None
+
+    @property
     def device(self) -> torch.device:
         return next(self.net.parameters()).device
 
@@ -75,7 +81,7 @@ class DiffusionModel:
         return self.net.embed_soft(ids, weights)
 
     def __call__(self, input_ids=None, **kwargs) -> torch.Tensor:
-        logits = self.net(input_ids, **kwargs)
+        logits = (self.compiled_forward or self.net)(input_ids, **kwargs)
         if not self.logits_checked:
             self._check_finite(logits)
         return logits
@@ -139,6 +145,7 @@ class DiffusionModel:
                 "rslora": self.adapter.use_rslora, "merged_modules": self.adapter.merged_modules,
                 "matched": self.adapter.matched, "unmatched_targets": self.adapter.unmatched_targets,
                 "matches_nothing": self.adapter.matches_nothing, "notes": self.adapter.partial,
+                "mode": self.adapter.mode, "delta": self.adapter.delta.as_dict() if self.adapter.delta else None,
             },
             "unknown_config_keys": list(self.config.unknown_keys),
         }
@@ -166,12 +173,21 @@ def build_model(family: Family, config: Any, *, device: torch.device, dtype: tor
 
 
 def load_model(path: str | Path, *, adapter: str | Path | None = None, device: str = "auto",
-               dtype: str = "auto", load_tokenizer: bool = True) -> DiffusionModel:
+               dtype: str = "auto", load_tokenizer: bool = True, compile: bool = False,
+               lora_mode: str = "merged") -> DiffusionModel:
+    """Load a checkpoint folder for decoding. `compile`: run the forward under torch.compile
+    (`runtime/compile.py`); `lora_mode`: merged | unmerged | auto (`runtime/lora.py`), merged by default
+    (what fine-tuning starts from)."""
+    from evotok_cli.runtime.compile import check_compile, compile_forward
+
+    check_lora_mode(lora_mode)
     folder = checkpoint.model_dir(path)
     family, config = read_family_config(folder)
     weights = checkpoint.find_weights(folder)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    if compile:
+        check_compile(dev)  # before the (slow) weight load
     net = build_model(family, config, device=dev, dtype=dt)
     expected = {n: tuple(p.shape) for n, p in net.named_parameters()}
     checkpoint.check_tensors(expected, checkpoint.tensor_shapes(weights), str(folder))
@@ -179,12 +195,14 @@ def load_model(path: str | Path, *, adapter: str | Path | None = None, device: s
     state = {name: t.to(dt) for name, t in checkpoint.iter_tensors(weights, load_device)}
     net.load_state_dict(state, strict=True, assign=True)
     net.to(dev).eval().requires_grad_(False)
-    report = merge_adapter(net, resolve_adapter(folder, adapter), family.name) if adapter else None
+    report = (merge_adapter(net, resolve_adapter(folder, adapter), family.name, mode=lora_mode)
+              if adapter else None)
     tokenizer = tok.load_tokenizer(folder) if load_tokenizer else None
     module = family.load()
     eot = next((t for t in (tok.token_id(tokenizer, s) for s in module.EOT_TOKENS) if t is not None), None)
     return DiffusionModel(net=net, family=family, config=config, tokenizer=tokenizer, path=folder,
-                          weights=weights, adapter=report, eot_id=eot)
+                          weights=weights, adapter=report, eot_id=eot,
+                          compiled_forward=compile_forward(net) if compile else None)
 
 
 def inspect_model(path: str | Path, *, adapter: str | Path | None = None) -> dict[str, Any]:
@@ -195,8 +213,9 @@ def inspect_model(path: str | Path, *, adapter: str | Path | None = None) -> dic
     shapes = checkpoint.tensor_shapes(weights)
     net = build_model(family, config, device=torch.device("cpu"), dtype=torch.float32)  # meta: free
     checkpoint.check_tensors({n: tuple(p.shape) for n, p in net.named_parameters()}, shapes, str(folder))
-    # on meta: names and shapes only
-    report = merge_adapter(net, resolve_adapter(folder, adapter), family.name, strict=False) if adapter else None
+    # on meta: names and shapes only; the adapted layers' weights are read to size the deltas
+    report = (merge_adapter(net, resolve_adapter(folder, adapter), family.name, strict=False,
+                            weight_of=_weight_reader(shapes)) if adapter else None)
     tokenizer = tok.load_tokenizer(folder)
     module = family.load()
     eot = next((t for t in (tok.token_id(tokenizer, s) for s in module.EOT_TOKENS) if t is not None), None)
@@ -208,3 +227,13 @@ def inspect_model(path: str | Path, *, adapter: str | Path | None = None) -> dic
     info.pop("device")
     info["size_bytes"] = sum(p.stat().st_size for p in weights.files)
     return info
+
+
+def _weight_reader(shapes: dict[str, tuple[tuple[int, ...], str, Path]]) -> Callable[[LoRAPair], torch.Tensor]:
+    """An adapted layer's weight read from the checkpoint files (one tensor, not the whole model), so that
+    `evotok info` sizes an adapter's deltas against the real weights."""
+    def weight_of(pair: LoRAPair) -> torch.Tensor:
+        name = pair.name + ".weight"
+        with checkpoint._open(shapes[name][2], "cpu") as f:
+            return f.get_tensor(name)
+    return weight_of

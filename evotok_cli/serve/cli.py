@@ -2,36 +2,19 @@
 
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
+from typing import Any
 
 import typer
 
 from evotok_cli.errors import ConfigError
+from evotok_cli.options import from_flags, with_options
+from evotok_cli.serve.config import ServeOptions, check
 
-MODEL_HELP = "checkpoint folder (Hugging Face layout); default: the bundled model"
 
-
-def serve(
-    model: str | None = typer.Option(None, "--model", "-m", envvar="EVOTOK_MODEL", help=MODEL_HELP, show_default=False),
-    adapter: str | None = typer.Option(None, "--adapter", envvar="EVOTOK_ADAPTER",
-                                       help="PEFT LoRA adapter folder, merged at load", show_default=False),
-    decoder: str = typer.Option("hard-mask", "--decoder", "-d", envvar="EVOTOK_DECODER",
-                                help="default decoder of requests that name none (a request's `decoder` field wins)"),
-    host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (0.0.0.0: every interface)"),
-    port: int = typer.Option(8000, "--port", min=0, max=65535, help="TCP port (0: any free port, printed at start)"),
-    api_key: str | None = typer.Option(None, "--api-key", envvar="EVOTOK_API_KEY",
-                                       help="require `Authorization: Bearer KEY` on /v1/* and /metrics",
-                                       show_default=False),
-    max_rows: int = typer.Option(16, "--max-rows", min=1, max=4096, help="rows decoded together (one per prompt x n)"),
-    max_queue: int = typer.Option(64, "--max-queue", min=0, help="requests that may wait for room; more get 503"),
-    timeout: float = typer.Option(600.0, "--timeout", help="seconds per request, queue included; then 504"),
-    grace: float = typer.Option(30.0, "--grace", help="seconds in-flight requests get to finish after SIGTERM"),
-    device: str = typer.Option("auto", "--device", envvar="EVOTOK_DEVICE", help="auto | cpu | cuda | cuda:N"),
-    dtype: str = typer.Option("auto", "--dtype", envvar="EVOTOK_DTYPE",
-                              help="auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16"),
-) -> None:
+@with_options(ServeOptions)  # --model ... --compile, from ServeOptions' fields; they arrive in **options
+def serve(**options: Any) -> None:
     """Serve a model over an OpenAI-compatible HTTP API: /v1/completions, /v1/chat/completions (streaming,
     n, stop, seed, and evotok's decoder, options, steps and block_length), /v1/models, plus a live page
     at /, /health and /metrics. The model loads once; every request's rows decode together in one
@@ -45,45 +28,41 @@ def serve(
           -d '{"messages": [{"role": "user", "content": "What is 7 + 8?"}]}'
       evotok serve -m ./LLaDA-8B-Instruct -d evotoken --host 0.0.0.0 --api-key "$KEY"
     """
-    from evotok_cli.files import check_text
+    opts = from_flags(ServeOptions, options)
+    check(opts)
+    folder, defaults = _prepare(opts)
+    if opts.compile:  # before the port is bound, like every check that needs no weights
+        from evotok_cli.runtime.compile import check_compile
+        from evotok_cli.runtime.device import resolve_device
 
-    _check_seconds(timeout, "--timeout", positive=True)
-    _check_seconds(grace, "--grace", positive=False)
-    if not host.strip():
-        raise ConfigError("empty host", where="--host", fix="e.g. --host 127.0.0.1")
-    if api_key is not None and not check_text(api_key, "--api-key").strip():
-        raise ConfigError("empty API key", where="--api-key", fix="pass a non-empty key, or leave --api-key out")
-    served_parts = _prepare(model, adapter, decoder, device, dtype)
+        check_compile(resolve_device(opts.device))
     from evotok_cli.serve.server import address, bind, run
 
-    sock = bind(host, port)
+    sock = bind(opts.host, opts.port)
     try:
-        service, app = _start(*served_parts, adapter=adapter, device=device, dtype=dtype, max_rows=max_rows,
-                              max_queue=max_queue, timeout=timeout, api_key=api_key)
+        service, app = _start(folder, defaults, opts)
     except BaseException:
         sock.close()
         raise
+    _announce(service, opts, address(sock))
+    run(app, sock, service, grace=opts.grace)
+    print("evotok serve: stopped", file=sys.stderr)
+
+
+def _announce(service: Any, opts: ServeOptions, where: str) -> None:
     from evotok_cli.console import stderr
 
     err = stderr()
     served = service.served
-    err.print(f"evotok serve: {served.name} ({served.model.device}, default decoder {decoder}) on {address(sock)}; "
-              f"max rows {max_rows}, queue {max_queue}, timeout {timeout:g}s"
-              f"{', API key required' if api_key else ''}; SIGTERM or Ctrl-C stops", highlight=False)
-    if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
-        err.print(f"warning: listening on {host} without --api-key: anyone who can reach it can use it",
+    err.print(f"evotok serve: {served.name} ({served.model.device}, default decoder {opts.decoder}) on {where}; "
+              f"max rows {opts.max_rows}, queue {opts.max_queue}, timeout {opts.timeout:g}s"
+              f"{', API key required' if opts.api_key else ''}; SIGTERM or Ctrl-C stops", highlight=False)
+    if opts.api_key is None and opts.host not in ("127.0.0.1", "localhost", "::1"):
+        err.print(f"warning: listening on {opts.host} without --api-key: anyone who can reach it can use it",
                   highlight=False)
-    run(app, sock, service, grace=grace)
-    print("evotok serve: stopped", file=sys.stderr)
 
 
-def _check_seconds(value: float, flag: str, *, positive: bool) -> None:
-    if not math.isfinite(value) or value < 0 or (positive and value == 0):
-        raise ConfigError(f"{value} is not a {'positive' if positive else 'non-negative'} number of seconds",
-                          where=flag, fix=f"e.g. {flag} {600 if positive else 30}")
-
-
-def _prepare(model: str | None, adapter: str | None, decoder: str, device: str, dtype: str) -> tuple[Path, str, dict]:
+def _prepare(opts: ServeOptions) -> tuple[Path, dict]:
     """Every check that needs no weights, before the port is bound: decoder, folder, its defaults, device."""
     from evotok_cli.config import generate_defaults, model_folder
     from evotok_cli.files import input_dir
@@ -91,19 +70,18 @@ def _prepare(model: str | None, adapter: str | None, decoder: str, device: str, 
     from evotok_cli.runtime.checkpoint import model_dir
     from evotok_cli.runtime.device import resolve_device, resolve_dtype
 
-    dec = make_decoder(decoder, {}, where="--decoder")
-    folder = model_dir(model_folder(model))
-    if adapter is not None:
-        input_dir(adapter, what="adapter folder", error=ConfigError, fix="pass the folder of a PEFT LoRA adapter")
+    dec = make_decoder(opts.decoder, {}, where="--decoder")
+    folder = model_dir(model_folder(opts.model))
+    if opts.adapter is not None:
+        input_dir(opts.adapter, what="adapter folder", error=ConfigError, fix="pass the folder of a PEFT LoRA adapter")
     defaults = generate_defaults(folder)
     check_settings(dec, gen_length=defaults["gen_length"], block_length=defaults["block_length"],
                    steps=defaults["steps"], temperature=defaults["temperature"])
-    resolve_dtype(dtype, resolve_device(device))
-    return folder, decoder, defaults
+    resolve_dtype(opts.dtype, resolve_device(opts.device))
+    return folder, defaults
 
 
-def _start(folder: Path, decoder: str, defaults: dict, *, adapter: str | None, device: str, dtype: str, max_rows: int,
-           max_queue: int, timeout: float, api_key: str | None) -> tuple:
+def _start(folder: Path, defaults: dict, opts: ServeOptions) -> tuple:
     """Load the model once, start its engine, build the app."""
     from evotok_cli.decoding import registry
     from evotok_cli.runtime.model import load_model
@@ -111,12 +89,13 @@ def _start(folder: Path, decoder: str, defaults: dict, *, adapter: str | None, d
     from evotok_cli.serve.plan import Served
     from evotok_cli.serve.sessions import Service
 
-    lm = load_model(folder, adapter=adapter, device=device, dtype=dtype)
+    lm = load_model(folder, adapter=opts.adapter, device=opts.device, dtype=opts.dtype, compile=opts.compile,
+                    lora_mode=opts.lora_mode)
     decoders = [e.name for e in registry.discover().values() if e.ok]
-    served = Served(lm, name=folder.name, adapter=Path(adapter).name if adapter else None, decoder=decoder,
-                    defaults=defaults, classes={name: registry.get(name) for name in decoders})
-    service = Service(served, max_rows=max_rows, max_queue=max_queue, timeout=timeout)
-    return service, create_app(service, api_key=api_key, decoders=decoders)
+    served = Served(lm, name=folder.name, adapter=Path(opts.adapter).name if opts.adapter else None,
+                    decoder=opts.decoder, defaults=defaults, classes={name: registry.get(name) for name in decoders})
+    service = Service(served, max_rows=opts.max_rows, max_queue=opts.max_queue, timeout=opts.timeout)
+    return service, create_app(service, api_key=opts.api_key, decoders=decoders)
 
 
 def register(app: typer.Typer) -> None:

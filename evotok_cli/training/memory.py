@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -97,3 +98,20 @@ def checkpointing_default(*, cuda: bool, full: bool, size: ModelSize | None, tok
     if full:
         return True
     return size is not None and activation_bytes(size, tokens) > ACTIVATION_SHARE * total
+
+
+def plan(cfg: Any, device: str, *, shards: int) -> bool:
+    """On a GPU, before the weights load: refuse a --full run whose training state cannot fit, and
+    decide activation checkpointing (the flag, or the rule in `checkpointing_default`)."""
+    from evotok_cli.runtime.device import resolve_device
+
+    gpu = resolve_device(device)
+    gpu = gpu if gpu.index is not None else torch.device("cuda", torch.cuda.current_device())
+    size = model_size(cfg.model) if cfg.full or cfg.activation_checkpointing is None else None
+    free, total = gpu_memory(gpu)
+    if cfg.full:
+        check_full(size.params, free, shards=shards, device=str(gpu))
+    if cfg.activation_checkpointing is not None:
+        return cfg.activation_checkpointing
+    return checkpointing_default(cuda=True, full=cfg.full, size=size, tokens=cfg.batch_size * cfg.max_length,
+                                 total=total)

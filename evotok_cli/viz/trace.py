@@ -21,8 +21,8 @@ BLOCK_STATES = ("active", "to_cache", "in_cache")
 
 
 @dataclass(frozen=True)
-class PipelineBlock:
-    """One d2f block after a pass: positions [start, end) of the generated span."""
+class TracedBlock:
+    """One d2f block after a pass, as the trace records it: positions [start, end) of the generated span."""
 
     start: int
     end: int
@@ -43,7 +43,7 @@ class Step:
     committed: list[int]
     revised: list[int]
     candidates: list[list[tuple[int, float]]] | None
-    blocks: list[PipelineBlock] | None
+    blocks: list[TracedBlock] | None
 
 
 @dataclass
@@ -220,7 +220,7 @@ def _candidates(line: _Line, n: int) -> list[list[tuple[int, float]]] | None:
     return out
 
 
-def _blocks(line: _Line, n: int) -> list[PipelineBlock] | None:
+def _blocks(line: _Line, n: int) -> list[TracedBlock] | None:
     if line.field("blocks") is None:
         return None
     out = []
@@ -236,7 +236,7 @@ def _blocks(line: _Line, n: int) -> list[PipelineBlock] | None:
         if not isinstance(b["fully_activated"], bool):
             raise line.fail(f"{name}.fully_activated is {b['fully_activated']!r}, not true/false")
         start = line.integer(b["start"], f"{name}.start", 0, n)
-        out.append(PipelineBlock(start=start, end=line.integer(b["end"], f"{name}.end", start, n), state=b["state"],
+        out.append(TracedBlock(start=start, end=line.integer(b["end"], f"{name}.end", start, n), state=b["state"],
                                  fully_activated=b["fully_activated"],
                                  progress=line.number(b["progress"], f"{name}.progress")))
     return out

@@ -23,9 +23,9 @@ import re
 
 import torch
 
-from evotok_cli.bench.tasks.synthetic import PREFILL, TASKS, data_problems
 from evotok_cli.runtime import tokenizer as tok
 from evotok_cli.runtime.model import load_model
+from evotok_cli.training.synthetic import GENERATORS, PREFILL, data_problems
 
 GEN_LENGTH = 48  # the bundled model's answer window
 
@@ -76,7 +76,7 @@ def probe(model, task: str, n: int, split: str = "test", seed: int = 0) -> dict[
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("model")
-    parser.add_argument("--task", default="arith", choices=[t for t in TASKS if t != "sudoku4"])
+    parser.add_argument("--task", default="arith", choices=[t for t in GENERATORS if t != "sudoku4"])
     parser.add_argument("--n", type=int, default=40, help="problems to probe")
     parser.add_argument("--split", default="test", choices=["test", "train"])
     parser.add_argument("--seed", type=int, default=0, help="generator seed (the bench's test problems: 0)")

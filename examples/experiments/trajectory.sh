@@ -30,4 +30,4 @@ for k in ${TRAJECTORIES:-1 2 4 8}; do
       --limit "${LIMIT:-200}" --batch-size "${BATCH:-50}" "${gen[@]}" --out "$out/bench-k$k"
   folders+=("$out/bench-k$k")
 done
-evotok bench report "${folders[@]}" --out "$out/report"
+evotok bench report "${folders[@]}" --x trajectory_steps --out "$out/report"

@@ -21,7 +21,7 @@ from typing import Literal
 
 import torch
 
-from evotok_cli.decoding.api import option
+from evotok_cli.decoding.api import option, remasking_option, threshold_option
 from evotok_cli.decoding.blockwise import BlockwiseDecoder, check_reference_rng
 from evotok_cli.decoding.canvas import Canvas
 from evotok_cli.decoding.evolution import Commit, as_decoded, evolve
@@ -34,11 +34,8 @@ class EvoTokenConfig:
     k_soft: int = option(3, "top-k candidates mixed into each soft input", min=1)
     alpha: float = option(0.7, "weight of the [MASK] embedding in Soft([MASK]+V) inputs", min=0.0, max=1.0,
                           max_open=True)
-    remasking: Literal["low_confidence", "random"] = option(
-        "low_confidence", "rank masked positions by the candidate's probability, or randomly")
-    threshold: float | None = option(
-        None, "commit every candidate with confidence >= this (always at least one per pass)",
-        min=0.0, max=1.0, min_open=True)
+    remasking: Literal["low_confidence", "random"] = remasking_option()
+    threshold: float | None = threshold_option()
     cache: Literal["none", "prefix", "dual"] = option(
         "none", "KV cache policy (Fast-dLLM semantics); 'none' is the faithful reference")
     soft_mask: bool = option(True, "ablation: feed undecided positions as Soft([MASK]+V); false: hard [MASK]")
@@ -69,6 +66,7 @@ class EvoTokenState:
 class EvoTokenDecoder(BlockwiseDecoder):
     name = "evotoken"
     Config = EvoTokenConfig
+    exact_schedule = True  # evolve's commit (and llada_step) take exactly counts[b]: no read-back per pass
 
     def start(self, model, canvas, request):
         return EvoTokenState(canvas, self.config.k_soft, model.dtype)
@@ -79,7 +77,7 @@ class EvoTokenDecoder(BlockwiseDecoder):
         # soft states are rebuilt for every fed generated position (future blocks included, Q3)
         return max(lo, canvas.gen_start), hi
 
-    def inputs(self, model, state, canvas, lo, hi, block, first):
+    def inputs(self, model, state, canvas, lo, hi, block):
         if not state.soft or self.config.plain:
             return {"input_ids": canvas.x[:, lo:hi]}
         return {"soft_inputs": (state.ids[:, lo:hi], state.weights[:, lo:hi])}
@@ -123,10 +121,12 @@ class EvoTokenDecoder(BlockwiseDecoder):
         ids, weights = one_hot_slots(canvas.x[:, :end], state.ids.shape[-1] - 1, state.weights.dtype)
         if rows is None:
             state.ids[:, :end], state.weights[:, :end] = ids, weights
-        else:
-            state.ids[rows, :end], state.weights[rows, :end] = ids[rows], weights[rows]
+        else:  # torch.where over the rows, not state.ids[rows]: no read-back of the bool mask
+            keep = rows[:, None, None]  # (B, 1, 1)
+            state.ids[:, :end] = torch.where(keep, ids, state.ids[:, :end])
+            state.weights[:, :end] = torch.where(keep, weights, state.weights[:, :end])
 
-    def describe_inputs(self, model, state, canvas, row, first):
+    def describe_inputs(self, model, state, canvas, row):
         g0 = canvas.gen_start
         tokens = canvas.x[row, g0:]
         if not state.soft:

@@ -17,7 +17,7 @@ from typing import Literal
 
 import torch
 
-from evotok_cli.decoding.api import option
+from evotok_cli.decoding.api import option, remasking_option, threshold_option
 from evotok_cli.decoding.blockwise import BlockwiseDecoder, check_reference_rng
 from evotok_cli.decoding.canvas import Canvas
 from evotok_cli.decoding.engine import ForwardPass
@@ -27,11 +27,8 @@ from evotok_cli.errors import ConfigError
 
 @dataclass
 class HardMaskConfig:
-    remasking: Literal["low_confidence", "random"] = option(
-        "low_confidence", "rank masked positions by the candidate's probability, or randomly")
-    threshold: float | None = option(
-        None, "Fast-dLLM parallel decoding: also commit every candidate with confidence >= this",
-        min=0.0, max=1.0, min_open=True)
+    remasking: Literal["low_confidence", "random"] = remasking_option()
+    threshold: float | None = threshold_option()
     cache: Literal["none", "prefix", "dual"] = option(
         "none", "KV cache policy (Fast-dLLM); 'none' is the exact reference")
     cfg_scale: float = option(0.0, "classifier-free guidance scale (0 = off)", min=0.0)
@@ -57,13 +54,14 @@ class HardMaskDecoder(BlockwiseDecoder):
     name = "hard-mask"
     Config = HardMaskConfig
     release_runs_every_step = True  # LLaDA's `generate` runs every scheduled step of a block
+    exact_schedule = True  # llada_step commits exactly counts[b] per live row: no read-back per pass
 
     def start(self, model, canvas, request):
         return HardMaskState(canvas)
 
-    def forward(self, model, state, canvas, block, lo, hi, cache, first):
+    def forward(self, model, state, canvas, block, lo, hi, cache):
         if self.config.cfg_scale <= 0:
-            return super().forward(model, state, canvas, block, lo, hi, cache, first)
+            return super().forward(model, state, canvas, block, lo, hi, cache)
         # classifier-free guidance: a copy with the prompt masked, in the same batch (as LLaDA does)
         prompt = canvas.real.clone()
         prompt[:, canvas.gen_start:] = False

@@ -1,7 +1,8 @@
-"""The bundled model's synthetic tasks as benchmark tasks: the test split of `synthetic.py`'s generators.
+"""The bundled model's tasks as benchmark tasks: the test split of `training/synthetic.py`'s generators,
+and their scorers.
 
-The problems, their answer format and their scorers stay in `synthetic.py` (the bundled model is trained
-on its train split; the test split must never change). This file only wraps them: n = --limit or 200
+The problems and their answer format stay with the generators (the bundled model is trained on their
+train split; the test split must never change). This file poses and scores them: n = --limit or 200
 problems of the test split, generator seed 0, the question alone in the chat template (no system
 prompt) and the "<reasoning>" prefill, as in training.
 """
@@ -11,9 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar
 
+from evotok_cli.bench.parsers import countdown_correct, countdown_expression, last_boxed, parse_number_answer
 from evotok_cli.bench.tasks.base import Doc, GenDefaults, Loaded, Task
-from evotok_cli.bench.tasks.synthetic import PREFILL, TASKS
 from evotok_cli.errors import ConfigError
+from evotok_cli.training.synthetic import GENERATORS, PREFILL
 
 PROTOCOL = "evotok-synthetic/1"
 DEFAULT_COUNT = 200
@@ -27,7 +29,7 @@ def _json_target(value: Any) -> Any:
     return value
 
 
-class SyntheticTask(Task):
+class BundledTask(Task):
     protocol = PROTOCOL
     prefill = PREFILL
     defaults = GenDefaults(gen_length=48, block_length=16, steps=48, temperature=0.0)
@@ -39,25 +41,37 @@ class SyntheticTask(Task):
             raise ConfigError(f"{self.name} makes its own test problems and reads no data", where="--data",
                               fix=f"drop --data for {self.name}")
         n = DEFAULT_COUNT if limit is None else limit
-        problems = TASKS[self.generator].problems("test", n, GENERATOR_SEED)
+        problems = GENERATORS[self.generator].problems("test", n, GENERATOR_SEED)
         docs = [Doc(i, i, p.question, _json_target(p.target)) for i, p in enumerate(problems)]
         return Loaded(docs, f"synthetic:{self.generator}:test:seed{GENERATOR_SEED}", n)
 
-    def score(self, generation: str, target: Any) -> tuple[Any, bool]:
-        return TASKS[self.generator].score(generation, target)
 
-
-class Sudoku4(SyntheticTask):
+class Sudoku4(BundledTask):
     name = generator = "sudoku4"
 
+    def score(self, generation: str, target: str) -> tuple[str | None, bool]:
+        found = last_boxed(generation)
+        if found is None or found is generation:
+            return None, False
+        answer = "".join(found.split())
+        return answer, answer == target
 
-class Arith(SyntheticTask):
+
+class Arith(BundledTask):
     name = generator = "arith"
 
+    def score(self, generation: str, target: float) -> tuple[float | None, bool]:
+        value = parse_number_answer(generation)
+        return value, value is not None and value == target
 
-class ArithSmall(SyntheticTask):
+
+class ArithSmall(Arith):
     name = generator = "arith-small"
 
 
-class Countdown3(SyntheticTask):
+class Countdown3(BundledTask):
     name = generator = "countdown3"
+
+    def score(self, generation: str, target: tuple[list[int], int]) -> tuple[str, bool]:
+        expr = countdown_expression(generation)
+        return expr, countdown_correct(expr, target[0], target[1])

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from evotok_cli.bench import parsers
+from evotok_cli.bench.data import task_records
 from evotok_cli.bench.tasks.base import Doc, GenDefaults, Loaded, Task
 from evotok_cli.errors import DataError
 
@@ -51,8 +52,6 @@ class DatasetTask(Task):
     example: ClassVar[str] = ""  # what to pass to --data, for error messages
 
     def load(self, data: Path | None, limit: int | None) -> Loaded:
-        from evotok_cli.bench.data import task_records
-
         records, source = task_records(self, data)
         order = self.order(len(records))
         chosen = order if limit is None else order[:limit]

@@ -1,8 +1,7 @@
 """Task discovery through the `evotok.tasks` entry-point group.
 
-The built-in tasks are registered there by our own pyproject.toml, exactly like a third-party task. An
-install whose metadata predates a built-in task (an editable install not yet reinstalled) still finds it
-through `BUILTIN`, the same table as pyproject.toml's.
+The built-in tasks are registered there by our own pyproject.toml, exactly like a third-party task (and
+like the decoders): an install whose metadata predates a built-in task finds it after `pip install -e .`.
 """
 
 from __future__ import annotations
@@ -15,25 +14,12 @@ from typing import Any
 from evotok_cli.errors import ConfigError
 
 GROUP = "evotok.tasks"
-BUILTIN = {
-    "gsm8k": "evotok_cli.bench.tasks.protocol:GSM8K",
-    "math500": "evotok_cli.bench.tasks.protocol:MATH500",
-    "svamp": "evotok_cli.bench.tasks.protocol:SVAMP",
-    "countdown": "evotok_cli.bench.tasks.protocol:Countdown",
-    "sudoku4": "evotok_cli.bench.tasks.bundled:Sudoku4",
-    "arith": "evotok_cli.bench.tasks.bundled:Arith",
-    "arith-small": "evotok_cli.bench.tasks.bundled:ArithSmall",
-    "countdown3": "evotok_cli.bench.tasks.bundled:Countdown3",
-}
 _REQUIRED = ("name", "load", "render", "score", "defaults")
 
 
 def available() -> dict[str, str]:
-    """Task name -> "module:attribute", entry points first, then built-ins they do not name."""
-    found = {ep.name: ep.value for ep in sorted(metadata.entry_points(group=GROUP), key=lambda ep: ep.name)}
-    for name, value in BUILTIN.items():
-        found.setdefault(name, value)
-    return found
+    """Task name -> "module:attribute", from the entry points."""
+    return {ep.name: ep.value for ep in sorted(metadata.entry_points(group=GROUP), key=lambda ep: ep.name)}
 
 
 def _load(value: str) -> Any:

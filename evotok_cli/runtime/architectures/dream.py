@@ -33,12 +33,9 @@ from evotok_cli.runtime.architectures import (
     config_int,
     run_blocks,
 )
-from evotok_cli.runtime.architectures.llada import RMSNorm, rope_cos_sin
+from evotok_cli.runtime.architectures.layers import DiffusionLMBase, RMSNorm, apply_rope_in_dtype, rope_cos_sin
 from evotok_cli.runtime.attention import attend
 from evotok_cli.runtime.cache import KVCache
-
-ARCHITECTURES = ("DreamModel",)
-MODEL_TYPES = ("Dream", "dream")
 
 # Dream was trained on 2048-token sequences. Its config keeps Qwen2.5's position range (131072), but
 # positions past 2048 were never seen with bidirectional attention, and a canvas that long costs
@@ -169,13 +166,6 @@ class DreamConfig:
         }
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Non-interleaved rotary embedding (rotate halves) in x's dtype, with fp32 cos/sin cast to it (Qwen2)."""
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
-
-
 class DreamAttention(nn.Module):
     """Grouped-query attention with biased q/k/v and an unbiased output projection."""
 
@@ -195,7 +185,7 @@ class DreamAttention(nn.Module):
         q = self.q_proj(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, L, D)
         k = self.k_proj(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, L, D)
         v = self.v_proj(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, L, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope_in_dtype(q, cos, sin), apply_rope_in_dtype(k, cos, sin)
         if cache is not None:  # keys are cached after RoPE: positions are absolute, so this is exact
             k, v = cache.update(self.index, start, k, v)  # (B, Hkv, Lk, D)
         y = attend(q, k, v, mask, pad_offsets, start if cache is not None else 0)  # (B, H, L, D)
@@ -240,11 +230,13 @@ class DreamBackbone(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
 
 
-class DreamModel(nn.Module):
-    """The diffusion LM behind the decoders' model protocol (see `evotok_cli.runtime.model`)."""
+class DreamModel(DiffusionLMBase):
+    """The diffusion LM behind the decoders' model protocol (see `evotok_cli.runtime.model`); embedding ids
+    and soft mixtures, the FSDP units and the KV cache come from `layers.DiffusionLMBase`."""
 
     shifted_logits = True  # the prediction for position i is the output at i - 1 (see the module docstring)
-    activation_checkpointing = False  # finetune may set it: recompute block activations in the backward
+    # the token embedding and the block list, by their checkpoint names (see `DiffusionLMBase`)
+    embedding_name, blocks_name = "model.embed_tokens", "model.layers"
 
     def __init__(self, cfg: DreamConfig):
         super().__init__()
@@ -252,18 +244,6 @@ class DreamModel(nn.Module):
         self.model = DreamBackbone(cfg)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """(B, L) ids -> (B, L, d_model); no embedding scaling (Qwen2 has none)."""
-        return self.model.embed_tokens(ids)
-
-    def embed_soft(self, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Mixtures sum_j w_j E[id_j] for (B, L, K) ids and weights, by the same rule as LLaDA's: weights
-        clamped at 0, renormalised (floor 1e-12), cast to the embedding dtype, summed over K in order."""
-        w = weights.clamp(min=0)
-        w = w / w.sum(-1, keepdim=True).clamp(min=1e-12)
-        emb = self.model.embed_tokens(ids)  # (B, L, K, d_model)
-        return (emb * w.to(emb.dtype)[..., None]).sum(dim=-2)
 
     def forward(
         self,
@@ -285,10 +265,7 @@ class DreamModel(nn.Module):
         cache written at canvas slice [start, start + L), `logits_slice` (a, b) to run the LM head on fed
         positions [a, b) only, `pad_offsets` for left-padded rows, and `soft_inputs` (ids, weights).
         """
-        if soft_inputs is not None:
-            x = self.embed_soft(*soft_inputs)  # (B, L, d_model)
-        else:
-            x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, L, d_model)
+        x = self.input_embeddings(input_ids, inputs_embeds, soft_inputs)  # (B, L, d_model)
         B, L, _ = x.shape
         if position_ids is None:
             position_ids = torch.arange(start, start + L, device=x.device).expand(B, L)
@@ -301,18 +278,8 @@ class DreamModel(nn.Module):
         head = self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
         return F.linear(x, head)  # (B, L', V)
 
-    def shard_units(self) -> list[nn.Module]:
-        """The modules FSDP shards one by one (gathered for their own forward and backward)."""
-        return list(self.model.layers)
-
-    def new_cache(self, batch: int, length: int) -> KVCache:
-        p = self.model.embed_tokens.weight
-        return KVCache(self.config.n_layers, batch, self.config.n_kv_heads, length, self.config.head_dim,
-                       dtype=p.dtype, device=p.device)
-
 
 # The names the architecture registry looks for in every family module.
 Config = DreamConfig
 Model = DreamModel
 EOT_TOKENS = ("<|im_end|>",)
-EOS_TOKENS = ("<|endoftext|>",)

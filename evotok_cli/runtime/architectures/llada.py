@@ -24,11 +24,9 @@ from evotok_cli.runtime.architectures import (
     config_int,
     run_blocks,
 )
+from evotok_cli.runtime.architectures.layers import DiffusionLMBase, RMSNorm, apply_rope_fp32, rope_cos_sin
 from evotok_cli.runtime.attention import attend
 from evotok_cli.runtime.cache import KVCache
-
-ARCHITECTURES = ("LLaDAModelLM",)
-MODEL_TYPES = ("llada",)
 
 # Options we implement, with the only value we accept. Anything else is refused at load time rather
 # than silently computing a different model.
@@ -133,36 +131,6 @@ class LLaDAConfig:
         }
 
 
-class RMSNorm(nn.Module):
-    """Normalise in fp32 (bf16 variance is too coarse), scale in the weights' dtype."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
-
-
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of shape (B, 1, L, head_dim) in fp32 for integer positions (B, L)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float) / head_dim))
-    freqs = positions.float()[..., None] * inv_freq  # (B, L, head_dim/2)
-    angles = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, L, head_dim)
-    return angles.cos(), angles.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Non-interleaved rotary embedding (rotate halves), computed in fp32."""
-    x32 = x.float()
-    x1, x2 = x32.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return (x32 * cos + rotated * sin).to(x.dtype)
-
-
 class LLaDABlock(nn.Module):
     """Pre-norm attention + SwiGLU MLP. `ff_proj` is the gate, `up_proj` the linear branch."""
 
@@ -187,7 +155,7 @@ class LLaDABlock(nn.Module):
         q = self.q_proj(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, L, D)
         k = self.k_proj(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, L, D)
         v = self.v_proj(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, L, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope_fp32(q, cos, sin), apply_rope_fp32(k, cos, sin)
         if cache is not None:  # keys are cached after RoPE: positions are absolute, so this is exact
             k, v = cache.update(self.index, start, k, v)  # (B, Hkv, Lk, D)
         y = attend(q, k, v, mask, pad_offsets, start if cache is not None else 0)  # (B, H, L, D)
@@ -217,11 +185,13 @@ class LLaDAInner(nn.Module):
         self.transformer = LLaDATransformer(cfg)
 
 
-class LLaDAModelLM(nn.Module):
-    """The diffusion LM behind the decoders' model protocol (see `evotok_cli.runtime.model`)."""
+class LLaDAModelLM(DiffusionLMBase):
+    """The diffusion LM behind the decoders' model protocol (see `evotok_cli.runtime.model`); embedding ids
+    and soft mixtures, the FSDP units and the KV cache come from `layers.DiffusionLMBase`."""
 
     shifted_logits = False  # LLaDA predicts position i from the output at i
-    activation_checkpointing = False  # finetune may set it: recompute block activations in the backward
+    # the token embedding and the block list, by their checkpoint names (see `DiffusionLMBase`)
+    embedding_name, blocks_name = "model.transformer.wte", "model.transformer.blocks"
 
     def __init__(self, cfg: LLaDAConfig):
         super().__init__()
@@ -231,26 +201,6 @@ class LLaDAModelLM(nn.Module):
     @property
     def transformer(self) -> LLaDATransformer:
         return self.model.transformer
-
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """(B, L) ids -> (B, L, d_model); no embedding scaling (`input_emb_norm` is false)."""
-        return self.transformer.wte(ids)
-
-    def embed_soft(self, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Mixtures sum_j w_j E[id_j] for (B, L, K) ids and weights.
-
-        Weights are clamped at 0 and renormalised (floor 1e-12) exactly as the EvoToken release does, then
-        cast to the embedding dtype; the sum runs over the K slots in order.
-        """
-        w = weights.clamp(min=0)
-        w = w / w.sum(-1, keepdim=True).clamp(min=1e-12)
-        emb = self.transformer.wte(ids)  # (B, L, K, d_model)
-        return (emb * w.to(emb.dtype)[..., None]).sum(dim=-2)
-
-    def _input(self, input_ids, inputs_embeds, soft_inputs) -> torch.Tensor:
-        if soft_inputs is not None:
-            return self.embed_soft(*soft_inputs)
-        return self.embed(input_ids) if inputs_embeds is None else inputs_embeds
 
     def forward(
         self,
@@ -277,7 +227,7 @@ class LLaDAModelLM(nn.Module):
         soft_inputs: (ids, weights) of shape (B, L, K): soft input embeddings (`embed_soft`), built here
         so that they are part of the forward (a sharded FSDP model has its embedding only inside it).
         """
-        x = self._input(input_ids, inputs_embeds, soft_inputs)
+        x = self.input_embeddings(input_ids, inputs_embeds, soft_inputs)  # (B, L, d_model)
         B, L, _ = x.shape
         if position_ids is None:
             position_ids = torch.arange(start, start + L, device=x.device).expand(B, L)
@@ -290,18 +240,8 @@ class LLaDAModelLM(nn.Module):
         head = self.transformer.wte.weight if self.config.weight_tying else self.transformer.ff_out.weight
         return F.linear(x, head)[..., : self.config.vocab_size]
 
-    def shard_units(self) -> list[nn.Module]:
-        """The modules FSDP shards one by one (gathered for their own forward and backward)."""
-        return list(self.transformer.blocks)
-
-    def new_cache(self, batch: int, length: int) -> KVCache:
-        p = self.transformer.wte.weight
-        return KVCache(self.config.n_layers, batch, self.config.n_kv_heads, length, self.config.head_dim,
-                       dtype=p.dtype, device=p.device)
-
 
 # The names the architecture registry looks for in every family module.
 Config = LLaDAConfig
 Model = LLaDAModelLM
 EOT_TOKENS = ("<|eot_id|>",)
-EOS_TOKENS = ("<|endoftext|>",)

@@ -1,5 +1,7 @@
-"""The bundled model's tasks: generated deterministically, with test sets disjoint from training by
-construction, in the paper's answer format so the protocol's parsers apply unchanged.
+"""The bundled model's tasks as problem generators: deterministic, with test sets disjoint from training
+by construction, in the paper's answer format so the protocol's parsers apply unchanged.
+`evotok data` writes problems of the train split as training JSONL (`write_training_data`); the bench
+tasks of the same names (`bench/tasks/bundled.py`) pose the test split and score the answers.
 
 - `sudoku4`: 4x4 Sudoku with a unique solution. Committing many cells per step creates conflicts (two
   cells of a row both become "3"), which is what revisable soft decoding is meant to avoid. The split is
@@ -51,7 +53,9 @@ def in_test_split(key: str, one_in: int) -> bool:
     return int.from_bytes(digest[:8], "big") % one_in == 0
 
 
-class SyntheticTask:
+class Generator:
+    """Problems of one task, either split, deterministic in (split, seed)."""
+
     name: str
     one_in: int = 10  # 1/one_in of the problem space is test
 
@@ -123,7 +127,7 @@ def grid_text(cells: tuple[int, ...], blank: str = "0") -> str:
     return "|".join("".join(str(v) if v else blank for v in cells[4 * r:4 * r + 4]) for r in range(4))
 
 
-class Sudoku4(SyntheticTask):
+class Sudoku4Generator(Generator):
     name = "sudoku4"
     one_in = 6  # 46 of the 288 grids are test-only
     min_blanks, max_blanks = 6, 10
@@ -147,15 +151,6 @@ class Sudoku4(SyntheticTask):
         reasoning = f"{puzzle.count(0)} blanks."
         return Problem(question, reasoning, grid_text(grid), grid_text(grid), key=grid_text(grid))
 
-    @staticmethod
-    def score(generation: str, target: str) -> tuple[str | None, bool]:
-        from evotok_cli.bench.parsers import last_boxed
-        found = last_boxed(generation)
-        if found is None or found is generation:
-            return None, False
-        answer = "".join(found.split())
-        return answer, answer == target
-
 
 # -- arith ---------------------------------------------------------------------------------------
 NAMES = ("Ann", "Ben", "Cara", "Dan", "Eva", "Finn", "Gus", "Hana", "Ivy", "Jon", "Kai", "Lea", "Max", "Nia",
@@ -164,7 +159,7 @@ ITEMS = ("apples", "pens", "books", "coins", "cards", "eggs", "stickers", "marbl
          "stamps", "beads")
 
 
-class Arith(SyntheticTask):
+class ArithGenerator(Generator):
     name = "arith"
     one_in = 10
     start_high = 20  # the first value is 2..start_high
@@ -211,14 +206,8 @@ class Arith(SyntheticTask):
         """The reasoning: the steps one after another ("10-5=5. 5*3=15.")."""
         return " ".join(steps)
 
-    @staticmethod
-    def score(generation: str, target: float) -> tuple[float | None, bool]:
-        from evotok_cli.bench.parsers import parse_number_answer
-        value = parse_number_answer(generation)
-        return value, value is not None and value == target
 
-
-class ArithSmall(Arith):
+class ArithSmallGenerator(ArithGenerator):
     """`arith` with every value kept within 1..20 (285 distinct steps), and a reasoning that writes
     each result once: "10-5=5, *3=15, -6=9." instead of "10-5=5. 5*3=15. 15-6=9.".
 
@@ -253,7 +242,7 @@ def _apply(a: int, op: str, b: int) -> int | None:
     return a // b if b and a % b == 0 else None
 
 
-class Countdown3(SyntheticTask):
+class Countdown3Generator(Generator):
     name = "countdown3"
     one_in = 10
     low, high, max_target = 1, 9, 60
@@ -276,14 +265,9 @@ class Countdown3(SyntheticTask):
             key = f"{sorted(nums)}->{total}"
             return Problem(question, reasoning, expr, (nums, total), key=key)
 
-    @staticmethod
-    def score(generation: str, target: tuple[list[int], int]) -> tuple[str, bool]:
-        from evotok_cli.bench.parsers import countdown_correct, countdown_expression
-        expr = countdown_expression(generation)
-        return expr, countdown_correct(expr, target[0], target[1])
 
-
-TASKS: dict[str, SyntheticTask] = {t.name: t for t in (Sudoku4(), Arith(), ArithSmall(), Countdown3())}
+GENERATORS: dict[str, Generator] = {g.name: g for g in (Sudoku4Generator(), ArithGenerator(),
+                                                         ArithSmallGenerator(), Countdown3Generator())}
 
 
 def training_lines(p: Problem, cuts: bool = False) -> list[dict[str, str]]:
@@ -303,8 +287,8 @@ def data_problems(name: str, split: str, n: int, seed: int) -> list[Problem]:
     """The n problems `evotok data` writes for one task: train reads an endless stream, so small problem
     spaces (countdown3) repeat as epochs would; test gives n distinct problems (the bench's, with seed 0)."""
     if split == "train":
-        return list(itertools.islice(TASKS[name].stream(split, seed), n))
-    return TASKS[name].problems(split, n, seed)
+        return list(itertools.islice(GENERATORS[name].stream(split, seed), n))
+    return GENERATORS[name].problems(split, n, seed)
 
 
 def write_training_data(names: list[str], *, split: str, n: int, seed: int, out, cuts: bool = False) -> int:
@@ -315,10 +299,10 @@ def write_training_data(names: list[str], *, split: str, n: int, seed: int, out,
     from evotok_cli.errors import ConfigError
     from evotok_cli.files import atomic_open, output_file
 
-    unknown = [t for t in names if t not in TASKS]
+    unknown = [t for t in names if t not in GENERATORS]
     if unknown:
         raise ConfigError(f"unknown synthetic task {unknown[0]!r}", where="evotok data",
-                          fix=f"choose from {', '.join(TASKS)}")
+                          fix=f"choose from {', '.join(GENERATORS)}")
     if split not in ("train", "test"):
         raise ConfigError(f"unknown split {split!r}", where="--split", fix="use train or test")
     if n < 1:

@@ -1,0 +1,146 @@
+"""Helpers of benchmarks/gpu_check.py: the device's memory bandwidth and peak compute, the compiled
+forward's rows, and LoRA merged against unmerged. Kept apart so that gpu_check.py reads top to bottom."""
+
+from __future__ import annotations
+
+import re
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+# (pattern on torch.cuda.get_device_name, label, peak memory bandwidth GB/s, peak dense bf16 TFLOP/s), the
+# vendors' data-sheet figures; the first match wins, so the more specific names come first.
+DEVICES: list[tuple[str, str, float, float]] = [
+    (r"\bH200", "H200", 4800.0, 989.0),
+    (r"H100.*PCIe", "H100 PCIe", 2000.0, 756.0),
+    (r"H100.*NVL", "H100 NVL", 3900.0, 835.0),
+    (r"H100", "H100 SXM", 3350.0, 989.0),
+    (r"A100.*80GB.*PCIe|A100.*PCIe.*80GB", "A100 80GB PCIe", 1935.0, 312.0),
+    (r"A100.*80GB", "A100 80GB SXM", 2039.0, 312.0),
+    (r"A100", "A100 40GB", 1555.0, 312.0),
+    (r"L40S", "L40S", 864.0, 362.0),
+]
+FALLBACK = ("H100 SXM", 3350.0, 989.0)  # what an unknown device is measured against, and said so
+
+
+def device_bounds(name: str, bandwidth_gbs: float | None, peak_tflops: float | None) -> dict[str, Any]:
+    """The bandwidth and compute a device's bounds use: the flags where given, else the table's row for
+    `name`, else the H100 SXM's with a note that the device is unknown."""
+    row = next(((label, bw, tf) for pattern, label, bw, tf in DEVICES if re.search(pattern, name)), None)
+    label, bw, tf = row or FALLBACK
+    note = (f"table: {label}" if row
+            else f"unknown device: {label} figures assumed (pass --bandwidth-gbs and --peak-tflops)")
+    if bandwidth_gbs is not None or peak_tflops is not None:
+        note = "flags" + (f" (table: {label})" if row else "")
+    return {"bandwidth_gbs": bandwidth_gbs if bandwidth_gbs is not None else bw,
+            "peak_tflops": peak_tflops if peak_tflops is not None else tf, "source": note, "known": row is not None}
+
+
+def mixed_lengths(length: int, batch: int) -> list[int]:
+    """`batch` prompt lengths spread evenly over [length / 2, length * 3 / 2]: a left-padded batch."""
+    lo, hi = max(1, length // 2), max(1, length * 3 // 2)
+    return [lo + (hi - lo) * i // max(1, batch - 1) for i in range(batch)]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device: torch.device, iters: int) -> float:
+    """Median seconds of `fn()` over `iters` calls (after the caller's warm-up)."""
+    times = []
+    for _ in range(iters):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+# -- the compiled forward -----------------------------------------------------------------------------
+
+@torch.inference_mode()
+def compiled_rows(model: Any, lengths: list[int], vocab: int, device: torch.device, iters: int,
+                  eager_ms: dict[int, float], decode: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
+    """Forward latency under torch.compile next to eager, and one decoder run (`decode(model)`) compiled.
+    A device or torch where compile fails records the error instead of stopping the check."""
+    from evotok_cli.runtime.compile import check_compile, compile_forward
+
+    out: dict[str, Any] = {"latency": [], "decoder": None, "error": None}
+    try:
+        check_compile(device)
+        model.compiled_forward = compile_forward(model.net)
+        gen = torch.Generator().manual_seed(0)
+        t0 = time.perf_counter()
+        for length in lengths:
+            ids = torch.randint(0, vocab, (1, length), generator=gen).to(device)
+            for _ in range(2):  # the first call compiles (once: lengths are dynamic), the second settles
+                model(ids)
+            if not out["latency"]:
+                out["compile_seconds"] = time.perf_counter() - t0
+            ms = timed(lambda ids=ids: model(ids), device, iters) * 1e3
+            out["latency"].append({"seq_len": length, "ms": ms, "eager_ms": eager_ms.get(length),
+                                   "speedup": eager_ms[length] / ms if length in eager_ms else None})
+        out["decoder"] = decode(model)
+    except Exception as exc:  # a failed compile is a finding, not a crash
+        out["error"] = f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:300]
+    finally:
+        model.compiled_forward = None
+    return out
+
+
+# -- LoRA merged against unmerged ---------------------------------------------------------------------
+
+@torch.inference_mode()
+def lora_rows(model: Any, relative: float, rank: int, length: int, device: torch.device, iters: int,
+              targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")) -> dict[str, Any]:
+    """A random adapter on q/k/v of every block, its deltas `relative` times the weights in norm (an
+    EvoToken-like 1e-3), applied unmerged and then merged on the same model: how far apart the logits
+    are, how much of the unmerged change a merge keeps, and what each costs per forward. The merge is
+    undone at the end (the weights are restored from copies)."""
+    from evotok_cli.runtime.lora import LoRAPair, apply_pair, delta_stats
+
+    net = model.net
+    gen = torch.Generator().manual_seed(7)
+    pairs = []
+    for i, block in enumerate(net.model.transformer.blocks):
+        for t in targets:
+            module = getattr(block, t)
+            out_f, in_f = module.weight.shape
+            a = (torch.randn(rank, in_f, generator=gen) / in_f ** 0.5).to(device)
+            b = (torch.randn(out_f, rank, generator=gen) / rank ** 0.5).to(device)
+            scale = relative * float(module.weight.float().norm()) / float((b @ a).norm())
+            pairs.append(LoRAPair(f"model.transformer.blocks.{i}.{t}", module, a, b, scale))
+    low = model.dtype if model.dtype != torch.float32 else torch.bfloat16  # what a merge on a GPU would lose
+    stats = delta_stats(pairs, lambda p: p.module.weight, low)
+    ids = torch.randint(0, model.vocab_size, (1, length), generator=gen).to(device)
+    base = model(ids).float()
+    saved = {p.name: p.module.weight.detach().clone() for p in pairs}
+    try:
+        for p in pairs:
+            apply_pair(net, p, "unmerged")
+        model(ids)
+        unmerged = model(ids).float()
+        unmerged_ms = timed(lambda: model(ids), device, iters) * 1e3
+        for p in pairs:  # back to the plain layers, then merged into their weights
+            parent, _, child = p.name.rpartition(".")
+            setattr(net.get_submodule(parent), child, p.module)
+            apply_pair(net, p, "merged")
+        merged = model(ids).float()
+        merged_ms = timed(lambda: model(ids), device, iters) * 1e3
+    finally:
+        for p in pairs:
+            parent, _, child = p.name.rpartition(".")
+            setattr(net.get_submodule(parent), child, p.module)
+            p.module.weight.copy_(saved[p.name])
+    change = unmerged - base
+    return {"relative_delta": stats.relative, "rank": rank, "modules": len(pairs), "estimate": stats.as_dict(),
+            "max_logit_diff": float((merged - unmerged).abs().max()),
+            "max_logit_change_unmerged": float(change.abs().max()),
+            "merged_keeps": float(((merged - base) * change).sum() / (change * change).sum().clamp(min=1e-30)),
+            "unmerged_ms": unmerged_ms, "merged_ms": merged_ms}

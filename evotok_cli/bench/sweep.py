@@ -1,0 +1,22 @@
+"""`--sweep key=v1,v2,...` entries, parsed once for planning the runs (runner) and for the request that
+results.json records (results)."""
+
+from __future__ import annotations
+
+from evotok_cli.errors import ConfigError
+
+
+def parse_sweeps(entries: list[str]) -> list[tuple[str, list[str]]]:
+    sweeps: list[tuple[str, list[str]]] = []
+    for entry in entries:
+        key, sep, values = entry.partition("=")
+        key = key.strip().replace("-", "_")
+        items = list(dict.fromkeys(v.strip() for v in values.split(",") if v.strip()))
+        if not sep or not key or not items:
+            raise ConfigError(f"{entry!r} is not key=v1,v2,...", where="--sweep",
+                              fix="write e.g. --sweep alpha=0.5,0.7")
+        if key in (k for k, _ in sweeps):
+            raise ConfigError(f"{key!r} is swept twice", where="--sweep",
+                              fix=f"give all values in one --sweep {key}=...")
+        sweeps.append((key, items))
+    return sweeps
