@@ -53,6 +53,11 @@ def test_the_three_studies_run_and_resume_at_toy_size(tmp_path, tiny_llada):
         for m in (True, False)}
     report = (tmp_path / "ablation" / "report.md").read_text()
     assert "soft_mask=False" in report
+    paired = subprocess.run([sys.executable, str(ROOT / "examples" / "experiments" / "contrast.py"),
+                             str(tmp_path / "ablation" / "nfe4"), "--switch", "soft_decoded", "--switch", "revise",
+                             "--json"], capture_output=True, text=True, check=True)
+    assert [(r["switch"], r["pairs"], r["n"]) for r in json.loads(paired.stdout)] == [("soft_decoded", 4, 1),
+                                                                                  ("revise", 4, 1)]
 
     samples = {p: p.read_bytes() for p in (tmp_path / "ablation" / "nfe4").glob("samples_*.jsonl")}
     again = _run("ablation.sh", tmp_path / "ablation", {**model, **TOY, "BUDGETS": "4"})  # resumes: nothing to do
