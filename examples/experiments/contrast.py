@@ -20,7 +20,8 @@ from pathlib import Path
 
 
 def outcomes(folders: list[Path]) -> dict[tuple[str, tuple], dict[int, bool]]:
-    """(task, sorted sweep items) -> {doc_id: correct}, from every samples file in the folders."""
+    """(folder/task, sorted sweep items) -> {doc_id: correct}, from every samples file in the folders (a
+    folder is one budget: runs at 48 and 24 passes are never paired with each other)."""
     table: dict[tuple[str, tuple], dict[int, bool]] = defaultdict(dict)
     for folder in folders:
         for path in sorted(folder.glob("samples_*.jsonl")):
@@ -28,7 +29,7 @@ def outcomes(folders: list[Path]) -> dict[tuple[str, tuple], dict[int, bool]]:
                 if not line.strip():
                     continue
                 record = json.loads(line)
-                key = (record["task"], tuple(sorted((record.get("sweep") or {}).items())))
+                key = (f"{folder}:{record['task']}", tuple(sorted((record.get("sweep") or {}).items())))
                 table[key][int(record["doc_id"])] = bool(record["correct"])
     return table
 
@@ -55,7 +56,8 @@ def contrast(table: dict[tuple[str, tuple], dict[int, bool]], switch: str) -> li
         n = len(means)
         mean = sum(means) / n
         sd = math.sqrt(sum((m - mean) ** 2 for m in means) / (n - 1)) if n > 1 else float("nan")
-        rows.append({"task": task, "switch": switch, "pairs": pairs, "n": n, "effect": 100 * mean,
+        folder, _, name = task.rpartition(":")
+        rows.append({"task": name, "folder": folder, "switch": switch, "pairs": pairs, "n": n, "effect": 100 * mean,
                      "stderr": 100 * sd / math.sqrt(n) if n > 1 else None})
     return rows
 
@@ -71,11 +73,11 @@ def main() -> None:
     if args.json:
         print(json.dumps(rows, indent=2))
         return
-    print("| task | switch on - off | accuracy points | ± s.e. (paired) | problems | pairs of runs |")
-    print("|---|---|---|---|---|---|")
+    print("| task | switch on - off | accuracy points | ± s.e. (paired) | problems | pairs of runs | folder |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         se = "-" if r["stderr"] is None else f"{r['stderr']:.1f}"
-        print(f"| {r['task']} | {r['switch']} | {r['effect']:+.1f} | {se} | {r['n']} | {r['pairs']} |")
+        print(f"| {r['task']} | {r['switch']} | {r['effect']:+.1f} | {se} | {r['n']} | {r['pairs']} | {r['folder']} |")
 
 
 if __name__ == "__main__":
