@@ -145,6 +145,14 @@ def _keep_all_graphs(lm, data, settings, rng, F) -> None:
     (total / settings.trajectory_steps).backward()
 
 
+def save(out: Path, tag: str, document: dict, lines: list[str]) -> None:
+    """cts_memory-TAG.json and .md in `out`, and the table on stdout."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"cts_memory-{tag}.json").write_text(json.dumps(document, indent=2) + "\n")
+    (out / f"cts_memory-{tag}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu")
@@ -206,14 +214,10 @@ def main() -> None:
              "|---|---|---|" + ("---|" if rss else "") + "---|"]
     lines += [f"| {r['K']} | {r['graphs']} | {r['peak_mb']:.0f} |" + (f" {r['peak_rss_mb']:.0f} |" if rss else "")
               + f" {r['step_s']:.2f} |" for r in rows]
-    args.out.mkdir(parents=True, exist_ok=True)
     tag = ("cuda" if args.device.startswith("cuda") else "cpu") + ("-full" if args.full else "")
     meta = {"layers": args.layers, "hidden": args.hidden, "vocab": vocab, "batch": args.batch,
             "length": args.length, "trained": "all weights" if args.full else "lora", "device": args.device}
-    (args.out / f"cts_memory-{tag}.json").write_text(
-        json.dumps({"meta": meta, "rows": rows, "k4_over_k1": ratio}, indent=2) + "\n")
-    (args.out / f"cts_memory-{tag}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    save(args.out, tag, {"meta": meta, "rows": rows, "k4_over_k1": ratio}, lines)
 
 
 def write_trajectory(args: argparse.Namespace, rows: list[dict]) -> None:
@@ -229,14 +233,11 @@ def write_trajectory(args: argparse.Namespace, rows: list[dict]) -> None:
     lines += [f"| {r['K']} | {r['peak_mb']:.0f} | {r['peak_mb'] / base['peak_mb']:.2f} |"
               + (f" {r['peak_rss_mb']:.0f} |" if rss else "")
               + f" {r['step_s']:.2f} | {r['step_s'] / base['step_s']:.2f} |" for r in rows]
-    args.out.mkdir(parents=True, exist_ok=True)
     tag = ("cuda" if args.device.startswith("cuda") else "cpu") + "-trajectory"
     meta = {"model": args.model_dir, "layers": None if args.model_dir else args.layers,
             "hidden": None if args.model_dir else args.hidden, "batch": args.batch, "length": args.length,
             "device": args.device, "command": " ".join(["python", "benchmarks/cts_memory.py", *sys.argv[1:]])}
-    (args.out / f"cts_memory-{tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    (args.out / f"cts_memory-{tag}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    save(args.out, tag, {"meta": meta, "rows": rows}, lines)
 
 
 def write_checkpointing(args: argparse.Namespace, rows: list[dict]) -> None:
@@ -258,15 +259,11 @@ def write_checkpointing(args: argparse.Namespace, rows: list[dict]) -> None:
              "|---|---|" + ("---|" if rss else "") + "---|"]
     lines += [f"| {'on' if r['checkpointing'] else 'off'} | {r['peak_mb']:.0f} |"
               + (f" {r['peak_rss_mb']:.0f} |" if rss else "") + f" {r['step_s']:.2f} |" for r in rows]
-    args.out.mkdir(parents=True, exist_ok=True)
     tag = ("cuda" if args.device.startswith("cuda") else "cpu") + ("-full" if args.full else "") + \
         (f"-vocab{args.vocab}" if args.vocab else "") + "-checkpointing"
     meta = {"layers": args.layers, "hidden": args.hidden, "vocab": vocab, "batch": args.batch,
             "length": args.length, "trained": "all weights" if args.full else "lora", "device": args.device, "K": 1}
-    (args.out / f"cts_memory-{tag}.json").write_text(
-        json.dumps({"meta": meta, "rows": rows, "with_over_without": ratio}, indent=2) + "\n")
-    (args.out / f"cts_memory-{tag}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    save(args.out, tag, {"meta": meta, "rows": rows, "with_over_without": ratio}, lines)
 
 
 if __name__ == "__main__":

@@ -309,3 +309,11 @@ def test_report_axis_over_adapter_training_settings():
     assert x_axis([row(None), row(None)], "auto") == "nfe"  # no adapters made by evotok finetune
     with pytest.raises(Exception, match="no adapters differ in it"):
         x_axis([row(1), row(1)], "seed")
+
+
+def test_report_ignores_adapter_training_that_is_not_a_mapping(tmp_path):
+    """A hand-edited results.json whose adapter_training is not an object plots as a run without one."""
+    from evotok_cli.bench.report import rows_of
+
+    doc = {"model": {"adapter": "a", "adapter_training": "K=4"}, "results": [{"task": "t", "decoder": "d"}]}
+    assert rows_of([(tmp_path / "results.json", doc)])[0]["training"] == {}

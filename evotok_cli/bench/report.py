@@ -48,8 +48,9 @@ def rows_of(documents: list[tuple[Path, dict[str, Any]]]) -> list[dict[str, Any]
     rows = []
     for file, document in documents:
         for row in document["results"]:
+            training = (document.get("model") or {}).get("adapter_training")
             rows.append({**row, "source": str(file.parent), "adapter": adapter_name(document),
-                         "training": (document.get("model") or {}).get("adapter_training") or {}})
+                         "training": training if isinstance(training, dict) else {}})
     return rows
 
 

@@ -7,8 +7,8 @@ size 1, items are batched in prompt-length order (each process's share, stably s
 forward pads little; sample files are then in that order, results.json in doc order. After all processes
 are done, rank 0 reads every sample file and writes results.json.
 
-Batch seeds are `seed + doc_id of the batch's first item`; at batch size 1 (the protocol's) each item
-therefore gets the same noise whatever the number of processes or interruptions.
+Each item samples from its own generator seeded with `seed + doc_id`, so it gets the same noise whatever
+the batch size, the number of processes or interruptions (rng=reference replays one stream instead).
 """
 
 from __future__ import annotations
