@@ -69,6 +69,10 @@ class GenerateOptions:
                             shown="auto, unmerged only where a merge would lose most of the delta")
     compile: bool = option(False, "run the forward under torch.compile (fuses small kernels; the first passes "
                            "compile, minutes)", flags=("--compile/--no-compile",), envvar=_env("compile"))
+    padded_attention: str = option("auto", "auto | masked | rowwise: prompts of different lengths in one batch "
+                                   "are attended by one masked call per layer (fast on a GPU; equal to each prompt "
+                                   "alone up to rounding) or one call per row (bit-exact)",
+                                   shown="auto: rowwise on CPU, masked elsewhere", envvar=_env("padded_attention"))
     device: str = option("auto", "auto | cpu | cuda | cuda:N", envvar=_env("device"))
     dtype: str = option("auto", "auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16", shown="",
                         envvar=_env("dtype"))

@@ -89,11 +89,13 @@ def _check_outputs(values: dict[str, Any]) -> None:
 
 
 def _load(model_path: Path, values: dict[str, Any]) -> Any:
+    from evotok_cli.runtime.attention import check_padded_mode
     from evotok_cli.runtime.lora import check_lora_mode
     from evotok_cli.runtime.model import load_model
 
     return load_model(model_path, adapter=values["adapter"], device=values["device"], dtype=values["dtype"],
-                      compile=values["compile"], lora_mode=check_lora_mode(values["lora_mode"]))
+                      compile=values["compile"], lora_mode=check_lora_mode(values["lora_mode"]),
+                      padded_attention=check_padded_mode(values["padded_attention"]))
 
 
 def _decode(lm: Any, decoder_name: str, dec: Any, prompts: list[Any], values: dict[str, Any], *,
@@ -114,8 +116,8 @@ def _decode(lm: Any, decoder_name: str, dec: Any, prompts: list[Any], values: di
 
 def params(lm: Any, dec: Any, values: dict[str, Any]) -> dict[str, Any]:
     """The settings of the run as --json reports them: the generation settings the decoder reads, the
-    options as given, the device, dtype, compile and LoRA mode as the model was loaded, the runtime and
-    the package versions."""
+    options as given, the device, dtype, compile, LoRA and padded-attention modes as the model was loaded,
+    the runtime and the package versions."""
     from evotok_cli.decoding.api import settings_used
     from evotok_cli.provenance import jsonable, versions
     from evotok_cli.runtime.device import describe_runtime
@@ -124,8 +126,9 @@ def params(lm: Any, dec: Any, values: dict[str, Any]) -> dict[str, Any]:
     out = {k: values[k] for k in ("gen_length", "block_length", "steps") if k in used}
     out.update({k: values[k] for k in ("temperature", "seed", "batch_size", "adapter", "chat_template", "prefill")})
     out.update({"device": str(lm.device), "dtype": str(lm.dtype).removeprefix("torch."), "compile": lm.compiled,
-                "lora_mode": lm.adapter.mode if lm.adapter else None, "decoder_options": jsonable(vars(dec.config)),
-                "runtime": describe_runtime(lm.device, lm.dtype), "versions": versions()})
+                "lora_mode": lm.adapter.mode if lm.adapter else None, "padded_attention": lm.padded_attention,
+                "decoder_options": jsonable(vars(dec.config)), "runtime": describe_runtime(lm.device, lm.dtype),
+                "versions": versions()})
     return out
 
 

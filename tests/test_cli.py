@@ -169,7 +169,7 @@ def test_serve_declares_the_model_options_generate_declares():
 
     generate = {f.name: f for f in dataclasses.fields(GenerateOptions)}
     serve = {f.name: f for f in dataclasses.fields(ServeOptions)}
-    for name in ("model", "adapter", "decoder", "device", "dtype", "lora_mode", "compile"):
+    for name in ("model", "adapter", "decoder", "device", "dtype", "lora_mode", "compile", "padded_attention"):
         mine, theirs = dict(serve[name].metadata), dict(generate[name].metadata)
         if name == "decoder":
             mine.pop("help"), theirs.pop("help")

@@ -144,6 +144,8 @@ def test_greedy_check_equals_the_restated_decoding(any_model):
     ("batch_size=auto", "batch_size=auto is not supported"),
     ("model=a,pretrained=b", "both model and pretrained given"),
     ("stop_at_eos=maybe", "stop_at_eos='maybe' is not a valid bool"),
+    ("lora_mode=fused", "lora_mode='fused' is not one of auto, merged, unmerged"),
+    ("padded_attention=row", "padded_attention='row' is not one of auto, masked, rowwise"),
 ])
 def test_bad_model_args_fail_in_one_line_before_loading(args, message):
     with pytest.raises(ConfigError) as info:
@@ -157,6 +159,7 @@ def test_model_args_win_over_the_harness_and_options_reach_the_decoder(tiny_llad
          "gen_length": 16, "block_length": 8, "steps": 8, "trust_remote_code": True},
         {"batch_size": 1, "max_batch_size": None, "device": "cuda:0" if not torch.cuda.is_available() else "cpu"})
     assert lm.settings.batch_size == 4 and lm.decoder.config.alpha == 0.6 and lm.decoder.config.k_soft == 2
+    assert lm.settings.lora_mode == "auto" and lm.model.padded_attention == "rowwise"  # generate's defaults on CPU
     assert lm.model.device.type == "cpu" or torch.cuda.is_available()
     info = lm.get_model_info()
     assert info["evotok_settings"]["gen_length"] == 16 and info["decoder_options"]["alpha"] == "0.6"

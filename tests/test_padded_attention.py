@@ -191,3 +191,30 @@ def test_bench_groups_items_by_prompt_length(monkeypatch, tmp_path, tokenizer_di
         return {r["doc_id"]: (r["generation"], r["correct"], r["nfe"]) for r in records}
 
     assert samples(tmp_path / "grouped") == samples(tmp_path / "plain")
+
+
+# -- --padded-attention ------------------------------------------------------------------------------------
+def test_padded_attention_flag_sets_the_mode_and_is_reported(cli, tiny_llada, tmp_path, monkeypatch):
+    """generate --json and bench's results.json say which path attended; masked and rowwise give hard-mask's
+    tokens alike on the tiny checkpoint (std 0.3 keeps its predictions clear of near-ties; the rounding
+    differences are ~1e-7)."""
+    from evotok_cli.bench.runner import BenchRequest, run_bench
+
+    prompts = ["-p", "hi", "-p", "What is 2 + 3? Tom has 12 apples and buys 5 more."]
+    args = ["generate", "-m", str(tiny_llada), *prompts, "--gen-length", "8", "--block-length", "4", "--steps", "8",
+            "--json"]
+    seen = {}
+    for mode in ("masked", "rowwise"):
+        proc = cli(*args, "--padded-attention", mode)
+        assert proc.returncode == 0, proc.stderr
+        doc = json.loads(proc.stdout)
+        assert doc["params"]["padded_attention"] == mode
+        seen[mode] = [r["token_ids"] for r in doc["results"]]
+    assert seen["masked"] == seen["rowwise"]
+    proc = cli(*args, env={"EVOTOK_PADDED_ATTENTION": "masked"})
+    assert json.loads(proc.stdout)["params"]["padded_attention"] == "masked"
+    assert json.loads(cli(*args).stdout)["params"]["padded_attention"] == "rowwise"  # auto on CPU
+    doc = run_bench(BenchRequest(tasks=["sudoku4"], decoders=["hard-mask"], model=str(tiny_llada), limit=2,
+                                 batch_size=2, overrides={"gen_length": 8, "block_length": 4, "steps": 4},
+                                 out=tmp_path / "bench", padded_attention="masked"))
+    assert doc["model"]["padded_attention"] == "masked" and doc["config"]["padded_attention"] == "masked"

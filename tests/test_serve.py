@@ -469,10 +469,12 @@ def test_timeout_cancels_the_job(strict):
 
 # -- shutdown ------------------------------------------------------------------------------------
 def test_sigterm_finishes_short_requests_cancels_long_ones_and_exits_0(serve_model, tmp_path):
-    s = Server(tmp_path, "-m", str(serve_model), "--grace", "3")
+    # margins both ways: the short job's 128 passes take ~1 s on a loaded 2-core machine (well inside the
+    # grace), the long one's 900 passes over ~900 positions take ~35 s there and ~23 s on a quiet one
+    s = Server(tmp_path, "-m", str(serve_model), "--grace", "8")
     try:
         with ThreadPoolExecutor(2) as pool:
-            long = pool.submit(s.post, COMP, {"prompt": PROMPT, **SLOW})
+            long = pool.submit(s.post, COMP, {"prompt": PROMPT, "max_tokens": 900, "block_length": 900, "steps": 900})
             _wait_metrics(s, lambda m: m["evotok_live_rows"] == 1)
             short = pool.submit(s.post, CHAT, {"messages": USER, "max_tokens": 128, "block_length": 128, "steps": 128})
             _wait_metrics(s, lambda m: m["evotok_live_rows"] == 2)

@@ -81,6 +81,9 @@ class BenchOptions:
     lora_mode: str = option("auto", "merged | unmerged | auto: how --adapter is applied", envvar="EVOTOK_LORA_MODE")
     compile: bool = option(False, "run the forward under torch.compile (the first passes compile)",
                            flags=("--compile/--no-compile",), envvar="EVOTOK_COMPILE")
+    padded_attention: str = option("auto", "auto | masked | rowwise: how items of different lengths in one batch "
+                                   "are attended (see `evotok generate --help`)",
+                                   shown="auto: rowwise on CPU, masked elsewhere", envvar="EVOTOK_PADDED_ATTENTION")
 
 
 COMMAND_ONLY = {"json": False}  # --config keys that are the command's, not the run's

@@ -51,6 +51,7 @@ class BenchRequest:
     dtype: str = BenchOptions.dtype
     compile: bool = BenchOptions.compile  # run the forward under torch.compile
     lora_mode: str = BenchOptions.lora_mode  # how an adapter is applied: merged | unmerged | auto
+    padded_attention: str = BenchOptions.padded_attention  # auto | masked | rowwise (runtime/attention.py)
     on_batch: Callable[[Run, int, int], None] | None = None  # (run, items done, items to do) per batch
     on_note: Callable[[str], None] | None = None  # one-line remarks (protocol quirks hit, resumed counts)
 
@@ -177,9 +178,11 @@ def run_bench(request: BenchRequest) -> dict[str, Any] | None:
     """Run the request; returns the results document on rank 0 (None on the other ranks)."""
     from evotok_cli.bench.tasks import registry as task_registry
     from evotok_cli.runtime import distributed
+    from evotok_cli.runtime.attention import check_padded_mode
     from evotok_cli.runtime.lora import check_lora_mode
 
     check_lora_mode(request.lora_mode)
+    check_padded_mode(request.padded_attention)
     if request.batch_size < 1:
         raise ConfigError(f"batch size must be >= 1, got {request.batch_size}", where="--batch-size",
                           fix="e.g. --batch-size 1 (the protocol's) or 8")
@@ -221,7 +224,8 @@ def _load_model(request: BenchRequest, folder: Path, group: Any) -> Any:
     from evotok_cli.runtime.model import load_model
 
     model = load_model(folder, adapter=request.adapter, device=group.device(request.device), dtype=request.dtype,
-                       compile=request.compile, lora_mode=request.lora_mode)
+                       compile=request.compile, lora_mode=request.lora_mode,
+                       padded_attention=request.padded_attention)
     if model.tokenizer is None:
         raise CheckpointError("the checkpoint has no tokenizer, so benchmark prompts cannot be encoded",
                               where=str(folder), fix="add tokenizer.json (and a chat template) to the folder")

@@ -35,17 +35,34 @@ PADDED_MODES = ("auto", "masked", "rowwise")
 padded_mode = "auto"  # how a left-padded batch is attended; see the module docstring
 
 
-@contextmanager
-def padded_attention(mode: str) -> Iterator[None]:
-    """Attend padded batches with `mode` ("auto", "masked" or "rowwise") inside the block, process-wide."""
+def check_padded_mode(mode: str) -> str:
+    """`--padded-attention`'s one-line error for a mode that is not one of PADDED_MODES."""
+    from evotok_cli.errors import ConfigError
+
+    if mode not in PADDED_MODES:
+        raise ConfigError(f"unknown padded attention mode {mode!r}", where="--padded-attention",
+                          fix="use auto, masked (one call per layer: fast on a GPU) or rowwise (bit-exact per row)")
+    return mode
+
+
+def set_padded_mode(mode: str) -> None:
+    """Attend padded batches with `mode` ("auto", "masked" or "rowwise") from now on, process-wide
+    (`--padded-attention`: one model per process)."""
     global padded_mode
     if mode not in PADDED_MODES:
         raise ValueError(f"padded attention mode {mode!r}: one of {', '.join(PADDED_MODES)}")
-    previous, padded_mode = padded_mode, mode
+    padded_mode = mode
+
+
+@contextmanager
+def padded_attention(mode: str) -> Iterator[None]:
+    """`set_padded_mode(mode)` inside the block only."""
+    previous = padded_mode
+    set_padded_mode(mode)
     try:
         yield
     finally:
-        padded_mode = previous
+        set_padded_mode(previous)
 
 
 def resolved_mode(device: torch.device) -> str:

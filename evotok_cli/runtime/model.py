@@ -71,6 +71,12 @@ class DiffusionModel:
         return next(self.net.parameters()).device
 
     @property
+    def padded_attention(self) -> str:
+        """How a padded batch is attended on this model's device now: "masked" or "rowwise"."""
+        from evotok_cli.runtime.attention import resolved_mode
+        return resolved_mode(self.device)
+
+    @property
     def dtype(self) -> torch.dtype:
         return next(self.net.parameters()).dtype
 
@@ -174,13 +180,17 @@ def build_model(family: Family, config: Any, *, device: torch.device, dtype: tor
 
 def load_model(path: str | Path, *, adapter: str | Path | None = None, device: str = "auto",
                dtype: str = "auto", load_tokenizer: bool = True, compile: bool = False,
-               lora_mode: str = "merged") -> DiffusionModel:
+               lora_mode: str = "merged", padded_attention: str | None = None) -> DiffusionModel:
     """Load a checkpoint folder for decoding. `compile`: run the forward under torch.compile
     (`runtime/compile.py`); `lora_mode`: merged | unmerged | auto (`runtime/lora.py`), merged by default
-    (what fine-tuning starts from)."""
+    (what fine-tuning starts from); `padded_attention`: auto | masked | rowwise, set process-wide
+    (`runtime/attention.py`), None leaves the current mode."""
+    from evotok_cli.runtime.attention import set_padded_mode
     from evotok_cli.runtime.compile import check_compile, compile_forward
 
     check_lora_mode(lora_mode)
+    if padded_attention is not None:
+        set_padded_mode(padded_attention)
     folder = checkpoint.model_dir(path)
     family, config = read_family_config(folder)
     weights = checkpoint.find_weights(folder)

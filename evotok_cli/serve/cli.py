@@ -90,7 +90,7 @@ def _start(folder: Path, defaults: dict, opts: ServeOptions) -> tuple:
     from evotok_cli.serve.sessions import Service
 
     lm = load_model(folder, adapter=opts.adapter, device=opts.device, dtype=opts.dtype, compile=opts.compile,
-                    lora_mode=opts.lora_mode)
+                    lora_mode=opts.lora_mode, padded_attention=opts.padded_attention)
     decoders = [e.name for e in registry.discover().values() if e.ok]
     served = Served(lm, name=folder.name, adapter=Path(opts.adapter).name if opts.adapter else None,
                     decoder=opts.decoder, defaults=defaults, classes={name: registry.get(name) for name in decoders})

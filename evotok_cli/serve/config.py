@@ -35,11 +35,13 @@ class ServeOptions:
     dtype: str = like(GenerateOptions, "dtype")
     lora_mode: str = like(GenerateOptions, "lora_mode")
     compile: bool = like(GenerateOptions, "compile")
+    padded_attention: str = like(GenerateOptions, "padded_attention")
 
 
 def check(opts: ServeOptions) -> None:
     """The options' one-line errors that need no model folder, in the order the command has always checked."""
     from evotok_cli.files import check_text
+    from evotok_cli.runtime.attention import check_padded_mode
     from evotok_cli.runtime.lora import check_lora_mode
 
     _check_seconds(opts, "timeout", positive=True)
@@ -49,6 +51,7 @@ def check(opts: ServeOptions) -> None:
     if opts.api_key is not None and not check_text(opts.api_key, "--api-key").strip():
         raise ConfigError("empty API key", where="--api-key", fix="pass a non-empty key, or leave --api-key out")
     check_lora_mode(opts.lora_mode)
+    check_padded_mode(opts.padded_attention)
 
 
 def _check_seconds(opts: ServeOptions, name: str, *, positive: bool) -> None:

@@ -85,6 +85,8 @@ CASES = [
          "rng-reference-cache"),
     _run(["--device", "cuda"], "CUDA was asked for but is not available", "device-cuda"),
     _run(["--lora-mode", "bogus"], "--lora-mode: unknown LoRA mode 'bogus'", "lora-mode-unknown"),
+    _run(["--padded-attention", "Masked"], "--padded-attention: unknown padded attention mode 'Masked'",
+         "padded-attention-unknown"),
     _run(["--compile"], "--compile: torch.compile needs a C++ compiler", "compile-no-compiler",
          env={"CXX": "/nonexistent/c++"}),
     _run(["--compile", "--device", "cuda"], "CUDA was asked for but is not available", "compile-and-cuda"),

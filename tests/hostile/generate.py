@@ -68,6 +68,10 @@ CASES = [
     # --lora-mode and --compile (issue 20): a bad mode, compile where it cannot run, with a bad device
     _flag("lora-mode-unknown", ["--lora-mode", "bogus"], "--lora-mode: unknown LoRA mode 'bogus'"),
     _flag("lora-mode-empty", ["--lora-mode", ""], "unknown LoRA mode ''"),
+    _flag("padded-attention-unknown", ["--padded-attention", "row-wise"],
+          "--padded-attention: unknown padded attention mode 'row-wise'"),
+    Case("generate-padded-attention-env-unknown", GEN, "--padded-attention: unknown padded attention mode 'fused'",
+         env={"EVOTOK_PADDED_ATTENTION": "fused"}),
     Case("generate-compile-no-compiler", GEN + ["--compile"], "--compile: torch.compile needs a C++ compiler",
          env={"CXX": "/nonexistent/c++"}),
     _flag("compile-and-cuda", ["--compile", "--device", "cuda"], "CUDA was asked for but is not available"),

@@ -45,6 +45,8 @@ CASES = [
     Case("serve-device-unknown", ["serve", *M, "--device", "tpu"], "--device"),
     Case("serve-dtype-unknown", ["serve", *M, "--dtype", "float8"], "unknown dtype 'float8'"),
     Case("serve-lora-mode-unknown", ["serve", *M, "--lora-mode", "fused"], "--lora-mode: unknown LoRA mode 'fused'"),
+    Case("serve-padded-attention-unknown", ["serve", *M, "--padded-attention", ""],
+         "--padded-attention: unknown padded attention mode ''"),
     Case("serve-compile-no-compiler", ["serve", *M, "--compile"], "--compile: torch.compile needs a C++ compiler",
          env={"CXX": "/nonexistent/c++"}),
     Case("serve-env-decoder", ["serve", *M], "unknown decoder 'evo'", env={"EVOTOK_DECODER": "evo"}),
