@@ -156,8 +156,9 @@ def test_prefill_follows_the_chat_template(cli, tmp_path, tiny_llada):
 
 
 def test_serve_declares_the_model_options_generate_declares():
-    """`serve`'s model, adapter, decoder, device, dtype, LoRA-mode and compile options are `generate`'s own
-    declarations (only the decoder's help is serve's), and its --help lists every option with its default."""
+    """`serve`'s model, adapter, decoder, device, dtype, LoRA-mode, compile and padded-attention options (and
+    `bench`'s model-loading ones) are `generate`'s own declarations (only the decoder's help is serve's), and
+    serve's --help lists every option with its default."""
     import dataclasses
 
     from typer.testing import CliRunner
@@ -174,6 +175,12 @@ def test_serve_declares_the_model_options_generate_declares():
         if name == "decoder":
             mine.pop("help"), theirs.pop("help")
         assert (default_of(serve[name]), mine) == (default_of(generate[name]), theirs), name
+    from evotok_cli.bench.config import BenchOptions
+
+    bench = {f.name: f for f in dataclasses.fields(BenchOptions)}
+    for name in ("device", "dtype", "lora_mode", "compile", "padded_attention"):  # bench's are generate's too
+        assert (default_of(bench[name]), dict(bench[name].metadata)) == (default_of(generate[name]),
+                                                                         dict(generate[name].metadata)), name
     assert from_flags(ServeOptions, {"port": 0}) == ServeOptions(port=0)  # unset flags are the defaults
     text = " ".join(CliRunner().invoke(app, ["serve", "--help"], env={"COLUMNS": "200"}).output.split())
     for f in serve.values():

@@ -9,8 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from evotok_cli.config import GenerateOptions
 from evotok_cli.errors import ConfigError
-from evotok_cli.options import option
+from evotok_cli.options import like, option
 
 DEFAULT_DECODER = "hard-mask"
 PER_TASK = "per task: "  # a default that the task's protocol decides
@@ -76,14 +77,11 @@ class BenchOptions:
                               cli_type=list[str], read=_sweep)
     out: str = option("bench-results", "folder for sample logs and results.json; rerunning with it resumes",
                       cli_type=Path)
-    device: str = option("auto", "auto | cpu | cuda | cuda:N", envvar="EVOTOK_DEVICE")
-    dtype: str = option("auto", "auto | float32 | bfloat16", envvar="EVOTOK_DTYPE")
-    lora_mode: str = option("auto", "merged | unmerged | auto: how --adapter is applied", envvar="EVOTOK_LORA_MODE")
-    compile: bool = option(False, "run the forward under torch.compile (the first passes compile)",
-                           flags=("--compile/--no-compile",), envvar="EVOTOK_COMPILE")
-    padded_attention: str = option("auto", "auto | masked | rowwise: how items of different lengths in one batch "
-                                   "are attended (see `evotok generate --help`)",
-                                   shown="auto: rowwise on CPU, masked elsewhere", envvar="EVOTOK_PADDED_ATTENTION")
-
+    # the model-loading options are `evotok generate`'s, declared there
+    device: str = like(GenerateOptions, "device")
+    dtype: str = like(GenerateOptions, "dtype")
+    lora_mode: str = like(GenerateOptions, "lora_mode")
+    compile: bool = like(GenerateOptions, "compile")
+    padded_attention: str = like(GenerateOptions, "padded_attention")
 
 COMMAND_ONLY = {"json": False}  # --config keys that are the command's, not the run's
