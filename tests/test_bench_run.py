@@ -232,6 +232,12 @@ def test_score_and_report_our_run(cli, model, tmp_path):
     rep = cli("bench", "report", str(out))
     assert rep.returncode == 0, rep.stderr
     assert "| arith | evotoken | alpha=0.9 | 8 / 4 / 4 | 3 |" in rep.stdout and "chosen on the test set" in rep.stdout
+    # the study's own table: one column per swept value, accuracy ± s.e.; hard-mask has no alpha: not in it
+    acc = {r["label"]: (r["accuracy"], r["accuracy_stderr"]) for r in doc["results"] if r["decoder"] == "evotoken"}
+    assert "| task | method | n | alpha 0.5 | alpha 0.9 |" in rep.stdout
+    assert ("| arith | evotoken | 3 | " + " | ".join(f"{a:.1f} ± {e:.1f}" for a, e in (acc["alpha=0.5"], acc["alpha=0.9"]))
+            + " |") in rep.stdout
+    assert "| arith | hard-mask | 3 |" not in rep.stdout
     assert (out / "report.md").read_text() == rep.stdout.rstrip("\n") + "\n"
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert one_line_error(cli("bench", "report", str(out), "--x", "beta")).startswith("error: --x: no run swept")

@@ -83,6 +83,34 @@ def budget_table(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def axis_table(rows: list[dict[str, Any]], axis: str) -> list[str]:
+    """One line per task and method, one column per value of the study's axis (a swept option or an
+    adapter training setting), accuracy ± standard error: a study's table as the plot draws it."""
+    on_axis = [r for r in rows if x_value(r, axis) is not None]
+    values = sorted({x_value(r, axis) for r in on_axis}, key=lambda v: (type(v).__name__, v))
+    several_budgets = len({r["settings"]["steps"] for r in on_axis}) > 1
+    cells: dict[tuple[str, str], dict[Any, str]] = {}
+    sizes: dict[tuple[str, str], set[int]] = {}
+    for r in on_axis:
+        trained = axis not in (r.get("sweep") or {})
+        method = method_of({**r, "adapter": f"{r['training'].get('objective', 'LoRA')} adapters"} if trained else r,
+                           skip=(axis,) if several_budgets else (axis, "steps"))
+        if several_budgets and "steps" not in (r.get("sweep") or {}):
+            method += f" steps={r['settings']['steps']}"
+        key = (r["task"], method)
+        cells.setdefault(key, {})[x_value(r, axis)] = f"{_fmt(r['accuracy'], 1)} ± {_fmt(r['accuracy_stderr'], 1)}"
+        sizes.setdefault(key, set()).add(r["n"])
+    lines = [f"Accuracy % ± standard error by {axis}:", "",
+             "| task | method | n | " + " | ".join(f"{axis} {v}" for v in values) + " |",
+             "|---|---|---|" + "---|" * len(values)]
+    tasks = list(dict.fromkeys(r["task"] for r in on_axis))
+    for task, method in sorted(cells, key=lambda key: tasks.index(key[0])):
+        n = "/".join(str(v) for v in sorted(sizes[task, method]))
+        lines.append(f"| {task} | {method} | {n} | "
+                     + " | ".join(cells[task, method].get(v, "") for v in values) + " |")
+    return lines
+
+
 def _differing_training(rows: list[dict[str, Any]]) -> list[str]:
     """Numeric adapter training settings that take more than one value across the runs."""
     keys = {k for r in rows for k, v in r["training"].items() if isinstance(v, (int, float))}
@@ -120,9 +148,9 @@ def _fmt(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def markdown(documents: list[tuple[Path, dict[str, Any]]]) -> str:
+def markdown(documents: list[tuple[Path, dict[str, Any]]], axis: str = "nfe") -> str:
     rows = rows_of(documents)
-    lines = budget_table(rows) + [
+    lines = (axis_table(rows, axis) + [""] if axis != "nfe" else []) + budget_table(rows) + [
         "", "All runs:", "",
         "| task | decoder | setting | gen / block / steps | n | accuracy % | ± s.e. | mean NFE | tok/s | tok/NFE "
         "| source |",
@@ -209,7 +237,7 @@ def write_report(paths: list[Path], out: Path | None, x: str) -> tuple[str, list
     md, png = prefix.with_name(prefix.name + ".md"), prefix.with_name(prefix.name + ".png")
     for path in (md, png):
         output_file(path, "--out")
-    text = markdown(documents)
+    text = markdown(documents, axis)
     picture = plot(rows, axis)
     atomic_write_text(md, text)
     atomic_write_bytes(png, picture)
