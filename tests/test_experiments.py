@@ -63,3 +63,33 @@ def test_the_three_studies_run_and_resume_at_toy_size(tmp_path, tiny_llada):
     again = _run("ablation.sh", tmp_path / "ablation", {**model, **TOY, "BUDGETS": "4"})  # resumes: nothing to do
     assert again.returncode == 0 and len(samples) == 8
     assert {p: p.read_bytes() for p in samples} == samples  # nothing decoded again
+
+
+def _samples(folder: Path, task: str, sweep: dict, correct: list[int]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    name = "_".join(f"{k}={v}" for k, v in sweep.items()) or "plain"
+    with open(folder / f"samples_{task}_evotoken_{name}.jsonl", "w") as f:
+        for doc_id, c in enumerate(correct):
+            f.write(json.dumps({"task": task, "doc_id": doc_id, "sweep": sweep or None, "correct": bool(c)}) + "\n")
+
+
+def test_contrast_pairs_problems_and_folders(tmp_path):
+    """The paired effect is the mean of per-problem differences and its standard error sd / sqrt(n): here
+    differences (0, -1, 1, 1), mean 0.25, sd sqrt(2.75 / 3), so 25.0 ± 47.9 points over 4 problems."""
+    sys.path.insert(0, str(ROOT / "examples" / "experiments"))
+    try:
+        import contrast
+    finally:
+        sys.path.pop(0)
+    a, b = tmp_path / "k1", tmp_path / "k4"
+    _samples(a, "t", {}, [1, 1, 0, 0])
+    _samples(b, "t", {}, [1, 0, 1, 1, 1])  # a fifth problem the first folder lacks: not compared
+    _samples(a, "t", {"s": True}, [1, 0, 1, 1])
+    _samples(a, "t", {"s": False}, [1, 1, 0, 0])
+    table = contrast.outcomes([a, b])
+    [row] = contrast.versus(table, a, b)
+    assert (row["task"], row["switch"], row["n"], row["effect"]) == ("t", "k4 - k1", 4, 25.0)
+    assert row["stderr"] == pytest.approx(100 * (2.75 / 3) ** 0.5 / 2)
+    [switched] = contrast.contrast(table, "s")
+    assert (switched["pairs"], switched["n"], switched["effect"]) == (1, 4, 25.0)
+    assert switched["stderr"] == pytest.approx(row["stderr"])

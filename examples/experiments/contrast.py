@@ -8,6 +8,12 @@ error of two accuracies when the settings agree on most problems. Reads the samp
 folders, so it works on partial runs too (only problems both runs finished are compared).
 
     python examples/experiments/contrast.py runs/experiments/ablation/nfe48 --switch soft_decoded
+
+`--versus` pairs whole folders instead: each later folder against the first, run by run (same task and
+sweep), e.g. the bench runs of CTS adapters trained with K = 4 and K = 1 on the same problems:
+
+    python examples/experiments/contrast.py runs/experiments/trajectory/bench-k1 \
+        runs/experiments/trajectory/bench-k4 --versus
 """
 
 from __future__ import annotations
@@ -34,6 +40,30 @@ def outcomes(folders: list[Path]) -> dict[tuple[str, tuple], dict[int, bool]]:
     return table
 
 
+def _paired(diffs_per_doc: dict[int, list[int]]) -> tuple[int, float, float | None]:
+    """n problems, the mean of their (averaged) differences and its standard error, in accuracy points."""
+    means = [sum(d) / len(d) for d in diffs_per_doc.values()]
+    n = len(means)
+    mean = sum(means) / n
+    sd = math.sqrt(sum((m - mean) ** 2 for m in means) / (n - 1)) if n > 1 else float("nan")
+    return n, 100 * mean, 100 * sd / math.sqrt(n) if n > 1 else None
+
+
+def versus(table: dict[tuple[str, tuple], dict[int, bool]], base: Path, other: Path) -> list[dict]:
+    """Per task and sweep setting that both folders ran: paired difference other - base, in points."""
+    rows = []
+    for (key, sweep), theirs in table.items():
+        folder, _, task = key.rpartition(":")
+        mine = table.get((f"{base}:{task}", sweep))
+        if folder != str(other) or mine is None or not mine.keys() & theirs.keys():
+            continue
+        n, effect, stderr = _paired({d: [int(theirs[d]) - int(mine[d])] for d in mine.keys() & theirs.keys()})
+        label = ",".join(f"{k}={v}" for k, v in sweep)
+        rows.append({"task": task, "folder": folder, "switch": f"{other.name} - {base.name}" + (f" ({label})" if label
+                     else ""), "pairs": 1, "n": n, "effect": effect, "stderr": stderr})
+    return rows
+
+
 def contrast(table: dict[tuple[str, tuple], dict[int, bool]], switch: str) -> list[dict]:
     """Per task: mean paired difference (on - off) in accuracy points, its standard error, n problems, pairs."""
     rows = []
@@ -52,28 +82,31 @@ def contrast(table: dict[tuple[str, tuple], dict[int, bool]], switch: str) -> li
                 per_doc[doc].append(int(on[doc]) - int(off[doc]))
         if not per_doc:
             continue
-        means = [sum(d) / len(d) for d in per_doc.values()]
-        n = len(means)
-        mean = sum(means) / n
-        sd = math.sqrt(sum((m - mean) ** 2 for m in means) / (n - 1)) if n > 1 else float("nan")
+        n, effect, stderr = _paired(per_doc)
         folder, _, name = task.rpartition(":")
-        rows.append({"task": name, "folder": folder, "switch": switch, "pairs": pairs, "n": n, "effect": 100 * mean,
-                     "stderr": 100 * sd / math.sqrt(n) if n > 1 else None})
+        rows.append({"task": name, "folder": folder, "switch": switch, "pairs": pairs, "n": n, "effect": effect,
+                     "stderr": stderr})
     return rows
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("folders", nargs="+", type=Path, help="bench --out folders of one sweep")
-    p.add_argument("--switch", action="append", required=True, help="a boolean swept option (repeatable)")
+    p.add_argument("--switch", action="append", default=[], help="a boolean swept option (repeatable)")
+    p.add_argument("--versus", action="store_true", help="pair each later folder's runs with the first folder's")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
+    if not args.switch and not (args.versus and len(args.folders) > 1):
+        p.error("give --switch NAME, or --versus with two folders or more")
     table = outcomes(args.folders)
     rows = [row for switch in args.switch for row in contrast(table, switch)]
+    if args.versus:
+        rows += [row for other in args.folders[1:] for row in versus(table, args.folders[0], other)]
     if args.json:
         print(json.dumps(rows, indent=2))
         return
-    print("| task | switch on - off | accuracy points | ± s.e. (paired) | problems | pairs of runs | folder |")
+    print("| task | switch on - off (or folder - first) | accuracy points | ± s.e. (paired) | problems | pairs of runs "
+          "| folder |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         se = "-" if r["stderr"] is None else f"{r['stderr']:.1f}"

@@ -30,4 +30,5 @@ for k in ${TRAJECTORIES:-1 2 4 8}; do
       --limit "${LIMIT:-200}" --batch-size "${BATCH:-50}" "${gen[@]}" --out "$out/bench-k$k"
   folders+=("$out/bench-k$k")
 done
-evotok bench report "${folders[@]}" --x trajectory_steps --out "$out/report"
+x=nfe; (( ${#folders[@]} > 1 )) && x=trajectory_steps  # one K alone has no axis to plot
+evotok bench report "${folders[@]}" --x "$x" --out "$out/report"
