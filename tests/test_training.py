@@ -359,3 +359,30 @@ def test_cts_unroll_costs_no_more_memory_than_one_pass(tmp_path):
         cfg = CTSSettings(trajectory_steps=K, decode_counts=[2], block_sizes=[40], k_soft=3)
         peaks[K] = _peak_live_mb(lambda cfg=cfg: cts_step(lm.net, lm, batch, cfg, rng=random.Random(0)))
     assert peaks[4] <= 1.3 * peaks[1], peaks
+
+
+def test_cts_warns_when_blocks_cannot_fit_the_response_window(tiny_llada, tmp_path, cli):
+    """K x the largest decode count >= the window makes plan_batch start blocks inside the prompt (shown on a
+    real batch); finetune says so in one line, with the counts that fit."""
+    from evotok_cli.training.cts import prompt_overlap_warning
+
+    assert prompt_overlap_warning(4, [1, 2, 4, 8], 48) is None  # the bundled recipe: 32 < 48
+    line = prompt_overlap_warning(8, [1, 2, 4, 8], 48)
+    assert "8 passes x 8 tokens = 64 >= the 48-token response window" in line and "--decode-counts 1,2,4" in line
+    assert "fewer --trajectory-steps" in prompt_overlap_warning(8, [8], 48)
+    prompts = torch.tensor([6, 9])
+    ids = torch.arange(2 * (9 + 12)).reshape(2, 21) % 50 + 5  # prompt + a 12-token response window
+    batch = Batch(ids, prompts)
+    starts = plan_batch(batch, CTSSettings(trajectory_steps=4, decode_counts=[4]), 1, random.Random(0)).starts
+    assert starts[1] < prompts[1]  # a 17-token block in a 12-token window: it begins in the prompt
+    assert prompt_overlap_warning(4, [4], 12) is not None and prompt_overlap_warning(4, [2], 12) is None
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"What is {a}+1?", "response": f"{a + 1}"}) + "\n"
+                            for a in range(4)))
+    args = ["finetune", str(data), "-m", str(tiny_llada), "--max-steps", "1", "--batch-size", "2", "--grad-accum", "1",
+            "--min-response", "1", "--response-length", "8"]
+    warned = cli(*args, "--trajectory-steps", "4", "--decode-counts", "1,2", "--out", str(tmp_path / "a"))
+    assert warned.returncode == 0, warned.stderr
+    assert "warning: CTS: 4 passes x 2 tokens = 8 >= the 8-token response window" in " ".join(warned.stderr.split())
+    quiet = cli(*args, "--trajectory-steps", "2", "--decode-counts", "1,2", "--out", str(tmp_path / "b"))
+    assert quiet.returncode == 0 and "warning" not in quiet.stderr

@@ -71,6 +71,19 @@ class Trainer:
         self.checked_for_resume = resume
 
     # -- setup -----------------------------------------------------------------------------------
+    def _check_cts_window(self) -> None:
+        """Warn when CTS blocks would not fit the response window (the shortest response without
+        --response-length): see `cts.prompt_overlap_warning`."""
+        from evotok_cli.training.cts import prompt_overlap_warning
+
+        cfg = self.cfg
+        if cfg.objective != "cts" or not self.examples:
+            return
+        window = cfg.response_length or min(len(e.response_ids) for e in self.examples)
+        warning = prompt_overlap_warning(cfg.trajectory_steps, cfg.decode_counts, window)
+        if warning:
+            self.log(f"warning: {warning}")
+
     def setup(self) -> None:
         """Process group, model (with LoRA, sharded), data, optimiser and random generators, in this order."""
         from evotok_cli.runtime import distributed
@@ -94,6 +107,7 @@ class Trainer:
             cfg.data, self.lm.tokenizer, eot_id=self.lm.eot_id, max_length=cfg.max_length,
             min_response=cfg.min_response, skip_invalid=cfg.skip_invalid)
         self.log(f"data: {self.stats.summary()}")
+        self._check_cts_window()
         self.micro_per_epoch = math.ceil(len(self.examples) / self.global_batch)
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.micro_per_epoch / cfg.grad_accum))
         self.optimizer, self.opt_names, self.scheduler = optim.build(
