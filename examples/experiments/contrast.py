@@ -59,8 +59,10 @@ def versus(table: dict[tuple[str, tuple], dict[int, bool]], base: Path, other: P
             continue
         n, effect, stderr = _paired({d: [int(theirs[d]) - int(mine[d])] for d in mine.keys() & theirs.keys()})
         label = ",".join(f"{k}={v}" for k, v in sweep)
-        rows.append({"task": task, "folder": folder, "switch": f"{other.name} - {base.name}" + (f" ({label})" if label
-                     else ""), "pairs": 1, "n": n, "effect": effect, "stderr": stderr})
+        names = (other.name, base.name) if other.name != base.name else (
+            f"{other.parent.name}/{other.name}", f"{base.parent.name}/{base.name}")  # two runs/x/bench-k1
+        rows.append({"task": task, "folder": folder, "switch": " - ".join(names) + (f" ({label})" if label else ""),
+                     "pairs": 1, "n": n, "effect": effect, "stderr": stderr})
     return rows
 
 
