@@ -47,8 +47,9 @@ class CTSPlan:
 def prompt_overlap_warning(trajectory_steps: int, decode_counts: list[int], window: int) -> str | None:
     """A warning when some batches' training blocks cannot fit the response window. `plan_batch` needs a
     block of more than K x (tokens per pass) positions; a longer block than the window starts inside the
-    prompt (the release's rule), so the adapter is trained to recover masked prompt tokens. With K = 8 and
-    8 tokens per pass on 48-token responses that is 3 rows in 4 of such batches (measured)."""
+    prompt (the release's rule), so the adapter is trained to recover masked prompt tokens: with K = 8 and
+    8 tokens per pass on 48-token responses, every row whose prompt is within 17 tokens of the batch's
+    longest."""
     worst = trajectory_steps * max(decode_counts)
     if worst < window:
         return None

@@ -68,6 +68,7 @@ CASES = [
     # --lora-mode and --compile (issue 20): a bad mode, compile where it cannot run, with a bad device
     _flag("lora-mode-unknown", ["--lora-mode", "bogus"], "--lora-mode: unknown LoRA mode 'bogus'"),
     _flag("lora-mode-empty", ["--lora-mode", ""], "unknown LoRA mode ''"),
+    _flag("padded-attention-bad-bytes", ["--padded-attention", "\udcff"], "unknown padded attention mode"),
     _flag("padded-attention-unknown", ["--padded-attention", "row-wise"],
           "--padded-attention: unknown padded attention mode 'row-wise'"),
     Case("generate-padded-attention-env-unknown", GEN, "--padded-attention: unknown padded attention mode 'fused'",
