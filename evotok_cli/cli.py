@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -240,9 +241,13 @@ def data(
 
     Example: evotok data sudoku4 arith countdown3 --n 1000 --out train.jsonl
     """
+    from evotok_cli.files import output_file
+    from evotok_cli.locks import hold_file
     from evotok_cli.training.synthetic import write_training_data
 
-    count = write_training_data(tasks, split=split, n=n, seed=seed, out=out, cuts=cuts)
+    output_file(out, "--out")  # before the lock makes anything
+    with hold_file(out, "--out"):  # one writer per file: a second `evotok data --out` here waits its turn
+        count = write_training_data(tasks, split=split, n=n, seed=seed, out=out, cuts=cuts)
     stderr().print(f"wrote {count} examples to {out}")
 
 
@@ -259,19 +264,51 @@ from evotok_cli.serve.cli import register as _register_serve  # noqa: E402 (serv
 _register_serve(app)
 
 
+class Terminated(SystemExit):
+    """SIGTERM as an exception, so that `finally` blocks, the atomic writer's cleanup and the output
+    locks' release run before the process exits (143, as a shell reports a SIGTERM death)."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated(128 + signum)
+
+
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit code 2."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import warnings
     warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
     try:
+        previous, installed = signal.signal(signal.SIGTERM, _on_sigterm), True  # finetune and serve swap in their own
+    except ValueError:  # not the main thread (an embedding application): leave signals alone
+        previous, installed = None, False
+    try:
+        _run()
+    finally:
+        if installed:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _run() -> None:
+    try:
         code = app(standalone_mode=False)  # click returns typer.Exit's code here instead of exiting
     except EvotokError as exc:
         print(f"error: {exc.line()}", file=sys.stderr)
         sys.exit(exc.exit_code)
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        raise
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except OSError as exc:  # a full disk or read-only remount in a writer without its own handling
+        from evotok_cli.files import disk_error
+
+        error = disk_error(exc)
+        if error is None:
+            raise
+        print(f"error: {error.line()}", file=sys.stderr)
+        sys.exit(error.exit_code)
     except Exception as exc:  # click's own errors (typer vendors click in newer versions: match by shape)
         if not hasattr(exc, "exit_code"):
             raise

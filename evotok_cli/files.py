@@ -1,11 +1,15 @@
 """Reading the user's files and writing ours without surprises.
 
-Inputs: a missing file, a folder, a symlink loop, unreadable or non-UTF-8 bytes each become one
-`DataError` line naming the file (and the byte offset), never a `UnicodeDecodeError` traceback.
+Inputs: a missing file, a folder, a symlink loop, a FIFO or device (which would block or never end),
+unreadable or non-UTF-8 bytes, a file over `MAX_INPUT_BYTES` each become one `DataError` line naming the
+file (and the byte offset), never a `UnicodeDecodeError` traceback or a hang.
 Outputs: every command checks its output paths *before* the work starts (a folder where a file is
-wanted, a file where a folder is wanted, a place nothing can be created in), and writes through a
-temporary sibling that is renamed into place, so a crash or a full disk never leaves half a file, and a
-failed write never leaves the temporary behind.
+wanted, a file where a folder is wanted, a place nothing can be created in, a device, FIFO or socket, an
+output that is one of the command's own inputs), and writes through a temporary sibling that is renamed
+into place, so a crash, a signal or a full disk never leaves half a file, and a failed write never leaves
+the temporary behind. An output path that is a symbolic link is written through when the link points to
+a regular file: that file is replaced and the link kept; a link to anything else (nothing, a folder, a
+device) is refused. A full disk, a read-only file system or a spent quota is one line (`disk_error`).
 """
 
 from __future__ import annotations
@@ -13,13 +17,18 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TextIO
 
-from evotok_cli.errors import ConfigError, DataError
+from evotok_cli.errors import ConfigError, DataError, EvotokError
+
+MAX_INPUT_BYTES = 1 << 30  # no input we read whole is this large; /proc-like files report no size at all
+NO_ROOM = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is exceeded",
+           errno.EROFS: "the file system is read-only"}
 
 
 def _stat_problem(path: Path) -> str | None:
@@ -43,9 +52,25 @@ def input_file(path: str | Path, *, what: str, fix: str, error: type = DataError
     problem = _stat_problem(p)
     if problem is None and p.is_dir():
         problem = "is a folder, not a file"
+    elif problem is None and special_kind(p):
+        problem = f"is {special_kind(p)}, not a regular file (reading it could block or never end)"
     if problem is not None:
         raise error(f"{what} {problem}", where=str(p), fix=fix)
     return p
+
+
+def special_kind(path: Path) -> str | None:
+    """'a FIFO', 'a character device', ... for what `path` (followed) is when it exists and is neither a
+    regular file nor a folder; else None."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return None
 
 
 def input_dir(path: str | Path, *, what: str, fix: str, error: type = DataError) -> Path:
@@ -72,10 +97,22 @@ def read_text(path: str | Path, *, what: str = "file", fix: str = "pass a readab
               error: type = DataError) -> str:
     """The whole file as text; every way of failing is one line naming the file."""
     p = input_file(path, what=what, fix=fix, error=error)
+    chunks: list[bytes] = []
+    size = 0
     try:
-        data = p.read_bytes()
+        with open(p, "rb", buffering=0) as handle:
+            while size <= MAX_INPUT_BYTES:  # bounded: a file that grows as it is read ends here
+                chunk = handle.read(1 << 24)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
     except OSError as exc:
         raise error(f"{what} cannot be read ({exc.strerror})", where=str(p), fix=fix) from None
+    data = b"".join(chunks)
+    if size > MAX_INPUT_BYTES:
+        raise error(f"{what} is larger than {MAX_INPUT_BYTES >> 30} GiB", where=str(p),
+                    fix="split it into smaller files")
     return decode_utf8(data, str(p), what=what)
 
 
@@ -117,17 +154,55 @@ def _check_parent(p: Path, flag: str) -> None:
 
 
 def output_file(path: str | Path, flag: str, *, overwrite: bool = True) -> Path:
-    """Check, before any work, that a file can be written at `path` (its parent folder may be created)."""
+    """Check, before any work, that a file can be written at `path` (its parent folder may be created):
+    nothing but a regular file (or a link to one) is ever replaced."""
     p = Path(path).expanduser()
     problem = _stat_problem(p) if os.path.lexists(p) else None
-    if problem == "is a symbolic link loop":
-        raise ConfigError(f"output {problem}", where=flag, fix="choose another path")
+    if problem in ("is a symbolic link loop", "is a broken symbolic link"):
+        raise ConfigError(f"output {problem}", where=flag,
+                          fix="choose another path (a link is written through only to a regular file)")
     if p.is_dir():
         raise ConfigError(f"{p} is a folder, not a file", where=flag, fix="pass a file path, e.g. out.jsonl")
+    _refuse_special(p, flag)
     if p.exists() and not overwrite:
         raise ConfigError(f"{p} already exists", where=flag, fix="choose a new path or remove the file")
-    _check_parent(p, flag)
+    _check_parent(Path(os.path.realpath(p)), flag)
     return p
+
+
+def _refuse_special(p: Path, where: str) -> None:
+    kind = special_kind(p)
+    if kind is not None:
+        raise ConfigError(f"{p} is {kind}, not a regular file, so it is not replaced", where=where,
+                          fix="choose a regular file path")
+
+
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """Whether two paths name one file (through links, `..`, hard links), also when neither exists yet."""
+    a, b = Path(a).expanduser(), Path(b).expanduser()
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def not_an_input(path: str | Path, flag: str, inputs: dict[str, str | Path | None]) -> None:
+    """Refuse an output that is one of the command's inputs (`inputs`: its flag -> path): writing it
+    would destroy what the command reads (`trace run.jsonl --html run.jsonl`)."""
+    for source_flag, source in inputs.items():
+        if source is not None and same_file(path, source):
+            raise ConfigError(f"{path} is also the {source_flag} input, which writing it would destroy", where=flag,
+                              fix="write the output to another path")
+
+
+def disk_error(exc: OSError, path: str | Path | None = None) -> EvotokError | None:
+    """One line for a write that failed for want of room or a writable file system; None for others."""
+    what = NO_ROOM.get(exc.errno)  # type: ignore[arg-type]
+    if what is None:
+        return None
+    where = str(path or exc.filename or "write")
+    return EvotokError(f"cannot write: {what}", where=where,
+                       fix="free some space (or remount read-write) and run again; finished files were kept")
 
 
 def output_dir(path: str | Path, flag: str) -> Path:
@@ -149,16 +224,22 @@ def output_dir(path: str | Path, flag: str) -> Path:
 def atomic_open(path: str | Path, mode: str = "w") -> Iterator[TextIO]:
     """Write `path` through a temporary sibling renamed into place on success, removed on failure."""
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
+    if p.is_symlink():  # write through the link: its regular target is replaced, the link stays
+        p = Path(os.path.realpath(p))
+    _refuse_special(p, str(path))
     tmp = p.with_name(f".{p.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, unlike mkstemp's 0600
     try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, unlike mkstemp's 0600
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as handle:
             yield handle
         os.replace(tmp, p)
-    except BaseException:
+    except BaseException as exc:  # a failure, Ctrl-C or SIGTERM (cli.main makes it an exception)
         with suppress(OSError):
             os.unlink(tmp)
+        full = disk_error(exc, p) if isinstance(exc, OSError) else None
+        if full is not None:
+            raise full from None
         raise
 
 

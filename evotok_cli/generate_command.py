@@ -31,12 +31,12 @@ def run(flags: dict[str, Any], *, config: Path | None, as_json: bool | None) -> 
     values = merged(GenerateOptions, settings, flags)
     check_settings(dec, gen_length=values["gen_length"], block_length=values["block_length"], steps=values["steps"],
                    temperature=values["temperature"])
-    _check_outputs(values)
+    _check_outputs(values, {"--prompts-file": flags["prompts_file"], "--config": config})
     lm = _load(model_path, values)
     from evotok_cli.prompts import encode_prompts
 
     encode_prompts(prompts, lm.tokenizer, chat=values["chat_template"], vocab_size=lm.vocab_size,
-                   system=values["system"], prefill=values["prefill"])
+                   system=values["system"], prefill=values["prefill"], mask_id=lm.mask_id)
     results, wall = _decode(lm, decoder_name, dec, prompts, values, show=bool(flags["show"]))
     if settings.get("json", as_json):
         typer.echo(json.dumps({"schema": "evotok.generate/1", "model": str(model_path), "decoder": decoder_name,
@@ -77,15 +77,17 @@ def _decoder_options(settings: Settings, flags: dict[str, Any]) -> dict[str, Any
     return options
 
 
-def _check_outputs(values: dict[str, Any]) -> None:
-    """Texts that must be UTF-8 and the trace file we will write, before the model loads."""
-    from evotok_cli.files import check_text, output_file
+def _check_outputs(values: dict[str, Any], inputs: dict[str, Any]) -> None:
+    """Texts that must be UTF-8 and the trace file we will write (never one of the files we read), before
+    the model loads."""
+    from evotok_cli.files import check_text, not_an_input, output_file
 
     for key in ("system", "prefill"):
         if values[key] is not None:
             check_text(values[key], "--" + key)
     if values["trace"] is not None:
         output_file(values["trace"], "--trace")
+        not_an_input(values["trace"], "--trace", inputs)
 
 
 def _load(model_path: Path, values: dict[str, Any]) -> Any:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
@@ -182,10 +181,11 @@ def now() -> str:
 
 
 def write_atomic(path: Path, document: dict[str, Any]) -> None:
-    """Write via a temporary file and a rename, so a reader never sees half a results file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    """Write via a temporary file and a rename (`files.atomic_write_text`), so a reader never sees half a
+    results file and a full disk leaves the previous one whole."""
+    from evotok_cli.files import atomic_write_text
+
+    atomic_write_text(path, json.dumps(document, indent=2, ensure_ascii=False) + "\n")
 
 
 def comparable(document: dict[str, Any]) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import itertools
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,8 @@ from evotok_cli.bench.tasks.base import Doc, Task
 from evotok_cli.config import checked_model_folder as model_path
 from evotok_cli.decoding.api import GENERATION_SETTINGS as GEN_KEYS
 from evotok_cli.errors import CheckpointError, ConfigError
-from evotok_cli.files import output_dir
+from evotok_cli.files import not_an_input, output_dir
+from evotok_cli.locks import acquire_dir
 
 
 @dataclass
@@ -177,7 +179,6 @@ def make_run(task: Task, decoder_name: str, options: dict[str, Any], overrides: 
 def run_bench(request: BenchRequest) -> dict[str, Any] | None:
     """Run the request; returns the results document on rank 0 (None on the other ranks)."""
     from evotok_cli.bench.tasks import registry as task_registry
-    from evotok_cli.runtime import distributed
     from evotok_cli.runtime.attention import check_padded_mode
     from evotok_cli.runtime.lora import check_lora_mode
 
@@ -193,9 +194,21 @@ def run_bench(request: BenchRequest) -> dict[str, Any] | None:
         raise ConfigError("no task given", where="evotok bench", fix="name one, e.g. `evotok bench gsm8k`")
     tasks = [task_registry.get(name) for name in dict.fromkeys(request.tasks)]
     output_dir(request.out, "--out")  # before any data or model is loaded
+    lock = acquire_dir(request.out, "--out")  # one bench per folder: a second one would redo every item
+    try:
+        return _run_locked(request, tasks)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_locked(request: BenchRequest, tasks: list[Task]) -> dict[str, Any] | None:
+    from evotok_cli.runtime import distributed
+
     folder = model_path(request.model)
     runs = plan(request, tasks, folder)
     data = resolve_data(request.data, tasks)
+    check_not_outputs(data, runs, request.out)
     loaded = {t.name: t.load(data.get(t.name), request.limit) for t in tasks}
     group = distributed.from_environment()
     note = request.on_note if group.is_main and request.on_note else (lambda _line: None)
@@ -218,6 +231,20 @@ def run_bench(request: BenchRequest) -> dict[str, Any] | None:
         return document
     finally:
         group.close()
+
+
+def check_not_outputs(data: dict[str, Path], runs: list[Run], out: Path) -> None:
+    """A --data file must not be one this bench writes (results.json, a run's sample file)."""
+    import re
+
+    names = [re.escape(run.name) + r"(\.rank\d+)?\.jsonl" for run in runs]
+    for path in data.values():
+        if not path.is_file():
+            continue
+        not_an_input(out / "results.json", "--out", {"--data": path})
+        in_out = os.path.realpath(path.parent) == os.path.realpath(out)
+        if in_out and any(re.fullmatch(name, path.name) for name in names):
+            not_an_input(path, "--out", {"--data": path})
 
 
 def _load_model(request: BenchRequest, folder: Path, group: Any) -> Any:

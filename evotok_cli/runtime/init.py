@@ -14,6 +14,7 @@ from typing import Any
 
 from evotok_cli.errors import ConfigError
 from evotok_cli.files import input_dir, output_dir, read_text
+from evotok_cli.locks import LOCK_NAME, hold_dir
 from evotok_cli.runtime.architectures.llada import LLaDAConfig, LLaDAModelLM
 from evotok_cli.runtime.tokenizer import load_tokenizer
 from evotok_cli.runtime.writer import copy_tokenizer, init_weights, save_model
@@ -54,11 +55,12 @@ def read_corpus(path: Path) -> list[str]:
 
 
 def check_out(out: Path) -> Path:
-    """A new or empty folder we can write in, checked before any work: nothing already there is overwritten."""
+    """A new or empty folder we can write in, checked under the folder's lock before any work: nothing
+    already there is overwritten."""
     out = output_dir(out, "OUT")
     if (out / "config.json").exists():
         raise ConfigError("folder already holds a checkpoint", where=str(out), fix="pick a new folder")
-    if out.is_dir() and any(out.iterdir()):
+    if out.is_dir() and any(entry.name != LOCK_NAME for entry in out.iterdir()):
         raise ConfigError("folder is not empty", where=str(out), fix="pick a new or empty folder")
     return out
 
@@ -160,7 +162,18 @@ def create_model(out: Path, *, layers: int, hidden: int, heads: int, kv_heads: i
     """Validate everything, then build in a staging folder: `out` appears complete or not at all."""
     check_sizes(layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads, mlp=mlp, max_length=max_length,
                 vocab_size=vocab_size, shard_mb=shard_mb, seed=seed, std=std)
-    out = check_out(Path(out).expanduser())
+    out = output_dir(Path(out).expanduser(), "OUT")
+    with hold_dir(out, "OUT"):  # one writer per folder: a second init-model into it is refused
+        check_out(out)
+        _build(out, layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads, mlp=mlp, max_length=max_length,
+               vocab_size=vocab_size, real_vocab=real_vocab, tokenizer_from=tokenizer_from, corpus=corpus,
+               shard_mb=shard_mb, seed=seed, std=std)
+    return out
+
+
+def _build(out: Path, *, layers: int, hidden: int, heads: int, kv_heads: int | None, mlp: int | None,
+           max_length: int, vocab_size: int, real_vocab: bool, tokenizer_from: Path | None, corpus: Path | None,
+           shard_mb: float | None, seed: int, std: float) -> None:
     source = _tokenizer_source(real_vocab, tokenizer_from, corpus)
     mlp = mlp or int(round(hidden * 8 / 3 / 16)) * 16 or hidden
     with staging(out) as stage:
@@ -174,7 +187,6 @@ def create_model(out: Path, *, layers: int, hidden: int, heads: int, kv_heads: i
                           rope_theta=10000.0, mask_token_id=mask_id, eos_token_id=eos_id)
         net = init_weights(LLaDAModelLM(cfg), seed=seed, std=std)
         save_model(net, cfg.to_hf(), stage, shard_bytes=int(shard_mb * 2**20) if shard_mb else None)
-    return out
 
 
 def _write_tokenizer(source: Any, tokenizer_from: Path | None, stage: Path, vocab_size: int,

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from evotok_cli.errors import CheckpointError, DataError
-from evotok_cli.files import read_text
+from evotok_cli.files import disk_error, read_text
 from evotok_cli.runtime.checkpoint import save_safetensors
 
 PREFIX = "checkpoint-"
@@ -40,10 +40,17 @@ def save_checkpoint(folder: Path, *, step: int, model_state: dict[str, torch.Ten
                     generators: dict[str, torch.Generator], py_random: random.Random, extra: dict[str, Any],
                     keep: int | None) -> Path:
     tmp = start_checkpoint(folder, step)
-    write_tensors(tmp, model_state, optimizer_state, param_names)
-    return finish_checkpoint(folder, tmp, step=step, param_groups=optimizer_state["param_groups"],
-                             scheduler_state=scheduler_state, generators=generators, py_random=py_random,
-                             extra=extra, keep=keep)
+    try:
+        write_tensors(tmp, model_state, optimizer_state, param_names)
+        return finish_checkpoint(folder, tmp, step=step, param_groups=optimizer_state["param_groups"],
+                                 scheduler_state=scheduler_state, generators=generators, py_random=py_random,
+                                 extra=extra, keep=keep)
+    except BaseException as exc:  # a full disk, a signal: no half checkpoint; the earlier ones stay whole
+        shutil.rmtree(tmp, ignore_errors=True)
+        full = disk_error(exc, tmp.parent) if isinstance(exc, OSError) else None
+        if full is not None:
+            raise full from None
+        raise
 
 
 def temporary(folder: Path, step: int) -> Path:

@@ -30,12 +30,23 @@ def train_config(data: Path, flags: dict[str, Any], config: Path | None) -> tupl
 
 
 def run(data: Path, flags: dict[str, Any], *, resume: bool, config: Path | None, as_json: bool | None) -> None:
-    """Train; print the summary (JSON with --json) on rank 0. A signal exits 130 / 143 after a checkpoint."""
+    """Train; print the summary (JSON with --json) on rank 0. A signal exits 130 / 143 after a checkpoint.
+    The --out folder is locked for the whole run: a second finetune into it is refused (`locks`)."""
+    from evotok_cli.files import output_dir
+    from evotok_cli.locks import hold_dir
+    from evotok_cli.training import runs
+
+    cfg, settings = train_config(data, flags, config)
+    runs.check_inputs(Path(cfg.out).expanduser(), {"DATA": data, "--config": config})
+    with hold_dir(output_dir(Path(cfg.out).expanduser(), "--out"), "--out"):
+        _train(cfg, settings, resume=resume, as_json=as_json)
+
+
+def _train(cfg: TrainConfig, settings: Any, *, resume: bool, as_json: bool | None) -> None:
     from evotok_cli.console import stderr
     from evotok_cli.training.progress import TrainProgress
     from evotok_cli.training.trainer import StopRequested, Trainer
 
-    cfg, settings = train_config(data, flags, config)
     err = stderr()
     trainer = Trainer(cfg, log=lambda m: err.print(f"[dim]{m}[/dim]"))
     trainer.preflight(resume)  # data file, --out, one run per folder: before the model loads

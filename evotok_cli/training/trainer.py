@@ -59,15 +59,17 @@ class Trainer:
         self.out = Path(cfg.out).expanduser()
         self.stop_signal: str | None = None
         self.run: dict[str, Any] | None = None  # the run's identity, once `preflight` has checked the folder
+        self.resume_changes: dict[str, list[Any]] = {}  # safe settings a resume changed (runs.SAFE_ON_RESUME)
         self.checked_for_resume: bool | None = None
 
     def preflight(self, resume: bool = False) -> None:
         """Before the model loads: the data file can be read, --out can be written and holds no other
-        run (or, with `resume`, the same run, unfinished)."""
+        run (or, with `resume`, the same run, unfinished). Only rank 0 of a multi-process run hashes and
+        compares: it alone writes the record, and the launcher stops the others when it refuses."""
         input_file(self.cfg.data, what="training data", fix="pass a JSONL file")
         output_dir(self.out, "--out")
-        self.run = runs.identity(self.cfg)
-        runs.check_out(self.out, self.run, resume=resume)
+        if os.environ.get("RANK", "0") in ("", "0"):
+            self.run, self.resume_changes = runs.check_out(self.out, self.cfg, resume=resume)
         self.checked_for_resume = resume
 
     # -- setup -----------------------------------------------------------------------------------
@@ -306,13 +308,17 @@ class Trainer:
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
         self.group.barrier()
-        if resume:
-            self.resume()
+        earlier = runs.read_args(self.out).get("history") if resume and main else None
+        history = list(earlier) if isinstance(earlier, list) else []  # what earlier resumes changed
+        if resume and self.resume() and self.resume_changes:
+            history.append(runs.history_entry(self.step, self.resume_changes))
+            self.log("--resume: changed " + ", ".join(f"{runs.flag_of(k)} {then} -> {now}"
+                                                      for k, (then, now) in self.resume_changes.items()))
         if main:
             losslog.rewrite(self.out, self.history)
             atomic_write_text(self.out / "training_args.json", json.dumps(
                 {**asdict(self.cfg), "total_steps": self.total_steps, "processes": self.group.world,
-                 "data_stats": self.stats.summary(), "run": self.run}, indent=2))
+                 "data_stats": self.stats.summary(), "run": self.run, "history": history}, indent=2))
 
     def _step(self, objective: Callable[[Batch], tuple[torch.Tensor, list[float]]],
               clock: dict[str, Any]) -> dict[str, Any]:

@@ -40,11 +40,14 @@ def trace(
 
     if html is None and png is None:
         raise EvotokError("nothing to draw", where="evotok trace", fix="pass --html OUT.html and/or --png OUT.png")
-    from evotok_cli.files import output_file
+    from evotok_cli.files import not_an_input, output_file, same_file
 
     for path, flag in ((html, "--html"), (png, "--png")):
         if path is not None:
             output_file(path, flag)
+            not_an_input(path, flag, {"FILE": file})
+    if html is not None and png is not None and same_file(html, png):
+        raise EvotokError("--html and --png name the same file", where="--png", fix="give each picture its own path")
     data = read_trace(file)
     data.select(prompt_index)  # a missing prompt fails before any file is written
     from evotok_cli.runtime.tokenizer import has_tokenizer
