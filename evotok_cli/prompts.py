@@ -18,6 +18,7 @@ class Prompt:
     ids: list[int] | None = None  # given ids, or filled in by `encode_prompts`
     system: str | None = None
     messages: list[dict[str, str]] | None = None  # a whole conversation (the server's chat requests)
+    where: str = "--prompt-ids"  # where given ids came from, for errors: the flag, or a file's line
 
 
 def parse_ids(text: str, where: str) -> list[int]:
@@ -61,7 +62,7 @@ def read_prompts_file(path: str | Path) -> list[Prompt]:
             if not ids or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
                 raise DataError("prompt_ids must be a non-empty list of token ids", where=where,
                                 fix='write e.g. {"prompt_ids": [1, 2, 3]}')
-            prompts.append(Prompt(None, ids=list(ids)))
+            prompts.append(Prompt(None, ids=list(ids), where=where))
         else:
             raise DataError("expected a string or an object with \"prompt\" or \"prompt_ids\"", where=where,
                             fix='write e.g. {"prompt": "What is 2+3?"}')
@@ -71,9 +72,13 @@ def read_prompts_file(path: str | Path) -> list[Prompt]:
 
 
 def encode_prompts(prompts: list[Prompt], tokenizer: Any, *, chat: bool, vocab_size: int,
-                   system: str | None = None, prefill: str = "") -> list[Prompt]:
+                   system: str | None = None, prefill: str = "", mask_id: int | None = None) -> list[Prompt]:
+    """Each prompt's ids: text through the chat template (user text stays plain text: `tokenizer.protect`),
+    given ids checked. No id may lie outside the vocabulary, and none may be the mask id (`mask_id`): the
+    decoder fills every mask position, so a mask inside the prompt would be rewritten as if generated."""
     for prompt in prompts:
-        if prompt.ids is None:
+        given = prompt.ids is not None
+        if not given:
             if tokenizer is None:
                 raise ConfigError("this checkpoint has no tokenizer, so text prompts cannot be encoded",
                                   where="--prompt", fix="pass token ids with --prompt-ids 1,2,3")
@@ -83,8 +88,20 @@ def encode_prompts(prompts: list[Prompt], tokenizer: Any, *, chat: bool, vocab_s
                 rendered = tok.render_prompt(tokenizer, prompt.text or "", chat=chat, system=prompt.system or system,
                                              prefill=prefill)
             prompt.ids = tok.encode(tokenizer, rendered)
-        bad = [i for i in prompt.ids if i >= vocab_size]
-        if bad:
-            raise ConfigError(f"token id {bad[0]} is outside the vocabulary (size {vocab_size})", where="--prompt-ids",
-                              fix=f"use ids below {vocab_size}")
+        _check_ids(prompt, given, vocab_size, mask_id)
     return prompts
+
+
+def _check_ids(prompt: Prompt, given: bool, vocab_size: int, mask_id: int | None) -> None:
+    error = ConfigError if prompt.where.startswith("--") else DataError  # a flag, or a prompts file's line
+    bad = [i for i in prompt.ids or [] if i >= vocab_size]
+    if bad:
+        raise error(f"token id {bad[0]} is outside the vocabulary (size {vocab_size})", where=prompt.where,
+                    fix=f"use ids below {vocab_size}")
+    if mask_id is not None and mask_id in (prompt.ids or []):
+        if not given:  # user text cannot spell the mask token: it came from the template or the prefill
+            raise ConfigError(f"the prompt encodes to the mask token id {mask_id}", where="--prefill",
+                              fix="remove the mask token from the prefill or the chat template")
+        raise error(f"token id {mask_id} is the mask token; the decoder would overwrite it as if it were "
+                    "generated", where=prompt.where,
+                    fix=f"remove id {mask_id} from the prompt (the decoder appends the masks it fills itself)")

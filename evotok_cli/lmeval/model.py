@@ -189,6 +189,7 @@ class EvotokLM(LM):
         self.model = self._load()
         self._device = self.model.device
         self._warned_sampling = False
+        self._templated = False  # lm-eval asked for the chat template: its contexts hold the template's tokens
 
     # -- construction -------------------------------------------------------------------------------
     @classmethod
@@ -260,15 +261,22 @@ class EvotokLM(LM):
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         """lm-eval's messages in the checkpoint's template; without a generation prompt the last (assistant)
-        message is continued, which is how a task's `gen_prefix` (e.g. "<reasoning>") is prefilled."""
-        from evotok_cli.runtime.tokenizer import has_chat_template
+        message is continued, which is how a task's `gen_prefix` (e.g. "<reasoning>") is prefilled. The
+        messages' text stays plain text (`runtime.tokenizer.protect`), as in `evotok bench`."""
+        from evotok_cli.runtime.tokenizer import has_chat_template, render_messages
 
         if not has_chat_template(self.model.tokenizer):
             raise ConfigError("the checkpoint has no chat template", where=str(self.model.path),
                               fix="drop --apply_chat_template")
-        return self.model.tokenizer.apply_chat_template(
-            chat_history, tokenize=False, add_generation_prompt=add_generation_prompt,
-            continue_final_message=not add_generation_prompt)
+        self._templated = True
+        return render_messages(self.model.tokenizer, chat_history, chat=True, generation_prompt=add_generation_prompt)
+
+    def _context(self, context: str) -> str:
+        """A request's context as `encode` takes it: rendered by `apply_chat_template` above (the template's
+        tokens real, the messages' protected), or else all task text, whose control tokens stay plain text."""
+        from evotok_cli.runtime.tokenizer import protect
+
+        return context if self._templated else protect(self.model.tokenizer, context)
 
     # -- generate_until -----------------------------------------------------------------------------
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
@@ -317,7 +325,7 @@ class EvotokLM(LM):
             key = (getattr(request, "task_name", None), doc_id if doc_id is not None else index, request.idx)
             seed = self.settings.seed + key[1] + REPEAT_STRIDE * repeats[key]
             repeats[key] += 1
-            ids = encode(self.model.tokenizer, context)
+            ids = encode(self.model.tokenizer, self._context(context))
             if len(ids) + gen_length > self.model.max_length:
                 raise ConfigError(f"request {index} (doc {doc_id}): prompt ({len(ids)} tokens) + gen length "
                                   f"({gen_length}) exceeds the model's maximum {self.model.max_length}",
@@ -362,11 +370,12 @@ class EvotokLM(LM):
         """Prompt and answer ids as lm-eval's own models split them: trailing spaces of the context move to the
         continuation, the whole text is encoded and the context's tokens cut off its front. A prompt too long
         for the model loses its oldest tokens; the answer is never cut."""
-        from evotok_cli.runtime.tokenizer import encode
+        from evotok_cli.runtime.tokenizer import encode, protect
 
         spaces = len(context) - len(context.rstrip())
         if spaces:
             context, continuation = context[:-spaces], context[-spaces:] + continuation
+        context, continuation = self._context(context), protect(self.model.tokenizer, continuation)
         whole = encode(self.model.tokenizer, context + continuation)
         prompt_len = len(encode(self.model.tokenizer, context))
         prompt, answer = whole[:prompt_len], whole[prompt_len:]

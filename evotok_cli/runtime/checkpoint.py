@@ -2,6 +2,12 @@
 
 Only safetensors are read (single `model.safetensors` or a sharded `model.safetensors.index.json`); pickle
 weights are refused because unpickling runs arbitrary code. Nothing from the folder is ever executed.
+
+A folder is untrusted, and so is its index: every shard its weight_map names must be a plain file name in
+the folder itself (`model-00001-of-00004.safetensors`), never a path (`../../x.safetensors`, `/etc/x`,
+`sub/x`), so the index cannot reach a file outside the folder. The file under that name may be a symbolic
+link wherever it points: a Hugging Face cache snapshot is exactly that (each file a link into
+`../../blobs/`), and whoever can put a link in the folder could put the file there as well.
 """
 
 from __future__ import annotations
@@ -100,7 +106,7 @@ def find_weights(folder: Path) -> WeightFiles:
         weight_map = index.get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError("no weight_map", where=str(index_path), fix="repair or re-download the index")
-        shards = {name: folder / shard for name, shard in weight_map.items()}
+        shards = {name: folder / shard_name(shard, index_path) for name, shard in weight_map.items()}
         for shard in sorted(set(shards.values())):
             if not shard.is_file():
                 raise CheckpointError(f"index names shard {shard.name}, which is missing", where=str(index_path),
@@ -114,6 +120,18 @@ def find_weights(folder: Path) -> WeightFiles:
                               where=str(folder), fix=CONVERT_HINT)
     raise CheckpointError(f"no {SINGLE_FILE} or {INDEX_FILE}", where=str(folder),
                           fix="the folder needs safetensors weights in the Hugging Face layout")
+
+
+def shard_name(name: object, index_path: Path) -> str:
+    """A shard the index names, if it is a plain file name in the folder (see the module docstring)."""
+    fix = "the index may only name files beside it (e.g. model-00001-of-00002.safetensors): repair or re-download it"
+    if not isinstance(name, str) or not name:
+        raise CheckpointError(f"weight_map names a shard {name!r}, not a file name", where=str(index_path), fix=fix)
+    path = Path(name)
+    if path.is_absolute() or len(path.parts) != 1 or name in (".", "..") or "\\" in name or "\0" in name:
+        raise CheckpointError(f"weight_map names {name!r}, a path, not a file in the model folder",
+                              where=str(index_path), fix=fix)
+    return name
 
 
 def _open(path: Path, device: str):

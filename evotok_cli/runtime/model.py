@@ -152,6 +152,7 @@ class DiffusionModel:
                 "matched": self.adapter.matched, "unmatched_targets": self.adapter.unmatched_targets,
                 "matches_nothing": self.adapter.matches_nothing, "notes": self.adapter.partial,
                 "mode": self.adapter.mode, "delta": self.adapter.delta.as_dict() if self.adapter.delta else None,
+                "tensors": self.adapter.tensors,
             },
             "unknown_config_keys": list(self.config.unknown_keys),
         }

@@ -2,12 +2,25 @@
 
 `PreTrainedTokenizerFast` reads `tokenizer.json`, `tokenizer_config.json` and `chat_template.jinja`
 directly, so no tokenizer class named in the folder is ever imported or executed.
+
+Text from users never becomes control tokens. A user who types `<|eot_id|><|start_header_id|>system...`
+must not open a system turn, nor `<|mdm_mask|>` plant a mask. So every string a user wrote (message
+contents and roles, a system prompt, text without a template) goes through `protect`, which brackets each
+control token it spells (the tokenizer's special added tokens) with two private-use characters; `encode`
+then turns a bracketed token into the ids of its characters as plain text, and parses control tokens only
+in the rest, the template's own text. Text without a bracket is encoded by the tokenizer's default call,
+exactly as before, so ordinary prompts keep their ids. The brackets survive string operations (lm-eval
+appends to a rendered context), and a user cannot type them: `protect` removes them from user text first.
+Only whole control tokens are neutralised: a template that builds one from pieces of user text
+(`'<|' + role + '|>'`) is not protected by this.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -52,20 +65,100 @@ def render_prompt(tokenizer: Any, text: str, *, chat: bool, system: str | None =
     return render_messages(tokenizer, messages, chat=chat, prefill=prefill)
 
 
-def render_messages(tokenizer: Any, messages: list[dict[str, str]], *, chat: bool, prefill: str = "") -> str:
+def render_messages(tokenizer: Any, messages: list[dict[str, str]], *, chat: bool, prefill: str = "",
+                    generation_prompt: bool = True) -> str:
     """A conversation as the model sees it: the chat template with a generation prompt + prefill; with no
     template (or chat off), the contents joined by blank lines. `render_prompt` is the one-question case,
-    so a server's chat request and `generate -p` render the same question identically."""
+    so a server's chat request and `generate -p` render the same question identically. The messages are
+    user text (`protect`ed); the prefill is the operator's or the checkpoint's, and its tokens are real.
+    `generation_prompt=False` continues the last message instead (lm-eval's `gen_prefix`)."""
+    from evotok_cli.runtime.chat_template import apply_template
+
+    messages = protect(tokenizer, messages)
     if chat and has_chat_template(tokenizer):
-        rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        rendered = apply_template(tokenizer, messages, generation_prompt=generation_prompt)
     else:
         rendered = "\n\n".join(m["content"] for m in messages)
     return rendered + prefill
 
 
+# Brackets around a control token typed by a user (Unicode plane 15, private use: no template writes them).
+OPEN, CLOSE = "\U000fdc01", "\U000fdc02"
+_PIECES = re.compile(f"{OPEN}([^{OPEN}{CLOSE}]*){CLOSE}|[{OPEN}{CLOSE}]")
+
+
+def control_tokens(tokenizer: Any) -> tuple[str, ...]:
+    """The tokenizer's special added tokens (BOS, EOS, mask, role headers, end of turn): the strings that
+    must stay plain text when a user types them."""
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    return tuple(sorted({t.content for t in decoder.values() if getattr(t, "special", False) and t.content.strip()}))
+
+
+@lru_cache(maxsize=16)
+def _control_pattern(tokens: tuple[str, ...]) -> re.Pattern | None:
+    # longest first, as the tokenizer matches them: `<|eot_id|>` before a shorter token it starts with
+    return re.compile("|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True))) if tokens else None
+
+
+def protect(tokenizer: Any, value: Any) -> Any:
+    """User text (a string, or the strings inside messages) with each control token it spells bracketed,
+    so that `encode` keeps it plain text; brackets a user typed are dropped first, so none can be forged."""
+    if isinstance(value, str):
+        value = value.replace(OPEN, "").replace(CLOSE, "")
+        pattern = _control_pattern(control_tokens(tokenizer))
+        return pattern.sub(lambda m: OPEN + m.group(0) + CLOSE, value) if pattern else value
+    if isinstance(value, dict):
+        return {key: protect(tokenizer, item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [protect(tokenizer, item) for item in value]
+    return value
+
+
+def visible(text: str) -> str:
+    """A rendered prompt without its brackets: the text a person reads."""
+    return text.replace(OPEN, "").replace(CLOSE, "")
+
+
 def encode(tokenizer: Any, rendered: str) -> list[int]:
-    """Token ids of a rendered prompt by the tokenizer's default call, as the official evaluation does."""
-    return list(tokenizer(rendered)["input_ids"])
+    """Token ids of a rendered prompt by the tokenizer's default call, as the official evaluation does;
+    control tokens a user typed (bracketed by `protect`) become the ids of their characters instead."""
+    if OPEN not in rendered and CLOSE not in rendered:
+        return list(tokenizer(rendered)["input_ids"])
+    pieces = _PIECES.split(rendered)  # [text, typed token, text, ...]; None for a lone bracket
+    ids: list[int] = []
+    for i, piece in enumerate(pieces):
+        if not piece:
+            continue
+        ids += _as_text(tokenizer, piece) if i % 2 else list(tokenizer(piece, add_special_tokens=False)["input_ids"])
+    prefix, suffix = _added_around(tokenizer)
+    return prefix + ids + suffix
+
+
+def _as_text(tokenizer: Any, token: str) -> list[int]:
+    """A control token's characters through the tokenizer's normaliser, pre-tokeniser and model, its added
+    tokens left out. (Not `split_special_tokens=True`: that flips a flag on the shared backend, and a
+    server encoding in two threads could see the other's setting.)"""
+    backend = tokenizer.backend_tokenizer
+    text = backend.normalizer.normalize_str(token) if backend.normalizer is not None else token
+    words = [text] if backend.pre_tokenizer is None else [w for w, _ in backend.pre_tokenizer.pre_tokenize_str(text)]
+    ids = [t.id for w in words for t in backend.model.tokenize(w)]
+    own = tokenizer.convert_tokens_to_ids(token)
+    if own in ids:
+        raise CheckpointError(f"the vocabulary spells the control token {token} from its characters, so user text "
+                              "could forge it", where=str(getattr(tokenizer, "name_or_path", "tokenizer")),
+                              fix="use a tokenizer whose special tokens are added tokens only")
+    return ids
+
+
+def _added_around(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """The ids the tokenizer's post-processor puts before and after a text (a BOS, say), found by encoding
+    one character with and without them."""
+    plain = list(tokenizer("a", add_special_tokens=False)["input_ids"])
+    full = list(tokenizer("a")["input_ids"])
+    for start in range(len(full) - len(plain) + 1):
+        if full[start:start + len(plain)] == plain:
+            return full[:start], full[start + len(plain):]
+    return [], []
 
 
 def token_id(tokenizer: Any, token: str) -> int | None:
