@@ -54,8 +54,10 @@ def info(
     as_json: bool = typer.Option(False, "--json", help="print one JSON document (schema evotok.info/1)"),
 ) -> None:
     """Describe a checkpoint without loading its weights: architecture, size, special ids, tokenizer,
-    shards and (with --adapter) which modules a LoRA adapter matches, how large its deltas are next to
-    the weights (only the adapted layers' weights are read), and how much of them a bf16 merge would lose.
+    shards and (with --adapter) which modules a LoRA adapter matches, every class of tensor it carries
+    (LoRA pairs per target, modules_to_save tensors, and in capitals what its adapter_config.json does not
+    declare, which --adapter refuses), how large its deltas are next to the weights (only the adapted
+    layers' weights are read), and how much of them a bf16 merge would lose.
 
     Example: evotok info ./LLaDA-8B-Instruct --adapter ./EvoToken_LLaDA_Instruct_8B_Lora
     """
