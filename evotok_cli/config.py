@@ -58,6 +58,12 @@ class GenerateOptions:
                         envvar=_env("steps"))
     temperature: float = option(0.0, "0 = greedy", envvar=_env("temperature"))
     seed: int = option(0, "random seed", envvar=_env("seed"))
+    top_k: int | None = option(None, "sample only from the k most probable tokens (at temperature > 0)",
+                               envvar=_env("top_k"), shown="off")
+    top_p: float | None = option(None, "sample only from the most probable tokens whose probability sums to p, "
+                                 "in (0, 1] (nucleus; at temperature > 0)", envvar=_env("top_p"), shown="off")
+    min_p: float | None = option(None, "sample only from tokens with at least p times the most probable one's "
+                                 "probability, in [0, 1] (at temperature > 0)", envvar=_env("min_p"), shown="off")
     threshold: float | None = _shorthand("threshold")
     remasking: str | None = _shorthand("remasking")
     opt: list[str] | None = option(None, "decoder option key=value (repeatable); see `evotok decoders --details NAME`",

@@ -16,6 +16,8 @@ from evotok_cli.console import stderr
 from evotok_cli.errors import EvotokError
 from evotok_cli.options import merged
 
+SAMPLING_FILTERS = ("top_k", "top_p", "min_p")  # filters of the sampled distribution (decoding.api.Sampling)
+
 
 def run(flags: dict[str, Any], *, config: Path | None, as_json: bool | None) -> None:
     """Generate for every prompt the flags give; the answers to stdout, a summary line to stderr."""
@@ -30,7 +32,7 @@ def run(flags: dict[str, Any], *, config: Path | None, as_json: bool | None) -> 
     settings.defaults = generate_defaults(model_path)  # the model's own, under YAML and flags
     values = merged(GenerateOptions, settings, flags)
     check_settings(dec, gen_length=values["gen_length"], block_length=values["block_length"], steps=values["steps"],
-                   temperature=values["temperature"])
+                   temperature=values["temperature"], **{k: values[k] for k in SAMPLING_FILTERS})
     _check_outputs(values, {"--prompts-file": flags["prompts_file"], "--config": config})
     lm = _load(model_path, values)
     from evotok_cli.prompts import encode_prompts
@@ -113,7 +115,7 @@ def _decode(lm: Any, decoder_name: str, dec: Any, prompts: list[Any], values: di
                         block_length=values["block_length"], steps=values["steps"],
                         temperature=values["temperature"], seed=values["seed"], batch_size=values["batch_size"],
                         trace=values["trace"], on_pass=progress.on_pass, on_event=live.update if live else None,
-                        on_batch=progress.on_batch)
+                        on_batch=progress.on_batch, **{k: values[k] for k in SAMPLING_FILTERS})
 
 
 def params(lm: Any, dec: Any, values: dict[str, Any]) -> dict[str, Any]:
@@ -126,7 +128,8 @@ def params(lm: Any, dec: Any, values: dict[str, Any]) -> dict[str, Any]:
 
     used = settings_used(dec)
     out = {k: values[k] for k in ("gen_length", "block_length", "steps") if k in used}
-    out.update({k: values[k] for k in ("temperature", "seed", "batch_size", "adapter", "chat_template", "prefill")})
+    out.update({k: values[k] for k in ("temperature", "seed", *SAMPLING_FILTERS, "batch_size", "adapter",
+                                       "chat_template", "prefill")})
     out.update({"device": str(lm.device), "dtype": str(lm.dtype).removeprefix("torch."), "compile": lm.compiled,
                 "lora_mode": lm.adapter.mode if lm.adapter else None, "padded_attention": lm.padded_attention,
                 "decoder_options": jsonable(vars(dec.config)), "runtime": describe_runtime(lm.device, lm.dtype),

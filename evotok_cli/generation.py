@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import secrets
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, TextIO
 
+from evotok_cli.canvas_plan import cut_answer
 from evotok_cli.decoding import registry
-from evotok_cli.decoding.api import GenerationRequest, StepEvent, parse_options, settings_used
+from evotok_cli.decoding.api import (
+    GenerationRequest,
+    StepEvent,
+    TokenLogprob,
+    check_sampling,
+    parse_options,
+    settings_used,
+)
 from evotok_cli.errors import ConfigError
 from evotok_cli.files import atomic_open
 from evotok_cli.prompts import Prompt
@@ -25,9 +35,12 @@ def make_decoder(name: str, options: dict[str, Any], *, where: str = "--opt") ->
     return cls(parse_options(cls.Config, options, decoder=name, where=where))
 
 
-def check_settings(decoder: Any, *, gen_length: int, block_length: int, steps: int, temperature: float) -> None:
+def check_settings(decoder: Any, *, gen_length: int, block_length: int, steps: int, temperature: float,
+                   top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
+                   logprobs: int | None = None) -> None:
     """Validate the generation settings `decoder` reads, before the model loads (d2f, for one, has no
-    block length or step budget of ours, so those are not checked for it)."""
+    block length or step budget of ours, so those are not checked for it), the sampling filters and the
+    number of logprob alternatives."""
     import math
 
     from evotok_cli.decoding.schedule import block_layout
@@ -41,6 +54,10 @@ def check_settings(decoder: Any, *, gen_length: int, block_length: int, steps: i
     if not math.isfinite(temperature) or temperature < 0:
         raise ConfigError(f"temperature must be a finite number >= 0, got {temperature}", where="--temperature",
                           fix="e.g. 0 for greedy decoding, or 0.5")
+    check_sampling(top_k=top_k, top_p=top_p, min_p=min_p)
+    if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int) or logprobs < 0):
+        raise ConfigError(f"logprobs must be an integer >= 0, got {logprobs!r}", where="logprobs",
+                          fix="the number of alternatives to report per token, e.g. 5; 0 for the token's own only")
     own_check = getattr(decoder, "check_settings", None)
     if own_check is not None:
         own_check(gen_length=gen_length, block_length=block_length, steps=steps)
@@ -75,21 +92,26 @@ def generate(model: Any, decoder_name: str, decoder: Any, prompts: list[Prompt],
              trace: Path | None = None, on_pass: Callable[[int], None] | None = None,
              on_event: Callable[[StepEvent], None] | None = None,
              on_batch: Callable[[int, int], None] | None = None,
-             seeds: list[int] | None = None) -> tuple[list[dict[str, Any]], float]:
+             seeds: list[int] | None = None, top_k: int | None = None, top_p: float | None = None,
+             min_p: float | None = None, logprobs: int | None = None) -> tuple[list[dict[str, Any]], float]:
     """Decode `prompts` in the step engine, at most `batch_size` rows at a time (a finished row's place is
     refilled at once); returns one result per prompt and the wall time. Prompt i samples from seed + i
-    (or `seeds[i]`), whatever the batch size."""
+    (or `seeds[i]`), whatever the batch size, from the distribution top_k / top_p / min_p leave
+    (`decoding.api.Sampling`; None: off). With `logprobs` (a count of alternatives, 0 for none) each
+    result carries its answer tokens' log-probabilities (`row_result`)."""
     from evotok_cli.decoding.engine import Engine, make_jobs
 
     if batch_size < 1:
         raise ConfigError(f"batch size must be >= 1, got {batch_size}", where="--batch-size", fix="e.g. --batch-size 8")
-    check_settings(decoder, gen_length=gen_length, block_length=block_length, steps=steps, temperature=temperature)
+    check_settings(decoder, gen_length=gen_length, block_length=block_length, steps=steps, temperature=temperature,
+                   top_k=top_k, top_p=top_p, min_p=min_p, logprobs=logprobs)
     with atomic_open(trace) if trace else nullcontext() as handle:  # a trace appears whole or not at all
         listeners = [f for f in (TraceWriter(handle, decoder_name, model) if handle else None, on_event) if f]
         request = GenerationRequest(
             prompts=[p.ids for p in prompts], gen_length=gen_length, block_length=block_length, steps=steps,
             temperature=temperature, seed=seed, seeds=seeds, trace=bool(listeners),
-            on_event=(lambda e: [f(e) for f in listeners]) if listeners else None)
+            on_event=(lambda e: [f(e) for f in listeners]) if listeners else None,
+            top_k=top_k, top_p=top_p, min_p=min_p, logprobs=logprobs)
         engine = Engine(model, max_rows=batch_size)
         jobs = make_jobs(model, decoder, request, cohort=batch_size)
         done_rows = [0]
@@ -116,18 +138,61 @@ def generate(model: Any, decoder_name: str, decoder: Any, prompts: list[Prompt],
     return results, wall
 
 
-def row_result(model: Any, prompt: Prompt, row: Any, seconds: float) -> dict[str, Any]:
-    """One prompt's result as `generate --json` reports it (the server answers from the same dict)."""
-    return {
+def row_result(model: Any, prompt: Prompt, row: Any, seconds: float, *,
+               max_tokens: int | None = None) -> dict[str, Any]:
+    """One prompt's result as `generate --json` reports it (the server answers from the same dict).
+
+    max_tokens: the answer cut to that many tokens (`canvas_plan.cut_answer`): `token_ids` then ends at the
+    cut, so `tokens == len(token_ids)` says the answer ran to the limit. A row decoded with logprobs gains
+    `logprobs`, one entry per answer token (`answer_logprobs`)."""
+    ids, _ = cut_answer(row.token_ids, max_tokens, model.stop_ids)
+    result = {
         "prompt": prompt.text if prompt.text is not None else prompt.ids,
-        "text": model.answer_text(row.token_ids),
-        "token_ids": row.token_ids,
+        "text": model.answer_text(ids),
+        "token_ids": ids,
         "nfe": row.nfe,
         "seconds": seconds,  # this row's own: from joining the running batch to leaving it
-        "tokens": answer_tokens(row.token_ids, model.stop_ids),
+        "tokens": answer_tokens(ids, model.stop_ids),
     }
+    if getattr(row, "logprobs", None) is not None:
+        result["logprobs"] = answer_logprobs(model, ids[:result["tokens"]], row.logprobs)
+    return result
+
+
+def answer_logprobs(model: Any, ids: list[int], logprobs: list[TokenLogprob | None]) -> list[dict[str, Any]]:
+    """Per answer token: its id, its text alone (`model.decode`), its log-probability at the pass that
+    wrote it for the last time, and the alternatives of that pass (`top`: id, text, log-probability, most
+    probable first); see `decoding.api.TokenLogprob`."""
+    def entry(token: int, logprob: float | None) -> dict[str, Any]:
+        return {"id": token, "token": model.decode([token]), "logprob": logprob}
+
+    return [{**entry(token, None if lp is None else lp.logprob),
+             "top": [] if lp is None else [entry(i, v) for i, v in lp.top]} for token, lp in zip(ids, logprobs)]
 
 
 def answer_tokens(ids: list[int], stop_ids: tuple[int, ...]) -> int:
     """Tokens up to the first stop id: what the anchors count for tokens/s (spec 6.5)."""
     return next((i for i, t in enumerate(ids) if t in stop_ids), len(ids))
+
+
+# -- seeds of sampled requests ------------------------------------------------------------------------
+FRESH_SEED_LIMIT = 2**53  # fresh seeds are below it: exact as a JSON number in every client (JavaScript's too)
+SEED_LIMIT = 2**63  # derived seeds are below it: a signed 64-bit integer, which torch's generators take
+
+
+def derive_seed(request_seed: int, index: int) -> int:
+    """The seed of row (choice) `index` of a request seeded `request_seed`: the request's own for row 0, so
+    that one choice reproduces with `evotok generate --seed S`; for the others the first 63 bits of
+    SHA-256("evotok-seed/1:S:i"), stable across runs, processes and platforms. Unlike seed + i, nearby
+    request seeds never share a row's stream (with seed + i, request 5's row 1 is request 6's row 0)."""
+    if index == 0:
+        return request_seed
+    digest = hashlib.sha256(f"evotok-seed/1:{request_seed}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def fresh_seed() -> int:
+    """A seed for a sampled request that names none: from the OS's random source (never a clock or a
+    process-wide counter, so replicas started together differ), below FRESH_SEED_LIMIT. Returned with the
+    answer, it reproduces it."""
+    return secrets.randbelow(FRESH_SEED_LIMIT)

@@ -45,6 +45,55 @@ class CommitOptions:
     threshold: float | None = threshold_option()
 
 
+class Sampling(float):
+    """A sampling temperature that carries the filters of the distribution it samples from: `top_k`,
+    `top_p` and `min_p` (None: off). It is the temperature (a float: compared, multiplied, passed as
+    `temperature` like any other), so that the filters reach `gumbel_candidates` through every decoder's
+    `update(..., temperature)`, third-party ones included, without a new argument on any hook.
+
+    The filters shape the candidate distribution p = softmax(logits / T), [MASK] left out, where a
+    decoder samples (T > 0), in this order, each over what the previous one kept, renormalised:
+    `top_k` keeps the k most probable tokens (and any tied with the k-th); `top_p` the smallest set of
+    most probable tokens whose probability sums to at least top_p (ties in the lower id's favour);
+    `min_p` the tokens with at least min_p times the probability of the most probable one. The most
+    probable token always survives, so at T = 0 (the argmax) the filters change nothing, and the
+    confidences that rank candidates for commitment are untouched: a filter changes which candidate a
+    position draws, never how candidates are ranked.
+    """
+
+    top_k: int | None
+    top_p: float | None
+    min_p: float | None
+
+    def __new__(cls, temperature: float, *, top_k: int | None = None, top_p: float | None = None,
+                min_p: float | None = None) -> Sampling:
+        value = super().__new__(cls, temperature)
+        value.top_k, value.top_p, value.min_p = top_k, top_p, min_p
+        return value
+
+    def __repr__(self) -> str:
+        return f"Sampling({float(self)!r}, top_k={self.top_k}, top_p={self.top_p}, min_p={self.min_p})"
+
+    @property
+    def filtered(self) -> bool:
+        """Whether a filter can remove a token (top_p 1, min_p 0 and no top_k remove none)."""
+        return (self.top_k is not None or (self.top_p is not None and self.top_p < 1)
+                or (self.min_p is not None and self.min_p > 0))
+
+
+def check_sampling(*, top_k: int | None, top_p: float | None, min_p: float | None) -> None:
+    """The filters' ranges, checked before the model loads: top_k >= 1, top_p in (0, 1], min_p in [0, 1]."""
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ConfigError(f"top-k must be an integer >= 1, got {top_k}", where="--top-k",
+                          fix="e.g. --top-k 50, or leave it out for no top-k filter")
+    if top_p is not None and not (0 < top_p <= 1):  # nan fails too
+        raise ConfigError(f"top-p must be in (0, 1], got {top_p}", where="--top-p",
+                          fix="e.g. --top-p 0.9, or leave it out for no top-p filter")
+    if min_p is not None and not (0 <= min_p <= 1):
+        raise ConfigError(f"min-p must be in [0, 1], got {min_p}", where="--min-p",
+                          fix="e.g. --min-p 0.05, or leave it out for no min-p filter")
+
+
 @dataclass
 class GenerationRequest:
     """What every decoder is asked to do, for a batch of prompts (token ids, different lengths)."""
@@ -59,12 +108,35 @@ class GenerationRequest:
     trace: bool = False  # build a StepEvent per forward pass and row
     on_event: Callable[[StepEvent], None] | None = None  # receives StepEvents when trace is on
     on_pass: Callable[[int], None] | None = None  # called after each forward pass with the pass count
+    top_k: int | None = None  # filters of the sampled distribution (`Sampling`); None: off
+    top_p: float | None = None
+    min_p: float | None = None
+    logprobs: int | None = None  # collect each token's log-probability and this many alternatives (`TokenLogprob`)
+
+    @property
+    def sampling(self) -> Sampling:
+        """The temperature with the request's filters, as decoders pass it to `gumbel_candidates`."""
+        return Sampling(self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p)
+
+
+@dataclass
+class TokenLogprob:
+    """A generated position's token as the decoder had it at the pass that wrote it for the last time (its
+    commit, or its last revision to another token): its log-probability under the model's distribution of
+    that pass (log-softmax of the pass's logits at temperature 1, [MASK] left out, before temperature,
+    sampling filters and decoder options that forbid tokens), and the `top` most probable tokens then as
+    (token id, log-probability), most probable first."""
+
+    logprob: float
+    top: list[tuple[int, float]]
 
 
 @dataclass
 class RowResult:
     token_ids: list[int]  # the whole generated span (gen_length ids)
     nfe: int  # forward passes this row needed (as if it had been decoded alone)
+    # with request.logprobs: one per generated position (None where no pass wrote it, e.g. d2f's unused blocks)
+    logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass

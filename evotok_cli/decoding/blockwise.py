@@ -28,6 +28,7 @@ import torch
 from evotok_cli.decoding.api import GenerationRequest, GenerationResult, RowResult, StepEvent, row_seed
 from evotok_cli.decoding.canvas import Canvas, build_canvas
 from evotok_cli.decoding.engine import ForwardPass, Program, drive, shifted_listener
+from evotok_cli.decoding.logprobs import recorder_for
 from evotok_cli.decoding.schedule import block_layout, release_draws, transfer_schedule
 from evotok_cli.errors import ConfigError
 from evotok_cli.runtime.cache import KVCache
@@ -80,7 +81,9 @@ class BlockwiseDecoder:
     def update(self, model: Any, state: Any, canvas: Canvas, logits: torch.Tensor, cols: tuple[int, int],
                block: Block, counts: list[int], active: torch.Tensor, generator: torch.Generator | None,
                temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Apply one pass; return (committed, revised) bool masks over the canvas."""
+        """Apply one pass; return (committed, revised) bool masks over the canvas. `temperature` is the
+        request's `Sampling` (a float that carries top_k / top_p / min_p): handed on to `gumbel_candidates`,
+        it samples the filtered distribution."""
         raise NotImplementedError
 
     def end_block(self, model: Any, state: Any, canvas: Canvas, block: Block) -> None:
@@ -186,6 +189,8 @@ class BlockwiseDecoder:
                               max_length=model.max_length, device=model.device)
         state = self.start(model, canvas, request)
         cache = model.new_cache(canvas.batch, canvas.length) if self.cache_mode != "none" else None
+        recorder = recorder_for(request, canvas.batch, canvas.length, model)
+        sampling = request.sampling  # the temperature, with the request's filters
         nfe, row_nfe = 0, [0] * canvas.batch
         for index in range(layout.num_blocks):
             start = canvas.gen_start + index * layout.block_length
@@ -210,7 +215,10 @@ class BlockwiseDecoder:
                 draws = self._draws(model, generator, canvas, request)
                 randomness = draws.cols(*cols) if self.reference_rng else draws
                 committed, revised = self.update(model, state, canvas, logits, cols, block, counts, active,
-                                                 randomness, request.temperature)
+                                                 randomness, sampling)
+                if recorder is not None:
+                    a, b = cols
+                    recorder.record(logits, a, (committed | revised)[:, a:b], canvas.x[:, a:b], model.mask_id)
                 nfe += 1
                 row_nfe = [n + a for n, a in zip(row_nfe, live)]
                 if traced is not None:
@@ -220,7 +228,9 @@ class BlockwiseDecoder:
                 step += 1
             self.end_block(model, state, canvas, block)
         gen = canvas.generated().tolist()
-        rows = [RowResult(token_ids=gen[b], nfe=row_nfe[b]) for b in range(canvas.batch)]
+        rows = [RowResult(token_ids=gen[b], nfe=row_nfe[b],
+                          logprobs=None if recorder is None else recorder.row(b, canvas.gen_start))
+                for b in range(canvas.batch)]
         return GenerationResult(rows=rows, nfe=nfe, seconds=time.perf_counter() - t0)
 
     def _live(self, active: torch.Tensor, schedule: list[int], step: int) -> list[bool]:

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from evotok_cli.decoding.api import Sampling
 from evotok_cli.errors import ConfigError
 
 
@@ -94,10 +95,35 @@ def remask_uniform(shape: torch.Size, source: Randomness, device: torch.device) 
 SAMPLE_CHUNK_ELEMS = 1 << 22  # float64 elements of one row chunk of sampling (32 MB)
 
 
+def filtered_log_weights(logits: torch.Tensor, sampling: Sampling, exclude: int | None = None) -> torch.Tensor:
+    """log of the filtered, unnormalised candidate distribution (see Sampling), float64, -inf for every
+    token a filter removed (and for `exclude`): softmax of it is what `gumbel_candidates` samples."""
+    scores = logits.to(torch.float64, copy=True).div_(float(sampling))
+    if exclude is not None:
+        scores[..., exclude] = float("-inf")
+    vocab = scores.shape[-1]
+    if sampling.top_k is not None and sampling.top_k < vocab:
+        kth = scores.topk(sampling.top_k, dim=-1).values[..., -1:]
+        scores.masked_fill_(scores < kth, float("-inf"))
+    if sampling.top_p is not None and sampling.top_p < 1:
+        probs, order = scores.softmax(dim=-1).sort(dim=-1, descending=True, stable=True)
+        before = probs.cumsum(dim=-1) - probs  # the mass of the more probable tokens, in sorted order
+        before[..., 0] = 0.0
+        drop = torch.empty_like(before, dtype=torch.bool).scatter_(-1, order, before >= sampling.top_p)
+        scores.masked_fill_(drop, float("-inf"))
+    if sampling.min_p is not None and sampling.min_p > 0:
+        probs = scores.softmax(dim=-1)
+        scores.masked_fill_(probs < sampling.min_p * probs.amax(dim=-1, keepdim=True), float("-inf"))
+    return scores
+
+
 def gumbel_candidates(logits: torch.Tensor, temperature: float, generator: Randomness,
                       exclude: int | None = None, chunk_elems: int | None = None) -> torch.Tensor:
     """Candidate token per position: argmax at temperature 0, else an exact sample of
     softmax(logits / T) drawn as in the references: argmax of exp(logits) / (-log u)^T in float64.
+    A `Sampling` temperature with filters samples the filtered distribution instead
+    (`filtered_log_weights`): the removed tokens' scores are set to -inf after the noise is drawn, so the
+    random stream is that of the unfiltered draw, and without filters nothing changes.
 
     `exclude` (the mask id) is never a candidate: its column is set to -inf after the noise is applied, so
     the uniforms are still drawn over the whole vocabulary (the releases' random stream is unchanged) and
@@ -140,6 +166,8 @@ def _gumbel_argmax(logits: torch.Tensor, first: int, temperature: float, generat
     scores = torch.div(logits.to(torch.float64, copy=True).exp_(), noise, out=noise)
     if exclude is not None:
         scores[..., exclude] = float("-inf")
+    if isinstance(temperature, Sampling) and temperature.filtered:
+        scores.masked_fill_(filtered_log_weights(logits, temperature, exclude) == float("-inf"), float("-inf"))
     return scores.argmax(dim=-1)
 
 

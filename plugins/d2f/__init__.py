@@ -42,13 +42,26 @@ from evotok_cli.decoding.api import GenerationRequest, GenerationResult, RowResu
 from evotok_cli.decoding.canvas import build_canvas
 from evotok_cli.decoding.engine import ForwardPass, Program, drive
 from evotok_cli.decoding.evolution import Commit, as_decoded, evolve
+from evotok_cli.decoding.logprobs import LogprobRecorder, recorder_for
 from evotok_cli.decoding.soft import input_states, one_hot_slots
 from evotok_cli.errors import ConfigError
+
+PREFERRED_BLOCK_SIZE = 64  # published D2F-LLaDA GSM8K
+
+
+def default_block_size(budget: int, preferred: int = PREFERRED_BLOCK_SIZE) -> int:
+    """The block size when none is given: the largest that divides the token budget and is at most the
+    preferred 64 (64 itself where it divides it, the budget itself when that is smaller), so that any
+    canvas decodes with no option: the bundled model's 48 tokens in one block of 48, 128 in two of 64."""
+    return next(size for size in range(min(preferred, budget), 0, -1) if budget % size == 0)
 
 
 @dataclass
 class D2FConfig:
-    block_size: int = option(64, "tokens per pipeline block (published D2F-LLaDA GSM8K: 64)", min=1)
+    block_size: int | None = option(None, "tokens per pipeline block; unset: it fits the token budget, the largest "
+                                          f"size up to {PREFERRED_BLOCK_SIZE} that divides it ({PREFERRED_BLOCK_SIZE} "
+                                          "as published for D2F-LLaDA GSM8K where it divides; 48 tokens: one block "
+                                          "of 48)", min=1)
     block_add_threshold: float = option(0.7, "add a block when the last one is this decoded", min=0.0, max=1.0)
     decoded_token_threshold: float = option(0.95, "fully activate the next block at this progress", min=0.0,
                                             max=1.0)
@@ -83,10 +96,12 @@ class PipelineBlock:
 class RowRun:
     x: torch.Tensor  # (1, L) canvas
     prompt: PipelineBlock
+    size: int  # tokens per pipeline block
     blocks: list[PipelineBlock] = field(default_factory=list)
     eos: bool = False
     nfe: int = 0
     last_output: torch.Tensor | None = None  # shifted logits: output at the last cached position
+    logprobs: LogprobRecorder | None = None  # with request.logprobs
 
 
 def block_causal_mask(blocks: list[PipelineBlock], lo: int, hi: int, device) -> torch.Tensor:
@@ -112,11 +127,21 @@ class D2FDecoder:
         """The token budget, which whole pipeline blocks must fill."""
         cfg = self.config
         budget = cfg.max_new_tokens or gen_length
-        if budget % cfg.block_size:
+        if cfg.block_size is not None and budget % cfg.block_size:
             raise ConfigError(f"max new tokens {budget} is not a multiple of block_size {cfg.block_size}",
                               where="--opt block_size",
-                              fix="pick a block size that divides --gen-length (or --opt max_new_tokens)")
+                              fix="pick a block size that divides --gen-length (or --opt max_new_tokens), or "
+                                  "leave block_size out to fit it")
         return budget
+
+    def block_size(self, budget: int) -> int:
+        """The pipeline's block size for a token budget: the option, else `default_block_size`."""
+        return self.config.block_size or default_block_size(budget)
+
+    @property
+    def block_constraint(self) -> int | None:
+        """The block every canvas must be a whole number of, when the options fix one (`canvas_plan`)."""
+        return self.config.block_size
 
     def generate(self, model, request: GenerationRequest) -> GenerationResult:
         """Decode the request's rows one after another, alone (the CLI runs `program` in the step engine)."""
@@ -139,7 +164,8 @@ class D2FDecoder:
             run = yield from self._decode_row(model, canvas.x, len(prompt), budget, request, generator, index)
             gen = run.x[0, len(prompt):]
             gen = gen.masked_fill(gen == model.mask_id, model.eos_id)  # blocks never added (after EOS)
-            rows.append(RowResult(token_ids=gen.tolist(), nfe=run.nfe))
+            rows.append(RowResult(token_ids=gen.tolist(), nfe=run.nfe,
+                                  logprobs=None if run.logprobs is None else run.logprobs.row(0, len(prompt))))
             nfe += run.nfe
         return GenerationResult(rows=rows, nfe=nfe, seconds=time.perf_counter() - t0)
 
@@ -147,11 +173,12 @@ class D2FDecoder:
     def _decode_row(self, model, x, prompt_len, budget, request, generator,
                     row) -> Generator[ForwardPass, torch.Tensor, RowRun]:
         cfg = self.config
-        run = RowRun(x=x, prompt=PipelineBlock(0, prompt_len, state="to_cache", full=True))
+        run = RowRun(x=x, prompt=PipelineBlock(0, prompt_len, state="to_cache", full=True),
+                     size=self.block_size(budget), logprobs=recorder_for(request, 1, x.shape[1], model))
         cache = model.new_cache(1, x.shape[1]) if cfg.cache else None
         conf = torch.zeros(x.shape, dtype=torch.float64, device=x.device)
         soft_ids, soft_w = one_hot_slots(x, cfg.k_soft, model.dtype)
-        max_blocks = budget // cfg.block_size
+        max_blocks = budget // run.size
         while True:
             self._retire(run)
             self._maybe_add(run, max_blocks, model.mask_id)
@@ -181,7 +208,7 @@ class D2FDecoder:
                 if first_out <= next_lo - 1 < hi:
                     run.last_output = out[next_lo - 1 - first_out]
             committed, revised = self._decode_blocks(model, run, active, logits, a, conf, soft_ids, soft_w,
-                                                     request.temperature, generator)
+                                                     request.sampling, generator)
             if request.on_pass is not None:
                 request.on_pass(run.nfe)
             if states is not None:
@@ -215,9 +242,8 @@ class D2FDecoder:
         last_progress = last.progress if run.blocks else 1.0
         if last_progress >= self.config.block_add_threshold and not run.eos and len(run.blocks) < max_blocks:
             start = last.end
-            run.blocks.append(PipelineBlock(start, start + self.config.block_size,
-                                            masks_left=self.config.block_size))
-            run.x[0, start:start + self.config.block_size] = mask_id
+            run.blocks.append(PipelineBlock(start, start + run.size, masks_left=run.size))
+            run.x[0, start:start + run.size] = mask_id
 
     def _activate(self, run: RowRun) -> None:
         previous_progress = 1.0  # the prompt is complete
@@ -238,7 +264,7 @@ class D2FDecoder:
         return b.state == "active" and b.predicted and b.masks_left > 0
 
     def _decode_blocks(self, model, run, active, logits, a, conf, soft_ids, soft_w, temperature, generator):
-        """One pass of the EvoToken rule over the active blocks (consecutive, `block_size` columns each), with
+        """One pass of the EvoToken rule over the active blocks (consecutive, `run.size` columns each), with
         D2F's arguments: candidates from model-dtype probabilities, commits over skip_threshold per block
         (the best one if none in a fully activated block), and in soft mode revisions and soft inputs."""
         cfg = self.config
@@ -246,14 +272,16 @@ class D2FDecoder:
         hi = active[-1].end
         masked = x[a:hi] == model.mask_id
         # a complete block is [Decode]: nothing to commit, no more revisions
-        live = masked.view(-1, cfg.block_size).any(-1, keepdim=True).expand(-1, cfg.block_size).reshape(1, -1)
+        live = masked.view(-1, run.size).any(-1, keepdim=True).expand(-1, run.size).reshape(1, -1)
         full = torch.tensor([b.full for b in active], device=x.device)
         step = evolve(logits[None, : hi - a], x[None, a:hi], conf[:, a:hi], mask_id=model.mask_id,
                       candidates="d2f", temperature=temperature, generator=generator,
                       commit=Commit(threshold=cfg.skip_threshold, strict=True, at_least_one=full,
-                                    group=cfg.block_size),
+                                    group=run.size),
                       live=live, revise=cfg.soft, k=cfg.k_soft if cfg.soft else None, alpha=cfg.alpha)
         x[a:hi], conf[:, a:hi] = step.tokens[0], step.confidence
+        if run.logprobs is not None:
+            run.logprobs.record(logits[None, : hi - a], a, step.committed | step.revised, step.tokens, model.mask_id)
         if cfg.soft:
             soft_ids[:, a:hi], soft_w[:, a:hi] = step.soft_ids, step.soft_weights.to(soft_w.dtype)
         for b in active:
