@@ -103,14 +103,17 @@ def _control_pattern(tokens: tuple[str, ...]) -> re.Pattern | None:
 def protect(tokenizer: Any, value: Any) -> Any:
     """User text (a string, or the strings inside messages) with each control token it spells bracketed,
     so that `encode` keeps it plain text; brackets a user typed are dropped first, so none can be forged."""
+    return _bracket(value, _control_pattern(control_tokens(tokenizer)))
+
+
+def _bracket(value: Any, pattern: re.Pattern | None) -> Any:
     if isinstance(value, str):
         value = value.replace(OPEN, "").replace(CLOSE, "")
-        pattern = _control_pattern(control_tokens(tokenizer))
         return pattern.sub(lambda m: OPEN + m.group(0) + CLOSE, value) if pattern else value
     if isinstance(value, dict):
-        return {key: protect(tokenizer, item) for key, item in value.items()}
+        return {key: _bracket(item, pattern) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [protect(tokenizer, item) for item in value]
+        return [_bracket(item, pattern) for item in value]
     return value
 
 
