@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from evotok_cli.files import atomic_write_text
+from evotok_cli.files import atomic_open, atomic_write_text
 
 NAME = "loss_log.jsonl"
 
@@ -69,6 +69,7 @@ def plot(history: list[dict[str, Any]], path: Path) -> Path | None:
     ax.set_yscale("log")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_open(path, "wb") as handle:  # a full disk leaves no half picture
+        fig.savefig(handle, format="png", dpi=120)
     plt.close(fig)
     return path

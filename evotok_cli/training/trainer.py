@@ -15,6 +15,7 @@ import math
 import os
 import random
 import signal
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -390,7 +391,9 @@ class Trainer:
             peft_cfg = self.net.peft_config["default"]
             peft_cfg.base_model_name_or_path = str(self.lm.path)
             save_safetensors(state, self.out / "adapter_model.safetensors")
-            peft_cfg.save_pretrained(str(self.out))  # adapter_config.json
+            with tempfile.TemporaryDirectory(dir=self.out, prefix=".adapter-config-") as tmp:  # whole or not at all
+                peft_cfg.save_pretrained(tmp)
+                os.replace(Path(tmp) / "adapter_config.json", self.out / "adapter_config.json")
             kind = "adapter"
         plot = losslog.plot(self.history, self.out / "loss.png")
         return {"schema": "evotok.finetune/1", "out": str(self.out), "kind": kind, "objective": cfg.objective,
