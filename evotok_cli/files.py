@@ -213,7 +213,8 @@ def output_dir(path: str | Path, flag: str) -> Path:
         if problem is not None:
             raise ConfigError(f"output folder {problem}", where=flag, fix="choose another folder")
         if not p.is_dir():
-            raise ConfigError(f"{p} is a file, not a folder", where=flag, fix="choose a folder path")
+            kind = special_kind(p) or "a file"
+            raise ConfigError(f"{p} is {kind}, not a folder", where=flag, fix="choose a folder path")
         _probe_writable(p, flag)
         return p
     _check_parent(p, flag)

@@ -168,6 +168,9 @@ CASES = [
          "output is a broken symbolic link", link("gone", "{tmp}/nothing")),
     Case("out-trace-html-link-to-fifo", ["trace", "{tmp}/run.jsonl", "--html", "{tmp}/l"], "is a FIFO",
          both(write("run.jsonl", "{}\n"), fifo, link("l", "{tmp}/../fifo"))),
+    Case("out-bench-out-char-device", [*BENCH, "--out", "{tmp}/null"], "is a character device, not a folder",
+         null_device("null")),
+    Case("out-finetune-out-fifo", ft(out=FIFO), "is a FIFO, not a folder", both(data_file, fifo)),
     # outputs that are the command's own inputs
     Case("out-trace-html-is-its-input", ["trace", "{tmp}/run.jsonl", "--html", "{tmp}/run.jsonl"],
          "is also the FILE input", write("run.jsonl", "{}\n")),
