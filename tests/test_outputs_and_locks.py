@@ -17,7 +17,7 @@ import pytest
 
 from evotok_cli import files, locks
 from evotok_cli.errors import EvotokError
-from tests.conftest import one_line_error, run_cli
+from tests.conftest import one_line_error
 
 ROWS = [{"prompt": f"What is {a}+{b}?", "response": f"{a}+{b}={a + b}."} for a in range(1, 4) for b in range(1, 3)]
 FAST = ["--objective", "sft", "--batch-size", "1", "--grad-accum", "1", "--max-length", "64", "--min-response", "1",
@@ -51,14 +51,14 @@ def _holds(lock: Path, pid: int) -> bool:
         return False
 
 
-def test_two_concurrent_finetunes_into_one_folder(data, tiny_llada, tmp_path):
+def test_two_concurrent_finetunes_into_one_folder(cli, data, tiny_llada, tmp_path):
     out = tmp_path / "run"
     first = _popen("finetune", str(data), "-m", str(tiny_llada), "--out", str(out), *FAST, "--max-steps", "100000",
                    "--save-every", "100000")
     try:
         _wait_for(lambda: _holds(out / locks.LOCK_NAME, first.pid), "the first run's lock")
-        second = run_cli("finetune", str(data), "-m", str(tiny_llada), "--out", str(out), *FAST, "--max-steps", "1")
-        line = one_line_error(second)
+        second = cli("finetune", str(data), "-m", str(tiny_llada), "--out", str(out), *FAST, "--max-steps", "1")
+        line = one_line_error(second)  # (this one runs in the test process: one torch start-up less)
         assert f"another evotok run (pid {first.pid}) is writing here" in line and "--out" in line
         assert first.poll() is None  # the first run goes on, undisturbed
     finally:
