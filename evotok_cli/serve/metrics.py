@@ -1,5 +1,6 @@
 """GET /metrics: counters and gauges in the Prometheus text format (version 0.0.4), written by hand so the
-server needs no client library."""
+server needs no client library. Metrics with a vLLM counterpart take its name with the `evotok:` prefix
+(vllm:time_to_first_token_seconds -> evotok:time_to_first_token_seconds), so dashboards carry over."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+SHORT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 600.0)
 
 
 class Histogram:
@@ -46,6 +48,23 @@ class Metrics:
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.latency: dict[str, Histogram] = {}  # per route: request start to its last byte
+        self.first_text = Histogram(SHORT_BUCKETS)  # arrival to the first answer text sent
+        self.queue_time = Histogram(SHORT_BUCKETS)  # arrival to its first row joining the running batch
+        self.e2e = Histogram()  # arrival to the whole answer, answered requests only
+        self.finished: Counter[str] = Counter()  # choices answered, by finish_reason
+
+    def queued(self, session: Any, arrival: float) -> None:
+        """A request's time in the queue, once it is over (not counted when no row of it ever ran)."""
+        admitted = [job.admitted for _, job in session.jobs if job.admitted is not None]
+        if admitted:
+            self.queue_time.observe(max(0.0, min(admitted) - arrival))
+
+    def answered(self, seconds: float, reasons: list[str], *, whole: bool = False) -> None:
+        """A completion answered in full after `seconds`; `whole`: its first text was the whole answer."""
+        self.e2e.observe(seconds)
+        if whole:
+            self.first_text.observe(seconds)
+        self.finished.update(reasons)
 
     def request(self, route: str, status: int, seconds: float) -> None:
         self.requests[(route, str(status))] += 1
@@ -83,4 +102,20 @@ class Metrics:
         out.append("# TYPE evotok_request_duration_seconds histogram")
         for route, hist in sorted(self.latency.items()):
             out.extend(hist.lines("evotok_request_duration_seconds", f'route="{route}"'))
+        running = max(0, in_flight - waiting)
+        metric("evotok:num_requests_running", "gauge", "completion requests with rows being decoded",
+               [("", running)])
+        metric("evotok:num_requests_waiting", "gauge", "completion requests waiting for room", [("", waiting)])
+        metric("evotok:request_success_total", "counter", "choices answered in full, by finish_reason",
+               [(f'{{finished_reason="{r}"}}', n) for r, n in sorted(self.finished.items())])
+        for name, hist, help_text in (
+                ("evotok:time_to_first_token_seconds", self.first_text,
+                 "arrival to the first answer text sent (a streamed request: its first text delta; "
+                 "otherwise the whole answer)"),
+                ("evotok:request_queue_time_seconds", self.queue_time,
+                 "arrival to the first of the request's rows joining the running batch"),
+                ("evotok:e2e_request_latency_seconds", self.e2e, "arrival to the whole answer, answered requests")):
+            out.append(f"# HELP {name} {help_text}")
+            out.append(f"# TYPE {name} histogram")
+            out.extend(hist.lines(name))
         return "\n".join(out) + "\n"

@@ -137,7 +137,7 @@ _SCRIPT = r"""
                   decoder: $('decoder').value, max_tokens: Number($('max-tokens').value),
                   temperature: Number($('temperature').value)};
     try {
-      const res = await fetch('/v1/chat/completions', {method: 'POST', headers, body: JSON.stringify(body),
+      const res = await fetch('v1/chat/completions', {method: 'POST', headers, body: JSON.stringify(body),
                                                        signal: controller.signal});
       if (!res.ok) {
         const err = await res.json().catch(() => null);

@@ -3,6 +3,12 @@
 Every client mistake becomes an `ApiError`: HTTP 400 with an OpenAI error object naming the field
 (`param`), never a 500. Checks here need no model; `plan.py` does the ones that do (decoder options,
 settings the decoder reads, token ids in the vocabulary, the context length).
+
+What SDKs send is sorted into four kinds (docs/serve.md, "Differences from OpenAI"): fields evotok
+implements; inert fields that cannot change a diffusion decode (accepted, ignored); fields that would change
+the output but are not implemented (400 `unsupported` unless at the value that changes nothing); and unknown
+fields, ignored and listed in `CompletionFields.ignored` (the server sends a warning header and logs them),
+or refused with 400 `unknown_field` under `--strict`.
 """
 
 from __future__ import annotations
@@ -16,10 +22,15 @@ from evotok_cli.prompts import Prompt
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
 MAX_PROMPTS = 64  # prompts in one completions request
+MAX_MESSAGES = 1000  # messages in one chat: refused before any is read (100,000 took seconds of template)
 MAX_N = 64  # choices per prompt
 MAX_ROWS = 256  # prompts x n: rows one request may put into the engine
 MAX_STOPS = 4  # as OpenAI
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
+MAX_LOGPROBS = 20  # top alternatives per token (OpenAI's limit for top_logprobs)
+# OpenAI fields that cannot change what a diffusion decode returns: accepted with any value, ignored
+INERT = ("user", "store", "metadata", "service_tier", "parallel_tool_calls", "prediction", "reasoning_effort",
+         "safety_identifier", "prompt_cache_key", "stream_options")
 STREAM_MODES = ("final", "evolve")
 SEED_MAX = 2**63 - 1 - MAX_ROWS  # row i samples from seed + i
 
@@ -62,6 +73,25 @@ class CompletionFields:
     options: dict[str, Any] = field(default_factory=dict)
     steps: int | None = None
     block_length: int | None = None
+    gen_length: int | None = None  # evotok's canvas length, exactly (max_tokens is only an upper bound)
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    min_p: float = 0.0
+    logprobs: bool = False
+    top_logprobs: int = 0
+    ignored: list[str] = field(default_factory=list)  # unknown fields, ignored (dotted paths)
+
+    @property
+    def sampling_filters(self) -> dict[str, Any]:
+        """top_p / top_k / min_p as the decoders take them, only those that filter something."""
+        out: dict[str, Any] = {}
+        if self.top_p < 1.0:
+            out["top_p"] = self.top_p
+        if self.top_k > 0:
+            out["top_k"] = self.top_k
+        if self.min_p > 0.0:
+            out["min_p"] = self.min_p
+        return out
 
     @property
     def rows(self) -> int:
@@ -105,10 +135,21 @@ def _text(value: str, param: str) -> str:
 
 
 class Fields:
-    """Typed reads of a JSON object's fields; `finish()` refuses the fields nobody read."""
+    """Typed reads of a JSON object's fields; `finish()` lists the fields nobody read in `ignored`, or refuses
+    them when strict."""
 
-    def __init__(self, body: dict[str, Any], prefix: str = ""):
-        self.body, self.prefix, self.seen = body, prefix, set()
+    def __init__(self, body: dict[str, Any], prefix: str = "", *, strict: bool = False,
+                 ignored: list[str] | None = None):
+        self.body, self.prefix, self.seen, self.strict = body, prefix, set(), strict
+        self.ignored: list[str] = [] if ignored is None else ignored
+
+    def nested(self, body: dict[str, Any], prefix: str) -> Fields:
+        """The fields of an object inside this one, sharing its strictness and its list of ignored fields."""
+        return Fields(body, prefix, strict=self.strict, ignored=self.ignored)
+
+    def inert(self, *keys: str) -> None:
+        """Fields accepted with any value and ignored: they cannot change the answer."""
+        self.seen.update(keys)
 
     def raw(self, key: str) -> Any:
         self.seen.add(key)
@@ -154,38 +195,53 @@ class Fields:
             raise bad(f"{key} is not supported by evotok serve ({what})", self.prefix + key, "unsupported")
 
     def finish(self) -> None:
-        unknown = sorted(k for k in self.body if k not in self.seen)
-        if unknown:
-            raise bad(f"unknown field {unknown[0]!r}", self.prefix + unknown[0], "unknown_field")
+        unknown = sorted(str(k) for k in self.body if k not in self.seen)
+        if unknown and self.strict:
+            raise bad(f"unknown field {unknown[0]!r} (the server runs with --strict)", self.prefix + unknown[0],
+                      "unknown_field")
+        self.ignored.extend(self.prefix + k for k in unknown)
+
+    def refused(self, key: str, accepted: Any, what: str) -> None:
+        """A field that would change the output and is not implemented: 400 unless `accepted(value)`."""
+        value = self.raw(key)
+        if value is not None and not accepted(value):
+            raise bad(f"{key} is not supported by evotok serve ({what})", self.prefix + key, "unsupported")
 
 
 def _number_equal(value: Any, target: float) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value == target
 
 
-def parse_completion(body: dict[str, Any]) -> CompletionFields:
+def parse_completion(body: dict[str, Any], *, strict: bool = False) -> CompletionFields:
     """/v1/completions: `prompt` is raw text (no chat template, no prefill) or token ids."""
-    f = Fields(body)
-    prompts = _prompts(f.raw("prompt"))
+    f = Fields(body, strict=strict)
+    out = CompletionFields(chat=False, prompts=_prompts(f.raw("prompt")))
     f.neutral("echo", (False,), "only echo: false")
     f.neutral("suffix", ("",), "no suffix")
     f.neutral("best_of", (1,), "only best_of: 1")
-    f.neutral("logprobs", (0, False), "no logprobs")
-    return _common(f, CompletionFields(chat=False, prompts=prompts))
+    logprobs = f.integer("logprobs", 0, MAX_LOGPROBS)
+    if logprobs is not None:
+        out.logprobs, out.top_logprobs = True, logprobs
+    return _common(f, out)
 
 
-def parse_chat(body: dict[str, Any]) -> CompletionFields:
+def parse_chat(body: dict[str, Any], *, strict: bool = False) -> CompletionFields:
     """/v1/chat/completions: `messages` go through the model's chat template, then its prefill."""
-    f = Fields(body)
-    messages = _messages(f.raw("messages"))
-    out = CompletionFields(chat=True, prompts=[Prompt(None, messages=messages)])
+    f = Fields(body, strict=strict)
+    out = CompletionFields(chat=True, prompts=[Prompt(None, messages=messages_of(f.raw("messages"), f))])
     alias = f.integer("max_completion_tokens", 1, 1 << 20)
-    f.neutral("logprobs", (False,), "no logprobs")
-    f.neutral("top_logprobs", (0,), "no logprobs")
-    response_format = f.raw("response_format")
-    if response_format is not None and response_format != {"type": "text"}:
-        raise bad("response_format is not supported by evotok serve (only {\"type\": \"text\"})", "response_format",
-                  "unsupported")
+    out.logprobs = bool(f.boolean("logprobs"))
+    out.top_logprobs = f.integer("top_logprobs", 0, MAX_LOGPROBS) or 0
+    if out.top_logprobs and not out.logprobs:
+        raise bad("top_logprobs needs logprobs: true", "top_logprobs")
+    f.refused("response_format", lambda v: v == {"type": "text"}, 'only {"type": "text"}')
+    f.refused("tools", lambda v: v == [], "no tools: the model answers in text only")
+    f.refused("functions", lambda v: v == [], "no functions: the model answers in text only")
+    f.refused("tool_choice", lambda v: v in ("none", "auto"), 'only "none" or "auto", with no tools')
+    f.refused("function_call", lambda v: v in ("none", "auto"), 'only "none" or "auto", with no functions')
+    f.refused("modalities", lambda v: v == ["text"], 'only ["text"]')
+    f.refused("audio", lambda v: False, "text answers only")
+    f.refused("web_search_options", lambda v: False, "no web search")
     out = _common(f, out)
     if alias is not None:
         if out.max_tokens is not None and out.max_tokens != alias:
@@ -195,7 +251,7 @@ def parse_chat(body: dict[str, Any]) -> CompletionFields:
 
 
 def _common(f: Fields, out: CompletionFields) -> CompletionFields:
-    """The fields both endpoints share, then the refusal of any other."""
+    """The fields both endpoints share, then the unknown ones (ignored, or refused when strict)."""
     out.model = f.string("model")
     out.max_tokens = f.integer("max_tokens", 1, 1 << 20)
     out.temperature = f.number("temperature", 0.0, 100.0)
@@ -204,20 +260,45 @@ def _common(f: Fields, out: CompletionFields) -> CompletionFields:
     out.stop = _stops(f.raw("stop"))
     out.stream = bool(f.boolean("stream"))
     out.stream_mode = _stream_mode(f.string("stream_mode"), out.stream)
-    out.include_usage = _stream_options(f.raw("stream_options"), out.stream)
+    out.include_usage = _stream_options(f.raw("stream_options"), out.stream, f)
     out.decoder = f.string("decoder")
     out.options = _options(f.raw("options"))
     out.steps = f.integer("steps", 1, 1 << 20)
     out.block_length = f.integer("block_length", 1, 1 << 20)
-    f.string("user")  # accepted, not used
-    f.neutral("top_p", (1.0,), "only top_p: 1")
+    out.gen_length = f.integer("gen_length", 1, 1 << 20)
+    top_p = f.number("top_p", 0.0, 1.0)
+    if top_p == 0.0:
+        raise bad("top_p must be above 0 (1 keeps every token)", "top_p")
+    out.top_p = 1.0 if top_p is None else top_p
+    top_k = f.integer("top_k", -1, 1 << 30)  # vLLM's -1 and 0 both mean off
+    out.top_k = max(0, top_k or 0)
+    out.min_p = f.number("min_p", 0.0, 1.0) or 0.0
+    f.inert(*INERT)
     f.neutral("frequency_penalty", (0.0,), "only 0")
     f.neutral("presence_penalty", (0.0,), "only 0")
-    f.neutral("logit_bias", ({},), "no logit_bias")
+    f.neutral("repetition_penalty", (1.0,), "only 1: a penalty would change the answer")
+    f.neutral("ignore_eos", (False,), "only false: the answer always ends at the first stop id")
+    f.neutral("min_tokens", (0,), "only 0: the decoders do not hold a stop id back")
+    f.refused("logit_bias", lambda v: v == {}, "no logit_bias")
     f.finish()
+    out.ignored = f.ignored
     if out.rows > MAX_ROWS:
         raise bad(f"{len(out.prompts)} prompts x n={out.n} is {out.rows} rows, over the limit of {MAX_ROWS}", "n")
     return out
+
+
+def check_model(name: str | None, served: str) -> None:
+    """A request's `model`, when it names one, must be the served id (OpenAI's 404 otherwise)."""
+    if name is not None and name != served:
+        raise ApiError(404, f"model {name!r} is not served here (this server serves {served!r})", param="model",
+                       code="model_not_found")
+
+
+def text_prompt(value: Any) -> str:
+    """A prompt that must be one string (/tokenize's)."""
+    if not isinstance(value, str):
+        raise bad(f"prompt must be a string, not {_kind(value)}", "prompt", "invalid_type")
+    return _text(value, "prompt")
 
 
 def _prompts(value: Any) -> list[Prompt]:
@@ -250,22 +331,32 @@ def _is_id(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def _messages(value: Any) -> list[dict[str, str]]:
+def messages_of(value: Any, parent: Fields) -> list[dict[str, str]]:
+    """Messages that carry text only: assistant `content: null` (with no tool calls) is an empty turn,
+    `tool` messages pass their text to the chat template under their own role."""
     if value is None:
         raise bad("messages is required", "messages", "missing_field")
     if not isinstance(value, list) or not value:
         raise bad("messages must be a non-empty array of {role, content} objects", "messages", "invalid_type")
+    if len(value) > MAX_MESSAGES:
+        raise bad(f"{len(value)} messages, over the limit of {MAX_MESSAGES}", "messages")
     out = []
     for i, item in enumerate(value):
         where = f"messages[{i}]"
         if not isinstance(item, dict):
             raise bad(f"{where} must be an object, not {_kind(item)}", where, "invalid_type")
-        f = Fields(item, prefix=where + ".")
+        f = parent.nested(item, where + ".")
         role = f.string("role")
         if role not in ROLES:
             raise bad(f"{where}.role must be one of {', '.join(ROLES)}, got {role!r}", where + ".role")
-        content = _content(f.raw("content"), where + ".content")
+        raw = f.raw("content")
+        content = "" if raw is None and role == "assistant" else _content(raw, where + ".content", f)
         f.string("name")  # accepted, not used
+        f.inert("tool_call_id", "refusal")  # a tool answer's id; an assistant turn's refusal (null)
+        f.refused("tool_calls", lambda v: v == [], "the model answers in text only; a turn with tool calls "
+                  "carries no text it could read")
+        f.refused("function_call", lambda v: False, "the model answers in text only")
+        f.refused("audio", lambda v: False, "text only")
         f.finish()
         out.append({"role": ROLES[role], "content": content})
     if not any(m["role"] == "user" for m in out):
@@ -273,18 +364,21 @@ def _messages(value: Any) -> list[dict[str, str]]:
     return out
 
 
-def _content(value: Any, where: str) -> str:
-    """A string, or text parts [{"type": "text", "text": ...}] joined by newlines."""
+def _content(value: Any, where: str, parent: Fields) -> str:
+    """A string, or text parts [{"type": "text", "text": ...}] joined by newlines (other keys of a text part,
+    such as a cache hint, are unknown fields)."""
     if isinstance(value, str):
         return _text(value, where)
     if isinstance(value, list) and value:
         texts = []
         for j, part in enumerate(value):
-            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
-                    and set(part) == {"type", "text"}):
+            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
                 raise bad(f"{where}[{j}] must be a text part {{\"type\": \"text\", \"text\": ...}} "
                           "(evotok serve reads text only)", f"{where}[{j}]", "invalid_type")
-            texts.append(_text(part["text"], f"{where}[{j}]"))
+            p = parent.nested(part, f"{where}[{j}].")
+            texts.append(_text(p.string("text") or "", f"{where}[{j}]"))
+            p.raw("type")
+            p.finish()
         return "\n".join(texts)
     raise bad(f"{where} must be a string or an array of text parts, not {_kind(value)}", where, "invalid_type")
 
@@ -310,15 +404,15 @@ def _stream_mode(value: str | None, stream: bool) -> str:
     return value
 
 
-def _stream_options(value: Any, stream: bool) -> bool:
-    if value is None:
+def _stream_options(value: Any, stream: bool, parent: Fields) -> bool:
+    """`include_usage` when streaming; without `stream` the object is inert (some clients always send it)."""
+    if value is None or not stream:
         return False
-    if not stream:
-        raise bad("stream_options needs stream: true", "stream_options")
     if not isinstance(value, dict):
         raise bad(f"stream_options must be an object, not {_kind(value)}", "stream_options", "invalid_type")
-    f = Fields(value, prefix="stream_options.")
+    f = parent.nested(value, "stream_options.")
     include = f.boolean("include_usage")
+    f.inert("continuous_usage_stats")  # vLLM's: usage on every chunk; evotok sends it once, at the end
     f.finish()
     return bool(include)
 

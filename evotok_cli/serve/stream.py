@@ -3,7 +3,8 @@
 Text is sent once it can no longer change: positions before the current block of a StepEvent are final
 (for d2f: the blocks that left the `active` state), so a row's text grows block by block, and its last
 chunk carries the rest and the finish_reason. `"stream_mode": "evolve"` sends a chunk for every forward
-pass and row, with the whole canvas in an `evotok` field (schema in docs/serve.md).
+pass and row, with the whole canvas in an `evotok` field (schema in docs/serve.md). A choice's text stops
+at `max_tokens` tokens; its logprobs, when asked for, come whole with its last chunk.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 from evotok_cli.errors import EvotokError
 from evotok_cli.generation import row_result
-from evotok_cli.serve.responses import Reply, cut_at_stop, finish, usage
+from evotok_cli.serve.responses import Logprobs, Reply, cut_at_stop, finish, usage
 from evotok_cli.serve.schema import ApiError, CompletionFields
 from evotok_cli.serve.sessions import Service, Session
 
@@ -49,8 +50,8 @@ class RowText:
     whose bytes are incomplete, trailing whitespace (tokenizers tidy spaces before punctuation), and the
     last len(longest stop string) - 1 characters, which could begin a stop string."""
 
-    def __init__(self, model: Any, stops: list[str]):
-        self.model, self.stops = model, stops
+    def __init__(self, model: Any, stops: list[str], max_tokens: int | None = None):
+        self.model, self.stops, self.max_tokens = model, stops, max_tokens
         self.hold = max((len(s) for s in stops), default=1) - 1
         self.sent, self.seen, self.closed = "", 0, False
 
@@ -58,9 +59,10 @@ class RowText:
         if self.closed or end <= self.seen:
             return ""
         self.seen = end
-        ids = tokens[:end]
+        full = self.max_tokens is not None and end >= self.max_tokens  # the answer cannot grow past here
+        ids = tokens[:min(end, self.max_tokens)] if full else tokens[:end]
         text, hit = cut_at_stop(self.model.answer_text(ids), self.stops)
-        if hit or any(t in self.model.stop_ids for t in ids):
+        if hit or full or any(t in self.model.stop_ids for t in ids):
             self.closed = True  # the answer is complete: what remains can only be the end of the row
         else:
             text = text[:len(text) - self.hold].rstrip().rstrip("\ufffd")
@@ -104,14 +106,24 @@ def evolve(event: Any, pieces: Pieces) -> dict[str, Any]:
 
 
 async def chunks(service: Service, session: Session, fields: CompletionFields, reply: Reply, deadline: float,
-                 note: Callable[[str], None]) -> AsyncIterator[str]:
+                 note: Callable[[str], None], *, arrival: float | None = None) -> AsyncIterator[str]:
     """The SSE body of one streamed request; cancelling it (a client gone) cancels the session's jobs."""
     model = service.served.model
     plan = session.plan
-    texts = [RowText(model, fields.stop) for _ in plan.rows]
+    arrival = time.perf_counter() if arrival is None else arrival
+    texts = [RowText(model, fields.stop, plan.max_tokens) for _ in plan.rows]
     firsts = {job.id: first for first, job in session.jobs}
     pieces = Pieces(model) if fields.stream_mode == "evolve" else None
+    logprobs = Logprobs(plan.top_logprobs) if plan.logprobs else None
     results: dict[int, dict[str, Any]] = {}
+    reasons: list[str] = []
+    first_text = [False]
+
+    def text_sent(delta: str) -> None:
+        if delta and not first_text[0]:
+            first_text[0] = True
+            service.metrics.first_text.observe(time.perf_counter() - arrival)
+
     try:
         if reply.chat:
             yield sse(reply.chunk([reply.delta(i, "", role=True) for i in range(len(plan.rows))]))
@@ -122,6 +134,7 @@ async def chunks(service: Service, session: Session, fields: CompletionFields, r
             kind, item = await asyncio.wait_for(session.queue.get(), timeout=remaining)
             if kind == "step":
                 delta = texts[item.row].advance(item.tokens, final_end(item))
+                text_sent(delta)
                 if pieces is not None:
                     yield sse(reply.chunk([reply.delta(item.row, delta)], evotok=evolve(item, pieces)))
                 elif delta:
@@ -135,12 +148,18 @@ async def chunks(service: Service, session: Session, fields: CompletionFields, r
             first = firsts[item.id]
             for offset, row in enumerate(item.result.rows):
                 i = first + offset
-                results[i] = row_result(model, plan.rows[i], row, item.seconds)
+                results[i] = row_result(model, plan.rows[i], row, item.seconds, max_tokens=plan.max_tokens)
                 service.metrics.completion_tokens += results[i]["tokens"]
                 text, reason = finish(results[i], fields.stop)
-                yield sse(reply.chunk([reply.delta(i, texts[i].finish(text), reason)]))
+                reasons.append(reason)
+                rest = texts[i].finish(text)
+                text_sent(rest or "end")  # an empty answer's first text is its end
+                yield sse(reply.chunk([reply.delta(i, rest, reason,
+                                                   logprobs=logprobs(reply.chat, results[i], text) if logprobs
+                                                   else None)]))
         else:
             service.metrics.prompt_tokens += plan.prompt_tokens
+            service.metrics.answered(time.perf_counter() - arrival, reasons)
             if fields.include_usage:
                 ordered = [results[i] for i in sorted(results)]
                 yield sse(reply.chunk([], usage=usage(plan.prompt_tokens, ordered)))
@@ -155,6 +174,7 @@ async def chunks(service: Service, session: Session, fields: CompletionFields, r
         raise
     finally:
         service.close(session, "disconnect")
+        service.metrics.queued(session, arrival)
 
 
 def timeout_error(seconds: float) -> ApiError:
