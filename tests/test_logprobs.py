@@ -145,3 +145,18 @@ def test_row_result_reports_answer_tokens_only(tiny_model):
     assert cut["tokens"] <= 1 and len(cut["logprobs"]) == cut["tokens"]
     unasked, _ = decode(tiny_model, "hard-mask", prompts=[PROMPTS[0]])
     assert "logprobs" not in row_result(tiny_model, Prompt(None, ids=PROMPTS[0]), unasked.rows[0], 0.0)
+
+
+@pytest.mark.parametrize("name, options", [("hard-mask", {}), ("evotoken", {"cache": "prefix"}),
+                                           ("d2f", {"block_size": 4, "skip_threshold": 0.3})])
+def test_shifted_logits_records_read_the_right_column(tiny_dream, name, options):
+    """Dream predicts position i from the output at i - 1: at T = 0 every written token is still the most
+    probable of its record (a column off by one would record another position's distribution)."""
+    from evotok_cli.runtime.model import load_model
+
+    dream = load_model(tiny_dream)
+    assert dream.shifted_logits
+    out, _ = decode(dream, name, options, logprobs=1)
+    records = [(t, lp) for row in out.rows for t, lp in zip(row.token_ids, row.logprobs) if lp is not None]
+    assert len(records) >= 12
+    assert all(lp.top[0] == (t, pytest.approx(lp.logprob, abs=1e-9)) for t, lp in records)
