@@ -94,9 +94,16 @@ def weight_files(folder: Path, cache: dict[str, Any] | None = None) -> dict[str,
 def _adapter_folder(cfg: Any) -> Path | None:
     if not cfg.adapter:
         return None
-    from evotok_cli.runtime.lora import resolve_adapter  # light: no torch at import
+    from evotok_cli.runtime.lora import resolve_adapter
 
     return resolve_adapter(Path(cfg.model).expanduser(), cfg.adapter)
+
+
+def _world() -> int | str:
+    """The number of processes a launcher started (as given, when it is not a number: the launcher's
+    own check names it)."""
+    value = os.environ.get("WORLD_SIZE", "1") or "1"
+    return int(value) if value.strip().isdigit() else value
 
 
 def identity(cfg: Any, cache: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -111,7 +118,7 @@ def identity(cfg: Any, cache: dict[str, Any] | None = None) -> dict[str, Any]:
             run[key] = None if key in LORA_ONLY and not lora else value
     run.update(lora_alpha=float(cfg.lora_alpha) if lora else None,
                lora_targets=sorted(cfg.lora_targets) if lora else None, model=_resolved(cfg.model),
-               adapter=_resolved(cfg.adapter), processes=int(os.environ.get("WORLD_SIZE", "1") or 1))
+               adapter=_resolved(cfg.adapter), processes=_world())
     cache = cache or {}
     run["model_files"] = weight_files(Path(cfg.model).expanduser(), cache.get("model_files"))
     adapter = _adapter_folder(cfg)
