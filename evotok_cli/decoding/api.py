@@ -182,7 +182,8 @@ class Decoder(Protocol):
     """A decoder plugin. Optional: `settings_used`, the generation settings it reads (default: all of
     GENERATION_SETTINGS), so that the CLI validates and reports only those; and
     `check_settings(gen_length=..., block_length=..., steps=...)`, its own early check of them (raise
-    ConfigError), run before the model loads."""
+    ConfigError), run before the model loads; and `block_constraint`, the block size its options fix (or
+    None), which a canvas planned for a `max_tokens` cap must be a whole number of (`canvas_plan`)."""
 
     name: ClassVar[str]
     Config: ClassVar[type]
