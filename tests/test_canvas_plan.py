@@ -115,3 +115,32 @@ def test_bundled_model_answers_within_the_cap(bundled, max_tokens):
     if max_tokens >= DEFAULTS["gen_length"]:
         full, _ = generate(bundled, "hard-mask", decoder, prompts, **DEFAULTS, temperature=0.0, seed=0)
         assert capped["token_ids"] == full[0]["token_ids"] and capped["text"] == full[0]["text"]
+
+
+# -- d2f's block size fits the canvas (item 4) ---------------------------------------------------------
+@pytest.mark.parametrize("budget, size", [(48, 48), (128, 64), (256, 64), (96, 48), (100, 50), (80, 40), (16, 16),
+                                          (7, 7), (1, 1), (67, 1)])
+def test_d2f_default_block_size(budget, size):
+    from evotok_plugins.d2f import default_block_size
+
+    assert default_block_size(budget) == size
+
+
+def test_d2f_runs_on_the_bundled_model_with_no_options(cli):
+    proc = cli("generate", "-d", "d2f", "-p", "What is 12+7?", "--json")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["params"]["decoder_options"]["block_size"] is None and doc["params"]["gen_length"] == 48
+    assert len(doc["results"][0]["token_ids"]) == 48 and doc["results"][0]["nfe"] >= 1
+
+
+def test_d2f_explicit_block_size_behaves_as_before():
+    from evotok_cli.generation import check_settings, make_decoder
+
+    for size in (16, 48):  # divides 48: accepted, and used as given
+        decoder = make_decoder("d2f", {"block_size": size})
+        check_settings(decoder, gen_length=48, block_length=16, steps=48, temperature=0.0)
+        assert decoder.block_size(48) == size
+    with pytest.raises(ConfigError, match="max new tokens 48 is not a multiple of block_size 64"):
+        check_settings(make_decoder("d2f", {"block_size": 64}), gen_length=48, block_length=16, steps=48,
+                       temperature=0.0)
