@@ -68,7 +68,8 @@ class Server:
 
     def post(self, path: str, body: object, **kw) -> httpx.Response:
         content = body if isinstance(body, bytes) else json.dumps(body).encode()
-        return httpx.post(self.url + path, content=content, timeout=kw.pop("timeout", 120), **kw)
+        headers = {"Content-Type": "application/json", **(kw.pop("headers", None) or {})}
+        return httpx.post(self.url + path, content=content, headers=headers, timeout=kw.pop("timeout", 120), **kw)
 
     def metrics(self, headers: dict | None = None) -> dict[str, float]:
         text = httpx.get(self.url + "/metrics", headers=headers, timeout=10).text

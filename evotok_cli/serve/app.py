@@ -18,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from evotok_cli.serve.guard import Guard, Limits
 from evotok_cli.serve.metrics import CONTENT_TYPE
 from evotok_cli.serve.page import CSP, render_page
 from evotok_cli.serve.plan import make_plan
@@ -30,8 +31,9 @@ ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat
 CLIENT_GONE = 499  # nginx's status for a client that closed the connection before the answer
 
 
-def create_app(service: Service, *, api_key: str | None, decoders: list[str]) -> Any:
-    """The ASGI application: FastAPI's routes inside the access log."""
+def create_app(service: Service, *, api_key: str | None, decoders: list[str], limits: Limits | None = None) -> Any:
+    """The ASGI application: FastAPI's routes inside the access log; `limits` are what `guard.Guard` checks
+    before any route runs."""
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -102,7 +104,7 @@ def create_app(service: Service, *, api_key: str | None, decoders: list[str]) ->
         body = ApiError(500, "internal server error", code="internal_error", type="server_error").body()
         return JSONResponse(body, status_code=500)
 
-    return AccessLog(api, service)
+    return AccessLog(Guard(api, limits or Limits()), service)  # Limits(): any Host (in-process tests)
 
 
 def model_card(service: Service) -> dict[str, Any]:
@@ -134,12 +136,17 @@ async def complete(service: Service, request: Request, *, chat: bool, authorize:
     """One completion request: check, plan, submit, then answer whole or as a stream."""
     deadline = service.deadline()
     authorize(request)
-    body = parse_json(await read_body(request))
-    fields = parse_chat(body) if chat else parse_completion(body)
+    raw = await read_body(request)
     served = service.served
-    if fields.model is not None and fields.model != served.name:
-        raise not_served(fields.model, served.name)
-    plan = make_plan(fields, served)
+
+    def prepare() -> tuple[Any, Any]:  # in a worker thread, with a time budget: the event loop stays free
+        body = parse_json(raw)
+        fields = parse_chat(body) if chat else parse_completion(body)
+        if fields.model is not None and fields.model != served.name:
+            raise not_served(fields.model, served.name)
+        return fields, make_plan(fields, served)
+
+    fields, plan = await service.prepare(prepare, deadline)
     session = service.open(plan, events=fields.stream)
     reply = Reply(chat=chat, model=served.name)
     note = noter(request)

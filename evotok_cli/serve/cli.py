@@ -10,7 +10,7 @@ import typer
 
 from evotok_cli.errors import ConfigError
 from evotok_cli.options import from_flags, with_options
-from evotok_cli.serve.config import ServeOptions, check
+from evotok_cli.serve.config import ServeOptions, check, limits
 
 
 @with_options(ServeOptions)  # --model ... --compile, from ServeOptions' fields; they arrive in **options
@@ -38,14 +38,15 @@ def serve(**options: Any) -> None:
         check_compile(resolve_device(opts.device))
     from evotok_cli.serve.server import address, bind, run
 
+    guard = limits(opts)
     sock = bind(opts.host, opts.port)
     try:
-        service, app = _start(folder, defaults, opts)
+        service, app = _start(folder, defaults, opts, guard)
     except BaseException:
         sock.close()
         raise
     _announce(service, opts, address(sock))
-    run(app, sock, service, grace=opts.grace)
+    run(app, sock, service, grace=opts.grace, limits=guard)
     print("evotok serve: stopped", file=sys.stderr)
 
 
@@ -81,7 +82,7 @@ def _prepare(opts: ServeOptions) -> tuple[Path, dict]:
     return folder, defaults
 
 
-def _start(folder: Path, defaults: dict, opts: ServeOptions) -> tuple:
+def _start(folder: Path, defaults: dict, opts: ServeOptions, guard: Any) -> tuple:
     """Load the model once, start its engine, build the app."""
     from evotok_cli.decoding import registry
     from evotok_cli.runtime.model import load_model
@@ -95,7 +96,7 @@ def _start(folder: Path, defaults: dict, opts: ServeOptions) -> tuple:
     served = Served(lm, name=folder.name, adapter=Path(opts.adapter).name if opts.adapter else None,
                     decoder=opts.decoder, defaults=defaults, classes={name: registry.get(name) for name in decoders})
     service = Service(served, max_rows=opts.max_rows, max_queue=opts.max_queue, timeout=opts.timeout)
-    return service, create_app(service, api_key=opts.api_key, decoders=decoders)
+    return service, create_app(service, api_key=opts.api_key, decoders=decoders, limits=guard)
 
 
 def register(app: typer.Typer) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from evotok_cli.config import GenerateOptions
 from evotok_cli.errors import ConfigError
@@ -31,6 +32,15 @@ class ServeOptions:
     max_queue: int = option(64, "requests that may wait for room; more get 503", min=0, cli_range=True)
     timeout: float = option(600.0, "seconds per request, queue included; then 504")
     grace: float = option(30.0, "seconds in-flight requests get to finish after SIGTERM")
+    allowed_hosts: str | None = option(None, "Host headers answered, any port: comma-separated names or addresses "
+                                       "(.example.com: it and its subdomains), or * for any; others get 421. "
+                                       "Default: the names --host is reached by (127.0.0.1: 127.0.0.1, localhost, "
+                                       "[::1]; 0.0.0.0: those, any IP address and this machine's name)",
+                                       shown="--host's names")
+    max_connections: int = option(256, "open connections served at once; a request on one more gets 503",
+                                  min=1, max=65536, cli_range=True)
+    read_timeout: float = option(30.0, "seconds a client gets to send a request's line and headers, and its body "
+                                 "(plus 1 s per 64 KiB); slower ones are dropped (408)")
     device: str = like(GenerateOptions, "device")
     dtype: str = like(GenerateOptions, "dtype")
     lora_mode: str = like(GenerateOptions, "lora_mode")
@@ -46,12 +56,54 @@ def check(opts: ServeOptions) -> None:
 
     _check_seconds(opts, "timeout", positive=True)
     _check_seconds(opts, "grace", positive=False)
+    _check_seconds(opts, "read_timeout", positive=True)
     if not opts.host.strip():
         raise ConfigError("empty host", where="--host", fix="e.g. --host 127.0.0.1")
     if opts.api_key is not None and not check_text(opts.api_key, "--api-key").strip():
         raise ConfigError("empty API key", where="--api-key", fix="pass a non-empty key, or leave --api-key out")
+    allowed_hosts(opts)
     check_lora_mode(opts.lora_mode)
     check_padded_mode(opts.padded_attention)
+
+
+def limits(opts: ServeOptions) -> Any:
+    """The limits the server puts on clients (`guard.Limits`), from the checked options."""
+    from evotok_cli.serve.guard import Limits
+
+    return Limits(hosts=allowed_hosts(opts), read_timeout=opts.read_timeout, max_connections=opts.max_connections)
+
+
+def allowed_hosts(opts: ServeOptions) -> frozenset[str] | None:
+    """--allowed-hosts as the set the server compares Host headers with (None: any host), its default the
+    names --host is reached by (`guard.default_hosts`)."""
+    from evotok_cli.serve.guard import default_hosts, host_name
+
+    if opts.allowed_hosts is None:
+        return default_hosts(opts.host)
+    items = [item.strip() for item in opts.allowed_hosts.split(",")]
+    if items == ["*"]:
+        return None
+    fix = ("pass host names or addresses separated by commas, without ports: any port is allowed; e.g. "
+           "--allowed-hosts localhost,evotok.example.com,.internal.example.com, or * alone for any host")
+    for item in items:
+        if not _host_entry(item):
+            raise ConfigError(f"{item!r} is not a host name or address", where="--allowed-hosts", fix=fix)
+    return frozenset(host_name(item) for item in items)
+
+
+def _host_entry(item: str) -> bool:
+    """A host name (an optional leading dot: its subdomains too), an IPv4 address or an IPv6 one (bracketed
+    or not); no port, scheme, path, space or wildcard."""
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(item[1:-1] if item.startswith("[") and item.endswith("]") else item)
+        return True
+    except ValueError:
+        pass
+    labels = (item[1:] if item.startswith(".") else item).rstrip(".").split(".")
+    return len(item) <= 253 and all(
+        0 < len(label) <= 63 and all(c.isascii() and (c.isalnum() or c in "-_") for c in label) for label in labels)
 
 
 def _check_seconds(opts: ServeOptions, name: str, *, positive: bool) -> None:

@@ -8,13 +8,19 @@ process exits 0. A second signal cancels everything at once.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import errno
+import math
 import signal
 import socket
+import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
 from evotok_cli.errors import ConfigError
+from evotok_cli.serve.guard import Limits
 from evotok_cli.serve.sessions import Service
 
 
@@ -43,14 +49,52 @@ def address(sock: socket.socket) -> str:
     return f"http://{f'[{host}]' if ':' in host else host}:{port}"
 
 
-def run(app: Any, sock: socket.socket, service: Service, *, grace: float) -> None:
-    """Serve until a signal, then drain within `grace` seconds; returns (exit 0) when all is closed."""
+class AcceptErrors:
+    """The event loop's exception handler. When the process runs out of file descriptors, asyncio's accept
+    loop reports it with a traceback every second it retries: here one warning line a minute, with how many
+    were left out; anything else goes to asyncio's own handler."""
+
+    def __init__(self, every: float = 60.0):
+        self.every, self.last, self.left_out = every, -math.inf, 0
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if not (isinstance(exc, OSError) and exc.errno in RESOURCE_ERRORS and "accept" in context.get("message", "")):
+            loop.default_exception_handler(context)
+            return
+        now = time.monotonic()
+        if now - self.last < self.every:
+            self.left_out += 1
+            return
+        more = f"; {self.left_out} more since the last warning" if self.left_out else ""
+        print(f"warning: cannot accept connections: {exc.strerror} ({errno.errorcode.get(exc.errno, exc.errno)}), "
+              f"retrying every second{more} (raise the limit, `ulimit -n`, or lower --max-connections)",
+              file=sys.stderr, flush=True)
+        self.last, self.left_out = now, 0
+
+
+RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+def run(app: Any, sock: socket.socket, service: Service, *, grace: float, limits: Limits) -> None:
+    """Serve until a signal, then drain within `grace` seconds; returns (exit 0) when all is closed. The
+    protocol is uvicorn's h11 one with evotok's limits (`protocol.py`), pinned with the asyncio loop: the
+    combination the security tests exercise (httptools or uvloop, when installed, would otherwise win)."""
     import uvicorn
 
+    from evotok_cli.serve.protocol import MAX_HEAD_BYTES, protocol_for
+
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
-                            timeout_graceful_shutdown=grace + 10.0, server_header=False)
+                            timeout_graceful_shutdown=grace + 10.0, server_header=False,
+                            http=protocol_for(limits), ws="none", loop="asyncio",
+                            timeout_keep_alive=min(5.0, limits.read_timeout),  # type: ignore[arg-type]
+                            h11_max_incomplete_event_size=MAX_HEAD_BYTES)
 
     class Server(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            asyncio.get_running_loop().set_exception_handler(AcceptErrors())
+            await super().startup(sockets=sockets)
+
         @contextlib.contextmanager
         def capture_signals(self) -> Iterator[None]:
             """Our handlers instead of uvicorn's, which would re-raise the signal after shutdown."""

@@ -4,7 +4,8 @@ The engine steps in a thread of its own and calls back there (`on_event` for eve
 streamed request, `on_done` for every finished job). A `Session` hands both to the event loop with
 `call_soon_threadsafe`, in the order the engine produced them, so a request handler only ever awaits an
 asyncio queue. `Service` owns the one `BackgroundEngine`, admits requests (bounded queue, draining) and
-cancels their jobs (timeout, disconnect, shutdown).
+cancels their jobs (timeout, disconnect, shutdown); before that, it prepares each request (parse, chat
+template, tokenize) in a worker thread with a time budget, never in the event loop.
 """
 
 from __future__ import annotations
@@ -12,13 +13,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from evotok_cli.decoding.engine import BackgroundEngine, Engine, Job, make_jobs
 from evotok_cli.generation import row_result
 from evotok_cli.serve.metrics import Metrics
+from evotok_cli.serve.offload import Offload
 from evotok_cli.serve.plan import Plan, Served
 from evotok_cli.serve.schema import ApiError
+
+T = TypeVar("T")
+PREPARE_S = 10.0  # seconds to parse, render and tokenize one request (milliseconds for any sane one)
+PREPARE_WORKERS = 4  # requests prepared at once, in threads of their own
 
 
 class Session:
@@ -85,6 +92,20 @@ class Service:
         self.sessions: set[Session] = set()
         self.draining = False
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.offload = Offload(PREPARE_WORKERS)
+
+    async def prepare(self, work: Callable[[], T], deadline: float) -> T:
+        """`work()` (parsing, the chat template, tokenization) in a worker thread, within PREPARE_S seconds
+        and the request's deadline: its own errors as it raises them, 504 when it runs past (the event loop,
+        /health and SIGTERM stay free all along)."""
+        seconds = min(PREPARE_S, deadline - time.monotonic())
+        try:
+            return await self.offload.run(work, seconds)
+        except asyncio.TimeoutError:
+            limit = "--timeout" if seconds < PREPARE_S else f"{PREPARE_S:g} s"
+            raise ApiError(504, f"preparing the prompt (chat template and tokenization) ran past its time limit "
+                           f"({limit}); shorten the messages, or check the model's chat template", code="timeout",
+                           type="server_error") from None
 
     def waiting(self) -> int:
         """Requests admitted by the server whose rows wait for room in the engine."""
