@@ -245,8 +245,10 @@ def data(
     """
     from evotok_cli.files import output_file
     from evotok_cli.locks import hold_file
+    from evotok_cli.options import check_seed
     from evotok_cli.training.synthetic import write_training_data
 
+    check_seed(seed)
     output_file(out, "--out")  # before the lock makes anything
     with hold_file(out, "--out"):  # one writer per file: a second `evotok data --out` here waits its turn
         count = write_training_data(tasks, split=split, n=n, seed=seed, out=out, cuts=cuts)

@@ -16,7 +16,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 from evotok_cli.decoding.api import CommitOptions
 from evotok_cli.errors import ConfigError
 from evotok_cli.files import read_text
-from evotok_cli.options import option, yaml_defaults
+from evotok_cli.options import option, seed_option, yaml_defaults
 
 MODEL_HELP = "checkpoint folder (Hugging Face layout); default: the bundled model"
 SHORTHANDS = tuple(f.name for f in fields(CommitOptions))  # decoder options that are generate flags too
@@ -57,7 +57,7 @@ class GenerateOptions:
     steps: int = option(64, "forward-pass budget (steps = gen length: 1 token per step)", shown="the model's, else 64",
                         envvar=_env("steps"))
     temperature: float = option(0.0, "0 = greedy", envvar=_env("temperature"))
-    seed: int = option(0, "random seed", envvar=_env("seed"))
+    seed: int = seed_option(0, "random seed", envvar=_env("seed"))
     top_k: int | None = option(None, "sample only from the k most probable tokens (at temperature > 0)",
                                envvar=_env("top_k"), shown="off")
     top_p: float | None = option(None, "sample only from the most probable tokens whose probability sums to p, "
@@ -119,6 +119,37 @@ def generate_defaults(folder: Path) -> dict[str, Any]:
     return {**GENERATE_DEFAULTS, **generation_defaults(folder)}
 
 
+def _strict_loader() -> type:
+    """yaml's SafeLoader, stricter: a key written twice in one mapping and aliases (`*name`) are refused.
+    A second key would silently win over the first; aliases are what a "billion laughs" file multiplies
+    into gigabytes of nested lists, and an options file has no use for them."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                raise yaml.composer.ComposerError(None, None, f"alias *{event.anchor}: aliases are not "
+                                                  "supported in evotok config files", event.start_mark)
+            return super().compose_node(parent, index)
+
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            seen: dict[Any, Any] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    earlier = seen.setdefault(key, key_node)
+                except TypeError:
+                    continue  # an unhashable key: the base class reports it
+                if earlier is not key_node:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r}, first given on line {earlier.start_mark.line + 1}",
+                        key_node.start_mark)
+            return super().construct_mapping(node, deep)
+
+    return StrictLoader
+
+
 def load_yaml(path: str | Path | None) -> dict[str, Any]:
     if path is None:
         return {}
@@ -127,12 +158,14 @@ def load_yaml(path: str | Path | None) -> dict[str, Any]:
     p = Path(path).expanduser()
     text = read_text(p, what="config file", fix="pass --config with an existing UTF-8 YAML file", error=ConfigError)
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_strict_loader())  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{p}:{mark.line + 1}" if mark is not None else str(p)
         problem = getattr(exc, "problem", exc)
         raise ConfigError(f"invalid YAML ({problem})", where=where, fix="fix the YAML syntax") from None
+    except RecursionError:
+        raise ConfigError("invalid YAML (nested too deeply)", where=str(p), fix="fix the YAML syntax") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -180,19 +213,42 @@ class Settings:
         return self.defaults[name]
 
     def _typed(self, name: str, value: Any) -> Any:
+        """A YAML value as the option's type: a number where a number belongs (never a boolean, a list or
+        null), a boolean where a boolean belongs (never 0 or 1)."""
         default = self.defaults[name]
-        expected = type(default) if default is not None else self.types.get(name)
-        if expected is None or value is None:
+        listed = self.types.get(name) is list  # a comma-separated option: text, a number or a list of them
+        expected = str if listed else type(default) if default is not None else self.types.get(name)
+        if value is None and default is None:
+            return None  # null: unset, as when the file leaves it out
+        if expected is None:
             return value
-        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if expected is float and number:
             return float(value)
-        if expected is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if expected is str and number:
             return str(value)  # e.g. `block_sizes: 512`
-        scalars = isinstance(value, list) and all(isinstance(v, (int, float, str)) for v in value)
-        if isinstance(default, str) and scalars:
+        if listed and isinstance(value, list) and all(_scalar(v) for v in value):
             return ",".join(map(str, value))  # a comma-separated option written as a list: `block_sizes: [256, 512]`
         if isinstance(value, expected) and not (expected is int and isinstance(value, bool)):
             return value
-        example = default if default is not None else {int: 1, float: 0.5, str: "..."}.get(expected, "...")
-        raise ConfigError(f"{name}: expected {expected.__name__}, got {value!r}", where=self.path,
-                          fix=f"write e.g. `{name}: {example!r}`")
+        if listed:
+            wanted, example = "a list of numbers or names", f"[{default or '...'}]"
+        else:
+            wanted = expected.__name__
+            example = repr(default if default is not None else {int: 1, float: 0.5, str: "..."}.get(expected, "..."))
+        also = ", or leave it out for the default" if value is None else ""
+        raise ConfigError(f"{name}: expected {wanted}, got {_shown(value)}", where=self.path,
+                          fix=f"write e.g. `{name}: {example}`{also}")
+
+
+def _scalar(value: Any) -> bool:
+    return isinstance(value, (int, float, str)) and not isinstance(value, bool)
+
+
+def _shown(value: Any) -> str:
+    """A YAML value as the file spells it (true, null, [1, 2]), text quoted, cut short."""
+    import json
+
+    text = repr(value) if isinstance(value, (str, int, float)) and not isinstance(value, bool) else \
+        json.dumps(value, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -105,6 +105,9 @@ def generate(model: Any, decoder_name: str, decoder: Any, prompts: list[Prompt],
         raise ConfigError(f"batch size must be >= 1, got {batch_size}", where="--batch-size", fix="e.g. --batch-size 8")
     check_settings(decoder, gen_length=gen_length, block_length=block_length, steps=steps, temperature=temperature,
                    top_k=top_k, top_p=top_p, min_p=min_p, logprobs=logprobs)
+    from evotok_cli.decoding.api import check_model_options
+
+    check_model_options(getattr(decoder, "config", None), model)  # bounds that depend on the model (k_soft)
     with atomic_open(trace) if trace else nullcontext() as handle:  # a trace appears whole or not at all
         listeners = [f for f in (TraceWriter(handle, decoder_name, model) if handle else None, on_event) if f]
         request = GenerationRequest(

@@ -21,6 +21,25 @@ from evotok_cli.errors import ConfigError
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
 
+# Seeds: torch's generators take 64 bits, and a row (an item, an epoch) draws from seed + its index, so a
+# seed stays in the lower half of that range: every derived seed then fits too.
+SEED_MAX = 2**63 - 1
+
+
+def check_seed(value: Any, where: str = "--seed") -> int:
+    """A seed as an int inside [0, SEED_MAX], or one ConfigError naming the range (torch would raise an
+    overflow mid-run for 2^64 and above)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"seed must be an integer, got {value!r}", where=where, fix="e.g. 0")
+    if not 0 <= value <= SEED_MAX:
+        raise ConfigError(f"seed must be in [0, {SEED_MAX}], got {value}", where=where, fix="e.g. 0")
+    return value
+
+
+def seed_option(default: int, help: str = "random seed", **kwargs: Any) -> Any:
+    """A seed option: its range is declared here once for every command that has one."""
+    return option(default, help, min=0, max=SEED_MAX, what="seed", example=default, **kwargs)
+
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, flags: tuple[str, ...] = (),
            envvar: str | None = None, shown: str | None = None, cli: bool = True, yaml: bool = True,
@@ -137,12 +156,54 @@ def _problem(value: Any, meta: dict[str, Any]) -> tuple[str, str | None] | None:
 def check_bounds(obj: Any) -> None:
     """A one-line ConfigError for the first field of `obj` outside its declared range or choices."""
     for f in dataclasses.fields(obj):
-        if "choices" not in f.metadata:
-            continue
-        problem = _problem(getattr(obj, f.name), dict(f.metadata))
-        if problem:
-            example = f.metadata["example"] if f.metadata["example"] is not None else shown(f)
-            raise ConfigError(problem[0], where=flag(f), fix=problem[1] or f"e.g. {example}")
+        if "choices" in f.metadata:
+            check_value(f, getattr(obj, f.name))
+
+
+def check_value(f: dataclasses.Field, value: Any) -> None:
+    """One option's value against its declared range or choices (a one-line ConfigError)."""
+    problem = _problem(value, dict(f.metadata))
+    if problem:
+        example = f.metadata["example"] if f.metadata["example"] is not None else shown(f)
+        raise ConfigError(problem[0], where=flag(f), fix=problem[1] or f"e.g. {example}")
+
+
+def _comparable(value: Any, meta: dict[str, Any]) -> bool:
+    """Whether `value` has the kind its declared bounds compare (a wrong type is the type check's to report)."""
+    if meta["choices"]:
+        return isinstance(value, str)
+    if meta["min"] is None and meta["max"] is None and not meta["finite"]:
+        return False  # nothing declared to compare with
+    items = value if isinstance(value, list) else [value]
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in items)
+
+
+# -- JSON settings files -----------------------------------------------------------------------------------
+class DuplicateKey(ValueError):
+    """A JSON object that names one key twice (json keeps the last one without a word)."""
+
+    def __init__(self, key: str):
+        super().__init__(f"duplicate key {key!r}")
+        self.key = key
+
+
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """`json.loads(..., object_pairs_hook=unique_keys)`: an object, or DuplicateKey for its first repeat."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def line_of_repeat(text: str, key: str) -> int | None:
+    """The line of the second `"key":` in a JSON text (where a DuplicateKey most likely is), or None."""
+    import json
+    import re
+
+    found = list(re.finditer(re.escape(json.dumps(key)) + r"\s*:", text))
+    return text.count("\n", 0, found[1].start()) + 1 if len(found) > 1 else None
 
 
 # -- Typer -----------------------------------------------------------------------------------------------
@@ -199,8 +260,9 @@ def from_flags(cls: type[T], flags: dict[str, Any]) -> T:
 
 # -- YAML ------------------------------------------------------------------------------------------------
 def yaml_defaults(cls: type) -> tuple[dict[str, Any], dict[str, type]]:
-    """The defaults and value types (for None defaults) that `config.Settings` checks a --config file
-    against: lists as comma-separated text (the file may write either), None where `unset` decides."""
+    """The defaults and value types (for None defaults; `list` for a list) that `config.Settings` checks a
+    --config file against: lists as comma-separated text (the file may write either), None where `unset`
+    decides."""
     hints = typing.get_type_hints(cls)
     defaults: dict[str, Any] = {}
     kinds: dict[str, type] = {}
@@ -209,7 +271,11 @@ def yaml_defaults(cls: type) -> tuple[dict[str, Any], dict[str, type]]:
             continue
         value = None if f.metadata["unset"] or f.metadata["read"] else default_of(f)
         defaults[f.name] = ",".join(map(str, value)) if isinstance(value, list) else value
-        if defaults[f.name] is None and not f.metadata["read"]:
+        if f.metadata["read"]:
+            continue
+        if get_origin(hints[f.name]) is list:
+            kinds[f.name] = list  # comma-separated text, a number, or a list of them
+        elif defaults[f.name] is None:
             kinds[f.name] = _bare(hints[f.name])
     return defaults, kinds
 
@@ -244,4 +310,7 @@ def merged(cls: type, settings: Any, flags: dict[str, Any]) -> dict[str, Any]:
     for f in dataclasses.fields(cls):
         if f.metadata.get("unset") and values.get(f.name) is None:
             values[f.name] = f.metadata["unset"](values)
+    for f in dataclasses.fields(cls):  # declared ranges, wherever the value came from (flag, variable, YAML)
+        if f.name in values and _comparable(values[f.name], dict(f.metadata)):
+            check_value(f, values[f.name])
     return values

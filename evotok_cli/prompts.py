@@ -48,6 +48,9 @@ def read_prompts_file(path: str | Path) -> list[Prompt]:
         except json.JSONDecodeError as exc:
             raise DataError(f"invalid JSON ({exc.msg})", where=where,
                             fix="one JSON object or string per line") from None
+        if isinstance(item, dict) and "prompt" in item and "prompt_ids" in item:
+            raise DataError('both "prompt" and "prompt_ids" given', where=where,
+                            fix="keep one of them: text for the chat template, or ids as they are")
         if isinstance(item, str):
             prompts.append(Prompt(check_text(item, where)))
         elif isinstance(item, dict) and isinstance(item.get("prompt"), str):

@@ -11,7 +11,7 @@ from typing import Any
 
 from evotok_cli.config import GenerateOptions
 from evotok_cli.errors import ConfigError
-from evotok_cli.options import like, option
+from evotok_cli.options import like, option, seed_option
 
 DEFAULT_DECODER = "hard-mask"
 PER_TASK = "per task: "  # a default that the task's protocol decides
@@ -67,8 +67,8 @@ class BenchOptions:
     temperature: float | None = option(None, "sampling temperature",
                                        shown=PER_TASK + "0.5 paper tasks (EvoToken's script), 0 bundled tasks",
                                        envvar="EVOTOK_TEMPERATURE")
-    seed: int = option(0, "base seed; each item samples from seed + its doc_id, whatever the batch size",
-                       envvar="EVOTOK_SEED")
+    seed: int = seed_option(0, "base seed; each item samples from seed + its doc_id, whatever the batch size",
+                            envvar="EVOTOK_SEED")
     batch_size: int = option(1, "items decoded together", shown="1, the protocol's", envvar="EVOTOK_BATCH_SIZE")
     opt: list[str] | None = option(None, "decoder option key=value for every decoder that has it (repeatable)",
                                    flags=("--opt", "-o"), cli_type=list[str], yaml=False)

@@ -34,8 +34,73 @@ def load_results(paths: list[Path]) -> list[tuple[Path, dict[str, Any]]]:
                             fix="pass a results.json written by evotok bench") from None
         if not isinstance(document, dict) or document.get("schema") != SCHEMA:
             raise DataError(f"not a results file of schema {SCHEMA}", where=str(file), fix="pass a bench results.json")
+        check_document(document, str(file))
         documents.append((file, document))
     return documents
+
+
+# what the report reads of a results document, with the JSON types bench writes ("?": may be null or absent)
+_ROW = {"task": "text", "decoder": "text", "label": "text?", "n": "count", "accuracy": "number?",
+        "accuracy_stderr": "number?", "mean_nfe": "number?", "tokens_per_nfe": "number?",
+        "tokens_per_second": "number?", "settings": "object", "sweep": "object?", "scores": "object?"}
+_SETTINGS = {"gen_length": "count", "block_length": "count", "steps": "count"}
+_BEST = {"task": "text", "decoder": "text", "label": "text?", "swept": "object", "accuracy": "number?",
+         "accuracy_stderr": "number?"}
+
+
+def _fits(value: Any, kind: str) -> bool:
+    if kind.endswith("?") and value is None:
+        return True
+    kind = kind.rstrip("?")
+    if isinstance(value, bool):
+        return False
+    if kind == "count":
+        return isinstance(value, int) and value >= 0
+    if kind == "number":
+        return isinstance(value, (int, float))
+    return isinstance(value, {"text": str, "object": dict, "list": list}[kind])
+
+
+def _check(item: Any, spec: dict[str, str], path: str, where: str) -> None:
+    from evotok_cli.bench.samples import json_type
+
+    if not isinstance(item, dict):
+        raise DataError(f"{path} is {json_type(item)}, expected an object", where=where,
+                        fix="pass a results.json written by evotok bench")
+    for name, kind in spec.items():
+        value = item.get(name)
+        if (name in item or not kind.endswith("?")) and not _fits(value, kind):
+            wanted = {"count": "an integer >= 0", "number": "a number", "text": "text", "object": "an object",
+                      "list": "a list"}[kind.rstrip("?")] + (" or null" if kind.endswith("?") else "")
+            if name not in item:
+                got = "missing"
+            elif isinstance(value, int) and not isinstance(value, bool):
+                got = str(value)  # a negative count
+            else:
+                got = json_type(value)
+            raise DataError(f"{path}.{name} is {got}, expected {wanted}", where=where,
+                            fix="pass a results.json written by evotok bench, or repair that field")
+
+
+def check_document(document: dict[str, Any], where: str) -> None:
+    """Every field the report reads has the type bench writes: a hand-edited or damaged results.json is
+    one line naming the field, not a TypeError in the middle of the table."""
+    _check(document, {"results": "list", "model": "object?", "best_over_sweep": "list?"}, "results.json", where)
+    for i, row in enumerate(document["results"]):
+        _check(row, _ROW, f"results[{i}]", where)
+        _check(row["settings"], _SETTINGS, f"results[{i}].settings", where)
+        for key, value in (row.get("sweep") or {}).items():
+            if not _fits(value, "number") and not isinstance(value, str):
+                _check({key: value}, {key: "number"}, f"results[{i}].sweep", where)
+        for name, score in (row.get("scores") or {}).items():
+            _check(score, {"accuracy": "number?"}, f"results[{i}].scores.{name}", where)
+    for i, best in enumerate(document.get("best_over_sweep") or []):
+        _check(best, _BEST, f"best_over_sweep[{i}]", where)
+        for key, values in best["swept"].items():
+            _check({key: values}, {key: "list"}, f"best_over_sweep[{i}].swept", where)
+    adapter = (document.get("model") or {}).get("adapter")
+    if adapter is not None and not isinstance(adapter, str):
+        _check({"adapter": adapter}, {"adapter": "text?"}, "model", where)
 
 
 def adapter_name(document: dict[str, Any]) -> str | None:
@@ -187,6 +252,7 @@ def plot(rows: list[dict[str, Any]], axis: str) -> bytes:
     import matplotlib.pyplot as plt
 
     tasks = list(dict.fromkeys(r["task"] for r in rows))
+    categories = [] if axis == "nfe" else _categories(rows, axis)
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         lines: dict[str, list[tuple[float, float, float]]] = {}
@@ -201,7 +267,8 @@ def plot(rows: list[dict[str, Any]], axis: str) -> bytes:
                 if value is None:
                     flat.append((f"{method_of(r)} (no {axis})", r["accuracy"]))
                     continue
-                x, name = float(value), method_of(r, skip=("steps", axis))
+                x = categories.index(str(value)) if categories else float(value)
+                name = method_of(r, skip=("steps", axis))
                 if axis in r["training"]:  # the adapters are the points of one line, not lines of their own
                     objective = r["training"].get("objective", "adapter")
                     name = method_of({**r, "adapter": None}, skip=("steps", axis)) + f" + {objective}"
@@ -215,6 +282,8 @@ def plot(rows: list[dict[str, Any]], axis: str) -> bytes:
         values = [p[1] for points in lines.values() for p in points] + [level for _, level in flat]
         if values:
             ax.set_ylim(max(-2.0, min(values) - 5), min(102.0, max(values) + 5))
+        if categories:  # a swept name (cache=none,dual): one evenly spaced tick per value
+            ax.set_xticks(range(len(categories)), categories)
         ax.set_title(task)
         ax.set_xlabel("mean NFE per item" if axis == "nfe" else axis)
         ax.set_ylabel("accuracy %")
@@ -226,6 +295,16 @@ def plot(rows: list[dict[str, Any]], axis: str) -> bytes:
     fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)
     return buffer.getvalue()
+
+
+def _categories(rows: list[dict[str, Any]], axis: str) -> list[str]:
+    """The axis's values in run order when some are names rather than numbers (else none: a numeric axis)."""
+    values = [x_value(r, axis) for r in rows if x_value(r, axis) is not None]
+    try:
+        [float(v) for v in values]
+    except (TypeError, ValueError):
+        return list(dict.fromkeys(str(v) for v in values))
+    return []
 
 
 def write_report(paths: list[Path], out: Path | None, x: str) -> tuple[str, list[Path]]:

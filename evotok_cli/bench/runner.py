@@ -272,8 +272,12 @@ def render(task: Task, docs: list[Doc], model: Any) -> dict[int, Any]:
 
 
 def check_lengths(runs: list[Run], prompts: dict[str, dict[int, Any]], model: Any) -> None:
-    """Fail before generating when a prompt plus the generated span cannot fit the model."""
+    """Fail before generating when a prompt plus the generated span cannot fit the model, or a decoder
+    option is beyond what the model allows (k_soft above the vocabulary)."""
+    from evotok_cli.decoding.api import check_model_options
+
     for run in runs:
+        check_model_options(getattr(run.decoder, "config", None), model, where="--sweep" if run.sweep else "--opt")
         table = prompts[run.task.name]
         if not table:
             continue

@@ -52,6 +52,11 @@ def fingerprint(setup: dict[str, Any]) -> str:
 def read(path: Path, note: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """The complete lines of a samples file (a final line without its newline was cut by a kill; `note`
     hears that it was dropped)."""
+    return [record for _, record in read_numbered(path, note)]
+
+
+def read_numbered(path: Path, note: Callable[[str], None] | None = None) -> list[tuple[int, dict[str, Any]]]:
+    """`read`, each record with its line number (for messages that point at a line)."""
     text = read_text(path, what="samples file", fix="pass a samples_*.jsonl file written by evotok bench")
     lines = text.split("\n")
     complete = lines[:-1]  # the part after the last newline is empty or unfinished
@@ -63,14 +68,67 @@ def read(path: Path, note: Callable[[str], None] | None = None) -> list[dict[str
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             raise DataError("corrupt line in the samples file", where=f"{path}:{number}",
                             fix="delete that line (it is then generated again) or the file") from None
         if not isinstance(record, dict) or "doc_id" not in record:
             raise DataError("not a sample line (no doc_id)", where=f"{path}:{number}",
                             fix="use a fresh --out folder for bench runs")
-        records.append(record)
+        check_fields(record, f"{path}:{number}")
+        records.append((number, record))
     return records
+
+
+# the JSON types of a sample line's fields, as `record` in runner.py writes them (None: may be null)
+_INT, _NUMBER, _TEXT, _BOOL, _OBJECT = "an integer", "a number", "text", "true or false", "an object"
+FIELD_TYPES: dict[str, tuple[str, bool]] = {
+    "doc_id": (_INT, False), "index": (_INT, True), "task": (_TEXT, False), "decoder": (_TEXT, False),
+    "generation": (_TEXT, False), "correct": (_BOOL, False), "nfe": (_INT, False),
+    "tokens": (_INT, False), "seconds": (_NUMBER, False), "rank": (_INT, True), "scores": (_OBJECT, True),
+    "sweep": (_OBJECT, True), "setup": (_OBJECT, True),
+}
+
+
+def _is(value: Any, kind: str) -> bool:
+    if kind == _BOOL:
+        return isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    return {_INT: isinstance(value, int), _NUMBER: isinstance(value, (int, float)), _TEXT: isinstance(value, str),
+            _OBJECT: isinstance(value, dict)}[kind]
+
+
+def json_type(value: Any) -> str:
+    """How JSON names a value's type, for messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    return {int: "an integer", float: "a number", str: "text", list: "a list", dict: "an object"}.get(
+        type(value), type(value).__name__)
+
+
+def check_fields(record: dict[str, Any], where: str) -> None:
+    """A sample line's known fields have the JSON types bench writes (a hand-edited or foreign line with
+    `"correct": "yes"` or `"doc_id": "7"` is one line here, not a TypeError in the sums of results)."""
+    for name, (kind, nullable) in FIELD_TYPES.items():
+        if name not in record or (nullable and record[name] is None):
+            continue
+        value = record[name]
+        if not _is(value, kind) or (kind == _INT and value < 0):
+            shown = json_type(value) if not _is(value, kind) else f"{value}"
+            raise DataError(f'"{name}" is {shown}, expected {kind}{" >= 0" if kind == _INT else ""}', where=where,
+                            fix="repair or delete that line (bench generates a deleted line again)")
+    if isinstance(record.get("doc_id"), int) and record["doc_id"] >= 2**63:
+        raise DataError(f'"doc_id" {record["doc_id"]} is too large', where=where,
+                        fix="repair or delete that line (bench generates a deleted line again)")
+    if isinstance(record.get("target"), dict):  # every task's target is a number, text, a list or null
+        raise DataError('"target" is an object, expected a number, text or a list', where=where,
+                        fix="repair or delete that line (bench generates a deleted line again)")
+    for name, verdict in (record.get("scores") or {}).items():
+        if verdict is not None and not isinstance(verdict, bool):
+            raise DataError(f'"scores.{name}" is {json_type(verdict)}, expected true, false or null', where=where,
+                            fix="repair or delete that line (bench generates a deleted line again)")
 
 
 def trim_partial_tail(path: Path) -> None:

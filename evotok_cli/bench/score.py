@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from evotok_cli.bench.results import accuracy
+from evotok_cli.bench.samples import json_type
 from evotok_cli.errors import ConfigError, DataError
 from evotok_cli.files import input_file, read_text
 
@@ -37,6 +38,7 @@ class Setup:
     outcomes: list[bool] = field(default_factory=list)
     extra: dict[str, list[bool]] = field(default_factory=dict)
     stored: list[bool] = field(default_factory=list)  # our logs: the verdict written at generation time
+    seen: dict[Any, str] = field(default_factory=dict)  # our logs: doc_id -> the file:line that holds it
 
 
 def expand(paths: list[Path]) -> list[Path]:
@@ -104,13 +106,16 @@ def _score_official(path: Path, task_name: str | None, setups: dict[tuple[str, s
     for number, item in enumerate(items):
         if not isinstance(item, dict):
             raise DataError(f"generation {number} is not an object", where=str(path), fix="check the file")
-        generation = str(item.get("generations") or "")
+        generation = item.get("generations")
+        if generation is not None and not isinstance(generation, str):
+            raise DataError(f'generation {number}: "generations" is {json_type(generation)}, expected text',
+                            where=str(path), fix="repair that item or pass the file the official evaluation wrote")
         try:
             target = task.reference_target(item)
-        except (TypeError, ValueError, KeyError) as exc:
+        except (TypeError, ValueError, KeyError, OverflowError) as exc:
             raise DataError(f"generation {number} has an unusable ground_truth ({exc})", where=str(path),
                             fix="check the file's task (--task)") from None
-        _add(setup, task, generation, target)
+        _add(setup, task, generation or "", target, f"{path}: generation {number}")
 
 
 def _score_samples(path: Path, task_name: str | None, setups: dict[tuple[str, str], Setup],
@@ -120,25 +125,46 @@ def _score_samples(path: Path, task_name: str | None, setups: dict[tuple[str, st
     match = _OURS_RANK.fullmatch(path.name)
     name = match.group(1) if match else path.stem
     tasks: dict[str, Any] = {}
-    for record in samples.read(path, note):
+    for number, record in samples.read_numbered(path, note):
+        where = f"{path}:{number}"
         current = task_name or record.get("task")
         if not current:
-            raise DataError("sample line has no task", where=str(path), fix="pass --task NAME")
+            raise DataError("sample line has no task", where=where, fix="pass --task NAME")
         if current not in tasks:
             tasks[current] = _load_task(current, str(path))
         setup = setups.setdefault((str(path.parent), name), Setup(str(path.parent), name, current, "samples"))
         if path.name not in setup.files:
             setup.files.append(path.name)
-        _add(setup, tasks[current], str(record.get("generation", "")), record.get("target"))
+        _count_once(setup, record["doc_id"], where)
+        _add(setup, tasks[current], str(record.get("generation", "")), record.get("target"), where)
         if "correct" in record:
             setup.stored.append(bool(record["correct"]))
 
 
-def _add(setup: Setup, task: Any, generation: str, target: Any) -> None:
-    _, correct = task.score(generation, target)
+def _count_once(setup: Setup, doc_id: int, where: str) -> None:
+    """Each item of a setup counts once: a doc_id that two lines (or two rank files) hold would weigh
+    twice in the accuracy, so it is refused with both places."""
+    first = setup.seen.setdefault(doc_id, where)
+    if first != where:
+        raise DataError(f"doc_id {doc_id} is scored twice (first at {first})", where=where,
+                        fix="delete the repeated line, or score the files separately")
+
+
+def _add(setup: Setup, task: Any, generation: str, target: Any, where: str) -> None:
+    try:
+        _, correct = task.score(generation, target)
+        extra = task.extra_scores(generation, target)
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:
+        raise DataError(f'"target" {_short(target)} cannot be scored as a {task.name} answer ({exc})', where=where,
+                        fix="check the file's task (--task) or repair that line") from None
     setup.outcomes.append(bool(correct))
-    for key, verdict in task.extra_scores(generation, target).items():
+    for key, verdict in extra.items():
         setup.extra.setdefault(key, []).append(bool(verdict))
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _summary(setup: Setup) -> dict[str, Any]:

@@ -18,9 +18,10 @@ from typing import Any, ClassVar, Literal, Protocol, get_args, get_origin
 from evotok_cli.errors import ConfigError
 
 
-def option(default: Any, help: str, *, min: float | None = None, max: float | None = None,
+def option(default: Any, help: str, *, min: float | None = None, max: float | str | None = None,
            min_open: bool = False, max_open: bool = False) -> Any:
-    """A decoder option: its default, one line of help, and its allowed range."""
+    """A decoder option: its default, one line of help, and its allowed range. A `max` that is a name
+    ("vocab_size") is that property of the model: `check_model_options` checks it once the model is known."""
     return field(default=default, metadata={"help": help, "min": min, "max": max,
                                             "min_open": min_open, "max_open": max_open})
 
@@ -218,16 +219,20 @@ def _coerce(value: Any, annotation: Any, key: str, where: str) -> Any:
         if annotation is bool:
             if isinstance(value, bool):
                 return value
-            text = str(value).lower()
+            if not isinstance(value, str):  # a YAML 1 or 0 where true/false belongs
+                raise ValueError
+            text = value.strip().lower()
             if text in ("1", "true", "yes", "on"):
                 return True
             if text in ("0", "false", "no", "off"):
                 return False
             raise ValueError
+        if annotation in (int, float, str) and (isinstance(value, bool) or not isinstance(value, (str, int, float))):
+            raise ValueError  # a YAML true, list, mapping or null where a number or a name belongs
         if annotation is int:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError
-            return int(str(value)) if not isinstance(value, (int, float)) else int(value)
+            return int(str(value).strip()) if isinstance(value, str) else int(value)
         if annotation is float:
             number = float(value)
             if not math.isfinite(number):  # nan would slip through every range check
@@ -236,7 +241,7 @@ def _coerce(value: Any, annotation: Any, key: str, where: str) -> Any:
             return number
         if annotation is str:
             return str(value)
-    except ValueError:
+    except (ValueError, OverflowError):
         kind = getattr(annotation, "__name__", str(annotation))
         raise ConfigError(f"{key}={value!r} is not a valid {kind}", where=where, fix=f"give {key} a {kind}") from None
     return value
@@ -246,6 +251,8 @@ def _check_range(key: str, value: Any, meta: dict[str, Any], where: str) -> None
     if value is None or isinstance(value, (str, bool)):
         return
     lo, hi = meta.get("min"), meta.get("max")
+    if isinstance(hi, str):
+        hi = None  # the model's: `check_model_options`
     lo_bad = lo is not None and (value <= lo if meta.get("min_open") else value < lo)
     hi_bad = hi is not None and (value >= hi if meta.get("max_open") else value > hi)
     if lo_bad or hi_bad:
@@ -274,6 +281,25 @@ def parse_options(config_cls: type, options: dict[str, Any], *, decoder: str, wh
     if check is not None:
         check(where)
     return config
+
+
+def check_model_options(config: Any, model: Any, where: str = "--opt") -> None:
+    """The options whose upper bound is a property of the model (`option(max="vocab_size")`), once the
+    model is known: a top-k above the vocabulary is one line here, not an index error mid-decode."""
+    if not dataclasses.is_dataclass(config):
+        return
+    for f in dataclasses.fields(config):
+        bound, value = f.metadata.get("max"), getattr(config, f.name)
+        if not isinstance(bound, str) or value is None or isinstance(value, bool):
+            continue
+        limit = getattr(model, bound, None)
+        if not isinstance(limit, (int, float)):
+            continue
+        if value >= limit if f.metadata.get("max_open") else value > limit:
+            lo = f.metadata.get("min")
+            span = f"[{'-inf' if lo is None else lo}, {limit}{')' if f.metadata.get('max_open') else ']'}"
+            raise ConfigError(f"{f.name}={value} is above the model's {bound.replace('_', ' ')} ({limit})",
+                              where=where, fix=f"pick {f.name} in {span}")
 
 
 def describe_options(config_cls: type) -> list[dict[str, Any]]:

@@ -119,6 +119,10 @@ def parse_model_args(args: dict[str, Any]) -> tuple[EvalSettings, dict[str, Any]
     if str(args.get("batch_size", "1")).startswith("auto"):
         raise ConfigError("batch_size=auto is not supported", where=WHERE, fix="give a number, e.g. batch_size=8")
     ours = {k: coerce(k, v) for k, v in args.items() if k in SETTING_TYPES}
+    if "seed" in ours:
+        from evotok_cli.options import check_seed
+
+        check_seed(ours["seed"], where=WHERE)
     options = {k: v for k, v in args.items() if k not in SETTING_TYPES}
     return EvalSettings(**ours), options
 

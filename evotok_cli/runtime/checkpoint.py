@@ -23,6 +23,7 @@ import torch
 
 from evotok_cli.errors import CheckpointError, DataError
 from evotok_cli.files import input_dir, read_text
+from evotok_cli.options import DuplicateKey, line_of_repeat, unique_keys
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -39,8 +40,10 @@ def model_dir(path: str | Path) -> Path:
                      fix="pass a Hugging Face checkpoint folder with config.json and safetensors weights")
 
 
-def read_json(path: Path, what: str) -> dict[str, Any]:
-    """A JSON object from the checkpoint or adapter folder; every way of failing is one line naming the file."""
+def read_json(path: Path, what: str, *, unique: bool = False) -> dict[str, Any]:
+    """A JSON object from the checkpoint or adapter folder; every way of failing is one line naming the file.
+    unique: a key written twice in an object is refused (for evotok's own settings, where the second
+    would silently win)."""
     if not os.path.lexists(path):
         raise CheckpointError(f"no {path.name}", where=str(path.parent), fix=f"the folder needs its {what}")
     fix = f"repair or re-download {what}"
@@ -49,7 +52,11 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
     except DataError as exc:  # not UTF-8: a damaged download, so a checkpoint problem
         raise CheckpointError(exc.what, where=exc.where, fix=fix) from None
     try:
-        data = json.loads(text)
+        data = json.loads(text, object_pairs_hook=unique_keys if unique else None)
+    except DuplicateKey as exc:
+        line = line_of_repeat(text, exc.key)
+        raise CheckpointError(str(exc), where=f"{path}:{line}" if line else str(path),
+                              fix="keep one of its values") from None
     except (ValueError, RecursionError) as exc:  # ValueError: bad JSON, or an integer of 4300+ digits
         raise CheckpointError(f"not valid JSON ({exc})", where=str(path), fix=fix) from None
     if not isinstance(data, dict):
@@ -71,7 +78,7 @@ def generation_defaults(folder: Path) -> dict[str, int | str]:
     path = folder / "generation_config.json"
     if not os.path.lexists(path):
         return {}
-    section = read_json(path, "generation_config.json").get("evotok") or {}
+    section = read_json(path, "generation_config.json", unique=True).get("evotok") or {}
     if not isinstance(section, dict):
         raise CheckpointError('"evotok" must be an object', where=str(path),
                               fix='write e.g. {"evotok": {"gen_length": 48}}')

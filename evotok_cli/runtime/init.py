@@ -15,6 +15,7 @@ from typing import Any
 from evotok_cli.errors import ConfigError
 from evotok_cli.files import input_dir, output_dir, read_text
 from evotok_cli.locks import LOCK_NAME, hold_dir
+from evotok_cli.options import check_seed
 from evotok_cli.runtime.architectures.llada import LLaDAConfig, LLaDAModelLM
 from evotok_cli.runtime.tokenizer import load_tokenizer
 from evotok_cli.runtime.writer import copy_tokenizer, init_weights, save_model
@@ -78,8 +79,7 @@ def check_sizes(*, layers: int, hidden: int, heads: int, kv_heads: int | None, m
                           fix="e.g. --shard-mb 100, or leave it out for a single file")
     if not (math.isfinite(std) and std >= 0):
         raise ConfigError(f"must be a finite number >= 0, got {std}", where="--std", fix="e.g. --std 0.02")
-    if not -(2**63) <= seed < 2**64:
-        raise ConfigError(f"{seed} does not fit in 64 bits", where="--seed", fix="pick a smaller seed")
+    check_seed(seed)
     if hidden % heads:
         raise ConfigError(f"--hidden {hidden} is not divisible by --heads {heads}", where="--heads",
                           fix="pick heads dividing hidden")

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 from evotok_cli.errors import ConfigError
-from evotok_cli.options import check_bounds, flag, option
+from evotok_cli.options import check_bounds, flag, option, seed_option
 
 OBJECTIVES = ("cts", "sft", "d2f")
 CTS_MIN_RESPONSE = 32  # the EvoToken recipe skips responses shorter than this
@@ -61,7 +61,7 @@ class TrainConfig:
     k_soft: int = option(3, "CTS: top-k of the soft state", min=1)
     d2f_block_size: int = option(16, cli=False, min=1)
     d2f_mask_range: list[float] = option([0.2, 0.7], cli=False, min=0, max=1, pair=True)
-    seed: int = option(42)
+    seed: int = seed_option(42)
     save_every: int = option(500, "checkpoint every N optimizer steps", min=1)
     keep_checkpoints: int = option(3, "keep the last N", min=0, unit="(0 keeps all)")
     log_every: int = option(10, cli=False, min=1)
@@ -87,6 +87,30 @@ class TrainConfig:
         if self.objective == "d2f" and self.full:
             raise ConfigError("d2f distils the model without its adapter into the adapter, so it needs LoRA",
                               where="--full", fix="drop --full")
+        self._check_context()
+
+    def _check_context(self) -> None:
+        """A --response-length that leaves no room for a prompt in the model's context (config.json says how
+        long it is) is refused here, before any weights load; a folder that cannot be read is the loader's
+        to report."""
+        if self.response_length is None:
+            return
+        import warnings
+
+        from evotok_cli.errors import EvotokError
+        from evotok_cli.runtime.model import read_family_config
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the loader warns about the config once, later
+                _, config = read_family_config(Path(self.model).expanduser())
+            context = int(config.max_sequence_length)
+        except (EvotokError, OSError, TypeError, ValueError):
+            return
+        if self.response_length >= context:
+            raise ConfigError(f"{self.response_length} tokens leave no room for a prompt in the model's context of "
+                              f"{context} tokens", where="--response-length",
+                              fix=f"pick fewer than {context} tokens, leaving room for the prompt")
 
     def _check_types(self) -> None:
         """A value of the wrong type (from a YAML config) is one line, not a TypeError further on."""

@@ -74,6 +74,11 @@ def render(item: Any, tokenizer: Any, where: str) -> tuple[str, str]:
                             fix="end with the assistant turn to train on")
         if msgs[-1]["role"] != "assistant":
             raise DataError("the last message must be the assistant's", where=where, fix="end with the response turn")
+        if not any(m["role"] == "user" for m in msgs[:-1]):
+            raise DataError("no user turn before the assistant's response", where=where,
+                            fix='add a {"role": "user", "content": ...} message the response answers')
+        _not_empty({f"messages[{i}].content": m["content"] for i, m in enumerate(msgs) if m["role"] != "system"},
+                   where)
         if not chat:
             raise DataError("chat data needs a tokenizer with a chat template", where=where,
                             fix='use {"prompt", "response"} lines')
@@ -82,18 +87,28 @@ def render(item: Any, tokenizer: Any, where: str) -> tuple[str, str]:
     if "question" in item and "answer" in item:
         if not isinstance(item["question"], str) or not isinstance(item["answer"], str):
             raise DataError("question and answer must be strings", where=where, fix="fix the line")
+        _not_empty({"question": item["question"], "answer": item["answer"]}, where)
         prompt = tok.render_prompt(tokenizer, EVOTOKEN_SYSTEM_PROMPT + "\n\n" + item["question"], chat=chat)
         return prompt, _gsm8k_response(item["answer"], where)
     if "prompt" in item and "response" in item:
         for key in ("prompt", "response", "system", "prefill"):
             if key in item and not isinstance(item[key], str):
                 raise DataError(f"{key} must be a string", where=where, fix="fix the line")
+        _not_empty({"prompt": item["prompt"], "response": item["response"]}, where)
         prompt = tok.render_prompt(tokenizer, item["prompt"], chat=chat, system=item.get("system"),
                                    prefill=item.get("prefill", ""))
         return prompt, item["response"]
     keys = ", ".join(sorted(item)) or "none"
     raise DataError(f"unrecognised line (keys: {keys})", where=where,
                     fix='use {"prompt", "response"}, {"messages": [...]} or {"question", "answer"}')
+
+
+def _not_empty(texts: dict[str, str], where: str) -> None:
+    """A turn with no text teaches nothing (an empty response trains only the end-of-turn token, an empty
+    prompt answers nothing): refused, with the line."""
+    for name, text in texts.items():
+        if not text.strip():
+            raise DataError(f"{name} is empty", where=where, fix="write the text, or remove the line")
 
 
 def load_examples(path: str | Path, tokenizer: Any, *, eot_id: int | None, max_length: int,

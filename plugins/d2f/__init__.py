@@ -69,7 +69,7 @@ class D2FConfig:
     max_new_tokens: int | None = option(None, "generation budget (default: --gen-length)", min=1)
     cache: bool = option(True, "cache finished blocks (exact under block-causal attention)")
     soft: bool = option(False, "EvoToken soft states inside active blocks (see `evotok decoders --details d2f`)")
-    k_soft: int = option(3, "soft mode: top-k candidates per soft input", min=1)
+    k_soft: int = option(3, "soft mode: top-k candidates per soft input", min=1, max="vocab_size")
     alpha: float = option(0.7, "soft mode: [MASK] weight in Soft([MASK]+V) inputs", min=0.0, max=1.0,
                           max_open=True)
 

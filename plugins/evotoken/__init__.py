@@ -31,7 +31,7 @@ from evotok_cli.decoding.soft import input_states, one_hot_slots
 
 @dataclass
 class EvoTokenConfig:
-    k_soft: int = option(3, "top-k candidates mixed into each soft input", min=1)
+    k_soft: int = option(3, "top-k candidates mixed into each soft input", min=1, max="vocab_size")
     alpha: float = option(0.7, "weight of the [MASK] embedding in Soft([MASK]+V) inputs", min=0.0, max=1.0,
                           max_open=True)
     remasking: Literal["low_confidence", "random"] = remasking_option()

@@ -44,7 +44,7 @@ SIZE_CASES = [  # (id, flags, expected)
     ("std-negative", ["--std", "-0.1"], "--std: must be a finite number >= 0"),
     ("hidden-not-divisible", ["--hidden", "33"], "--hidden 33 is not divisible by --heads 2"),
     ("head-size-odd", ["--hidden", "6", "--heads", "2"], "odd head size 3"),
-    ("seed-huge", ["--seed", str(2**70)], "does not fit in 64 bits"),
+    ("seed-huge", ["--seed", str(2**70)], "seed must be in [0, 9223372036854775807]"),
 ]
 
 CASES = [
