@@ -27,7 +27,7 @@ from tests.conftest import one_line_error, write_llada
 DEFAULTS = {"gen_length": 16, "block_length": 8, "steps": 16, "prefill": "<reasoning>"}
 NAME = "llada"
 PROMPT = "What is 2 + 3? Tom has 12 apples."
-SLOW = {"max_tokens": 512, "block_length": 512, "steps": 512}  # seconds of passes on the tiny model
+SLOW = {"gen_length": 512, "block_length": 512, "steps": 512}  # seconds of passes on the tiny model
 D2F_OPTIONS = {"block_size": 4, "skip_threshold": 0.3, "block_add_threshold": 0.5, "soft": True}
 
 
@@ -100,7 +100,7 @@ def serve_model(tmp_path_factory, tokenizer_dir) -> Path:
 
 @pytest.fixture(scope="module")
 def server(serve_model, tmp_path_factory):
-    s = Server(tmp_path_factory.mktemp("logs"), "-m", str(serve_model), "--max-rows", "8")
+    s = Server(tmp_path_factory.mktemp("logs"), "-m", str(serve_model), "--max-rows", "8", "--grace", "1")
     yield s
     assert s.stop() == 0, s.log.read_text()
 
@@ -159,16 +159,20 @@ def test_chat_is_generate_with_the_models_template_and_prefill(client, cli, serv
     assert s.choices[0].message.content == ref_system[0]["text"]
 
 
-def test_completions_are_raw_prompts_and_n_rows_take_seed_plus_i(client, cli, serve_model):
+def test_completions_are_raw_prompts_and_each_choice_reproduces_with_its_seed(client, cli, serve_model):
+    from evotok_cli.generation import derive_seed
+
     a, b = "Hello world, how are", "The quick brown fox"
-    ref = generate_json(cli, serve_model, [a, a, b, b], "--no-chat-template", "--prefill", "", "--temperature", "0.8",
-                        "--seed", "3")
     r = client.completions.create(model=NAME, prompt=[a, b], n=2, temperature=0.8, seed=3)
+    seeds = r.model_extra["evotok"]["seeds"]
+    assert seeds == [derive_seed(3, i) for i in range(4)] and seeds[0] == 3 and len(set(seeds)) == 4
+    ref = [generate_json(cli, serve_model, [p], "--no-chat-template", "--prefill", "", "--temperature", "0.8",
+                         "--seed", str(seed))[0] for p, seed in zip([a, a, b, b], seeds)]
     assert r.object == "text_completion"
     assert [c.index for c in r.choices] == [0, 1, 2, 3]
     assert [c.text for c in r.choices] == [x["text"] for x in ref]
     assert r.usage.completion_tokens == sum(x["tokens"] for x in ref)
-    ids = client.completions.create(model=NAME, prompt=[5, 17, 33], max_tokens=8, extra_body={"block_length": 8,
+    ids = client.completions.create(model=NAME, prompt=[5, 17, 33], extra_body={"gen_length": 8, "block_length": 8,
                                                                                                 "steps": 8})
     ref_ids = cli("generate", "-m", str(serve_model), "--prompt-ids", "5,17,33", "--gen-length", "8",
                   "--block-length", "8", "--steps", "8", "--json")
@@ -176,11 +180,12 @@ def test_completions_are_raw_prompts_and_n_rows_take_seed_plus_i(client, cli, se
 
 
 def test_chat_n_and_decoder_fields(client, cli, serve_model):
-    ref = generate_json(cli, serve_model, [PROMPT] * 3, "--temperature", "1", "--seed", "11", "-d", "evotoken",
-                        "--opt", "alpha=0.6", "--steps", "8", "--block-length", "8", "--gen-length", "16")
     r = client.chat.completions.create(
         model=NAME, messages=[{"role": "user", "content": PROMPT}], n=3, temperature=1.0, seed=11, max_tokens=16,
         extra_body={"decoder": "evotoken", "options": {"alpha": 0.6}, "steps": 8, "block_length": 8})
+    ref = [generate_json(cli, serve_model, [PROMPT], "--temperature", "1", "--seed", str(seed), "-d", "evotoken",
+                         "--opt", "alpha=0.6", "--steps", "8", "--block-length", "8", "--gen-length", "16")[0]
+           for seed in r.model_extra["evotok"]["seeds"]]  # choice i reproduces with generate --seed <its seed>
     assert [c.message.content for c in r.choices] == [x["text"] for x in ref]
     assert r.model_extra["evotok"]["decoder"] == "evotoken"
 
@@ -328,17 +333,17 @@ MALFORMED = [
     ("messages-missing", CHAT, {"prompt": "x"}, "messages"),
     ("messages-empty", CHAT, {"messages": []}, "messages"),
     ("messages-not-objects", CHAT, {"messages": ["hi"]}, "messages[0]"),
-    ("role-unknown", CHAT, {"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+    ("role-unknown", CHAT, {"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
     ("content-missing", CHAT, {"messages": [{"role": "user"}]}, "messages[0].content"),
     ("content-image", CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
      "messages[0].content[0]"),
-    ("message-extra-key", CHAT, {"messages": [{"role": "user", "content": "x", "tool_calls": []}]},
+    ("message-tool-calls", CHAT, {"messages": [{"role": "user", "content": "x", "tool_calls": [{"id": "1"}]}]},
      "messages[0].tool_calls"),
     ("no-user-message", CHAT, {"messages": [{"role": "system", "content": "x"}]}, "messages"),
     ("max-tokens-zero", CHAT, {"messages": USER, "max_tokens": 0}, "max_tokens"),
     ("max-tokens-float", CHAT, {"messages": USER, "max_tokens": 16.5}, "max_tokens"),
     ("max-tokens-bool", CHAT, {"messages": USER, "max_tokens": True}, "max_tokens"),
-    ("max-tokens-vs-block", CHAT, {"messages": USER, "max_tokens": 12}, "block_length"),
+    ("gen-length-vs-block", CHAT, {"messages": USER, "gen_length": 12}, "block_length"),
     ("max-tokens-aliases-differ", CHAT, {"messages": USER, "max_tokens": 16, "max_completion_tokens": 8},
      "max_completion_tokens"),
     ("steps-zero", CHAT, {"messages": USER, "steps": 0}, "steps"),
@@ -357,17 +362,17 @@ MALFORMED = [
     ("stream-string", CHAT, {"messages": USER, "stream": "yes"}, "stream"),
     ("stream-mode-unknown", CHAT, {"messages": USER, "stream": True, "stream_mode": "frames"}, "stream_mode"),
     ("stream-mode-without-stream", CHAT, {"messages": USER, "stream_mode": "evolve"}, "stream_mode"),
-    ("stream-options-unknown", CHAT, {"messages": USER, "stream": True, "stream_options": {"x": 1}},
-     "stream_options.x"),
+    ("stream-options-string", CHAT, {"messages": USER, "stream": True, "stream_options": "x"},
+     "stream_options"),
     ("decoder-unknown", CHAT, {"messages": USER, "decoder": "evotokens"}, "decoder"),
     ("decoder-number", CHAT, {"messages": USER, "decoder": 3}, "decoder"),
     ("options-list", CHAT, {"messages": USER, "options": ["alpha=1"]}, "options"),
     ("options-unknown", CHAT, {"messages": USER, "decoder": "evotoken", "options": {"alpah": 0.5}}, "options"),
     ("options-out-of-range", CHAT, {"messages": USER, "decoder": "evotoken", "options": {"alpha": 7}}, "options"),
     ("options-nested", CHAT, {"messages": USER, "options": {"threshold": {"x": 1}}}, "options.threshold"),
-    ("unknown-field", CHAT, {"messages": USER, "tools": []}, "tools"),
-    ("top-p-not-one", CHAT, {"messages": USER, "top_p": 0.5}, "top_p"),
-    ("logprobs", CHAT, {"messages": USER, "logprobs": True}, "logprobs"),
+    ("tools", CHAT, {"messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ("top-p-zero", CHAT, {"messages": USER, "top_p": 0}, "top_p"),
+    ("top-logprobs-without-logprobs", CHAT, {"messages": USER, "top_logprobs": 2}, "top_logprobs"),
     ("echo", COMP, {"prompt": "x", "echo": True}, "echo"),
     ("response-format-json", CHAT, {"messages": USER, "response_format": {"type": "json_object"}},
      "response_format"),
@@ -416,7 +421,8 @@ def test_an_unexpected_server_error_is_a_500_error_object(tiny_model, monkeypatc
 # -- auth, overload, timeout ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def strict(serve_model, tmp_path_factory):
-    s = Server(tmp_path_factory.mktemp("logs"), "-m", str(serve_model), "--api-key", "sk-test", "--max-rows", "1",
+    s = Server(tmp_path_factory.mktemp("logs"), "-m", str(serve_model), "--api-key", "sk-test", "--grace", "1",
+               "--max-rows", "1",
                "--max-queue", "1", "--timeout", "2")
     yield s
     assert s.stop() == 0, s.log.read_text()
@@ -437,7 +443,7 @@ def test_api_key(strict):
 
 
 def test_overload_is_503_with_retry_after(strict):
-    body = {"messages": USER, "max_tokens": 64, "block_length": 64, "steps": 64}
+    body = {"messages": USER, "gen_length": 64, "block_length": 64, "steps": 64}
     start = threading.Barrier(8)
 
     def ask(_: int) -> httpx.Response:
@@ -461,11 +467,11 @@ def test_timeout_cancels_the_job(strict):
     assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
     assert time.monotonic() - t0 < 30
     with pytest.raises(openai.APIError, match="--timeout"):
-        list(strict.client("sk-test").completions.create(model=NAME, prompt=PROMPT, stream=True, max_tokens=512,
-                                                         extra_body={"block_length": 512, "steps": 512}))
-    m = _wait_metrics(strict, lambda m: m["evotok_live_rows"] == 0 and m.get(CANCELLED % "timeout", 0) >= 2,
-                      headers=KEY)
-    assert m['evotok_requests_total{route="/v1/completions",status="504"}'] >= 1
+        list(strict.client("sk-test").completions.create(model=NAME, prompt=PROMPT, stream=True, extra_body=SLOW))
+    status_504 = 'evotok_requests_total{route="/v1/completions",status="504"}'
+    m = _wait_metrics(strict, lambda m: m["evotok_live_rows"] == 0 and m.get(CANCELLED % "timeout", 0) >= 2
+                      and m.get(status_504, 0) >= 2, headers=KEY)  # the streamed one counts as 504 too
+    assert m.get('evotok_requests_total{route="/v1/completions",status="200"}', 0) == 0
 
 
 # -- shutdown ------------------------------------------------------------------------------------
@@ -475,9 +481,9 @@ def test_sigterm_finishes_short_requests_cancels_long_ones_and_exits_0(serve_mod
     s = Server(tmp_path, "-m", str(serve_model), "--grace", "8")
     try:
         with ThreadPoolExecutor(2) as pool:
-            long = pool.submit(s.post, COMP, {"prompt": PROMPT, "max_tokens": 900, "block_length": 900, "steps": 900})
+            long = pool.submit(s.post, COMP, {"prompt": PROMPT, "gen_length": 900, "block_length": 900, "steps": 900})
             _wait_metrics(s, lambda m: m["evotok_live_rows"] == 1)
-            short = pool.submit(s.post, CHAT, {"messages": USER, "max_tokens": 128, "block_length": 128, "steps": 128})
+            short = pool.submit(s.post, CHAT, {"messages": USER, "gen_length": 128, "block_length": 128, "steps": 128})
             _wait_metrics(s, lambda m: m["evotok_live_rows"] == 2)
             s.proc.send_signal(signal.SIGTERM)
             assert short.result().status_code == 200
@@ -547,7 +553,7 @@ def test_bundled_model_answers_as_generate(cli, tmp_path):
     proc = cli("generate", "-p", prompt, "--json")
     assert proc.returncode == 0, proc.stderr
     ref = json.loads(proc.stdout)["results"][0]
-    s = Server(tmp_path)
+    s = Server(tmp_path, "--grace", "0")
     try:
         c = s.client()
         assert [m.id for m in c.models.list().data] == ["evotok-tiny"]

@@ -264,6 +264,8 @@ def test_sampling_without_a_seed_draws_a_fresh_one_that_reproduces(server):
     assert len(set(seeds)) == 3 and seeds[0] == n.model_extra["evotok"]["settings"]["seed"]
     greedy = client.chat.completions.create(model=NAME, messages=USER)
     assert greedy.model_extra["evotok"]["settings"]["seed"] == 0  # greedy: the default, never read
+    hot = [client.completions.create(model=NAME, prompt="2 + 3 =", temperature=5.0).choices[0].text for _ in range(3)]
+    assert len(set(hot)) > 1, hot  # unseeded sampled requests differ
 
 
 def test_sampling_filters_reach_the_decoder(server):
@@ -414,8 +416,12 @@ def test_openai_sync_with_defaults_and_max_tokens_1(bundled, reference):
     client = openai.OpenAI(base_url=bundled.url + "/v1", api_key="unused")
     r = client.chat.completions.create(model=BUNDLED, messages=[{"role": "user", "content": QUESTION}])
     assert r.choices[0].message.content == reference["text"] and "\\boxed{3412|1234|4321|2143}" in reference["text"]
-    one = client.chat.completions.create(model=BUNDLED, messages=[{"role": "user", "content": QUESTION}], max_tokens=1)
+    one = client.chat.completions.create(model=BUNDLED, messages=[{"role": "user", "content": QUESTION}], max_tokens=1,
+                                         logprobs=True, top_logprobs=2)
     assert one.usage.completion_tokens <= 1 and one.choices[0].finish_reason in ("length", "stop")
+    content = one.choices[0].logprobs.content  # logprobs on the bundled model: the greedy pick is the top one
+    assert len(content) == one.usage.completion_tokens
+    assert all(c.top_logprobs[0].token == c.token and c.logprob <= 0 for c in content)
 
 
 @pytest.mark.slow

@@ -1,6 +1,6 @@
-"""The HTTP surface: OpenAI's /v1/models, /v1/completions and /v1/chat/completions, plus GET / (a live
-page), /health and /metrics. Every error is an OpenAI error object; every request gets one access-log
-line on stderr."""
+"""The HTTP surface: OpenAI's /v1/models, /v1/completions and /v1/chat/completions, vLLM's /tokenize,
+/detokenize and /version, plus GET / (a live page), /health and /metrics. Every error is an OpenAI error
+object; every request gets one access-log line on stderr."""
 
 from __future__ import annotations
 
@@ -21,19 +21,27 @@ from starlette.exceptions import HTTPException
 from evotok_cli.serve.guard import Guard, Limits
 from evotok_cli.serve.metrics import CONTENT_TYPE
 from evotok_cli.serve.page import CSP, render_page
-from evotok_cli.serve.plan import make_plan
+from evotok_cli.serve.plan import CANVAS_RULE, make_plan
 from evotok_cli.serve.responses import Reply, response
-from evotok_cli.serve.schema import MAX_BODY_BYTES, ApiError, parse_chat, parse_completion, parse_json
+from evotok_cli.serve.schema import MAX_BODY_BYTES, ApiError, check_model, parse_chat, parse_completion, parse_json
 from evotok_cli.serve.sessions import Service, Session
 from evotok_cli.serve.stream import chunks, failure_of, timeout_error
+from evotok_cli.serve.tokenize import detokenize, tokenize
 
-ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions")
+ROUTES = ("/", "/health", "/metrics", "/version", "/tokenize", "/detokenize", "/v1/models", "/v1/completions",
+          "/v1/chat/completions")
 CLIENT_GONE = 499  # nginx's status for a client that closed the connection before the answer
+# a streamed answer's status line is sent before it can fail: its access-log line and metrics take the
+# status the failure would have had (the note the stream left), not the 200 already sent
+NOTE_STATUS = {"disconnect": CLIENT_GONE, "timeout": 504, "shutting_down": 503, "internal_error": 500,
+               "invalid_value": 400}
 
 
-def create_app(service: Service, *, api_key: str | None, decoders: list[str], limits: Limits | None = None) -> Any:
-    """The ASGI application: FastAPI's routes inside the access log; `limits` are what `guard.Guard` checks
-    before any route runs."""
+def create_app(service: Service, *, api_key: str | None, decoders: list[str], strict: bool = False,
+               allowed_origins: list[str] | None = None, limits: Limits | None = None) -> Any:
+    """The ASGI application: FastAPI's routes inside the access log. `strict` refuses unknown request
+    fields (400) instead of ignoring them; `allowed_origins` turns CORS on for those origins ("*": any);
+    `limits` are what `guard.Guard` checks before any route runs."""
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -43,6 +51,12 @@ def create_app(service: Service, *, api_key: str | None, decoders: list[str], li
 
     api = FastAPI(title="evotok serve", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     served = service.served
+    if allowed_origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        api.add_middleware(CORSMiddleware, allow_origins=allowed_origins, allow_methods=["GET", "POST", "HEAD"],
+                           allow_headers=["*"], expose_headers=["Warning"],
+                           max_age=600)
 
     def authorize(request: Request) -> None:
         if api_key is None:
@@ -57,7 +71,7 @@ def create_app(service: Service, *, api_key: str | None, decoders: list[str], li
         text = render_page(served.name, decoders, served.defaults, served.decoder)
         return HTMLResponse(text, headers={"Content-Security-Policy": CSP, "Cache-Control": "no-store"})
 
-    @api.get("/health")
+    @api.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> JSONResponse:
         body = {"status": "draining" if service.draining else "ok", "model": served.name,
                 "live_rows": service.engine.live_rows, "waiting": service.waiting()}
@@ -69,6 +83,27 @@ def create_app(service: Service, *, api_key: str | None, decoders: list[str], li
         text = service.metrics.render(service.engine, waiting=service.waiting(), in_flight=len(service.sessions))
         return PlainTextResponse(text, media_type=CONTENT_TYPE)
 
+    @api.get("/version")
+    async def version() -> JSONResponse:
+        from evotok_cli import __version__
+
+        return JSONResponse({"version": __version__})
+
+    @api.post("/tokenize")
+    async def tokenize_route(request: Request) -> JSONResponse:
+        authorize(request)
+        raw, deadline = await read_body(request), service.deadline()
+        # the chat template and the tokenizer run in a worker thread, as a completion request's do
+        body, ignored = await service.prepare(lambda: tokenize(parse_json(raw), served, strict=strict), deadline)
+        return JSONResponse(body, headers=ignored_fields(ignored, request))
+
+    @api.post("/detokenize")
+    async def detokenize_route(request: Request) -> JSONResponse:
+        authorize(request)
+        raw, deadline = await read_body(request), service.deadline()
+        body, ignored = await service.prepare(lambda: detokenize(parse_json(raw), served, strict=strict), deadline)
+        return JSONResponse(body, headers=ignored_fields(ignored, request))
+
     @api.get("/v1/models")
     async def models(request: Request) -> JSONResponse:
         authorize(request)
@@ -77,17 +112,16 @@ def create_app(service: Service, *, api_key: str | None, decoders: list[str], li
     @api.get("/v1/models/{name:path}")
     async def model(name: str, request: Request) -> JSONResponse:
         authorize(request)
-        if name != served.name:
-            raise not_served(name, served.name)
+        check_model(name, served.name)
         return JSONResponse(model_card(service))
 
     @api.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        return await complete(service, request, chat=False, authorize=authorize)
+        return await complete(service, request, chat=False, authorize=authorize, strict=strict)
 
     @api.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        return await complete(service, request, chat=True, authorize=authorize)
+        return await complete(service, request, chat=True, authorize=authorize, strict=strict)
 
     @api.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -108,14 +142,14 @@ def create_app(service: Service, *, api_key: str | None, decoders: list[str], li
 
 
 def model_card(service: Service) -> dict[str, Any]:
+    """OpenAI's model object, plus vLLM's `max_model_len` (prompt + canvas must fit it) and how evotok turns
+    `max_tokens` into a canvas."""
     served = service.served
-    return {"id": served.name, "object": "model", "created": 0, "owned_by": "evotok",
-            "adapter": served.adapter, "decoder": served.decoder}
-
-
-def not_served(name: str | None, served: str) -> ApiError:
-    return ApiError(404, f"model {name!r} is not served here (this server serves {served!r})", param="model",
-                    code="model_not_found")
+    d = served.defaults
+    return {"id": served.name, "object": "model", "created": 0, "owned_by": "evotok", "root": served.name,
+            "max_model_len": served.model.max_length, "adapter": served.adapter, "decoder": served.decoder,
+            "evotok": {"gen_length": d["gen_length"], "block_length": d["block_length"], "steps": d["steps"],
+                       "canvas_rule": CANVAS_RULE}}
 
 
 async def read_body(request: Request) -> bytes:
@@ -132,32 +166,37 @@ async def read_body(request: Request) -> bytes:
     return bytes(body)
 
 
-async def complete(service: Service, request: Request, *, chat: bool, authorize: Callable[[Request], None]) -> Response:
+async def complete(service: Service, request: Request, *, chat: bool, authorize: Callable[[Request], None],
+                   strict: bool = False) -> Response:
     """One completion request: check, plan, submit, then answer whole or as a stream."""
+    arrival = time.perf_counter()
     deadline = service.deadline()
     authorize(request)
+    if service.draining:
+        raise ApiError(503, "the server is shutting down", code="shutting_down", type="server_error")
     raw = await read_body(request)
     served = service.served
 
     def prepare() -> tuple[Any, Any]:  # in a worker thread, with a time budget: the event loop stays free
         body = parse_json(raw)
-        fields = parse_chat(body) if chat else parse_completion(body)
-        if fields.model is not None and fields.model != served.name:
-            raise not_served(fields.model, served.name)
+        fields = parse_chat(body, strict=strict) if chat else parse_completion(body, strict=strict)
+        check_model(fields.model, served.name)
         return fields, make_plan(fields, served)
 
     fields, plan = await service.prepare(prepare, deadline)
+    headers = ignored_fields(fields.ignored, request)
     session = service.open(plan, events=fields.stream)
     reply = Reply(chat=chat, model=served.name)
     note = noter(request)
     if fields.stream:
-        return StreamingResponse(chunks(service, session, fields, reply, deadline, note),
+        return StreamingResponse(chunks(service, session, fields, reply, deadline, note, arrival=arrival),
                                  media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers})
     try:
         outcome = await wait(service, session, request, deadline)
     finally:
         service.close(session)
+        service.metrics.queued(session, arrival)
     if outcome == "disconnect":
         note("disconnect")
         return Response(status_code=CLIENT_GONE)
@@ -170,8 +209,20 @@ async def complete(service: Service, request: Request, *, chat: bool, authorize:
     results = session.results(served.model)
     service.metrics.prompt_tokens += plan.prompt_tokens
     service.metrics.completion_tokens += sum(r["tokens"] for r in results)
-    extension = {"decoder": plan.decoder_name, "settings": plan.settings}
-    return JSONResponse(response(reply, results, fields.stop, plan.prompt_tokens, extension))
+    body = response(reply, results, plan)
+    service.metrics.answered(time.perf_counter() - arrival, [c["finish_reason"] for c in body["choices"]],
+                             whole=True)
+    return JSONResponse(body, headers=headers)
+
+
+def ignored_fields(ignored: list[str], request: Request) -> dict[str, str]:
+    """The unknown fields a request sent, ignored: a `Warning` header naming them and a log line."""
+    if not ignored:
+        return {}
+    names = ", ".join(ignored[:20]) + (f" and {len(ignored) - 20} more" if len(ignored) > 20 else "")
+    shown = json.dumps(names)[1:-1].replace('\\"', "'")[:1000]  # ASCII, no control characters, no quote
+    print(f"warning: {request.url.path}: unknown fields ignored: {shown}", file=sys.stderr, flush=True)
+    return {"Warning": f'299 evotok "unknown fields ignored: {shown}"'}
 
 
 def noter(request: Request) -> Callable[[str], None]:
@@ -233,8 +284,7 @@ class AccessLog:
 
     def log(self, scope: dict[str, Any], status: int, seconds: float) -> None:
         note = scope["state"].get("evotok_note")
-        if note == "disconnect":
-            status = CLIENT_GONE
+        status = NOTE_STATUS.get(note, status) if status == 200 or note == "disconnect" else status
         path = scope["path"]
         route = path if path in ROUTES else ("/v1/models/{id}" if path.startswith("/v1/models/") else "other")
         self.service.metrics.request(route, status, seconds)

@@ -87,16 +87,19 @@ def _start(folder: Path, defaults: dict, opts: ServeOptions, guard: Any) -> tupl
     from evotok_cli.decoding import registry
     from evotok_cli.runtime.model import load_model
     from evotok_cli.serve.app import create_app
+    from evotok_cli.serve.config import origins
     from evotok_cli.serve.plan import Served
     from evotok_cli.serve.sessions import Service
 
     lm = load_model(folder, adapter=opts.adapter, device=opts.device, dtype=opts.dtype, compile=opts.compile,
                     lora_mode=opts.lora_mode, padded_attention=opts.padded_attention)
     decoders = [e.name for e in registry.discover().values() if e.ok]
-    served = Served(lm, name=folder.name, adapter=Path(opts.adapter).name if opts.adapter else None,
+    adapter = Path(opts.adapter).name if opts.adapter else None
+    served = Served(lm, name=opts.served_model_name or folder.name, adapter=adapter,
                     decoder=opts.decoder, defaults=defaults, classes={name: registry.get(name) for name in decoders})
     service = Service(served, max_rows=opts.max_rows, max_queue=opts.max_queue, timeout=opts.timeout)
-    return service, create_app(service, api_key=opts.api_key, decoders=decoders, limits=guard)
+    return service, create_app(service, api_key=opts.api_key, decoders=decoders, strict=opts.strict,
+                               allowed_origins=origins(opts.allowed_origins), limits=guard)
 
 
 def register(app: typer.Typer) -> None:

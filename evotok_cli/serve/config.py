@@ -28,6 +28,11 @@ class ServeOptions:
     port: int = option(8000, "TCP port (0: any free port, printed at start)", min=0, max=65535, cli_range=True)
     api_key: str | None = option(None, "require `Authorization: Bearer KEY` on /v1/* and /metrics",
                                  envvar="EVOTOK_API_KEY")
+    served_model_name: str | None = option(None, "the model's id in /v1/models and requests' `model` (default: the "
+                                           "model folder's name)")
+    allowed_origins: str | None = option(None, "CORS: comma-separated origins allowed to call the API from a "
+                                         "browser (e.g. https://app.example.com), or * for any; default none")
+    strict: bool = option(False, "refuse unknown request fields with 400 instead of ignoring them with a warning")
     max_rows: int = option(16, "rows decoded together (one per prompt x n)", min=1, max=4096, cli_range=True)
     max_queue: int = option(64, "requests that may wait for room; more get 503", min=0, cli_range=True)
     timeout: float = option(600.0, "seconds per request, queue included; then 504")
@@ -64,6 +69,34 @@ def check(opts: ServeOptions) -> None:
     allowed_hosts(opts)
     check_lora_mode(opts.lora_mode)
     check_padded_mode(opts.padded_attention)
+    check_served_name(opts.served_model_name)
+    origins(opts.allowed_origins)
+
+
+def check_served_name(name: str | None) -> None:
+    """A model id clients can send back: printable, no surrounding spaces, not empty."""
+    if name is None:
+        return
+    if not name.strip() or name != name.strip() or not name.isprintable() or len(name) > 256:
+        raise ConfigError(f"{name!r} is not a usable model id (printable, no surrounding spaces, 1 to 256 "
+                          "characters)", where="--served-model-name", fix="e.g. --served-model-name evotok-tiny")
+
+
+def origins(value: str | None) -> list[str]:
+    """--allowed-origins as a list: "*" alone, or origins scheme://host[:port] (what browsers send)."""
+    if value is None:
+        return []
+    items = [v.strip() for v in value.split(",")]
+    if items == ["*"]:
+        return items
+    for item in items:
+        scheme, sep, rest = item.partition("://")
+        plain = item.isprintable() and not any(c.isspace() for c in item)
+        if item == "*" or not sep or scheme not in ("http", "https") or not rest or "/" in rest or not plain:
+            raise ConfigError(f"{item!r} is not an origin", where="--allowed-origins",
+                              fix="pass scheme://host[:port] items separated by commas, e.g. "
+                                  "--allowed-origins https://app.example.com,http://localhost:3000, or * alone")
+    return items
 
 
 def limits(opts: ServeOptions) -> Any:

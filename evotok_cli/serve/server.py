@@ -1,9 +1,11 @@
 """The listening socket and uvicorn, with evotok's own shutdown.
 
 The socket is bound before the model loads (a port in use fails at once, in one line) and listens only
-once uvicorn starts. SIGTERM or Ctrl-C drains: no new connections, new requests on open ones get 503,
-requests in flight finish or, after the grace period, are cancelled with an error object; then the
-process exits 0. A second signal cancels everything at once.
+once uvicorn starts. SIGTERM or Ctrl-C drains: the listener stays open and new requests get 503 (/health
+"draining"), requests in flight finish or, after the grace period, are cancelled with an error object;
+then the process exits 0. After SIGTERM (an orchestrator's) the listener stays open for the whole grace
+period, so a load balancer still routing here sees 503 rather than a refused connection; after Ctrl-C only
+until the requests in flight are done. A second signal cancels everything at once.
 """
 
 from __future__ import annotations
@@ -91,6 +93,9 @@ def run(app: Any, sock: socket.socket, service: Service, *, grace: float, limits
                             h11_max_incomplete_event_size=MAX_HEAD_BYTES)
 
     class Server(uvicorn.Server):
+        stopping = False
+        closer: asyncio.Future | None = None
+
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
             asyncio.get_running_loop().set_exception_handler(AcceptErrors())
             await super().startup(sockets=sockets)
@@ -107,13 +112,27 @@ def run(app: Any, sock: socket.socket, service: Service, *, grace: float, limits
 
         def on_signal(self, sig: int, frame: Any) -> None:
             loop = service.loop
-            if self.should_exit:  # the second signal: stop waiting
+            if self.stopping or loop is None:  # the second signal (or one before start-up): stop now
                 if loop is not None:
                     loop.call_soon_threadsafe(service.cancel_all, "shutdown")
-                self.force_exit = True
+                self.force_exit = self.stopping
+                self.should_exit = True
                 return
-            if loop is not None:
-                loop.call_soon_threadsafe(service.drain, grace)
-            self.should_exit = True
+            self.stopping = True
+            loop.call_soon_threadsafe(self.drain, sig == signal.SIGTERM)
+
+        def drain(self, linger: bool) -> None:
+            """Answer new requests 503 with the listener open; close it after the grace period (`linger`) or
+            once no request is in flight, whichever comes first otherwise."""
+            service.drain(grace)
+            deadline = time.monotonic() + grace
+
+            async def close() -> None:
+                while time.monotonic() < deadline and (linger or service.sessions):
+                    await asyncio.sleep(0.05)
+                service.cancel_all("shutdown")
+                self.should_exit = True
+
+            self.closer = asyncio.ensure_future(close())
 
     Server(config).run(sockets=[sock])

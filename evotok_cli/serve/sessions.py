@@ -76,8 +76,8 @@ class Session:
         return True
 
     def results(self, model: Any) -> list[dict[str, Any]]:
-        """One result per row, as `generate --json` reports it."""
-        return [row_result(model, self.plan.rows[first + offset], row, job.seconds)
+        """One result per row, as `generate --json` reports it, cut at the request's max_tokens."""
+        return [row_result(model, self.plan.rows[first + offset], row, job.seconds, max_tokens=self.plan.max_tokens)
                 for first, job in self.jobs for offset, row in enumerate(job.result.rows)]
 
 
