@@ -264,6 +264,8 @@ def test_sampling_without_a_seed_draws_a_fresh_one_that_reproduces(server):
     assert len(set(seeds)) == 3 and seeds[0] == n.model_extra["evotok"]["settings"]["seed"]
     greedy = client.chat.completions.create(model=NAME, messages=USER)
     assert greedy.model_extra["evotok"]["settings"]["seed"] == 0  # greedy: the default, never read
+    top = client.completions.create(model=NAME, prompt="2 + 3 =", temperature=1.0, seed=2**63 - 1, n=2, max_tokens=2)
+    assert top.model_extra["evotok"]["seeds"][0] == 2**63 - 1 and max(top.model_extra["evotok"]["seeds"]) < 2**63
     hot = [client.completions.create(model=NAME, prompt="2 + 3 =", temperature=5.0).choices[0].text for _ in range(3)]
     assert len(set(hot)) > 1, hot  # unseeded sampled requests differ
 

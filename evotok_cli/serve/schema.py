@@ -32,7 +32,7 @@ MAX_LOGPROBS = 20  # top alternatives per token (OpenAI's limit for top_logprobs
 INERT = ("user", "store", "metadata", "service_tier", "parallel_tool_calls", "prediction", "reasoning_effort",
          "safety_identifier", "prompt_cache_key", "stream_options")
 STREAM_MODES = ("final", "evolve")
-SEED_MAX = 2**63 - 1 - MAX_ROWS  # row i samples from seed + i
+SEED_MAX = 2**63 - 1  # as every command's seeds; choice i samples from derive_seed(seed, i), below 2**63 too
 
 
 @dataclass
