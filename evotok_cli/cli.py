@@ -57,12 +57,14 @@ def info(
     shards and (with --adapter) which modules a LoRA adapter matches, every class of tensor it carries
     (LoRA pairs per target, modules_to_save tensors, and in capitals what its adapter_config.json does not
     declare, which --adapter refuses), how large its deltas are next to the weights (only the adapted
-    layers' weights are read), and how much of them a bf16 merge would lose.
+    layers' weights are read), and how much of them a bf16 merge would lose. `weight_bytes` is what the
+    weights would hold under each --quantize mode (none, int8, int4), computed from the headers alone.
 
     Example: evotok info ./LLaDA-8B-Instruct --adapter ./EvoToken_LLaDA_Instruct_8B_Lora
     """
     from evotok_cli.runtime.lora import adapter_summary
     from evotok_cli.runtime.model import inspect_model
+    from evotok_cli.runtime.quantize import bytes_summary
 
     facts = inspect_model(model_folder(model), adapter=adapter)
     if as_json:
@@ -76,6 +78,8 @@ def info(
             value = adapter_summary(value)
         elif key == "parameters":
             value = f"{value:,}"
+        elif key == "weight_bytes":
+            value = bytes_summary(value)
         table.add_row(key, str(value))
     from evotok_cli.console import console
     console().print(table)

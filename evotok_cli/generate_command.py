@@ -96,10 +96,12 @@ def _load(model_path: Path, values: dict[str, Any]) -> Any:
     from evotok_cli.runtime.attention import check_padded_mode
     from evotok_cli.runtime.lora import check_lora_mode
     from evotok_cli.runtime.model import load_model
+    from evotok_cli.runtime.quantize import check_quantize
 
     return load_model(model_path, adapter=values["adapter"], device=values["device"], dtype=values["dtype"],
                       compile=values["compile"], lora_mode=check_lora_mode(values["lora_mode"]),
-                      padded_attention=check_padded_mode(values["padded_attention"]))
+                      padded_attention=check_padded_mode(values["padded_attention"]),
+                      quantize=check_quantize(values["quantize"]))
 
 
 def _decode(lm: Any, decoder_name: str, dec: Any, prompts: list[Any], values: dict[str, Any], *,
@@ -132,6 +134,7 @@ def params(lm: Any, dec: Any, values: dict[str, Any]) -> dict[str, Any]:
                                        "chat_template", "prefill")})
     out.update({"device": str(lm.device), "dtype": str(lm.dtype).removeprefix("torch."), "compile": lm.compiled,
                 "lora_mode": lm.adapter.mode if lm.adapter else None, "padded_attention": lm.padded_attention,
+                "quantize": lm.quantize,
                 "decoder_options": jsonable(vars(dec.config)), "runtime": describe_runtime(lm.device, lm.dtype),
                 "versions": versions()})
     return out

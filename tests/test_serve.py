@@ -370,6 +370,8 @@ MALFORMED = [
     ("options-unknown", CHAT, {"messages": USER, "decoder": "evotoken", "options": {"alpah": 0.5}}, "options"),
     ("options-out-of-range", CHAT, {"messages": USER, "decoder": "evotoken", "options": {"alpha": 7}}, "options"),
     ("options-nested", CHAT, {"messages": USER, "options": {"threshold": {"x": 1}}}, "options.threshold"),
+    ("options-k-soft-above-vocab", CHAT, {"messages": USER, "decoder": "evotoken", "options": {"k_soft": 10**5}},
+     "options"),
     ("tools", CHAT, {"messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ("top-p-zero", CHAT, {"messages": USER, "top_p": 0}, "top_p"),
     ("top-logprobs-without-logprobs", CHAT, {"messages": USER, "top_logprobs": 2}, "top_logprobs"),

@@ -27,7 +27,8 @@ def bench_request(flags: dict[str, Any], config: Path | None) -> tuple[Any, Any]
         seed=values["seed"], batch_size=values["batch_size"],
         options={**settings.decoder_options, **parse_opts(flags["opt"])}, sweeps=values["sweep"],
         out=Path(values["out"]).expanduser(), device=values["device"], dtype=values["dtype"],
-        compile=values["compile"], lora_mode=values["lora_mode"], padded_attention=values["padded_attention"])
+        compile=values["compile"], lora_mode=values["lora_mode"], padded_attention=values["padded_attention"],
+        quantize=values["quantize"])
     return request, settings
 
 

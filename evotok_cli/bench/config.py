@@ -83,5 +83,6 @@ class BenchOptions:
     lora_mode: str = like(GenerateOptions, "lora_mode")
     compile: bool = like(GenerateOptions, "compile")
     padded_attention: str = like(GenerateOptions, "padded_attention")
+    quantize: str = like(GenerateOptions, "quantize")
 
 COMMAND_ONLY = {"json": False}  # --config keys that are the command's, not the run's

@@ -54,6 +54,7 @@ class BenchRequest:
     compile: bool = BenchOptions.compile  # run the forward under torch.compile
     lora_mode: str = BenchOptions.lora_mode  # how an adapter is applied: merged | unmerged | auto
     padded_attention: str = BenchOptions.padded_attention  # auto | masked | rowwise (runtime/attention.py)
+    quantize: str = BenchOptions.quantize  # none | int8 | int4 (runtime/quantize.py)
     on_batch: Callable[[Run, int, int], None] | None = None  # (run, items done, items to do) per batch
     on_note: Callable[[str], None] | None = None  # one-line remarks (protocol quirks hit, resumed counts)
 
@@ -169,7 +170,9 @@ def make_run(task: Task, decoder_name: str, options: dict[str, Any], overrides: 
     adapter = str(Path(request.adapter).expanduser().resolve()) if request.adapter else None
     setup = samples.jsonable({"task": task.name, "protocol": task.protocol, "decoder": decoder_name,
                               "options": vars(decoder.config), **settings, "seed": request.seed,
-                              "model": str(model.resolve()), "adapter": adapter})
+                              "model": str(model.resolve()), "adapter": adapter,
+                              # quantized samples are another model's; unquantized setups keep their old id
+                              **({"quantize": request.quantize} if request.quantize != "none" else {})})
     name = samples.stem(task.name, decoder_name, "_".join(f"{k}={v}" for k, v in sweep.items()))
     label = ",".join(f"{k}={v}" for k, v in sweep.items())
     return Run(task, decoder_name, decoder, sweep, settings, setup, label, name)
@@ -181,9 +184,11 @@ def run_bench(request: BenchRequest) -> dict[str, Any] | None:
     from evotok_cli.bench.tasks import registry as task_registry
     from evotok_cli.runtime.attention import check_padded_mode
     from evotok_cli.runtime.lora import check_lora_mode
+    from evotok_cli.runtime.quantize import check_quantize
 
     check_lora_mode(request.lora_mode)
     check_padded_mode(request.padded_attention)
+    check_quantize(request.quantize)
     if request.batch_size < 1:
         raise ConfigError(f"batch size must be >= 1, got {request.batch_size}", where="--batch-size",
                           fix="e.g. --batch-size 1 (the protocol's) or 8")
@@ -252,7 +257,7 @@ def _load_model(request: BenchRequest, folder: Path, group: Any) -> Any:
 
     model = load_model(folder, adapter=request.adapter, device=group.device(request.device), dtype=request.dtype,
                        compile=request.compile, lora_mode=request.lora_mode,
-                       padded_attention=request.padded_attention)
+                       padded_attention=request.padded_attention, quantize=request.quantize)
     if model.tokenizer is None:
         raise CheckpointError("the checkpoint has no tokenizer, so benchmark prompts cannot be encoded",
                               where=str(folder), fix="add tokenizer.json (and a chat template) to the folder")

@@ -5,7 +5,7 @@ that before running lm-eval's command line (docs/lm-eval.md).
 
 - model_args: the generation settings (`gen_length`, `block_length`, `steps`, `temperature`), `model`
   (alias `pretrained`; default: the bundled model), `adapter`, `decoder`, `seed`, `batch_size`,
-  `device`, `dtype`, `lora_mode`, `padded_attention` (both as `evotok generate`'s), `mc_num`,
+  `device`, `dtype`, `lora_mode`, `padded_attention`, `quantize` (as `evotok generate`'s), `mc_num`,
   `mc_batch_size`, `stop_at_eos`; every other key is an option of the
   decoder, checked by `make_decoder` before the model loads. model_args win over the harness's
   `--batch_size` / `--device`, which its command line always sends (defaults included); a harness
@@ -71,6 +71,7 @@ class EvalSettings:
     dtype: str = "auto"
     lora_mode: str = "auto"  # a bf16 merge would round a small adapter away: `generate`'s default
     padded_attention: str = "auto"
+    quantize: str = "none"  # none | int8 | int4, as `generate --quantize` (runtime/quantize.py)
     mc_num: int = 128
     mc_batch_size: int = 32
     stop_at_eos: bool = True
@@ -217,12 +218,14 @@ class EvotokLM(LM):
         from evotok_cli.lmeval.loglik import check_mc
         from evotok_cli.runtime.attention import PADDED_MODES
         from evotok_cli.runtime.lora import LORA_MODES
+        from evotok_cli.runtime.quantize import MODES as QUANTIZE_MODES
 
         s = self.settings
         check_settings(self.decoder, gen_length=s.gen_length, block_length=s.block_length, steps=s.steps,
                        temperature=s.temperature)
         check_mc(s.mc_num, s.mc_batch_size)
-        for key, allowed in (("lora_mode", LORA_MODES), ("padded_attention", PADDED_MODES)):
+        for key, allowed in (("lora_mode", LORA_MODES), ("padded_attention", PADDED_MODES),
+                             ("quantize", QUANTIZE_MODES)):
             if getattr(s, key) not in allowed:
                 raise ConfigError(f"{key}={getattr(s, key)!r} is not one of {', '.join(allowed)}", where=WHERE,
                                   fix=f"e.g. {key}=auto")
@@ -236,7 +239,7 @@ class EvotokLM(LM):
         folder = checked_model_folder(self.settings.model)
         s = self.settings
         model = load_model(folder, adapter=s.adapter, device=s.device, dtype=s.dtype, lora_mode=s.lora_mode,
-                           padded_attention=s.padded_attention)
+                           padded_attention=s.padded_attention, quantize=s.quantize)
         if model.tokenizer is None:
             raise CheckpointError("the checkpoint has no tokenizer, so lm-eval's text requests cannot be encoded",
                                   where=str(folder), fix="add tokenizer.json (and a chat template) to the folder")

@@ -88,7 +88,10 @@ def adapter_summary(facts: dict[str, Any]) -> str:
         text += "; " + note
     if facts.get("tensors"):
         text += "; tensors: " + ", ".join(tensor_class(t) for t in facts["tensors"])
-    return text + ("; " + delta_summary(facts["delta"]) if facts.get("delta") else "")
+    text += "; " + delta_summary(facts["delta"]) if facts.get("delta") else ""
+    if facts.get("quantized_base"):
+        text += f"; with --quantize int8/int4: applied {facts['quantized_base']} beside the quantized layers"
+    return text
 
 
 def tensor_class(row: dict[str, Any]) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from evotok_cli.errors import CheckpointError
+from evotok_cli.errors import CheckpointError, ConfigError
 from evotok_cli.runtime import checkpoint
 from evotok_cli.runtime import tokenizer as tok
 from evotok_cli.runtime.architectures import Family, detect_family
@@ -33,6 +33,7 @@ class DiffusionModel:
     weights: checkpoint.WeightFiles | None
     adapter: AdapterReport | None = None
     eot_id: int | None = None
+    quantize: str = "none"  # none | int8 | int4: the block linears' weights (`runtime/quantize.py`)
     compiled_forward: Callable[..., torch.Tensor] | None = field(default=None, repr=False)  # --compile
     logits_checked: bool = field(default=False, repr=False)  # see `_check_finite`
 
@@ -134,6 +135,7 @@ class DiffusionModel:
             "parameters": self.parameter_count(),
             "dtype": str(self.dtype).removeprefix("torch."),
             "device": str(self.device),
+            "quantize": self.quantize,
             "vocab_size": self.config.vocab_size,
             "mask_id": self.mask_id,
             "eos_id": self.eos_id,
@@ -181,15 +183,19 @@ def build_model(family: Family, config: Any, *, device: torch.device, dtype: tor
 
 def load_model(path: str | Path, *, adapter: str | Path | None = None, device: str = "auto",
                dtype: str = "auto", load_tokenizer: bool = True, compile: bool = False,
-               lora_mode: str = "merged", padded_attention: str | None = None) -> DiffusionModel:
+               lora_mode: str = "merged", padded_attention: str | None = None,
+               quantize: str = "none") -> DiffusionModel:
     """Load a checkpoint folder for decoding. `compile`: run the forward under torch.compile
     (`runtime/compile.py`); `lora_mode`: merged | unmerged | auto (`runtime/lora.py`), merged by default
     (what fine-tuning starts from); `padded_attention`: auto | masked | rowwise, set process-wide
-    (`runtime/attention.py`), None leaves the current mode."""
+    (`runtime/attention.py`), None leaves the current mode; `quantize`: none | int8 | int4, the block
+    linears' weights after loading and after an adapter is applied, always unmerged (`runtime/quantize.py`)."""
     from evotok_cli.runtime.attention import set_padded_mode
     from evotok_cli.runtime.compile import check_compile, compile_forward
+    from evotok_cli.runtime.quantize import check_quantize
 
     check_lora_mode(lora_mode)
+    check_quantize(quantize)
     if padded_attention is not None:
         set_padded_mode(padded_attention)
     folder = checkpoint.model_dir(path)
@@ -199,25 +205,55 @@ def load_model(path: str | Path, *, adapter: str | Path | None = None, device: s
     dt = resolve_dtype(dtype, dev)
     if compile:
         check_compile(dev)  # before the (slow) weight load
+    if quantize != "none":
+        _check_quantized_load(quantize, dev, dt, compile=compile, adapter=adapter, lora_mode=lora_mode)
     net = build_model(family, config, device=dev, dtype=dt)
     expected = {n: tuple(p.shape) for n, p in net.named_parameters()}
     checkpoint.check_tensors(expected, checkpoint.tensor_shapes(weights), str(folder))
-    load_device = "cpu" if dev.type != "cuda" else str(dev)
+    # quantizing: the float weights stay on the CPU and each block linear moves to the GPU quantized, so
+    # the card never holds the full-precision model (8B in bf16 would not fit a 12 GB card)
+    load_device = str(dev) if dev.type == "cuda" and quantize == "none" else "cpu"
     state = {name: t.to(dt) for name, t in checkpoint.iter_tensors(weights, load_device)}
     net.load_state_dict(state, strict=True, assign=True)
-    net.to(dev).eval().requires_grad_(False)
-    report = (merge_adapter(net, resolve_adapter(folder, adapter), family.name, mode=lora_mode)
-              if adapter else None)
+    del state
+    net.to(dev if quantize == "none" else "cpu").eval().requires_grad_(False)
+    report = (merge_adapter(net, resolve_adapter(folder, adapter), family.name,
+                            mode=lora_mode if quantize == "none" else "unmerged") if adapter else None)
+    if quantize != "none":
+        from evotok_cli.runtime.quantize import quantize_net
+        quantize_net(net, quantize, dev)
+        net.to(dev)
+        if report is not None:
+            report.mode = "unmerged (quantized base)"
     tokenizer = tok.load_tokenizer(folder) if load_tokenizer else None
     module = family.load()
     eot = next((t for t in (tok.token_id(tokenizer, s) for s in module.EOT_TOKENS) if t is not None), None)
     return DiffusionModel(net=net, family=family, config=config, tokenizer=tokenizer, path=folder,
-                          weights=weights, adapter=report, eot_id=eot,
+                          weights=weights, adapter=report, eot_id=eot, quantize=quantize,
                           compiled_forward=compile_forward(net) if compile else None)
 
 
+def _check_quantized_load(mode: str, device: torch.device, dtype: torch.dtype, *, compile: bool,
+                          adapter: str | Path | None, lora_mode: str) -> None:
+    """What a quantized load refuses before any weight is read: a device or dtype the backend cannot run,
+    torch.compile (not tried over the backend's kernels), and merging an adapter into quantized weights."""
+    from evotok_cli.runtime.quantize import check_supported
+
+    check_supported(mode, device, dtype)
+    if compile:
+        raise ConfigError(f"--compile is not supported with --quantize {mode} (torch.compile over the quantized "
+                          "kernels is untested)", where="--compile", fix="drop --compile, or use --quantize none")
+    if adapter and lora_mode == "merged":
+        raise ConfigError(f"an adapter cannot be merged into {mode} weights (its small deltas would be rounded "
+                          "away)", where="--lora-mode",
+                          fix="use --lora-mode unmerged or auto (both keep it beside the quantized base)")
+
+
 def inspect_model(path: str | Path, *, adapter: str | Path | None = None) -> dict[str, Any]:
-    """Everything `evotok info` shows, from config and safetensors headers only (no weights read)."""
+    """Everything `evotok info` shows, from config and safetensors headers only (no weights read), with the
+    weight bytes each --quantize mode would hold (`runtime/quantize.py`)."""
+    from evotok_cli.runtime.quantize import planned_bytes, quantized_names
+
     folder = checkpoint.model_dir(path)
     family, config = read_family_config(folder)
     weights = checkpoint.find_weights(folder)
@@ -236,7 +272,11 @@ def inspect_model(path: str | Path, *, adapter: str | Path | None = None) -> dic
     dtypes = sorted({dt for _, dt, _ in shapes.values()})
     info["dtype"] = dtypes[0] if len(dtypes) == 1 else ",".join(dtypes)
     info.pop("device")
+    info.pop("quantize")  # how a load is asked for, not a fact of the folder: weight_bytes shows every mode
     info["size_bytes"] = sum(p.stat().st_size for p in weights.files)
+    info["weight_bytes"] = planned_bytes({n: (s, dt) for n, (s, dt, _) in shapes.items()}, set(quantized_names(net)))
+    if info["adapter"] is not None:
+        info["adapter"]["quantized_base"] = "unmerged"  # --quantize never merges an adapter (runtime/quantize.py)
     return info
 
 

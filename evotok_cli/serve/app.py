@@ -149,7 +149,7 @@ def model_card(service: Service) -> dict[str, Any]:
     return {"id": served.name, "object": "model", "created": 0, "owned_by": "evotok", "root": served.name,
             "max_model_len": served.model.max_length, "adapter": served.adapter, "decoder": served.decoder,
             "evotok": {"gen_length": d["gen_length"], "block_length": d["block_length"], "steps": d["steps"],
-                       "canvas_rule": CANVAS_RULE}}
+                       "canvas_rule": CANVAS_RULE, "quantize": served.model.quantize}}
 
 
 async def read_body(request: Request) -> bytes:

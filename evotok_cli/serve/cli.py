@@ -92,7 +92,7 @@ def _start(folder: Path, defaults: dict, opts: ServeOptions, guard: Any) -> tupl
     from evotok_cli.serve.sessions import Service
 
     lm = load_model(folder, adapter=opts.adapter, device=opts.device, dtype=opts.dtype, compile=opts.compile,
-                    lora_mode=opts.lora_mode, padded_attention=opts.padded_attention)
+                    lora_mode=opts.lora_mode, padded_attention=opts.padded_attention, quantize=opts.quantize)
     decoders = [e.name for e in registry.discover().values() if e.ok]
     adapter = Path(opts.adapter).name if opts.adapter else None
     served = Served(lm, name=opts.served_model_name or folder.name, adapter=adapter,

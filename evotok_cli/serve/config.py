@@ -51,6 +51,7 @@ class ServeOptions:
     lora_mode: str = like(GenerateOptions, "lora_mode")
     compile: bool = like(GenerateOptions, "compile")
     padded_attention: str = like(GenerateOptions, "padded_attention")
+    quantize: str = like(GenerateOptions, "quantize")
 
 
 def check(opts: ServeOptions) -> None:
@@ -58,6 +59,7 @@ def check(opts: ServeOptions) -> None:
     from evotok_cli.files import check_text
     from evotok_cli.runtime.attention import check_padded_mode
     from evotok_cli.runtime.lora import check_lora_mode
+    from evotok_cli.runtime.quantize import check_quantize
 
     _check_seconds(opts, "timeout", positive=True)
     _check_seconds(opts, "grace", positive=False)
@@ -69,6 +71,7 @@ def check(opts: ServeOptions) -> None:
     allowed_hosts(opts)
     check_lora_mode(opts.lora_mode)
     check_padded_mode(opts.padded_attention)
+    check_quantize(opts.quantize)
     check_served_name(opts.served_model_name)
     origins(opts.allowed_origins)
 

@@ -14,6 +14,7 @@ from evotok_cli.errors import ConfigError
 from evotok_cli.options import check_bounds, flag, option, seed_option
 
 OBJECTIVES = ("cts", "sft", "d2f")
+QUANTIZE_MODES = ("none", "int8", "int4")  # runtime/quantize.py's MODES, without importing torch here
 CTS_MIN_RESPONSE = 32  # the EvoToken recipe skips responses shorter than this
 
 
@@ -37,6 +38,9 @@ class TrainConfig:
     lora_dropout: float = option(0.05, min=0, max=1, max_open=True)
     lora_targets: list[str] = option(["q_proj", "k_proj", "v_proj"], "module names", what="module names")
     adapter: str | None = option(None, "merge this adapter into the model before training")
+    quantize: str = option("none", "none | int8 | int4: train LoRA over a frozen quantized base (QLoRA; "
+                           "bitsandbytes); the adapter loads on the unquantized base too",
+                           choices=QUANTIZE_MODES, what="quantization mode")
     epochs: float = option(1.0, finite=True, example=3)
     max_steps: int | None = option(None, "optimizer steps (overrides --epochs)", min=1, example=1000)
     lr: float = option(1e-5, "peak learning rate", shown="1e-5", min=0, min_open=True, finite=True,
@@ -87,7 +91,20 @@ class TrainConfig:
         if self.objective == "d2f" and self.full:
             raise ConfigError("d2f distils the model without its adapter into the adapter, so it needs LoRA",
                               where="--full", fix="drop --full")
+        self._check_quantize()
         self._check_context()
+
+    def _check_quantize(self) -> None:
+        """QLoRA trains an adapter beside frozen quantized weights: nothing that would change those weights."""
+        if self.quantize == "none":
+            return
+        for bad, where, why in ((self.full, "--full", "quantized weights cannot be trained; train a LoRA adapter"),
+                                (self.adapter, "--adapter", "merging an adapter into the base before quantizing it "
+                                 "would round the adapter away; train without --adapter, or without --quantize"),
+                                (self.fsdp, "--fsdp", "quantized weights are not sharded; run one process")):
+            if bad:
+                raise ConfigError(f"{where} does not go with --quantize {self.quantize}", where=where,
+                                  fix=f"{why}, or use --quantize none")
 
     def _check_context(self) -> None:
         """A --response-length that leaves no room for a prompt in the model's context (config.json says how

@@ -135,9 +135,14 @@ class Trainer:
         # LoRA on a GPU: the frozen base in bf16 (an 8B model's fp32 copy alone would need 32 GB), the
         # adapter in fp32 (peft's default); full fine-tuning and the CPU keep fp32 weights
         frozen_bf16 = not cfg.full and gpu
+        # --quantize (QLoRA): the frozen base's block linears in int8/int4 (runtime/quantize.py), LoRA beside them
         self.lm = load_model(cfg.model, adapter=cfg.adapter, device=device,
-                             dtype="bfloat16" if frozen_bf16 else "float32")
+                             dtype="bfloat16" if frozen_bf16 else "float32", quantize=cfg.quantize)
         self.device = self.lm.device
+        if cfg.quantize != "none":
+            from evotok_cli.runtime.quantize import quantized_names
+            count = len(quantized_names(self.lm.net))
+            self.log(f"QLoRA: the frozen base's {count} block linear layers in {cfg.quantize}")
         if self.lm.shifted_logits:
             raise ConfigError(f"finetune does not support {self.lm.family.name} models yet: their logits are shifted "
                               "by one position and the objectives assume unshifted ones", where=cfg.model,
