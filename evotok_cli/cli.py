@@ -52,6 +52,8 @@ def info(
     model: str | None = typer.Argument(None, help=MODEL_HELP, show_default=False),
     adapter: str | None = typer.Option(None, "--adapter", help="PEFT LoRA adapter folder to check against the model"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON document (schema evotok.info/1)"),
+    system: bool = typer.Option(False, "--system", help="describe this machine instead: cores, the CPU threads "
+                                "evotok will use and why, accelerators and their free memory"),
 ) -> None:
     """Describe a checkpoint without loading its weights: architecture, size, special ids, tokenizer,
     shards and (with --adapter) which modules a LoRA adapter matches, every class of tensor it carries
@@ -60,8 +62,10 @@ def info(
     layers' weights are read), and how much of them a bf16 merge would lose. `weight_bytes` is what the
     weights would hold under each --quantize mode (none, int8, int4), computed from the headers alone.
 
-    Example: evotok info ./LLaDA-8B-Instruct --adapter ./EvoToken_LLaDA_Instruct_8B_Lora
+    Examples: evotok info ./LLaDA-8B-Instruct --adapter ./EvoToken_LLaDA_Instruct_8B_Lora;  evotok info --system
     """
+    if system:
+        return _system_info(as_json)
     from evotok_cli.runtime.lora import adapter_summary
     from evotok_cli.runtime.model import inspect_model
     from evotok_cli.runtime.quantize import bytes_summary
@@ -83,6 +87,21 @@ def info(
         table.add_row(key, str(value))
     from evotok_cli.console import console
     console().print(table)
+
+
+def _system_info(as_json: bool) -> None:
+    """`evotok info --system`: what the compute commands will use on this machine, and why."""
+    import torch
+
+    from evotok_cli.runtime.device import describe_runtime
+    from evotok_cli.threads import system_facts
+
+    facts = {"cpu": describe_runtime(torch.device("cpu"), torch.float32)["device_name"], **system_facts()}
+    if as_json:
+        typer.echo(json.dumps({"schema": "evotok.info/1", "system": facts}, indent=2))
+        return
+    for key, value in facts.items():
+        typer.echo(f"{key:<22} {value}")
 
 
 # -- decoders ------------------------------------------------------------------------------------

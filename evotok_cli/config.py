@@ -17,6 +17,7 @@ from evotok_cli.decoding.api import CommitOptions
 from evotok_cli.errors import ConfigError
 from evotok_cli.files import read_text
 from evotok_cli.options import option, seed_option, yaml_defaults
+from evotok_cli.threads import THREADS_HELP
 
 MODEL_HELP = "checkpoint folder (Hugging Face layout); default: the bundled model"
 SHORTHANDS = tuple(f.name for f in fields(CommitOptions))  # decoder options that are generate flags too
@@ -80,6 +81,7 @@ class GenerateOptions:
                                    "alone up to rounding) or one call per row (bit-exact)",
                                    shown="auto: rowwise on CPU, masked elsewhere", envvar=_env("padded_attention"))
     device: str = option("auto", "auto | cpu | cuda | cuda:N", envvar=_env("device"))
+    threads: int | None = option(None, THREADS_HELP, min=1, what="threads", example=1, shown="")
     dtype: str = option("auto", "auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16", shown="",
                         envvar=_env("dtype"))
     quantize: str = option("none", "none | int8 | int4: the transformer blocks' linear weights in 8 or 4 bits "

@@ -34,6 +34,9 @@ def run(flags: dict[str, Any], *, config: Path | None, as_json: bool | None) -> 
     check_settings(dec, gen_length=values["gen_length"], block_length=values["block_length"], steps=values["steps"],
                    temperature=values["temperature"], **{k: values[k] for k in SAMPLING_FILTERS})
     _check_outputs(values, {"--prompts-file": flags["prompts_file"], "--config": config})
+    from evotok_cli.threads import apply as apply_threads
+
+    values["threads"] = apply_threads(values["threads"]).threads  # before the load: torch reads it once per op
     lm = _load(model_path, values)
     from evotok_cli.prompts import encode_prompts
 
@@ -131,7 +134,7 @@ def params(lm: Any, dec: Any, values: dict[str, Any]) -> dict[str, Any]:
     used = settings_used(dec)
     out = {k: values[k] for k in ("gen_length", "block_length", "steps") if k in used}
     out.update({k: values[k] for k in ("temperature", "seed", *SAMPLING_FILTERS, "batch_size", "adapter",
-                                       "chat_template", "prefill")})
+                                       "chat_template", "prefill", "threads")})
     out.update({"device": str(lm.device), "dtype": str(lm.dtype).removeprefix("torch."), "compile": lm.compiled,
                 "lora_mode": lm.adapter.mode if lm.adapter else None, "padded_attention": lm.padded_attention,
                 "quantize": lm.quantize,

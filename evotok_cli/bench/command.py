@@ -28,7 +28,7 @@ def bench_request(flags: dict[str, Any], config: Path | None) -> tuple[Any, Any]
         options={**settings.decoder_options, **parse_opts(flags["opt"])}, sweeps=values["sweep"],
         out=Path(values["out"]).expanduser(), device=values["device"], dtype=values["dtype"],
         compile=values["compile"], lora_mode=values["lora_mode"], padded_attention=values["padded_attention"],
-        quantize=values["quantize"])
+        quantize=values["quantize"], threads=values["threads"])
     return request, settings
 
 

@@ -79,6 +79,7 @@ class BenchOptions:
                       cli_type=Path)
     # the model-loading options are `evotok generate`'s, declared there
     device: str = like(GenerateOptions, "device")
+    threads: int | None = like(GenerateOptions, "threads")
     dtype: str = like(GenerateOptions, "dtype")
     lora_mode: str = like(GenerateOptions, "lora_mode")
     compile: bool = like(GenerateOptions, "compile")

@@ -106,7 +106,7 @@ def build_document(request: Any, runs: list[Any], loaded: dict[str, Any], model:
                    "overrides": {k: v for k, v in request.overrides.items() if v is not None},
                    "device": request.device, "dtype": request.dtype, "compile": request.compile,
                    "lora_mode": request.lora_mode, "padded_attention": request.padded_attention,
-                   "quantize": request.quantize, "world_size": world,
+                   "quantize": request.quantize, "world_size": world, "threads": request.threads,
                    "out": str(request.out)},
         "tasks": tasks,
         "results": rows,
@@ -195,7 +195,7 @@ def comparable(document: dict[str, Any]) -> dict[str, Any]:
     timings, the world size, the output folder and sample file names): what a resumed or sharded run must reproduce."""
     drop_top = {"created", "versions", "git"}
     out = {k: v for k, v in document.items() if k not in drop_top}
-    out["config"] = {k: v for k, v in document.get("config", {}).items() if k not in ("world_size", "out")}
+    out["config"] = {k: v for k, v in document.get("config", {}).items() if k not in ("world_size", "out", "threads")}
     out["results"] = [{k: v for k, v in row.items() if k not in (*TIMING_KEYS, "samples")}
                       for row in document.get("results", [])]
     return out

@@ -55,6 +55,7 @@ class BenchRequest:
     lora_mode: str = BenchOptions.lora_mode  # how an adapter is applied: merged | unmerged | auto
     padded_attention: str = BenchOptions.padded_attention  # auto | masked | rowwise (runtime/attention.py)
     quantize: str = BenchOptions.quantize  # none | int8 | int4 (runtime/quantize.py)
+    threads: int | None = None  # CPU threads (evotok_cli/threads.py); None: the default rule
     on_batch: Callable[[Run, int, int], None] | None = None  # (run, items done, items to do) per batch
     on_note: Callable[[str], None] | None = None  # one-line remarks (protocol quirks hit, resumed counts)
 
@@ -221,6 +222,9 @@ def _run_locked(request: BenchRequest, tasks: list[Task]) -> dict[str, Any] | No
         for line in loaded[t.name].notes:
             note(f"{t.name}: {line}")
     try:
+        from evotok_cli.threads import apply as apply_threads
+
+        request.threads = apply_threads(request.threads).threads  # recorded in results.json's config
         model = _load_model(request, folder, group)
         prompts = {t.name: render(t, loaded[t.name].docs, model) for t in tasks}
         check_lengths(runs, prompts, model)

@@ -5,7 +5,7 @@ that before running lm-eval's command line (docs/lm-eval.md).
 
 - model_args: the generation settings (`gen_length`, `block_length`, `steps`, `temperature`), `model`
   (alias `pretrained`; default: the bundled model), `adapter`, `decoder`, `seed`, `batch_size`,
-  `device`, `dtype`, `lora_mode`, `padded_attention`, `quantize` (as `evotok generate`'s), `mc_num`,
+  `device`, `dtype`, `lora_mode`, `padded_attention`, `quantize`, `threads` (as `evotok generate`'s), `mc_num`,
   `mc_batch_size`, `stop_at_eos`; every other key is an option of the
   decoder, checked by `make_decoder` before the model loads. model_args win over the harness's
   `--batch_size` / `--device`, which its command line always sends (defaults included); a harness
@@ -72,6 +72,7 @@ class EvalSettings:
     lora_mode: str = "auto"  # a bf16 merge would round a small adapter away: `generate`'s default
     padded_attention: str = "auto"
     quantize: str = "none"  # none | int8 | int4, as `generate --quantize` (runtime/quantize.py)
+    threads: int | None = None  # CPU threads, as `generate --threads` (evotok_cli/threads.py); None: the default
     mc_num: int = 128
     mc_batch_size: int = 32
     stop_at_eos: bool = True
@@ -231,13 +232,18 @@ class EvotokLM(LM):
                                   fix=f"e.g. {key}=auto")
         if s.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {s.batch_size}", where=WHERE, fix="e.g. batch_size=8")
+        from evotok_cli.threads import check_threads
+
+        check_threads(s.threads, where=WHERE)
 
     def _load(self) -> Any:
         from evotok_cli.config import checked_model_folder
         from evotok_cli.runtime.model import load_model
+        from evotok_cli.threads import apply as apply_threads
 
         folder = checked_model_folder(self.settings.model)
         s = self.settings
+        s.threads = apply_threads(s.threads).threads  # before the load; get_model_info records it
         model = load_model(folder, adapter=s.adapter, device=s.device, dtype=s.dtype, lora_mode=s.lora_mode,
                            padded_attention=s.padded_attention, quantize=s.quantize)
         if model.tokenizer is None:

@@ -79,6 +79,9 @@ def _prepare(opts: ServeOptions) -> tuple[Path, dict]:
     check_settings(dec, gen_length=defaults["gen_length"], block_length=defaults["block_length"],
                    steps=defaults["steps"], temperature=defaults["temperature"])
     resolve_dtype(opts.dtype, resolve_device(opts.device))
+    from evotok_cli.threads import apply as apply_threads
+
+    apply_threads(opts.threads)  # before the port is bound and the model loads
     return folder, defaults
 
 

@@ -47,6 +47,7 @@ class ServeOptions:
     read_timeout: float = option(30.0, "seconds a client gets to send a request's line and headers, and its body "
                                  "(plus 1 s per 64 KiB); slower ones are dropped (408)")
     device: str = like(GenerateOptions, "device")
+    threads: int | None = like(GenerateOptions, "threads")
     dtype: str = like(GenerateOptions, "dtype")
     lora_mode: str = like(GenerateOptions, "lora_mode")
     compile: bool = like(GenerateOptions, "compile")

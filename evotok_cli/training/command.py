@@ -44,10 +44,12 @@ def run(data: Path, flags: dict[str, Any], *, resume: bool, config: Path | None,
 
 def _train(cfg: TrainConfig, settings: Any, *, resume: bool, as_json: bool | None) -> None:
     from evotok_cli.console import stderr
+    from evotok_cli.threads import apply as apply_threads
     from evotok_cli.training.progress import TrainProgress
     from evotok_cli.training.trainer import StopRequested, Trainer
 
     err = stderr()
+    cfg.threads = apply_threads(cfg.threads).threads  # before the model loads; training_args.json records it
     trainer = Trainer(cfg, log=lambda m: err.print(f"[dim]{m}[/dim]"))
     trainer.preflight(resume)  # data file, --out, one run per folder: before the model loads
     trainer.setup()

@@ -12,6 +12,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 from evotok_cli.errors import ConfigError
 from evotok_cli.options import check_bounds, flag, option, seed_option
+from evotok_cli.threads import THREADS_HELP
 
 OBJECTIVES = ("cts", "sft", "d2f")
 QUANTIZE_MODES = ("none", "int8", "int4")  # runtime/quantize.py's MODES, without importing torch here
@@ -71,6 +72,7 @@ class TrainConfig:
     log_every: int = option(10, cli=False, min=1)
     skip_invalid: bool = option(False, "count and skip malformed lines instead of stopping")
     device: str = option("auto")
+    threads: int | None = option(None, THREADS_HELP, min=1, what="threads", example=1, shown="")
     fsdp: bool = option(False, "shard weights, gradients and optimiser state over the processes of torchrun / "
                         "accelerate launch (also on with accelerate's FSDP config)")
     activation_checkpointing: bool | None = option(

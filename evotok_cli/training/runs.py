@@ -38,7 +38,7 @@ FLAGS = {"data_sha256": "DATA", "full": "--full/--lora", "processes": "processes
 # What may change on --resume without making it another run: how long it runs (only longer), how often it
 # saves and logs, and where it runs. A change is recorded in training_args.json's "history".
 SAFE_ON_RESUME = ("max_steps", "epochs", "save_every", "keep_checkpoints", "log_every", "device", "fsdp",
-                  "activation_checkpointing", "pg_timeout")
+                  "activation_checkpointing", "pg_timeout", "threads")
 NOT_SETTINGS = ("data", "out")  # the data is recorded by its sha256, the folder is the run itself
 LORA_ONLY = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets")
 OTHER_OUT = "choose another --out"
@@ -185,7 +185,7 @@ def compare(recorded: dict[str, Any], now: dict[str, Any]) -> dict[str, list[Any
     if differences:
         raise ConfigError(f"--resume: the run was trained with {'; '.join(differences)}", where="--resume",
                           fix=f"resume with the run's settings and files, or {OTHER_OUT}; only --max-steps (upward), "
-                              "--save-every, --keep-checkpoints and --device may change")
+                              "--save-every, --keep-checkpoints, --device and --threads may change")
     return safe
 
 

@@ -1,0 +1,30 @@
+"""Issue 31's inputs: --threads and EVOTOK_THREADS on every compute command, each refused in one line before
+a model loads (and, for serve, before the port is bound)."""
+
+from __future__ import annotations
+
+from tests.hostile import Case, write
+
+GEN = ["generate", "-m", "{model}", "-p", "hi", "--gen-length", "8", "--block-length", "4", "--steps", "4"]
+BENCH = ["bench", "sudoku4", "-m", "{model}", "--limit", "1", "--out", "{tmp}/out"]
+FT = ["finetune", "{tmp}/d.jsonl", "-m", "{model}", "--out", "{tmp}/run", "--max-steps", "1"]
+DATA = write("d.jsonl", '{"prompt": "hi", "response": "there"}\n')
+
+CASES = [
+    Case("h31-threads-zero", [*GEN, "--threads", "0"], "--threads: threads must be >= 1, got 0"),
+    Case("h31-threads-negative", [*GEN, "--threads", "-2"], "--threads: threads must be >= 1, got -2"),
+    Case("h31-threads-text", [*GEN, "--threads", "many"], "--threads"),
+    Case("h31-threads-env-text", GEN, "EVOTOK_THREADS: threads must be a whole number >= 1, got 'x'",
+         env={"EVOTOK_THREADS": "x"}),
+    Case("h31-threads-env-zero", GEN, "EVOTOK_THREADS: threads must be a whole number >= 1, got '0'",
+         env={"EVOTOK_THREADS": "0"}),
+    Case("h31-threads-env-fraction", GEN, "got '1.5'", env={"EVOTOK_THREADS": "1.5"}),
+    Case("h31-bench-threads-zero", [*BENCH, "--threads", "0"], "--threads: threads must be >= 1, got 0"),
+    Case("h31-bench-threads-env", BENCH, "EVOTOK_THREADS: threads must be a whole number", env={"EVOTOK_THREADS": "-1"}),
+    Case("h31-finetune-threads-zero", [*FT, "--threads", "0"], "--threads: threads must be >= 1, got 0", DATA),
+    Case("h31-finetune-threads-env", FT, "EVOTOK_THREADS: threads must be a whole number", DATA,
+         env={"EVOTOK_THREADS": "two"}),
+    Case("h31-serve-threads-zero", ["serve", "-m", "{model}", "--threads", "0"], "--threads"),
+    Case("h31-serve-threads-env", ["serve", "-m", "{model}", "--port", "0"], "EVOTOK_THREADS",
+         env={"EVOTOK_THREADS": "none"}),
+]
