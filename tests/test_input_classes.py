@@ -97,3 +97,13 @@ def test_report_plots_a_sweep_over_names(cli, tiny_llada, tmp_path):
     report = cli("bench", "report", str(out))
     assert report.returncode == 0, report.stderr
     assert (out / "report.png").stat().st_size > 0 and "cache none" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("args", [f"seed={2**64}", "seed=-1"])
+def test_lm_eval_model_args_take_seeds_in_the_same_range(args):
+    pytest.importorskip("lm_eval")
+    from evotok_cli.lmeval.model import EvotokLM
+
+    with pytest.raises(ConfigError) as err:
+        EvotokLM.create_from_arg_string(args, {"batch_size": 1})
+    assert f"seed must be in [0, {SEED_MAX}]" in err.value.line() and err.value.where == "--model_args"

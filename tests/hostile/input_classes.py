@@ -86,6 +86,17 @@ def report(case_id: str, expect: str, document: dict) -> Case:
     return Case(f"in-report-{case_id}", ["bench", "report", "{tmp}/r"], expect, write("r/results.json", text))
 
 
+def _resumed_with(change: dict):
+    """A real one-item bench run in {tmp}/runs whose samples line is then edited by `change`: the rerun
+    (a resume) reads it back."""
+    def setup(ctx: Ctx) -> None:
+        assert ctx.cli(*[a.format(**ctx.vars()) for a in BENCH]).returncode == 0
+        path = next((ctx.tmp / "runs").glob("samples_*.jsonl"))
+        record = json.loads(path.read_text().splitlines()[0])
+        path.write_text(json.dumps({**record, **change}) + "\n")
+    return setup
+
+
 def train_rows(case_id: str, row: dict, expect: str) -> Case:
     return Case(f"in-train-{case_id}", ft(), expect, write("data.jsonl", DATA + json.dumps(row) + "\n"))
 
@@ -159,6 +170,8 @@ CASES = [
          '"generations" is a list, expected text',
          write("gsm8k_256_0_generations.json",
                json.dumps({"generations": [{"question": "q", "generations": ["x"], "ground_truth": 3}]}))),
+    Case("in-resume-doc-id-text", BENCH, '"doc_id" is text, expected an integer', _resumed_with({"doc_id": "0"})),
+    Case("in-resume-nfe-float", BENCH, '"nfe" is a number, expected an integer', _resumed_with({"nfe": 4.5})),
     # -- bench report: results.json of the wrong JSON types -------------------------------------------------
     report("accuracy-text", 'results[0].accuracy is text, expected a number or null',
            {"results": [_result_row(accuracy="high")]}),
