@@ -94,7 +94,7 @@ class TrainConfig:
             raise ConfigError("d2f distils the model without its adapter into the adapter, so it needs LoRA",
                               where="--full", fix="drop --full")
         self._check_quantize()
-        self._check_context()
+        self._check_model()
 
     def _check_quantize(self) -> None:
         """QLoRA trains an adapter beside frozen quantized weights: nothing that would change those weights."""
@@ -108,12 +108,10 @@ class TrainConfig:
                 raise ConfigError(f"{where} does not go with --quantize {self.quantize}", where=where,
                                   fix=f"{why}, or use --quantize none")
 
-    def _check_context(self) -> None:
-        """A --response-length that leaves no room for a prompt in the model's context (config.json says how
-        long it is) is refused here, before any weights load; a folder that cannot be read is the loader's
-        to report."""
-        if self.response_length is None:
-            return
+    def _check_model(self) -> None:
+        """The options the model's config.json bounds, before any weights load: a --response-length that
+        leaves no room for a prompt in its context, a --k-soft above its vocabulary (a top-k over fewer
+        tokens). A folder that cannot be read is the loader's to report."""
         import warnings
 
         from evotok_cli.errors import EvotokError
@@ -123,13 +121,16 @@ class TrainConfig:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the loader warns about the config once, later
                 _, config = read_family_config(Path(self.model).expanduser())
-            context = int(config.max_sequence_length)
-        except (EvotokError, OSError, TypeError, ValueError):
+            context, vocab = int(config.max_sequence_length), int(config.vocab_size)
+        except (EvotokError, OSError, TypeError, ValueError, AttributeError):
             return
-        if self.response_length >= context:
+        if self.response_length is not None and self.response_length >= context:
             raise ConfigError(f"{self.response_length} tokens leave no room for a prompt in the model's context of "
                               f"{context} tokens", where="--response-length",
                               fix=f"pick fewer than {context} tokens, leaving room for the prompt")
+        if self.k_soft > vocab:
+            raise ConfigError(f"k_soft {self.k_soft} is above the model's vocabulary of {vocab} tokens",
+                              where="--k-soft", fix=f"pick --k-soft in [1, {vocab}]")
 
     def _check_types(self) -> None:
         """A value of the wrong type (from a YAML config) is one line, not a TypeError further on."""

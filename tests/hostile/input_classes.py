@@ -125,6 +125,9 @@ CASES = [
     gen_yaml("soft-mask-int", "decoder: {soft_mask: 1}\n", "soft_mask=1 is not a valid bool", "-d", "evotoken"),
     gen_yaml("cache-mapping", "decoder: {cache: {a: 1}}\n", "is not one of none, prefix, dual", "-d",
              "evotoken"),
+    Case("in-opt-finetune-k-soft-above-vocab", ft("--k-soft", "100000"), "k_soft 100000 is above the model's "
+         "vocabulary", write("data.jsonl", DATA)),
+    ft_yaml("finetune-k-soft-in-config", "k_soft: 301\n", "k_soft 301 is above the model's vocabulary"),
     # -- YAML settings: nulls, lists and booleans where numbers belong; duplicate keys; aliases ------------
     gen_yaml("gen-length-null", "gen_length: null\n", "gen_length: expected int, got null"),
     gen_yaml("steps-tilde", "steps: ~\n", "steps: expected int, got null"),
