@@ -107,3 +107,12 @@ def test_lm_eval_model_args_take_seeds_in_the_same_range(args):
     with pytest.raises(ConfigError) as err:
         EvotokLM.create_from_arg_string(args, {"batch_size": 1})
     assert f"seed must be in [0, {SEED_MAX}]" in err.value.line() and err.value.where == "--model_args"
+
+
+def test_lm_eval_refuses_k_soft_above_the_vocabulary_at_load(tiny_llada):
+    pytest.importorskip("lm_eval")
+    from evotok_cli.lmeval.model import EvotokLM
+
+    with pytest.raises(ConfigError) as err:
+        EvotokLM.create_from_arg_string(f"model={tiny_llada},decoder=evotoken,k_soft=100000", {"batch_size": 1})
+    assert "above the model's vocab size" in err.value.line() and err.value.where == "--model_args"

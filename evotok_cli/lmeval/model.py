@@ -249,6 +249,9 @@ class EvotokLM(LM):
         if model.tokenizer is None:
             raise CheckpointError("the checkpoint has no tokenizer, so lm-eval's text requests cannot be encoded",
                                   where=str(folder), fix="add tokenizer.json (and a chat template) to the folder")
+        from evotok_cli.decoding.api import check_model_options
+
+        check_model_options(getattr(self.decoder, "config", None), model, where=WHERE)  # k_soft <= vocabulary
         return model
 
     def get_model_info(self) -> dict[str, Any]:
