@@ -36,6 +36,18 @@ class BenchGroup(TyperGroup):
     def format_usage(self, ctx: Any, formatter: Any) -> None:
         formatter.write_usage(ctx.command_path, "TASK [TASK ...] [OPTIONS] | score FILE ... | report DIR ...")
 
+    def format_options(self, ctx: Any, formatter: Any) -> None:
+        """The group's own options, then every option of the run form (`evotok bench TASK ...`), which is
+        what `evotok bench --help` is asked for; score's and report's are under their own --help."""
+        super().format_options(ctx, formatter)
+        run_command = self.commands.get("run")
+        if run_command is None:
+            return
+        sub = type(ctx)(run_command, info_name="run", parent=ctx)
+        rows = [r for r in (p.get_help_record(sub) for p in run_command.get_params(sub)) if r]
+        with formatter.section("Options of `evotok bench TASK ...` (= `bench run`)"):
+            formatter.write_dl(rows)
+
 
 bench_app = typer.Typer(
     cls=BenchGroup,

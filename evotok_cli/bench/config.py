@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from evotok_cli.bench.batching import SHOWN as BATCH_SHOWN
 from evotok_cli.config import GenerateOptions
 from evotok_cli.errors import ConfigError
 from evotok_cli.options import like, option, seed_option
@@ -69,7 +70,8 @@ class BenchOptions:
                                        envvar="EVOTOK_TEMPERATURE")
     seed: int = seed_option(0, "base seed; each item samples from seed + its doc_id, whatever the batch size",
                             envvar="EVOTOK_SEED")
-    batch_size: int = option(1, "items decoded together", shown="1, the protocol's", envvar="EVOTOK_BATCH_SIZE")
+    batch_size: int | None = option(None, "items decoded together", shown=BATCH_SHOWN,
+                                    envvar="EVOTOK_BATCH_SIZE")
     opt: list[str] | None = option(None, "decoder option key=value for every decoder that has it (repeatable)",
                                    flags=("--opt", "-o"), cli_type=list[str], yaml=False)
     sweep: list[str] = option([], "key=v1,v2,...: one run per value, for each decoder that has the option (or for "

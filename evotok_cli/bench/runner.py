@@ -45,7 +45,7 @@ class BenchRequest:
     limit: int | None = None
     overrides: dict[str, Any] = field(default_factory=dict)  # user-set gen_length/block_length/steps/temperature
     seed: int = BenchOptions.seed
-    batch_size: int = BenchOptions.batch_size
+    batch_size: int | None = BenchOptions.batch_size  # None: bench/batching.py's default, set when the model loads
     options: dict[str, Any] = field(default_factory=dict)  # decoder options for every decoder that has them
     sweeps: list[str] = field(default_factory=list)  # "key=v1,v2,..."
     out: Path = Path(BenchOptions.out)
@@ -58,6 +58,8 @@ class BenchRequest:
     threads: int | None = None  # CPU threads (evotok_cli/threads.py); None: the default rule
     on_batch: Callable[[Run, int, int], None] | None = None  # (run, items done, items to do) per batch
     on_note: Callable[[str], None] | None = None  # one-line remarks (protocol quirks hit, resumed counts)
+    on_pass: Callable[[Run, int, int, int, int], None] | None = None  # (run, pass, batch rows, items done, to do)
+    batch_auto: bool = False  # batch_size was chosen by default_batch_size (batches then split evenly)
 
 
 @dataclass
@@ -190,7 +192,7 @@ def run_bench(request: BenchRequest) -> dict[str, Any] | None:
     check_lora_mode(request.lora_mode)
     check_padded_mode(request.padded_attention)
     check_quantize(request.quantize)
-    if request.batch_size < 1:
+    if request.batch_size is not None and request.batch_size < 1:
         raise ConfigError(f"batch size must be >= 1, got {request.batch_size}", where="--batch-size",
                           fix="e.g. --batch-size 1 (the protocol's) or 8")
     limit = request.limit
@@ -228,6 +230,8 @@ def _run_locked(request: BenchRequest, tasks: list[Task]) -> dict[str, Any] | No
         model = _load_model(request, folder, group)
         prompts = {t.name: render(t, loaded[t.name].docs, model) for t in tasks}
         check_lengths(runs, prompts, model)
+        if request.batch_size is None:
+            _choose_batch_size(request, runs, prompts, model, note)
         for run in runs:
             execute(run, loaded[run.task.name].docs, prompts[run.task.name], model, request, group, note)
         group.barrier()
@@ -240,6 +244,17 @@ def _run_locked(request: BenchRequest, tasks: list[Task]) -> dict[str, Any] | No
         return document
     finally:
         group.close()
+
+
+def _choose_batch_size(request: BenchRequest, runs: list[Run], prompts: dict[str, dict[int, Any]], model: Any,
+                       note: Callable[[str], None]) -> None:
+    """--batch-size not given: as many rows as the device holds (bench/batching.py), said in a note."""
+    from evotok_cli.bench.batching import default_batch_size
+
+    positions = max((len(p.ids) + run.settings["gen_length"] for run in runs
+                     for p in prompts[run.task.name].values()), default=1)
+    request.batch_size, request.batch_auto = default_batch_size(model, positions), True
+    note(f"batch size {request.batch_size} (the default on {model.device.type}; --batch-size N chooses)")
 
 
 def check_not_outputs(data: dict[str, Path], runs: list[Run], out: Path) -> None:
@@ -334,16 +349,27 @@ def execute(run: Run, docs: list[Doc], prompts: dict[int, Any], model: Any, requ
     if getattr(run.decoder, "reference_rng", False):
         _execute_release_stream(run, todo, done, prompts, model, request, group, path)
         return
-    if request.batch_size > 1:  # batches of similar prompt lengths: less padding in each shared forward
+    size = request.batch_size
+    if request.batch_auto:  # 50 items at most 16 a batch: 13, 13, 12, 12 (bench/batching.py)
+        from evotok_cli.bench.batching import even_batches
+
+        size = even_batches(len(todo), size)
+    if size > 1 and not request.batch_auto:  # similar prompt lengths together: less padding in a shared forward
+        # (the default batch keeps the items' order, so that sample files read in doc order as at batch 1)
         todo.sort(key=lambda d: len(prompts[d.doc_id].ids))  # stable: equal lengths keep doc order
     with samples.Writer(path) as writer:
-        for first in range(0, len(todo), request.batch_size):
-            batch = todo[first:first + request.batch_size]
+        for first in range(0, len(todo), size):
+            batch = todo[first:first + size]
+            before = mine - len(todo) + first
+            on_pass = None
+            if request.on_pass is not None:
+                def on_pass(n: int, rows: int = len(batch), before: int = before) -> None:
+                    request.on_pass(run, n, rows, before, mine)
             results, wall = generate(
                 model, run.decoder_name, run.decoder, [prompts[d.doc_id] for d in batch],
                 gen_length=settings["gen_length"], block_length=settings["block_length"], steps=settings["steps"],
                 temperature=settings["temperature"], seed=None, seeds=[request.seed + d.doc_id for d in batch],
-                batch_size=len(batch))  # an item samples from seed + its doc_id, whatever the batch size
+                batch_size=len(batch), on_pass=on_pass)  # an item samples from seed + its doc_id, whatever the batch
             # each item's share of its batch's wall time: summed over a run, that is the run's decode time
             writer.write([record(run, doc, result, wall / len(batch), model, group.rank)
                           for doc, result in zip(batch, results)])
