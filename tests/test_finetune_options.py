@@ -77,7 +77,8 @@ def test_yaml_keys_are_the_declared_options():
     assert defaults["block_sizes"] == "512" and defaults["min_response"] is None and kinds["min_response"] is int
     lists = {"lora_targets", "decode_counts", "block_sizes", "alpha_range", "d2f_mask_range"}  # text or a YAML list
     assert kinds == {"model": str, "out": str, "adapter": str, "max_steps": int, "min_response": int,
-                     "response_length": int, "activation_checkpointing": bool, **dict.fromkeys(lists, list)}
+                     "response_length": int, "threads": int, "activation_checkpointing": bool,
+                     **dict.fromkeys(lists, list)}
 
 
 @dataclass
