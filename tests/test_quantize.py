@@ -206,3 +206,48 @@ def test_a_missing_backend_is_one_line_naming_the_extra(tiny_llada, cli, monkeyp
     assert proc.returncode == 2 and proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "needs bitsandbytes" in lines[0] and 'pip install -e ".[quantize]"' in lines[0]
+
+
+def test_lm_eval_model_args_quantize(tiny_llada):
+    from evotok_cli.errors import ConfigError
+    from evotok_cli.lmeval.model import EvotokLM
+
+    lm = EvotokLM.create_from_arg_obj({"model": str(tiny_llada), "gen_length": 8, "block_length": 8, "steps": 8,
+                                       "quantize": "int8"}, {"batch_size": 1, "device": "cpu"})
+    assert lm.model.quantize == "int8" and lm.get_model_info()["evotok_settings"]["quantize"] == "int8"
+    with pytest.raises(ConfigError) as info:
+        EvotokLM.create_from_arg_string("quantize=int3", {"batch_size": 1, "device": "cpu"})
+    assert "quantize='int3' is not one of none, int8, int4" in info.value.line()
+
+
+def test_serve_model_card_names_the_mode(tiny_llada):
+    from starlette.testclient import TestClient
+
+    from evotok_cli.config import GENERATE_DEFAULTS
+    from evotok_cli.serve import app as app_module
+    from evotok_cli.serve.plan import Served
+    from evotok_cli.serve.sessions import Service
+
+    lm = load_model(tiny_llada, quantize="int4")
+    service = Service(Served(lm, "tiny", None, "hard-mask", dict(GENERATE_DEFAULTS)), max_rows=2, max_queue=2,
+                      timeout=30)
+    with TestClient(app_module.create_app(service, api_key=None, decoders=["hard-mask"])) as http:
+        card = http.get("/v1/models").json()["data"][0]
+    assert card["evotok"]["quantize"] == "int4"
+
+
+def test_the_8b_table_meets_the_issue_targets():
+    """benchmarks/quantized.py --table-8b: LLaDA-8B's bytes per mode from its shapes (docs/models.md's table)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "quantized.py"
+    spec = importlib.util.spec_from_file_location("quantized_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    table = module.table_8b()
+    rows = {r["mode"]: r for r in table["rows"]}
+    assert round(table["parameters"] / 1e9, 2) == 8.02 and round(table["linear_parameters"] / 1e9, 2) == 6.98
+    assert round(rows["none"]["weights"] / 1e9, 1) == 16.0
+    assert round(rows["int8"]["weights"] / 1e9, 1) == 9.1 and round(rows["int4"]["weights"] / 1e9, 1) == 6.0
+    assert rows["int8"]["linear_vs_bf16"] <= 0.55 and rows["int4"]["linear_vs_bf16"] <= 0.35
