@@ -251,3 +251,9 @@ def test_the_8b_table_meets_the_issue_targets():
     assert round(rows["none"]["weights"] / 1e9, 1) == 16.0
     assert round(rows["int8"]["weights"] / 1e9, 1) == 9.1 and round(rows["int4"]["weights"] / 1e9, 1) == 6.0
     assert rows["int8"]["linear_vs_bf16"] <= 0.55 and rows["int4"]["linear_vs_bf16"] <= 0.35
+
+
+def test_parameter_count_is_the_models_whatever_the_mode(tiny_llada):
+    """bench's results.json reports parameters: an int4 layer's packed storage must not halve them."""
+    counts = {mode: load_model(tiny_llada, quantize=mode).parameter_count() for mode in ("none", "int8", "int4")}
+    assert len(set(counts.values())) == 1, counts

@@ -125,7 +125,12 @@ class DiffusionModel:
 
     # -- facts for `evotok info` -------------------------------------------------------------------
     def parameter_count(self) -> int:
-        return sum(p.numel() for p in self.net.parameters())
+        """By the weights' logical shapes: a quantized int4 layer packs two weights a byte (`quant_state`)."""
+        total = 0
+        for p in self.net.parameters():
+            state = getattr(p, "quant_state", None)
+            total += state.shape.numel() if state is not None else p.numel()
+        return total
 
     def info(self) -> dict[str, Any]:
         return {
