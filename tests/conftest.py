@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest_plugins = ["tests.source_tree_guard"]  # fails the session when a test writes into the checkout
+pytest_plugins = ["tests.source_tree_guard", "tests.quick"]  # writes into the checkout fail; -m quick
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(1)

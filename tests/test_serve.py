@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -477,20 +478,36 @@ def test_timeout_cancels_the_job(strict):
 
 
 # -- shutdown ------------------------------------------------------------------------------------
-def test_sigterm_finishes_short_requests_cancels_long_ones_and_exits_0(serve_model, tmp_path):
-    # margins both ways: the short job's 128 passes take ~1 s on a loaded 2-core machine (well inside the
-    # grace), the long one's 900 passes over ~900 positions take ~35 s there and ~23 s on a quiet one
-    s = Server(tmp_path, "-m", str(serve_model), "--grace", "8")
+def _seconds_per_pass(cli, model: Path, gen_length: int) -> float:
+    """This machine's time for one forward pass over a `gen_length` canvas, measured now (under whatever else
+    runs), with the server's one thread."""
+    proc = cli("generate", "-m", str(model), "-p", PROMPT, "--gen-length", str(gen_length), "--block-length",
+               str(gen_length), "--steps", "8", "--threads", "1")
+    assert proc.returncode == 0, proc.stderr
+    return float(re.search(r"NFE (\d+), \d+ answer tokens in ([0-9.]+)s", proc.stderr).group(2)) / 8
+
+
+def test_sigterm_finishes_short_requests_cancels_long_ones_and_exits_0(cli, serve_model, tmp_path):
+    # margins in forward passes, not seconds: the grace is sized from the pass time measured now, so that the
+    # short job's 16 passes fit it about 7 times over and the long job's 900 passes overrun it about 7 times,
+    # on a quiet machine and under a competing process alike (a pass of both rows costs up to ~1.2 of the long
+    # one's alone)
+    short_passes, long_passes = 16, 900
+    per_pass = 1.2 * _seconds_per_pass(cli, serve_model, long_passes)
+    grace = max(0.5, (short_passes * long_passes) ** 0.5 * per_pass)  # the geometric middle: ~7x either way
+    s = Server(tmp_path, "-m", str(serve_model), "--grace", f"{grace:.2f}")
     try:
         with ThreadPoolExecutor(2) as pool:
-            long = pool.submit(s.post, COMP, {"prompt": PROMPT, "gen_length": 900, "block_length": 900, "steps": 900})
+            long = pool.submit(s.post, COMP, {"prompt": PROMPT, "gen_length": long_passes,
+                                              "block_length": long_passes, "steps": long_passes})
             _wait_metrics(s, lambda m: m["evotok_live_rows"] == 1)
-            short = pool.submit(s.post, CHAT, {"messages": USER, "gen_length": 128, "block_length": 128, "steps": 128})
+            short = pool.submit(s.post, CHAT, {"messages": USER, "gen_length": short_passes,
+                                               "block_length": short_passes, "steps": short_passes})
             _wait_metrics(s, lambda m: m["evotok_live_rows"] == 2)
             s.proc.send_signal(signal.SIGTERM)
             assert short.result().status_code == 200
             r = long.result()
-        assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
+        assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down", (grace, per_pass, r.text)
         assert s.proc.wait(60) == 0
         log = s.log.read_text()
         assert "evotok serve: stopped" in log and "Traceback" not in log
