@@ -327,3 +327,67 @@ def test_a_dotted_entry_allows_the_domain_and_its_subdomains():
     hosts = frozenset({".example.com"})
     assert host_allowed("example.com", hosts) and host_allowed("a.b.example.com:8080", hosts)
     assert not host_allowed("badexample.com", hosts) and not host_allowed("example.com.evil", hosts)
+
+
+# -- a client that stops reading (in process: on loopback the kernel buffers megabytes first) ----------
+class Transport:
+    """Just what the protocol asks of a transport, recording what it does with it."""
+
+    def __init__(self):
+        self.aborted = self.closed = False
+        self.written = b""
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"peername": ("127.0.0.1", 1), "sockname": ("127.0.0.1", 2)}.get(name, default)
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def is_closing(self) -> bool:
+        return self.closed or self.aborted
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+def test_a_client_that_stops_reading_is_dropped_after_the_read_timeout():
+    import asyncio
+
+    from uvicorn import Config
+    from uvicorn.server import ServerState
+
+    from evotok_cli.serve.guard import Limits
+    from evotok_cli.serve.protocol import protocol_for
+
+    async def app(scope, receive, send):  # answering, for as long as the test runs
+        await asyncio.Event().wait()
+
+    async def scenario() -> tuple[bool, bool]:
+        proto = protocol_for(Limits(read_timeout=0.3))(Config(app, http="h11"), ServerState(), {})
+        transport = Transport()
+        proto.connection_made(transport)
+        proto.data_received(request())  # a request is being answered: no read deadline now
+        proto.pause_writing()  # its answer fills the buffers: the client reads nothing
+        await asyncio.sleep(0.15)
+        proto.resume_writing()  # it read some: the clock stops
+        await asyncio.sleep(0.3)
+        kept = not transport.is_closing()
+        proto.pause_writing()
+        await asyncio.sleep(0.5)
+        proto.connection_lost(None)  # what the transport does after abort(): the app's task can end
+        return kept, transport.aborted
+
+    kept, dropped = asyncio.run(scenario())
+    assert kept and dropped

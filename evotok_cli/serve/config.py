@@ -45,7 +45,7 @@ class ServeOptions:
     max_connections: int = option(256, "open connections served at once; a request on one more gets 503",
                                   min=1, max=65536, cli_range=True)
     read_timeout: float = option(30.0, "seconds a client gets to send a request's line and headers, and its body "
-                                 "(plus 1 s per 64 KiB); slower ones are dropped (408)")
+                                 "(plus 1 s per 64 KiB), or to go on reading an answer; slower ones are dropped")
     device: str = like(GenerateOptions, "device")
     threads: int | None = like(GenerateOptions, "threads")
     dtype: str = like(GenerateOptions, "dtype")

@@ -8,8 +8,9 @@ while accepting connections without bound. Here: a connection beyond `--max-conn
 object as soon as its request head is read, and is closed; the request line and headers must arrive within
 `--read-timeout` seconds of the connection opening (or of the previous answer on it), or the connection
 is closed (with a 408 error object if part of a head had come); a body the app never read is bounded the
-same way once the answer is sent (the body the app reads is bounded by `serve/guard.py`). Imported only
-by `server.run`: it needs uvicorn.
+same way once the answer is sent (the body the app reads is bounded by `serve/guard.py`); a client that
+stops reading an answer until the buffers fill is dropped after `--read-timeout` seconds of that.
+Imported only by `server.run`: it needs uvicorn.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class GuardedH11Protocol(H11Protocol):
 
     limits: ClassVar[Limits]
     read_timer: asyncio.TimerHandle | None = None
+    write_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         if len(self.connections) >= self.limits.max_connections:
@@ -65,7 +67,21 @@ class GuardedH11Protocol(H11Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        if self.write_timer is not None:
+            self.write_timer.cancel()
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        """The client stopped reading and the buffers are full: it gets --read-timeout to read again."""
+        super().pause_writing()
+        if self.write_timer is None:
+            self.write_timer = self.loop.call_later(self.limits.read_timeout, self.transport.abort)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self.write_timer is not None:
+            self.write_timer.cancel()
+            self.write_timer = None
 
     def owed(self) -> bool:
         """Whether the connection waits on the client: for a request head, or for a body after the answer."""
@@ -96,6 +112,8 @@ class GuardedH11Protocol(H11Protocol):
                              "s (the server's --read-timeout)", code="read_timeout")
             self.transport.write(raw_response(error))
         self.transport.close()
+        if self.transport.get_write_buffer_size():  # a client that reads nothing either: no waiting for it
+            self.transport.abort()
 
     def send_400_response(self, msg: str) -> None:
         """h11 refused the bytes (malformed request line or headers, a head over MAX_HEAD_BYTES, bad chunked
