@@ -3,12 +3,20 @@ into quantized weights, torch.compile over the quantized kernels, and what QLoRA
 
 from __future__ import annotations
 
-from tests.hostile import Case
+from tests.hostile import Case, Ctx
 from tests.hostile.finetune import data_file, ft, resume, trained
 
 GEN = ["generate", "-m", "{model}", "-p", "hi", "--gen-length", "8", "--block-length", "4", "--steps", "4"]
 BENCH = ["bench", "sudoku4", "-m", "{model}", "--limit", "1", "--gen-length", "8", "--block-length", "4",
          "--steps", "4", "--out", "{tmp}/runs"]
+
+
+
+def _bench_int8(ctx: Ctx) -> None:
+    """A finished one-item bench run in {tmp}/runs, quantized."""
+    proc = ctx.cli(*[a.format(**ctx.vars()) for a in BENCH], "--quantize", "int8")
+    assert proc.returncode == 0, proc.stderr
+
 
 CASES = [
     # unknown modes, from a flag or its variable, on every command that loads a model
@@ -33,7 +41,10 @@ CASES = [
     Case("quant-finetune-fsdp", ft("--fsdp", "--quantize", "int8"), "--fsdp does not go with --quantize int8",
          setup=data_file),
     Case("quant-finetune-unknown", ft("--quantize", "int5"), "--quantize", setup=data_file),
-    # a resume over another base (quantized vs not) is another run
+    # a resume over another base (quantized vs not) is another run, for bench as for finetune
+    Case("quant-bench-resume-other-mode", BENCH, "differs in quantize", setup=_bench_int8),
+    Case("quant-bench-resume-int4-over-int8", [*BENCH, "--quantize", "int4"], "differs in quantize",
+         setup=_bench_int8),
     Case("quant-finetune-resume-changed", resume("--max-steps", "2", "--quantize", "int8"), "quantize",
          setup=trained(finished=False)),
 ]
