@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
-from evotok_cli.serve.guard import ANY_IP, default_hosts, host_allowed, host_name
+from evotok_cli.serve.guard import ANY_IP, Limits, default_hosts, host_allowed, host_name
 from tests.test_serve import Server
 
 READ_TIMEOUT = 1.5
@@ -368,7 +368,6 @@ def test_a_client_that_stops_reading_is_dropped_after_the_read_timeout():
     from uvicorn import Config
     from uvicorn.server import ServerState
 
-    from evotok_cli.serve.guard import Limits
     from evotok_cli.serve.protocol import protocol_for
 
     async def app(scope, receive, send):  # answering, for as long as the test runs
@@ -391,3 +390,16 @@ def test_a_client_that_stops_reading_is_dropped_after_the_read_timeout():
 
     kept, dropped = asyncio.run(scenario())
     assert kept and dropped
+
+
+def test_allowed_hosts_flag_becomes_the_set_the_guard_compares():
+    from evotok_cli.serve.config import ServeOptions, limits
+
+    hosts = limits(ServeOptions(allowed_hosts="Evotok.example.com, .internal.test,[::1],10.0.0.2,::2")).hosts
+    assert hosts == {"evotok.example.com", ".internal.test", "[::1]", "10.0.0.2", "[::2]"}
+    assert host_allowed("EVOTOK.example.com.:443", hosts) and host_allowed("a.internal.test", hosts)
+    assert not host_allowed("127.0.0.1", hosts)
+    assert limits(ServeOptions(allowed_hosts="*")).hosts is None
+    assert limits(ServeOptions(host="localhost")).hosts == {"127.0.0.1", "localhost", "[::1]"}
+    assert limits(ServeOptions(read_timeout=2.5, max_connections=9)) == Limits(
+        hosts=frozenset({"127.0.0.1", "localhost", "[::1]"}), read_timeout=2.5, max_connections=9)
