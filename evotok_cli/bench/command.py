@@ -30,7 +30,8 @@ def bench_request(flags: dict[str, Any], config: Path | None) -> tuple[Any, Any]
         options={**settings.decoder_options, **parse_opts(flags["opt"])}, sweeps=values["sweep"],
         out=Path(values["out"]).expanduser(), device=values["device"], dtype=values["dtype"],
         compile=values["compile"], lora_mode=values["lora_mode"], padded_attention=values["padded_attention"],
-        quantize=values["quantize"], threads=values["threads"])
+        quantize=values["quantize"], threads=values["threads"], endpoint=values["endpoint"],
+        api_key=flags.get("api_key"), concurrency=values["concurrency"])
     return request, settings
 
 
@@ -40,6 +41,8 @@ def run(flags: dict[str, Any], *, config: Path | None, as_json: bool | None) -> 
     from evotok_cli.bench.runner import run_bench
 
     request, settings = bench_request(flags, config)
+    if request.endpoint:
+        from evotok_cli.bench.remote import run_remote as run_bench  # the generations asked over HTTP
     err = stderr()
     request.on_note = lambda line: err.print(f"[yellow]note:[/yellow] {line}")
     with BenchProgress(err, enabled=_rank() == 0) as progress:

@@ -79,6 +79,13 @@ class BenchOptions:
                               cli_type=list[str], read=_sweep)
     out: str = option("bench-results", "folder for sample logs and results.json; rerunning with it resumes",
                       cli_type=Path)
+    endpoint: str | None = option(None, "ask a running OpenAI-compatible server (e.g. `evotok serve`'s "
+                                  "http://127.0.0.1:8000/v1) instead of loading the model; -m gives the tokenizer",
+                                  envvar="EVOTOK_ENDPOINT")
+    api_key: str | None = option(None, "the --endpoint server's API key", envvar="EVOTOK_API_KEY", yaml=False,
+                                 shown=None)
+    concurrency: int = option(8, "requests in flight at once against --endpoint", min=1, max=1024,
+                              what="--concurrency", example=8)
     # the model-loading options are `evotok generate`'s, declared there
     device: str = like(GenerateOptions, "device")
     threads: int | None = like(GenerateOptions, "threads")

@@ -68,8 +68,10 @@ def collect(out: Path, name: str, doc_ids: list[int]) -> tuple[list[dict[str, An
     return [found[i] for i in sorted(found)], [p.name for p in paths]
 
 
-def build_document(request: Any, runs: list[Any], loaded: dict[str, Any], model: Any, world: int) -> dict[str, Any]:
-    """The results document of a finished bench run (every process's samples merged)."""
+def build_document(request: Any, runs: list[Any], loaded: dict[str, Any], model: Any, world: int,
+                   model_info: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The results document of a finished bench run (every process's samples merged); `model_info` is the
+    "model" section of a run that loaded no model (bench --endpoint: the server and its /v1/models)."""
     from evotok_cli.bench.sweep import parse_sweeps
     from evotok_cli.provenance import jsonable, versions
     from evotok_cli.runtime.device import describe_runtime
@@ -93,7 +95,7 @@ def build_document(request: Any, runs: list[Any], loaded: dict[str, Any], model:
     return {
         "schema": SCHEMA,
         "created": now(),
-        "model": {"path": str(model.path), "adapter": request.adapter,
+        "model": model_info if model_info is not None else {"path": str(model.path), "adapter": request.adapter,
                   "adapter_training": adapter_training(model.path, request.adapter), "family": model.family.name,
                   "parameters": model.parameter_count(), "dtype": str(model.dtype).removeprefix("torch."),
                   "device": str(model.device), "lora_mode": model.adapter.mode if model.adapter else None,

@@ -60,6 +60,9 @@ class BenchRequest:
     on_note: Callable[[str], None] | None = None  # one-line remarks (protocol quirks hit, resumed counts)
     on_pass: Callable[[Run, int, int, int, int], None] | None = None  # (run, pass, batch rows, items done, to do)
     batch_auto: bool = False  # batch_size was chosen by default_batch_size (batches then split evenly)
+    endpoint: str | None = None  # a running OpenAI-compatible server to ask instead of a local model (remote.py)
+    api_key: str | None = None  # the endpoint's key
+    concurrency: int = BenchOptions.concurrency  # requests in flight at once against the endpoint
 
 
 @dataclass
@@ -184,6 +187,18 @@ def make_run(task: Task, decoder_name: str, options: dict[str, Any], overrides: 
 # -- running -----------------------------------------------------------------------------------------
 def run_bench(request: BenchRequest) -> dict[str, Any] | None:
     """Run the request; returns the results document on rank 0 (None on the other ranks)."""
+    tasks = checked_tasks(request)
+    output_dir(request.out, "--out")  # before any data or model is loaded
+    lock = acquire_dir(request.out, "--out")  # one bench per folder: a second one would redo every item
+    try:
+        return _run_locked(request, tasks)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def checked_tasks(request: BenchRequest) -> list[Task]:
+    """The request's tasks, after the checks that need neither data nor a model (local or --endpoint)."""
     from evotok_cli.bench.tasks import registry as task_registry
     from evotok_cli.runtime.attention import check_padded_mode
     from evotok_cli.runtime.lora import check_lora_mode
@@ -200,14 +215,7 @@ def run_bench(request: BenchRequest) -> dict[str, Any] | None:
         raise ConfigError(f"limit must be a whole number >= 1, got {limit!r}", where="--limit", fix="e.g. --limit 50")
     if not request.tasks:
         raise ConfigError("no task given", where="evotok bench", fix="name one, e.g. `evotok bench gsm8k`")
-    tasks = [task_registry.get(name) for name in dict.fromkeys(request.tasks)]
-    output_dir(request.out, "--out")  # before any data or model is loaded
-    lock = acquire_dir(request.out, "--out")  # one bench per folder: a second one would redo every item
-    try:
-        return _run_locked(request, tasks)
-    finally:
-        if lock is not None:
-            lock.release()
+    return [task_registry.get(name) for name in dict.fromkeys(request.tasks)]
 
 
 def _run_locked(request: BenchRequest, tasks: list[Task]) -> dict[str, Any] | None:
@@ -403,8 +411,8 @@ def _execute_release_stream(run: Run, todo: list[Doc], done: set[int], prompts: 
 
 def record(run: Run, doc: Doc, result: dict[str, Any], seconds: float, model: Any, rank: int) -> dict[str, Any]:
     """One sample line. The scored text is the whole generated span decoded with special tokens kept,
-    as the protocol decodes it."""
-    generation = model.decode(result["token_ids"])
+    as the protocol decodes it (`generation` given: a plain server's text, bench --endpoint)."""
+    generation = result["generation"] if "generation" in result else model.decode(result["token_ids"])
     extracted, correct = run.task.score(generation, doc.target)
     line = {"doc_id": doc.doc_id, "index": doc.index, "task": run.task.name, "decoder": run.decoder_name,
             "sweep": run.sweep or None, "prompt": result["prompt"], "generation": generation,

@@ -139,6 +139,8 @@ def response(reply: Reply, results: list[dict[str, Any]], plan: Any) -> dict[str
 
 
 def extension(plan: Any, results: list[dict[str, Any]]) -> dict[str, Any]:
-    """evotok's own part of an answer: how to reproduce it (decoder, settings, the seed of every choice)."""
+    """evotok's own part of an answer: how to reproduce it (decoder, settings, the seed of every choice), and
+    each choice's generated span as token ids, special tokens and all (`bench --endpoint` scores the span
+    decoded with them kept, as a local bench does, which the text cut at the first stop id cannot give)."""
     return {"decoder": plan.decoder_name, "settings": plan.settings, "seeds": plan.seeds,
-            "nfe": [r["nfe"] for r in results]}
+            "nfe": [r["nfe"] for r in results], "token_ids": [r["token_ids"] for r in results]}
