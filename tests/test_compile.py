@@ -69,3 +69,54 @@ def test_compile_failure_is_one_line(monkeypatch, tiny_llada):
         assert "run without --compile" in err.value.line()
     finally:
         torch._dynamo.reset()
+
+
+def test_a_new_mix_of_rows_makes_no_new_graph(tiny_llada, monkeypatch):
+    """The engine's compiled forward over the slot pool (`decoding/engine.py: run_paged`): index and mask
+    tensors instead of Python values per row, sizes in buckets. After a warm-up load, another load of other
+    prompt lengths, cache modes and decoders builds no graph: a counting backend sees none, and a
+    recompile would raise."""
+    import torch._dynamo
+
+    from evotok_cli.decoding.engine import Engine, make_jobs
+    from evotok_cli.runtime.cache import SlotPool
+
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    from evotok_cli.runtime.compile import no_duck_shapes
+
+    torch._dynamo.reset()
+    no_duck_shapes()
+    model = load_model(tiny_llada)
+    compiled = torch.compile(model.net, backend=counting, dynamic=True)
+    model.compiled_forward = lambda *args, **kwargs: compiled(*args, **kwargs)
+    modes = [("hard-mask", {}), ("hard-mask", {"cache": "dual"}), ("evotoken", {"cache": "prefix"}),
+             ("d2f", {"block_size": "4"}), ("evotoken", {})]
+
+    def load(lengths: list[int]) -> None:
+        engine = Engine(model, max_rows=16)
+        assert isinstance(engine.pool, SlotPool)
+        jobs = []
+        for i, n in enumerate(lengths):
+            name, options = modes[i % len(modes)]
+            request = GenerationRequest(prompts=[[5 + j for j in range(n)]], gen_length=8, block_length=4, steps=4,
+                                        seeds=[i])
+            jobs += [engine.submit(job) for _, job in make_jobs(model, make_decoder(name, options), request, cohort=1)]
+        engine.run()
+        assert all(job.error is None for job in jobs), [str(job.error) for job in jobs if job.error]
+
+    try:
+        load([3, 9, 5, 12, 7])
+        load([2, 6])
+        warm = len(graphs)
+        assert warm > 0
+        monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+        load([4, 11, 8, 3, 13, 6, 10])
+        load([5])
+        assert len(graphs) == warm
+    finally:
+        torch._dynamo.reset()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from evotok_cli.decoding.api import GenerationRequest
-from evotok_cli.decoding.engine import Engine, Job, drive, make_jobs
+from evotok_cli.decoding.engine import Engine, Job, decode_together, drive, make_jobs
 from evotok_cli.generation import make_decoder
 
 PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13, 14], [20], [30, 31, 32, 33], [40, 41]]
@@ -103,19 +103,126 @@ def test_a_failing_job_fails_alone(tiny_model):
     assert "exceeds the model's maximum" in str(bad.error) and good.result is not None
 
 
-def test_a_cached_batch_is_one_cohort_and_matches_the_batch_decoder(tiny_model):
-    decoder = make_decoder("evotoken", {"cache": "dual"})
-    request = GenerationRequest(prompts=PROMPTS, seed=0, **SETTINGS)
+MIXED = [("hard-mask", {"cache": "prefix"}), ("hard-mask", {"cache": "dual"}), ("evotoken", {"cache": "prefix"}),
+         ("evotoken", {"cache": "dual", "threshold": "0.5"}), ("d2f", {"block_size": "4"}), ("hard-mask", {}),
+         ("hard-mask", {"cfg_scale": "1.5"}), ("d2f", {"block_size": "4", "soft": "true", "cache": "false"}),
+         ("evotoken", {})]
+
+
+def _counting(model):
+    """Count the network's forwards (a list of their batch sizes)."""
+    calls = []
+    original = model.net.forward
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("inputs_embeds", args[0] if args else None).shape[0])
+        return original(*args, **kwargs)
+
+    model.net.forward = counting
+    return calls
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_every_decoder_and_cache_mode_shares_one_forward_per_step(tiny_model, temperature):
+    """Cached windows (prefix, dual), d2f's block-causal pipeline, guidance's paired rows and uncached rows
+    of different prompt lengths in one forward per step; each row decodes what it decodes alone, with its
+    own seed."""
+    engine = Engine(tiny_model, max_rows=len(MIXED) + 1)
+    jobs = []
+    for i, (name, options) in enumerate(MIXED):
+        decoder = make_decoder(name, options)
+        jobs.append((decoder, PROMPTS[i % len(PROMPTS)], i, engine.submit(_job(tiny_model, decoder, PROMPTS[i % len(PROMPTS)],
+                                                                            temperature, seed=i))))
+    calls = _counting(tiny_model)
+    try:
+        engine.run()
+    finally:
+        del tiny_model.net.forward
+    assert len(calls) == engine.steps == engine.passes
+    assert calls[0] == len(MIXED) + 1  # guidance's pair is two rows
+    for decoder, prompt, seed, job in jobs:
+        assert job.error is None
+        alone = _solo(tiny_model, decoder, prompt, temperature, seed=seed)
+        assert job.result.rows[0].token_ids == alone.token_ids and job.result.rows[0].nfe == alone.nfe
+    assert not engine.pool.slots  # every slot went back with its job
+
+
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+def test_a_cached_batch_gives_every_row_its_own_random_stream(tiny_model, mode):
+    """The engine's rows (generate, bench, serve): each cached row samples what it samples alone from its
+    own seed (a cached batch used to be one cohort drawing from its first row's stream)."""
+    decoder = make_decoder("evotoken", {"cache": mode})
+    request = GenerationRequest(prompts=PROMPTS, seed=7, temperature=0.9, **SETTINGS)
     jobs = make_jobs(tiny_model, decoder, request, cohort=2)
-    assert [first for first, _ in jobs] == [0, 2, 4] and [j.rows for _, j in jobs] == [2, 2, 1]
+    assert [first for first, _ in jobs] == [0, 1, 2, 3, 4] and all(j.rows == 1 for _, j in jobs)
+    batch = decode_together(tiny_model, decoder, request)
+    solo = [_solo(tiny_model, decoder, p, 0.9, seed=7 + i).token_ids for i, p in enumerate(PROMPTS)]
+    assert [r.token_ids for r in batch.rows] == solo
+    assert len(set(map(tuple, solo))) > 1
+
+
+def test_a_library_cohort_program_keeps_working(tiny_model):
+    """A program over several padded rows (a library caller's `decoder.program(request)`), cached: its rows
+    get slots of the pool and attend over their real keys, as they did with a cache of their own."""
+    decoder = make_decoder("hard-mask", {"cache": "dual"})
+    request = GenerationRequest(prompts=PROMPTS[:3], seed=0, **SETTINGS)
+    cohort = drive(tiny_model, decoder.program(tiny_model, request))
+    assert [r.token_ids for r in cohort.rows] == [_solo(tiny_model, decoder, p).token_ids for p in PROMPTS[:3]]
+
+
+def test_a_pass_with_its_own_cache_object_still_runs(tiny_model):
+    """The interface before the pool: a program that yields a cache object of its own runs alone."""
+    from evotok_cli.decoding.engine import ForwardPass
+
+    def old_style(model, prompt):
+        x = torch.tensor([prompt])
+        cache = model.new_cache(1, len(prompt))
+        logits = yield ForwardPass({"input_ids": x}, position_ids=None, cache=cache, logits_slice=(0, len(prompt)))
+        from evotok_cli.decoding.api import GenerationResult, RowResult
+        return GenerationResult(rows=[RowResult(token_ids=logits.argmax(-1)[0].tolist(), nfe=1)], nfe=1)
+
     engine = Engine(tiny_model, max_rows=4)
-    for _, job in jobs:
-        engine.submit(job)
+    old = engine.submit(Job(old_style(tiny_model, PROMPTS[1]), rows=1))
+    new = engine.submit(_job(tiny_model, make_decoder("hard-mask", {"cache": "dual"}), PROMPTS[0]))
     engine.run()
-    for first, job in jobs:
-        alone = drive(tiny_model, decoder.program(tiny_model, GenerationRequest(
-            prompts=PROMPTS[first:first + job.rows], seed=first, **SETTINGS)))
-        assert [r.token_ids for r in job.result.rows] == [r.token_ids for r in alone.rows]
+    assert old.error is None and len(old.result.rows[0].token_ids) == len(PROMPTS[1])
+    assert new.result.rows[0].token_ids == _solo(tiny_model, make_decoder("hard-mask", {"cache": "dual"}),
+                                                 PROMPTS[0]).token_ids
+
+
+def test_an_out_of_memory_step_is_retried_in_halves(tiny_model):
+    """A forward that does not fit is split in two before any row fails; the rows' tokens stay their own."""
+    decoder = make_decoder("evotoken", {"cache": "dual"})
+    engine = Engine(tiny_model, max_rows=8)
+    jobs = [engine.submit(_job(tiny_model, decoder, p, seed=i)) for i, p in enumerate(PROMPTS)]
+    original = tiny_model.net.forward
+
+    def small_memory(*args, **kwargs):
+        if kwargs["inputs_embeds"].shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return original(*args, **kwargs)
+
+    tiny_model.net.forward = small_memory
+    try:
+        engine.run()
+    finally:
+        del tiny_model.net.forward
+    assert engine.retries > 0
+    for i, (prompt, job) in enumerate(zip(PROMPTS, jobs)):
+        assert job.error is None
+        assert job.result.rows[0].token_ids == _solo(tiny_model, decoder, prompt, seed=i).token_ids
+
+
+def test_admission_by_tokens_in_flight(tiny_model):
+    """With a token budget the engine admits what fits beside the live rows (and a job alone always)."""
+    decoder = make_decoder("hard-mask", {"cache": "prefix"})
+    engine = Engine(tiny_model, max_rows=64, max_tokens=25)  # canvases of 8 + 3..14 tokens: two at most
+    jobs = [engine.submit(_job(tiny_model, decoder, p)) for p in PROMPTS]
+    peak = 0
+    while engine.step():
+        peak = max(peak, engine.live_tokens)
+        assert engine.live_tokens <= 25 or len(engine.live) == 1
+    assert all(j.result is not None for j in jobs) and peak > 0
 
 
 def test_a_decoder_without_a_program_still_runs(tiny_model):
@@ -168,3 +275,71 @@ def test_drive_is_generate(tiny_model):
     assert ([r.token_ids for r in drive(tiny_model, decoder.program(tiny_model, request)).rows]
             == [r.token_ids for r in decoder.generate(tiny_model, request).rows])
     assert isinstance(Job(None, rows=1).seconds, float) and torch.is_grad_enabled()
+
+
+def test_at_most_one_read_back_per_step(tiny_model):
+    """Threshold liveness, d2f's block progress and EOS, and finished rows' tokens: every row's reads of a
+    step are one device-to-host copy (`HostRead`), however many rows there are."""
+    from tests.test_syncs import SyncCounter
+
+    tiny_model.logits_checked = True  # the one-off NaN check of the first forward is not a per-step cost
+    engine = Engine(tiny_model, max_rows=8)
+    jobs = []
+    for i, (name, options) in enumerate([("evotoken", {"threshold": "0.5"}), ("d2f", {"block_size": "4"}),
+                                         ("hard-mask", {"cache": "dual", "threshold": "0.7"}),
+                                         ("d2f", {"block_size": "4", "soft": "true"}), ("hard-mask", {})]):
+        decoder = make_decoder(name, options)
+        jobs.append((decoder, PROMPTS[i], engine.submit(_job(tiny_model, decoder, PROMPTS[i], seed=i))))
+    per_step = []
+    while True:
+        with SyncCounter() as counter:
+            if not engine.step():
+                break
+        per_step.append(counter.total)
+    assert max(per_step) == 1 and len(per_step) > 4
+    for decoder, prompt, job in jobs:
+        assert job.result.rows[0].token_ids == _solo(tiny_model, decoder, prompt).token_ids
+
+
+def test_the_paged_pool_runs_the_same_rows_in_tensor_operations(tiny_model):
+    """"masked" mode (the GPU default, and any compiled forward): one pool tensor per layer, rows written
+    and read through index tensors, one masked attention call per layer. Logits equal the exact per-row
+    path up to float rounding, and the mixed load decodes each row as it decodes alone."""
+    from evotok_cli.decoding.engine import ForwardPass, make_pool, run_rows
+    from evotok_cli.runtime.cache import SlotPool
+
+    paged, exact = make_pool(tiny_model, "masked"), make_pool(tiny_model, "rowwise")
+    assert isinstance(paged, SlotPool)
+    canvas = [torch.tensor([p + [tiny_model.mask_id] * 4]) for p in PROMPTS[:3]]
+    for step in range(2):  # a full pass fills the cache, then windows reuse it
+        passes = [(k, ForwardPass({"input_ids": c[:, (0 if step == 0 else c.shape[1] - 4):]}, position_ids=None,
+                                  logits_slice=(0, 4 if step else c.shape[1]), start=0 if step == 0 else c.shape[1] - 4,
+                                  kv_length=c.shape[1])) for k, c in enumerate(canvas)]
+        for got, want in zip(run_rows(tiny_model, passes, paged), run_rows(tiny_model, passes, exact)):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    from evotok_cli.runtime.attention import padded_attention
+
+    with padded_attention("masked"):
+        engine = Engine(tiny_model, max_rows=len(MIXED) + 1)
+        assert isinstance(engine.pool, SlotPool)
+        jobs = []
+        for i, (name, options) in enumerate(MIXED):
+            decoder = make_decoder(name, options)
+            prompt = PROMPTS[i % len(PROMPTS)]
+            jobs.append((decoder, prompt, engine.submit(_job(tiny_model, decoder, prompt, seed=i))))
+        engine.run()
+    assert engine.passes == engine.steps
+    for decoder, prompt, job in jobs:
+        assert job.error is None
+        assert job.result.rows[0].token_ids == _solo(tiny_model, decoder, prompt).token_ids
+    assert not engine.pool.owned and len(engine.pool.free_slots) == engine.pool.capacity - 1
+
+
+def test_a_pass_of_the_older_blockwise_forward_gets_one_line_saying_how_to_move(tiny_model):
+    from evotok_cli.decoding.engine import CPU_TOKENS_IN_FLIGHT, ForwardPass, default_tokens_in_flight
+    from evotok_cli.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="kv_length") as err:
+        ForwardPass({"input_ids": torch.tensor([[5]])}, position_ids=None, logits_slice=(0, 1), cache=12)
+    assert "\n" not in err.value.line() and err.value.line().endswith(")")
+    assert default_tokens_in_flight(tiny_model) == CPU_TOKENS_IN_FLIGHT

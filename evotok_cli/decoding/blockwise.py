@@ -27,11 +27,10 @@ import torch
 
 from evotok_cli.decoding.api import GenerationRequest, GenerationResult, RowResult, StepEvent, row_seed
 from evotok_cli.decoding.canvas import Canvas, build_canvas
-from evotok_cli.decoding.engine import ForwardPass, Program, drive, shifted_listener
+from evotok_cli.decoding.engine import ForwardPass, HostRead, Program, drive, shifted_listener
 from evotok_cli.decoding.logprobs import recorder_for
 from evotok_cli.decoding.schedule import block_layout, release_draws, transfer_schedule
 from evotok_cli.errors import ConfigError
-from evotok_cli.runtime.cache import KVCache
 
 
 def check_reference_rng(config: Any, where: str) -> None:
@@ -116,21 +115,23 @@ class BlockwiseDecoder:
         return block.start, block.end  # dual
 
     def forward(self, model: Any, state: Any, canvas: Canvas, block: Block, lo: int, hi: int,
-                cache: KVCache | None) -> tuple[ForwardPass, tuple[int, int]]:
-        """The pass to run (the engine runs it, shared with other rows when it can) and the canvas
-        columns its logits cover."""
+                cache: int | None) -> tuple[ForwardPass, tuple[int, int]]:
+        """The pass to run (the engine runs it in the step's one forward, with every other row) and the
+        canvas columns its logits cover. `cache`: the canvas length when the rows keep a KV cache (the
+        engine's slots: the fed window [lo, hi) is written there, the rest reused), else None."""
         cols = self.logits_range(canvas, lo, hi, block)
         shift = int(model.shifted_logits)
         # Dream predicts position i from the output at i - 1: that position must be fed too. Under a cache
         # it is re-fed (its K/V refreshed like the rest of the window), the same approximation as the window.
         lo = min(lo, cols[0] - shift)
         return ForwardPass(self.inputs(model, state, canvas, lo, hi, block),
-                           position_ids=canvas.positions[:, lo:hi], pad_offsets=canvas.pad_offsets, cache=cache,
+                           position_ids=canvas.positions[:, lo:hi], pad_offsets=canvas.pad_offsets, kv_length=cache,
                            start=lo if cache is not None else 0,
                            logits_slice=(cols[0] - shift - lo, cols[1] - shift - lo)), cols
 
     def generate(self, model: Any, request: GenerationRequest) -> GenerationResult:
-        """Decode the request's rows together, alone (the CLI runs `program` in the step engine)."""
+        """Decode the request's rows together as one program, alone (a library call; the CLI, bench and
+        serve run each row as a program of its own in the step engine, with its own random stream)."""
         return drive(model, self.program(model, request))
 
     # The release runs every scheduled pass of a block, also after the block is full (LLaDA's `generate`
@@ -146,10 +147,10 @@ class BlockwiseDecoder:
         return getattr(self.config, "rng", "fast") == "reference"
 
     def split(self, request: GenerationRequest) -> bool:
-        """Whether each row may run as a program of its own (and share passes with any other row): without
-        a KV cache a row needs nothing but its own canvas. A cache is one batch-shaped memory, so cached
-        rows decode as one cohort; rng=reference decodes them one after another from one stream."""
-        return self.cache_mode == "none" and not self.reference_rng
+        """Whether each row runs as a program of its own (sharing the step's forward with every other row,
+        each with its own random stream): always, cached or not (the engine keeps each row's KV slot),
+        except rng=reference, which decodes the rows one after another from one stream."""
+        return not self.reference_rng
 
     def sequential(self, request: GenerationRequest) -> bool:
         """rng=reference: the release decodes one prompt at a time from one random stream (batch-1
@@ -159,8 +160,9 @@ class BlockwiseDecoder:
     @torch.no_grad()
     def program(self, model: Any, request: GenerationRequest) -> Program:
         """The block loop as a program: yields each forward pass, receives its logits. One random stream per
-        program: a row decoded alone draws from its own seed; a cached cohort shares its first row's (its
-        rows' noise is drawn in one batch); rng=reference runs the rows in turn on the first row's stream."""
+        program: a row decoded alone (how the engine and `generate` run every row) draws from its own seed;
+        a cohort program of several rows (a library caller's) shares its first row's; rng=reference runs
+        the rows in turn on the first row's stream."""
         seed = row_seed(request, 0)
         generator = None if seed is None else torch.Generator(device=model.device).manual_seed(seed)
         if not self.reference_rng or len(request.prompts) == 1:
@@ -188,7 +190,7 @@ class BlockwiseDecoder:
         canvas = build_canvas(request.prompts, request.gen_length, mask_id=model.mask_id, pad_id=model.eos_id,
                               max_length=model.max_length, device=model.device)
         state = self.start(model, canvas, request)
-        cache = model.new_cache(canvas.batch, canvas.length) if self.cache_mode != "none" else None
+        cache = canvas.length if self.cache_mode != "none" else None  # the engine's KV slots, this long
         recorder = recorder_for(request, canvas.batch, canvas.length, model)
         sampling = request.sampling  # the temperature, with the request's filters
         nfe, row_nfe = 0, [0] * canvas.batch
@@ -199,7 +201,9 @@ class BlockwiseDecoder:
             step = 0
             while True:
                 active = (canvas.x[:, block.start:block.end] == model.mask_id).any(dim=1)
-                live = self._live(active, schedule, step)
+                live = self._live(active, schedule, step, first=index == 0 and step == 0)
+                if live is None:  # rows finish at passes of their own: the engine reads it with the others
+                    live = yield HostRead(active)
                 if not any(live) or (self.threshold is None and step >= len(schedule)):
                     if self.reference_rng and self.release_runs_every_step:
                         for _ in range(step, len(schedule)):  # passes the release runs on a full block
@@ -227,20 +231,24 @@ class BlockwiseDecoder:
                     request.on_pass(nfe)
                 step += 1
             self.end_block(model, state, canvas, block)
-        gen = canvas.generated().tolist()
+        gen = yield HostRead(canvas.generated())  # read with the other rows' reads of the step
         rows = [RowResult(token_ids=gen[b], nfe=row_nfe[b],
                           logprobs=None if recorder is None else recorder.row(b, canvas.gen_start))
                 for b in range(canvas.batch)]
         return GenerationResult(rows=rows, nfe=nfe, seconds=time.perf_counter() - t0)
 
-    def _live(self, active: torch.Tensor, schedule: list[int], step: int) -> list[bool]:
-        """Which rows still hold a [MASK] in the block. With a threshold rows finish at passes of their own:
-        read `active` back (the one read-back of a pass). Without one, a decoder whose update commits
-        exactly `counts[b]` [MASK]s of each live row (`exact_schedule`) leaves sum(schedule[step:]) of them
-        in every row, so the host knows without asking the device, and never waits for it between passes."""
+    def _live(self, active: torch.Tensor, schedule: list[int], step: int, first: bool = False) -> list[bool] | None:
+        """Which rows still hold a [MASK] in the block, or None when the device must say (`active` is read
+        back: the one read of a pass, which the engine makes for all rows of a step together). With a
+        threshold rows finish at passes of their own. Without one, a decoder whose update commits exactly
+        `counts[b]` [MASK]s of each live row (`exact_schedule`) leaves sum(schedule[step:]) of them in every
+        row, so the host knows without asking the device, and never waits for it between passes. Before
+        the first pass every generated position is [MASK]: every row is live."""
         if self.threshold is None and self.exact_schedule:
             return [sum(schedule[step:]) > 0] * active.shape[0]
-        return active.tolist()
+        if first:
+            return [True] * active.shape[0]
+        return None
 
     # -- trace -----------------------------------------------------------------------------------
     def _describe(self, model, state, canvas):

@@ -1,20 +1,36 @@
-"""The step engine: a set of live jobs, one forward pass per step over the rows that can share it.
+"""The step engine: a set of live jobs, one forward per step over every row that needs one.
 
 A decoder writes its decoding as a *program*: a generator that yields a `ForwardPass` (the inputs of one
 forward over its rows), receives that pass's logits, updates its own state, and finally returns its
-`GenerationResult`. The engine owns the loop: each step it collects the pending pass of every live job,
-runs all *shareable* passes (one row, no cache, full bidirectional attention) as one batched forward —
-rows of any length, at any block, of any decoder — and every other pass on its own, then hands each
-program its logits. Jobs join at any step and leave when their program returns or is cancelled; their
-rows are refilled from the queue at once.
+`GenerationResult`. The engine owns the loop and the K/V memory: each step it collects the pending pass
+of every live job and runs them all as ONE batched forward, whatever their decoder, options, prompt
+length, block, window or cache state (uncached, prefix- and dual-cached windows, d2f's block-causal
+pipeline, guidance's paired rows), then hands each program its logits. A program that wants a KV cache
+does not hold one: its pass says `kv_length` (its canvas length) and `start` (where the fed window sits),
+and the engine gives each of its rows a slot of the pool (`runtime/cache.py: KVPool`), writes the
+window's keys and values there and attends over everything written so far (refresh what is fed, reuse
+the rest). Jobs join at any step and leave when their program returns or is cancelled; their rows and
+slots are refilled from the queue at once.
 
-Why this keeps tokens exact: a shared forward left-pads the rows' input embeddings into one batch, and the
-runtime attends a padded row over its own keys only, so each row's logits are those of the row alone
-(`runtime/attention.py`: bit for bit on its per-row path, the CPU default; up to float rounding with its
-one masked call per layer, the GPU default); each program then updates from its own logits with its own
-random generator.
+Why this keeps tokens exact: the shared forward left-pads the rows' input embeddings into one batch, and
+the runtime attends each row over its own keys (its slot, or its fed positions) with its own mask. Two
+pools (`make_pool`, chosen once per engine): per-row caches attended one row at a time (`RowBatch`,
+`attention.attend_rows`: bit for bit the row alone; the CPU default, `--padded-attention rowwise`), or
+one pool tensor per layer written and read through index tensors with one masked call per layer
+(`PagedRows`, `attention.attend_paged`: the row alone up to float rounding; the GPU default and any
+compiled forward, whose graphs then never depend on the mix of rows: sizes come in buckets). The LM head
+runs only at the positions each row asks for (a per-row gather). Each program then updates from its own
+logits with its own random generator: every row is a program of its own (`make_jobs`), so every row has
+its own stream.
 
-`drive(model, program)` runs one program alone: what `decoder.generate` does for library callers.
+Host work per step: the engine makes at most one device-to-host copy per step, for every row that asked
+(`HostRead`: threshold liveness, d2f's block progress and EOS, finished rows' tokens). Capacity: rows
+(`max_rows`) and, when given, canvas positions in flight (`max_tokens`, `default_tokens_in_flight`); a
+step that runs out of memory is retried split in two before any row fails.
+
+A pass that still carries a cache object of its own (`cache=`, the interface before the pool) runs alone,
+as before; `drive(model, program)` runs one program alone: what `decoder.generate` does for library
+callers.
 """
 
 from __future__ import annotations
@@ -23,29 +39,48 @@ import itertools
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from evotok_cli.decoding.api import GenerationResult
+from evotok_cli.errors import ConfigError
+from evotok_cli.runtime.attention import resolved_mode
+from evotok_cli.runtime.cache import KVPool, PagedRows, RowBatch, SlotPool, bucket
 
-Program = Generator["ForwardPass", torch.Tensor, GenerationResult]
+Program = Generator["ForwardPass | HostRead", Any, GenerationResult]
 
 
 @dataclass
 class ForwardPass:
-    """One forward a program asks for, over its B rows and the fed canvas window [start, start + L)."""
+    """One forward a program asks for, over its B rows and the fed canvas window [start, start + L).
+
+    kv_length: the program wants a KV cache: each of its rows gets an engine slot of this many positions
+    (its canvas length), the fed window's keys and values are written there and attention sees every
+    position written so far. None: attention sees the fed positions only. `kv_memory` names the canvas
+    the slots hold: a program that decodes several canvases in turn (d2f's rows) starts each on fresh
+    slots by naming a new one. `cache` (a cache object the program holds) is the older interface: such a
+    pass runs alone."""
 
     inputs: dict[str, Any]  # input_ids=(B, L) or soft_inputs=((B, L, K) ids, (B, L, K) weights)
     position_ids: torch.Tensor | None  # (B, L); None: start + arange(L)
     logits_slice: tuple[int, int]  # fed positions whose logits the program needs
-    pad_offsets: list[int] | None = None
+    pad_offsets: list[int] | None = None  # left padding of each row's own canvas (a padded cohort)
     cache: Any = None
     start: int = 0
-    attention_mask: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None  # bool (B or 1, 1, L, K), True = may attend
     combine: Callable[[torch.Tensor], torch.Tensor] | None = None  # e.g. classifier-free guidance's mix
+    kv_length: int | None = None
+    kv_memory: Hashable = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.cache, int) and not isinstance(self.cache, bool):  # an older BlockwiseDecoder.forward
+            raise ConfigError(f"a decoder passed ForwardPass(cache={self.cache}), the older interface",
+                              where="decoder plugin",
+                              fix="BlockwiseDecoder.forward's `cache` is now the canvas length: write "
+                                  "ForwardPass(kv_length=cache), see examples/third_party_decoder/README.md")
 
     @property
     def rows(self) -> int:
@@ -53,13 +88,52 @@ class ForwardPass:
         return (ids if ids is not None else self.inputs["soft_inputs"][0]).shape[0]
 
     @property
+    def length(self) -> int:
+        ids = self.inputs.get("input_ids")
+        return (ids if ids is not None else self.inputs["soft_inputs"][0]).shape[1]
+
+    @property
     def shareable(self) -> bool:
-        """A pass that only needs its own inputs: it can join other rows in one batched forward."""
-        return (self.rows == 1 and self.cache is None and self.attention_mask is None and self.start == 0
-                and self.combine is None and not self.pad_offsets and self.position_ids is not None)
+        """Whether the pass can join other rows in the step's forward: all can, except one that holds a
+        cache object of its own (the engine cannot batch memory it does not own)."""
+        return self.cache is None
+
+
+@dataclass
+class HostRead:
+    """A program asks for device values on the host (`yield HostRead(tensor)` returns `tensor.tolist()`):
+    the engine reads the step's requests of every live row in ONE device-to-host copy, before the step's
+    forward, so the host waits for the device once per step however many rows there are."""
+
+    tensor: torch.Tensor
+
+
+def read_all(tensors: list[torch.Tensor]) -> list[Any]:
+    """`[t.tolist() for t in tensors]` in one device-to-host copy (values as float64, which holds every
+    flag, count and token id exactly), converted back to each tensor's kind of number."""
+    if len(tensors) == 1:
+        return [tensors[0].tolist()]
+    flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors]).tolist() if tensors else []
+    out, at = [], 0
+    for t in tensors:
+        kind = bool if t.dtype == torch.bool else float if t.is_floating_point() else int
+        values = [kind(v) for v in flat[at:at + t.numel()]]
+        at += t.numel()
+        out.append(_shaped(values, list(t.shape)))
+    return out
+
+
+def _shaped(values: list[Any], shape: list[int]) -> Any:
+    if not shape:
+        return values[0]
+    if len(shape) == 1:
+        return values
+    step = len(values) // shape[0] if shape[0] else 0
+    return [_shaped(values[i * step:(i + 1) * step], shape[1:]) for i in range(shape[0])]
 
 
 def run_pass(model: Any, p: ForwardPass) -> torch.Tensor:
+    """A pass on its own, as the model's plain forward (also the older interface's own cache objects)."""
     logits = model(**p.inputs, position_ids=p.position_ids, pad_offsets=p.pad_offsets, cache=p.cache,
                    start=p.start, attention_mask=p.attention_mask, logits_slice=p.logits_slice)
     return p.combine(logits) if p.combine is not None else logits
@@ -71,48 +145,158 @@ def _embed(model: Any, inputs: dict[str, Any]) -> torch.Tensor:
     return model.embed(inputs["input_ids"])
 
 
-def run_shared(model: Any, passes: list[ForwardPass]) -> list[torch.Tensor]:
-    """One batched forward for single-row passes of any lengths; each gets exactly its own logits."""
-    if len(passes) == 1:
-        return [run_pass(model, passes[0])]
-    embeds = [_embed(model, p.inputs) for p in passes]  # (1, L_r, D) each
+def run_rows(model: Any, items: list[tuple[Hashable, ForwardPass]], pool: KVPool | SlotPool) -> list[torch.Tensor]:
+    """ONE forward for the passes of many programs (`items`: (owner, pass)); each pass gets exactly its
+    own logits. Rows are left-padded into a batch; a row with `kv_length` reads and writes its slot of
+    `pool` (keyed by owner and row): a `KVPool` attends each row on its own (exact), a `SlotPool` all rows
+    in one masked call per layer (`run_paged`)."""
+    if isinstance(pool, SlotPool):
+        return run_paged(model, items, pool)
+    if len(items) == 1 and items[0][1].kv_length is None and not items[0][1].pad_offsets:
+        return [run_pass(model, items[0][1])]  # alone and uncached: the plain forward
+    embeds = [_embed(model, p.inputs) for _, p in items]  # (B_p, L_p, D) each
     length = max(e.shape[1] for e in embeds)
-    x = embeds[0].new_zeros((len(passes), length, embeds[0].shape[-1]))  # (B, L, D); pads are never read
-    positions = torch.zeros((len(passes), length), dtype=torch.long, device=x.device)  # (B, L)
-    offsets = []
-    for r, (e, p) in enumerate(zip(embeds, passes)):
-        off = length - e.shape[1]  # left padding: every row ends at the last column
-        x[r, off:] = e[0]
-        positions[r, off:] = p.position_ids[0]
-        offsets.append(off)
-    a = min(off + p.logits_slice[0] for off, p in zip(offsets, passes))
-    b = max(off + p.logits_slice[1] for off, p in zip(offsets, passes))
-    logits = model(inputs_embeds=x, position_ids=positions, pad_offsets=offsets if any(offsets) else None,
-                   logits_slice=(a, b))  # (B, b - a, V)
-    return [logits[r:r + 1, off + p.logits_slice[0] - a:off + p.logits_slice[1] - a]
-            for r, (off, p) in enumerate(zip(offsets, passes))]
+    total = sum(e.shape[0] for e in embeds)
+    x = embeds[0].new_zeros((total, length, embeds[0].shape[-1]))  # (R, L, D); pads are never read
+    positions = torch.zeros((total, length), dtype=torch.long, device=x.device)  # (R, L)
+    pads, starts, slots, masks, key_pads, index, counts = [], [], [], [], [], [], []
+    r = 0
+    for (owner, p), e in zip(items, embeds):
+        rows, fed = e.shape[0], e.shape[1]
+        off = length - fed  # left padding: every row ends at the last column
+        x[r:r + rows, off:] = e
+        positions[r:r + rows, off:] = (p.position_ids if p.position_ids is not None
+                                       else torch.arange(p.start, p.start + fed, device=x.device))
+        a, b = p.logits_slice
+        for i in range(rows):
+            pads.append(off)
+            starts.append(p.start)
+            slots.append(None if p.kv_length is None else pool.slot(owner, i, p.kv_length, p.kv_memory))
+            mask = p.attention_mask
+            masks.append(None if mask is None else mask[i if mask.shape[0] > 1 else 0][None])
+            key_pads.append(p.pad_offsets[i] if p.pad_offsets else 0)
+            index.extend(range((r + i) * length + off + a, (r + i) * length + off + b))
+        counts.append((rows, b - a))
+        r += rows
+    batch = RowBatch(pads, starts, slots, masks, key_pads)
+    gather = torch.tensor(index, dtype=torch.long).to(x.device, non_blocking=True)
+    logits = model(inputs_embeds=x, position_ids=positions, cache=batch, logits_slice=gather)[0]  # (N, V)
+    out, at = [], 0
+    for (_, p), (rows, n) in zip(items, counts):
+        part = logits[at:at + rows * n].view(rows, n, -1)
+        at += rows * n
+        out.append(p.combine(part) if p.combine is not None else part)
+    return out
+
+
+def make_pool(model: Any, mode: str | None = None) -> KVPool | SlotPool:
+    """The K/V memory an engine runs its rows over: per-row caches attended one row at a time ("rowwise",
+    the CPU default: bit for bit each row alone), or one pool tensor per layer attended with one masked
+    call over index tensors ("masked", the GPU default, and any compiled forward: its graphs never depend
+    on which rows a step holds). The mode is read here, once, never inside the forward."""
+    mode = mode or resolved_mode(model.device)
+    if getattr(model, "compiled", False) or mode == "masked":
+        return SlotPool(model.new_cache)
+    return KVPool(model.new_cache)
+
+
+def run_paged(model: Any, items: list[tuple[Hashable, ForwardPass]], pool: SlotPool) -> list[torch.Tensor]:
+    """`run_rows` over a `SlotPool`: the same rows, windows and masks as index and mask tensors, with the
+    batch, window, key and logit counts rounded up to buckets (dummy rows attend to the scratch slot)."""
+    embeds = [_embed(model, p.inputs) for _, p in items]  # (B_p, L_p, D)
+    total = sum(e.shape[0] for e in embeds)
+    rows, length = bucket(total), bucket(max(e.shape[1] for e in embeds), 8)
+    widest = max(max(p.kv_length or 0, p.start + e.shape[1]) for (_, p), e in zip(items, embeds))
+    pool.reserve(total, max(widest, length))
+    device = embeds[0].device
+    x = embeds[0].new_zeros((rows, length, embeds[0].shape[-1]))
+    positions = torch.zeros((rows, length), dtype=torch.long, device=device)  # device to device: no read-back
+    write_slot = torch.zeros((rows, length), dtype=torch.long)  # padding columns write into slot 0
+    write_pos = torch.arange(length).repeat(rows, 1)
+    read_slot = torch.zeros(rows, dtype=torch.long)
+    spans, masks, index, counts, scratch, written = [], [], [], [], [], []
+    r = 0
+    try:
+        for (owner, p), e in zip(items, embeds):
+            fed, (a, b) = e.shape[1], p.logits_slice
+            off = length - fed
+            x[r:r + e.shape[0], off:] = e
+            for i in range(e.shape[0]):
+                if p.kv_length is not None:
+                    slot, _ = pool.slot(owner, i, p.kv_memory)
+                    key0, span = 0, max(pool.filled[slot], p.start + fed)
+                    written.append((slot, span))
+                else:  # keys are the fed positions alone: a slot for this step
+                    slot = pool.scratch()
+                    scratch.append(slot)
+                    key0, span = p.start, p.start + fed
+                kp = p.pad_offsets[i] if p.pad_offsets else 0
+                mask = p.attention_mask
+                masks.append((r + i, off, max(0, kp - p.start), max(key0, kp), key0, span,
+                              None if mask is None else mask[i if mask.shape[0] > 1 else 0]))
+                spans.append(span)
+                write_slot[r + i, off:] = slot
+                write_pos[r + i, off:] = torch.arange(p.start, p.start + fed)
+                read_slot[r + i] = slot
+                positions[r + i, off:] = (p.position_ids[i] if p.position_ids is not None
+                                          else torch.arange(p.start, p.start + fed, device=device))
+                index.extend(range((r + i) * length + off + a, (r + i) * length + off + b))
+            counts.append((e.shape[0], b - a))
+            r += e.shape[0]
+        width = bucket(max(spans), 16)
+        allowed = torch.zeros((rows, 1, length, width), dtype=torch.bool)
+        allowed[total:, :, :, 0] = True  # dummy rows: the scratch slot's first position
+        for row, _, _, lo, _, span, _ in masks:
+            allowed[row, 0, :, lo:span] = True  # padding queries see the row's keys (never no key: NaN)
+        allowed = allowed.to(device)
+        for row, off, q_skip, lo, key0, span, mask in masks:  # the programs' masks, on the device
+            if mask is not None:
+                part = mask[0, q_skip:, lo - key0:span - key0]
+                allowed[row, 0, off + q_skip:, lo:span] = False  # keys the mask does not reach: not seen
+                allowed[row, 0, off + q_skip:, lo:lo + part.shape[-1]] = part
+        gather = torch.tensor(index + [0] * (bucket(len(index), 8) - len(index)), dtype=torch.long)
+        batch = PagedRows(pool.k, pool.v, write_slot.to(device), write_pos.to(device), read_slot.to(device), allowed)
+        logits = model(inputs_embeds=x, position_ids=positions, cache=batch,
+                       logits_slice=gather.to(device))[0]  # (N, V)
+    finally:
+        for slot in scratch:
+            pool.release(slot)
+    for slot, span in written:
+        pool.filled[slot] = span
+    out, at = [], 0
+    for (_, p), (n_rows, n) in zip(items, counts):
+        part = logits[at:at + n_rows * n].view(n_rows, n, -1)
+        at += n_rows * n
+        out.append(p.combine(part) if p.combine is not None else part)
+    return out
 
 
 def drive(model: Any, program: Program) -> GenerationResult:
-    """Run one program to its end, alone."""
+    """Run one program to its end, alone (its KV slots in a pool of its own)."""
+    pool, owner = make_pool(model), object()
     try:
         p = next(program)
         while True:
-            p = program.send(run_pass(model, p))
+            if isinstance(p, HostRead):
+                p = program.send(p.tensor.tolist())
+            else:
+                p = program.send(run_rows(model, [(owner, p)], pool)[0] if p.cache is None else run_pass(model, p))
     except StopIteration as done:
         return done.value
 
 
 @dataclass
 class Job:
-    """A program and whoever waits for it. `rows` counts against the engine's capacity."""
+    """A program and whoever waits for it. `rows` and `tokens` (the canvas positions its rows hold: prompt
+    + generated, the K/V and activations it needs) count against the engine's capacity."""
 
     program: Program | None
     rows: int
+    tokens: int = 0
     on_done: Callable[[Job], None] | None = None
     closed: Callable[[], GenerationResult] | None = None  # a decoder without a program: run it whole
     id: int = field(default_factory=lambda: next(_ids))
-    pending: ForwardPass | None = None
+    pending: ForwardPass | HostRead | None = None
     result: GenerationResult | None = None
     error: BaseException | None = None
     cancelled: bool = False
@@ -137,15 +321,17 @@ class Engine:
     """Live jobs and a queue. `step()` advances every live job by one pass; single-threaded by design:
     one thread calls `step`, any thread may `submit` and `cancel`."""
 
-    def __init__(self, model: Any, max_rows: int = 8):
+    def __init__(self, model: Any, max_rows: int = 8, max_tokens: int | None = None):
         if max_rows < 1:
             raise ValueError("max_rows must be >= 1")
-        self.model, self.max_rows = model, max_rows
+        self.model, self.max_rows, self.max_tokens = model, max_rows, max_tokens
         self.queue: deque[Job] = deque()
         self.live: list[Job] = []
         self.lock = threading.Lock()
+        self.pool = make_pool(model)  # the live rows' K/V slots
         self.steps = 0  # engine steps run
-        self.passes = 0  # forward passes run (a shared forward counts once)
+        self.passes = 0  # forwards run (the step's shared forward counts once)
+        self.retries = 0  # steps split in two after running out of memory
 
     # -- jobs ------------------------------------------------------------------------------------
     def submit(self, job: Job) -> Job:
@@ -158,6 +344,10 @@ class Engine:
         return sum(j.rows for j in self.live)
 
     @property
+    def live_tokens(self) -> int:
+        return sum(j.tokens for j in self.live)
+
+    @property
     def queued(self) -> int:
         return len(self.queue)
 
@@ -166,10 +356,17 @@ class Engine:
 
     def _admit(self) -> None:
         with self.lock:
-            while self.queue and (not self.live or self.live_rows + self.queue[0].rows <= self.max_rows):
+            while self.queue and (not self.live or self._fits(self.queue[0])):
                 job = self.queue.popleft()
                 job.admitted = time.perf_counter()
                 self.live.append(job)
+
+    def _fits(self, job: Job) -> bool:
+        """Room for `job` beside the live ones: rows, and tokens in flight when there is a budget (a job
+        alone is always admitted: it could never run otherwise)."""
+        if self.live_rows + job.rows > self.max_rows:
+            return False
+        return self.max_tokens is None or self.live_tokens + job.tokens <= self.max_tokens
 
     def _finish(self, job: Job, result: GenerationResult | None = None, error: BaseException | None = None) -> None:
         job.result, job.error, job.pending, job.finished = result, error, None, time.perf_counter()
@@ -177,14 +374,15 @@ class Engine:
             self.live.remove(job)
         if job.program is not None:
             job.program.close()
+        self.pool.free(job.id)
         job.done.set()
         if job.on_done is not None:
             job.on_done(job)
 
-    def _advance(self, job: Job, logits: torch.Tensor | None) -> None:
-        """Send a job its logits (None to start it) and keep its next pass, or finish it."""
+    def _advance(self, job: Job, value: Any) -> None:
+        """Send a job its logits or host values (None to start it) and keep its next request, or finish it."""
         try:
-            job.pending = next(job.program) if logits is None else job.program.send(logits)
+            job.pending = next(job.program) if value is None else job.program.send(value)
         except StopIteration as done:
             self._finish(job, result=done.value)
         except Exception as exc:  # the job fails, the engine and every other job go on
@@ -202,6 +400,7 @@ class Engine:
                 job.done.set()
                 if job.on_done is not None:
                     job.on_done(job)
+        self._read()  # before admission: a row that finishes on its read leaves room in this very step
         self._admit()
         if not self.live:
             return False
@@ -213,19 +412,14 @@ class Engine:
                     self._finish(job, error=exc)
             elif job.pending is None:
                 self._advance(job, None)
-        ready = [j for j in self.live if j.pending is not None]
+        ready = [j for j in self.live if isinstance(j.pending, ForwardPass)]
         if not ready:
             return True
         shared = [j for j in ready if j.pending.shareable]
         alone = [j for j in ready if not j.pending.shareable]
         results: list[tuple[Job, torch.Tensor | None, BaseException | None]] = []
         if shared:
-            try:
-                logits = run_shared(self.model, [j.pending for j in shared])
-                results += [(j, lg, None) for j, lg in zip(shared, logits)]
-            except Exception as exc:
-                results += [(j, None, exc) for j in shared]
-            self.passes += 1
+            results += self._run_shared(shared)
         for j in alone:
             try:
                 results.append((j, run_pass(self.model, j.pending), None))
@@ -240,6 +434,38 @@ class Engine:
         self.steps += 1
         return True
 
+    def _read(self) -> None:
+        """The step's one device-to-host copy, for every live row that asked (`HostRead`)."""
+        reading = [j for j in self.live if isinstance(j.pending, HostRead)]
+        if not reading:
+            return
+        try:
+            values = read_all([j.pending.tensor for j in reading])
+        except Exception as exc:
+            for j in reading:
+                self._finish(j, error=exc)
+            return
+        for j, value in zip(reading, values):
+            self._advance(j, value)
+
+    def _run_shared(self, jobs: list[Job]) -> list[tuple[Job, torch.Tensor | None, BaseException | None]]:
+        """The step's one forward over `jobs`. When it fails (out of memory, or one job's pass is bad), it
+        is split in two and each half retried, so that only a job whose own pass fails gets the error.
+        Re-running a pass is harmless: its window's keys and values are written again, the same ones."""
+        try:
+            self.passes += 1
+            logits = run_rows(self.model, [(j.id, j.pending) for j in jobs], self.pool)
+            return [(j, lg, None) for j, lg in zip(jobs, logits)]
+        except Exception as exc:
+            if len(jobs) == 1:
+                return [(jobs[0], None, exc)]
+            if _out_of_memory(exc):
+                self.retries += 1
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            half = len(jobs) // 2
+            return self._run_shared(jobs[:half]) + self._run_shared(jobs[half:])
+
     def run(self, jobs: list[Job] | None = None, on_step: Callable[[Engine], None] | None = None) -> None:
         """Step until `jobs` (default: everything submitted) are done."""
         def finished() -> bool:
@@ -250,6 +476,25 @@ class Engine:
                 break
             if on_step is not None:
                 on_step(self)
+
+
+CPU_TOKENS_IN_FLIGHT = 1 << 16  # canvas positions in flight on a CPU: RAM is rarely what limits it
+
+
+def default_tokens_in_flight(model: Any, fraction: float = 0.8) -> int:
+    """The token budget when none is given: a fixed number on the CPU; on CUDA what `fraction` of the free
+    device memory holds at the bytes a canvas position costs (its K and V in every layer, twice: the
+    pool, and the activations and logits of the step's forward around it)."""
+    device = getattr(model, "device", torch.device("cpu"))
+    if device.type != "cuda":
+        return CPU_TOKENS_IN_FLIGHT
+    free, _ = torch.cuda.mem_get_info(device)
+    per_token = 2 * model.new_cache(1, 1).nbytes
+    return max(1, int(free * fraction) // per_token)
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
 def make_jobs(model: Any, decoder: Any, request: Any, *, cohort: int) -> list[tuple[int, Job]]:
@@ -267,8 +512,12 @@ def make_jobs(model: Any, decoder: Any, request: Any, *, cohort: int) -> list[tu
 
     n = len(request.prompts)
     seeds = [row_seed(request, i) for i in range(n)]
+    def tokens(prompts: list[list[int]]) -> int:  # canvas positions: what the rows' K/V and activations hold
+        return sum(len(q) + request.gen_length for q in prompts)
+
     if hasattr(decoder, "program") and getattr(decoder, "sequential", lambda r: False)(request):
-        return [(0, Job(decoder.program(model, request), rows=1))]  # one row at a time, one stream
+        widest = max(request.prompts, key=len, default=[])
+        return [(0, Job(decoder.program(model, request), rows=1, tokens=tokens([widest])))]  # one stream
     per_row = hasattr(decoder, "program") and getattr(decoder, "split", lambda r: False)(request)
     size = 1 if per_row else cohort
     jobs = []
@@ -276,11 +525,27 @@ def make_jobs(model: Any, decoder: Any, request: Any, *, cohort: int) -> list[tu
         part = replace(request, prompts=request.prompts[first:first + size], seeds=seeds[first:first + size],
                        seed=None, on_event=shifted_listener(request.on_event, first))
         if hasattr(decoder, "program"):
-            job = Job(decoder.program(model, part), rows=len(part.prompts))
+            job = Job(decoder.program(model, part), rows=len(part.prompts), tokens=tokens(part.prompts))
         else:
-            job = Job(None, rows=len(part.prompts), closed=lambda p=part: decoder.generate(model, p))
+            job = Job(None, rows=len(part.prompts), tokens=tokens(part.prompts),
+                      closed=lambda p=part: decoder.generate(model, p))
         jobs.append((first, job))
     return jobs
+
+
+def decode_together(model: Any, decoder: Any, request: Any) -> GenerationResult:
+    """Decode all of `request`'s rows in an engine of their own, each row its own program (own random
+    stream, own KV slots) sharing one forward per step: what `decoder.generate` does for a batch."""
+    engine = Engine(model, max_rows=max(1, len(request.prompts)))
+    t0 = time.perf_counter()
+    jobs = [engine.submit(job) for _, job in make_jobs(model, decoder, request, cohort=len(request.prompts))]
+    engine.run()
+    for job in jobs:
+        if job.error is not None:
+            raise job.error
+    rows = [row for job in jobs for row in job.result.rows]
+    return GenerationResult(rows=rows, nfe=max((job.result.nfe for job in jobs), default=0),
+                            seconds=time.perf_counter() - t0)
 
 
 def shifted_listener(listener: Callable[[Any], None] | None, offset: int) -> Callable[[Any], None] | None:

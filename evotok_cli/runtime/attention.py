@@ -1,5 +1,12 @@
 """Bidirectional scaled-dot-product attention shared by the architectures.
 
+The step engine's shared forward (`decoding/engine.py`) attends its rows in one of two ways, chosen once
+when the engine is made (an argument of the forward, never read inside it): `attend_rows` (a `RowBatch`:
+one call per row over its own KV slot: bit for bit each row alone; the CPU default) or `attend_paged`
+(`PagedRows`: one pool tensor per layer, written and read through index tensors, one masked call per
+layer; the GPU default and any compiled forward). What follows is the direct call with `pad_offsets`
+(a library caller's padded batch, and passes of the older interface that hold a cache of their own).
+
 A left-padded batch (rows of different lengths in one forward, `pad_offsets`) is attended in one of two
 ways, chosen by `padded_mode` (process-wide; `padded_attention(mode)` sets it for a block):
 
@@ -30,6 +37,8 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
+
+from evotok_cli.runtime.cache import KVCache, PagedRows, RowBatch
 
 PADDED_MODES = ("auto", "masked", "rowwise")
 padded_mode = "auto"  # how a left-padded batch is attended; see the module docstring
@@ -133,3 +142,59 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     if resolved_mode(q.device) == "rowwise":
         return _attend_rowwise(q, k, v, mask, pad_offsets, start)
     return _sdpa(q, k, v, padding_mask(pad_offsets, q.shape[2], k.shape[2], start, mask, q.device))
+
+
+def attend_layer(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                 cache: KVCache | RowBatch | PagedRows | None, start: int, pad_offsets: list[int] | None
+                 ) -> torch.Tensor:
+    """A block's attention over its fresh q/k/v (after RoPE): through a generation's cache (write the
+    window, attend to everything written), through the engine's rows (`RowBatch`: each row its own slot,
+    window and mask), or over the fed keys alone."""
+    if isinstance(cache, RowBatch):
+        return attend_rows(layer, q, k, v, cache)
+    if isinstance(cache, PagedRows):
+        return attend_paged(layer, q, k, v, cache)
+    if cache is not None:  # keys are cached after RoPE: positions are absolute, so this is exact
+        k, v = cache.update(layer, start, k, v)  # (B, Hkv, Lk, D)
+    return attend(q, k, v, mask, pad_offsets, start if cache is not None else 0)
+
+
+def _row_keys(layer: int, r: int, k: torch.Tensor, v: torch.Tensor, rows: RowBatch
+              ) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Row r's first real query column in the batch, its real keys and values, and its mask over them
+    (queries from that column on). Writes the row's window into its slot first."""
+    pad, start, kp, slot, mask = rows.pads[r], rows.starts[r], rows.key_pads[r], rows.slots[r], rows.masks[r]
+    kr, vr = k[r:r + 1, :, pad:], v[r:r + 1, :, pad:]  # the fed window: canvas [start, start + L_r)
+    if slot is not None:
+        kr, vr = slot.update(layer, start, kr, vr)  # keys [0, span) of the row's canvas
+        key0 = 0
+    else:
+        key0 = start  # without a slot the keys are the fed positions themselves
+    q_skip = max(0, kp - start)  # queries before the row's own padding ends are padding
+    k_skip = max(0, kp - key0)
+    if mask is not None:
+        mask = mask[:, :, q_skip:, k_skip:]
+    return pad + q_skip, kr[:, :, k_skip:], vr[:, :, k_skip:], mask
+
+
+def attend_rows(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: RowBatch) -> torch.Tensor:
+    """Attention for the engine's exact shared forward (q, k, v: (B, H(kv), L, D) left-padded rows): one
+    call per row over its own keys, exactly the row's own floating-point operations."""
+    out = torch.zeros_like(q)
+    for r in range(q.shape[0]):
+        q0, kr, vr, mask = _row_keys(layer, r, k, v, rows)
+        out[r:r + 1, :, q0:] = _sdpa(q[r:r + 1, :, q0:], kr, vr, mask)
+    return out
+
+
+def attend_paged(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: PagedRows) -> torch.Tensor:
+    """Attention of the engine's shared forward over the slot pool, in tensor operations only: write
+    every fed column's K/V into its slot, gather each row's slot, one masked call. Up to float rounding
+    the row alone (like "masked"); the engine's exact mode is `attend_rows`."""
+    pool_k, pool_v = rows.k[layer], rows.v[layer]  # (S, Hkv, C, D)
+    pool_k[rows.write_slot, :, rows.write_pos] = k.transpose(1, 2)  # (R, L, Hkv, D) into their slots
+    pool_v[rows.write_slot, :, rows.write_pos] = v.transpose(1, 2)
+    width = rows.mask.shape[-1]
+    keys = pool_k.index_select(0, rows.read_slot)[:, :, :width]  # (R, Hkv, K, D)
+    values = pool_v.index_select(0, rows.read_slot)[:, :, :width]
+    return _sdpa(q, keys, values, rows.mask)

@@ -59,6 +59,14 @@ def check_compile(device: torch.device) -> None:
                           fix="use it on cpu or cuda, or drop it")
 
 
+def no_duck_shapes() -> None:
+    """Two sizes that happen to be equal at the first compile (the engine's window and logit buckets, both
+    8) would be made one symbol, and the first step where they differ would recompile: keep them apart."""
+    from torch.fx.experimental import _config
+
+    _config.use_duck_shape = False
+
+
 def compile_forward(net: torch.nn.Module) -> Callable[..., torch.Tensor]:
     """`net`'s forward under torch.compile (built lazily, at the first call, on its shapes).
 
@@ -68,6 +76,7 @@ def compile_forward(net: torch.nn.Module) -> Callable[..., torch.Tensor]:
 
     limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
     setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), RECOMPILE_LIMIT))
+    no_duck_shapes()
     compiled = torch.compile(net, dynamic=True)
 
     def forward(*args: Any, **kwargs: Any) -> torch.Tensor:

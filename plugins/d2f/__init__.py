@@ -35,12 +35,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from evotok_cli.decoding.api import GenerationRequest, GenerationResult, RowResult, StepEvent, option, row_seed
 from evotok_cli.decoding.canvas import build_canvas
-from evotok_cli.decoding.engine import ForwardPass, Program, drive
+from evotok_cli.decoding.engine import ForwardPass, HostRead, Program, drive
 from evotok_cli.decoding.evolution import Commit, as_decoded, evolve
 from evotok_cli.decoding.logprobs import LogprobRecorder, recorder_for
 from evotok_cli.decoding.soft import input_states, one_hot_slots
@@ -164,7 +165,7 @@ class D2FDecoder:
             run = yield from self._decode_row(model, canvas.x, len(prompt), budget, request, generator, index)
             gen = run.x[0, len(prompt):]
             gen = gen.masked_fill(gen == model.mask_id, model.eos_id)  # blocks never added (after EOS)
-            rows.append(RowResult(token_ids=gen.tolist(), nfe=run.nfe,
+            rows.append(RowResult(token_ids=(yield HostRead(gen)), nfe=run.nfe,
                                   logprobs=None if run.logprobs is None else run.logprobs.row(0, len(prompt))))
             nfe += run.nfe
         return GenerationResult(rows=rows, nfe=nfe, seconds=time.perf_counter() - t0)
@@ -175,7 +176,7 @@ class D2FDecoder:
         cfg = self.config
         run = RowRun(x=x, prompt=PipelineBlock(0, prompt_len, state="to_cache", full=True),
                      size=self.block_size(budget), logprobs=recorder_for(request, 1, x.shape[1], model))
-        cache = model.new_cache(1, x.shape[1]) if cfg.cache else None
+        cache = x.shape[1] if cfg.cache else None  # the engine's KV slot for this row, this long
         conf = torch.zeros(x.shape, dtype=torch.float64, device=x.device)
         soft_ids, soft_w = one_hot_slots(x, cfg.k_soft, model.dtype)
         max_blocks = budget // run.size
@@ -196,8 +197,8 @@ class D2FDecoder:
             shift = int(model.shifted_logits)
             first_out = max(lo, a - shift)
             mask = block_causal_mask(chain, lo, hi, x.device)
-            out = (yield ForwardPass(inputs, position_ids=None, attention_mask=mask, cache=cache, start=lo,
-                                     logits_slice=(first_out - lo, hi - lo)))[0]  # (hi - first_out, V)
+            out = (yield ForwardPass(inputs, position_ids=None, attention_mask=mask, kv_length=cache, kv_memory=row,
+                                     start=lo, logits_slice=(first_out - lo, hi - lo)))[0]  # (hi - first_out, V)
             run.nfe += 1
             logits = self._align(out, a, first_out, hi, shift, run)
             for b in chain:
@@ -207,8 +208,16 @@ class D2FDecoder:
                 next_lo = next((b.start for b in chain if b.state != "in_cache"), hi)
                 if first_out <= next_lo - 1 < hi:
                     run.last_output = out[next_lo - 1 - first_out]
-            committed, revised = self._decode_blocks(model, run, active, logits, a, conf, soft_ids, soft_w,
-                                                     request.sampling, generator)
+            step = self._decode_blocks(model, run, active, logits, a, conf, soft_ids, soft_w, request.sampling,
+                                       generator)
+            # the pass's one read: masks left per active block and whether an EOS was committed (the engine
+            # reads it with the other rows' reads of the next step)
+            masked = (x[0, a:active[-1].end] == model.mask_id).view(len(active), run.size).sum(-1)
+            eos = ((step.tokens == model.eos_id) & step.committed).any()
+            *left, stop = yield HostRead(torch.cat([masked, eos.long()[None]]))
+            for b, n in zip(active, left):
+                b.masks_left, b.predicted = n, True
+            run.eos = run.eos or bool(stop)
             if request.on_pass is not None:
                 request.on_pass(run.nfe)
             if states is not None:
@@ -216,7 +225,8 @@ class D2FDecoder:
                     step=run.nfe, row=row, block=(active[0].start - prompt_len, active[-1].end - prompt_len),
                     states=states[0], tokens=x[0, prompt_len:].tolist(),
                     confidence=[float(v) if v > 0 else None for v in conf[0, prompt_len:].tolist()],
-                    committed=[i - prompt_len for i in committed], revised=[i - prompt_len for i in revised],
+                    committed=[a + i - prompt_len for i in step.committed[0].nonzero().flatten().tolist()],
+                    revised=[a + i - prompt_len for i in step.revised[0].nonzero().flatten().tolist()],
                     candidates=states[1], blocks=[b.describe(prompt_len) for b in run.blocks]))
         return run
 
@@ -263,7 +273,7 @@ class D2FDecoder:
     def _is_soft(b: PipelineBlock) -> bool:
         return b.state == "active" and b.predicted and b.masks_left > 0
 
-    def _decode_blocks(self, model, run, active, logits, a, conf, soft_ids, soft_w, temperature, generator):
+    def _decode_blocks(self, model, run, active, logits, a, conf, soft_ids, soft_w, temperature, generator) -> Any:
         """One pass of the EvoToken rule over the active blocks (consecutive, `run.size` columns each), with
         D2F's arguments: candidates from model-dtype probabilities, commits over skip_threshold per block
         (the best one if none in a fully activated block), and in soft mode revisions and soft inputs."""
@@ -284,13 +294,7 @@ class D2FDecoder:
             run.logprobs.record(logits[None, : hi - a], a, step.committed | step.revised, step.tokens, model.mask_id)
         if cfg.soft:
             soft_ids[:, a:hi], soft_w[:, a:hi] = step.soft_ids, step.soft_weights.to(soft_w.dtype)
-        for b in active:
-            b.masks_left = int((x[b.start:b.end] == model.mask_id).sum())
-            b.predicted = True
-        if bool((step.tokens[step.committed] == model.eos_id).any()):  # EOS (not end-of-turn) stops new blocks
-            run.eos = True
-        committed = (a + step.committed[0].nonzero().flatten()).tolist()
-        return committed, (a + step.revised[0].nonzero().flatten()).tolist()
+        return step  # EOS (not end-of-turn) among its commits stops new blocks: the caller reads it
 
     def _trace_states(self, run, soft_ids, soft_w, mask_id, prompt_len):
         gen = run.x[0, prompt_len:]

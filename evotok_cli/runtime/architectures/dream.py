@@ -33,9 +33,15 @@ from evotok_cli.runtime.architectures import (
     config_int,
     run_blocks,
 )
-from evotok_cli.runtime.architectures.layers import DiffusionLMBase, RMSNorm, apply_rope_in_dtype, rope_cos_sin
-from evotok_cli.runtime.attention import attend
-from evotok_cli.runtime.cache import KVCache
+from evotok_cli.runtime.architectures.layers import (
+    DiffusionLMBase,
+    RMSNorm,
+    apply_rope_in_dtype,
+    rope_cos_sin,
+    select_positions,
+)
+from evotok_cli.runtime.attention import attend_layer
+from evotok_cli.runtime.cache import KVCache, RowBatch
 
 # Dream was trained on 2048-token sequences. Its config keeps Qwen2.5's position range (131072), but
 # positions past 2048 were never seen with bidirectional attention, and a canvas that long costs
@@ -180,15 +186,14 @@ class DreamAttention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                cache: KVCache | None, start: int, pad_offsets: list[int] | None) -> torch.Tensor:
+                cache: KVCache | RowBatch | None, start: int, pad_offsets: list[int] | None) -> torch.Tensor:
         B, L, _ = x.shape
         q = self.q_proj(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, L, D)
         k = self.k_proj(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, L, D)
         v = self.v_proj(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, L, D)
         q, k = apply_rope_in_dtype(q, cos, sin), apply_rope_in_dtype(k, cos, sin)
-        if cache is not None:  # keys are cached after RoPE: positions are absolute, so this is exact
-            k, v = cache.update(self.index, start, k, v)  # (B, Hkv, Lk, D)
-        y = attend(q, k, v, mask, pad_offsets, start if cache is not None else 0)  # (B, H, L, D)
+        # keys are cached after RoPE: positions are absolute, so a cache (or the engine's slots) is exact
+        y = attend_layer(self.index, q, k, v, mask, cache, start, pad_offsets)  # (B, H, L, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, L, -1))  # (B, L, d_model)
 
 
@@ -253,9 +258,9 @@ class DreamModel(DiffusionLMBase):
         soft_inputs: tuple[torch.Tensor, torch.Tensor] | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: KVCache | RowBatch | None = None,
         start: int = 0,
-        logits_slice: tuple[int, int] | None = None,
+        logits_slice: tuple[int, int] | torch.Tensor | None = None,
         pad_offsets: list[int] | None = None,
     ) -> torch.Tensor:
         """Unshifted logits (B, L, V): row i is the output at fed position i (it predicts position i + 1).
@@ -272,8 +277,7 @@ class DreamModel(DiffusionLMBase):
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)  # (B, 1, L, D)
         x = run_blocks(self.model.layers, x, cos, sin, attention_mask, cache, start, pad_offsets,
                        checkpointed=self.training and self.activation_checkpointing)
-        if logits_slice is not None:
-            x = x[:, logits_slice[0]:logits_slice[1]]
+        x = select_positions(x, logits_slice)
         x = self.model.norm(x)
         head = self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
         return F.linear(x, head)  # (B, L', V)

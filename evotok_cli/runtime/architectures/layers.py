@@ -31,6 +31,16 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
+def select_positions(x: torch.Tensor, logits_slice: tuple[int, int] | torch.Tensor | None) -> torch.Tensor:
+    """The outputs (B, L, D) the LM head runs on: fed positions [a, b) of every row, or, given a tensor of
+    flat indices into the (B * L) positions (the engine's per-row gather), exactly those as (1, N, D)."""
+    if logits_slice is None:
+        return x
+    if isinstance(logits_slice, torch.Tensor):
+        return x.reshape(-1, x.shape[-1]).index_select(0, logits_slice)[None]
+    return x[:, logits_slice[0]:logits_slice[1]]
+
+
 # -- rotary position embeddings ------------------------------------------------------------------------
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:

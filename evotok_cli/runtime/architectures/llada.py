@@ -24,9 +24,15 @@ from evotok_cli.runtime.architectures import (
     config_int,
     run_blocks,
 )
-from evotok_cli.runtime.architectures.layers import DiffusionLMBase, RMSNorm, apply_rope_fp32, rope_cos_sin
-from evotok_cli.runtime.attention import attend
-from evotok_cli.runtime.cache import KVCache
+from evotok_cli.runtime.architectures.layers import (
+    DiffusionLMBase,
+    RMSNorm,
+    apply_rope_fp32,
+    rope_cos_sin,
+    select_positions,
+)
+from evotok_cli.runtime.attention import attend_layer
+from evotok_cli.runtime.cache import KVCache, RowBatch
 
 # Options we implement, with the only value we accept. Anything else is refused at load time rather
 # than silently computing a different model.
@@ -150,15 +156,14 @@ class LLaDABlock(nn.Module):
         self.ff_out = nn.Linear(cfg.mlp_hidden_size, cfg.d_model, bias=False)
 
     def attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                  cache: KVCache | None, start: int, pad_offsets: list[int] | None) -> torch.Tensor:
+                  cache: KVCache | RowBatch | None, start: int, pad_offsets: list[int] | None) -> torch.Tensor:
         B, L, _ = x.shape
         q = self.q_proj(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, L, D)
         k = self.k_proj(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, L, D)
         v = self.v_proj(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, L, D)
         q, k = apply_rope_fp32(q, cos, sin), apply_rope_fp32(k, cos, sin)
-        if cache is not None:  # keys are cached after RoPE: positions are absolute, so this is exact
-            k, v = cache.update(self.index, start, k, v)  # (B, Hkv, Lk, D)
-        y = attend(q, k, v, mask, pad_offsets, start if cache is not None else 0)  # (B, H, L, D)
+        # keys are cached after RoPE: positions are absolute, so a cache (or the engine's slots) is exact
+        y = attend_layer(self.index, q, k, v, mask, cache, start, pad_offsets)  # (B, H, L, D)
         return self.attn_out(y.transpose(1, 2).reshape(B, L, -1))
 
     def forward(self, x, cos, sin, mask=None, cache=None, start=0, pad_offsets=None):
@@ -210,9 +215,9 @@ class LLaDAModelLM(DiffusionLMBase):
         soft_inputs: tuple[torch.Tensor, torch.Tensor] | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: KVCache | RowBatch | None = None,
         start: int = 0,
-        logits_slice: tuple[int, int] | None = None,
+        logits_slice: tuple[int, int] | torch.Tensor | None = None,
         pad_offsets: list[int] | None = None,
     ) -> torch.Tensor:
         """Logits (B, L, V) for the fed positions.
@@ -234,8 +239,7 @@ class LLaDAModelLM(DiffusionLMBase):
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
         x = run_blocks(self.transformer.blocks, x, cos, sin, attention_mask, cache, start, pad_offsets,
                        checkpointed=self.training and self.activation_checkpointing)
-        if logits_slice is not None:
-            x = x[:, logits_slice[0]:logits_slice[1]]
+        x = select_positions(x, logits_slice)
         x = self.transformer.ln_f(x)
         head = self.transformer.wte.weight if self.config.weight_tying else self.transformer.ff_out.weight
         return F.linear(x, head)[..., : self.config.vocab_size]
