@@ -11,8 +11,10 @@ import torch
 
 pytest.importorskip("bitsandbytes", reason='the quantize extra: pip install -e ".[quantize]"')
 
+from evotok_cli.errors import ConfigError  # noqa: E402
 from evotok_cli.runtime.model import load_model  # noqa: E402
 from evotok_cli.runtime.quantize import INT4_BLOCK, planned_bytes, quantized_names, stored_bytes  # noqa: E402
+from tests.conftest import one_line_error  # noqa: E402
 
 # Fidelity is measured on the bundled model (trained weights, like a real checkpoint): relative L2 error of
 # the logits against the unquantized fp32 model on a real prompt, measured int8 ~0.002, int4 (NF4, blocks
@@ -209,7 +211,6 @@ def test_a_missing_backend_is_one_line_naming_the_extra(tiny_llada, cli, monkeyp
 
 
 def test_lm_eval_model_args_quantize(tiny_llada):
-    from evotok_cli.errors import ConfigError
     from evotok_cli.lmeval.model import EvotokLM
 
     lm = EvotokLM.create_from_arg_obj({"model": str(tiny_llada), "gen_length": 8, "block_length": 8, "steps": 8,
@@ -257,3 +258,30 @@ def test_parameter_count_is_the_models_whatever_the_mode(tiny_llada):
     """bench's results.json reports parameters: an int4 layer's packed storage must not halve them."""
     counts = {mode: load_model(tiny_llada, quantize=mode).parameter_count() for mode in ("none", "int8", "int4")}
     assert len(set(counts.values())) == 1, counts
+
+
+def test_finetune_memory_check_counts_the_quantized_base(tmp_path, tiny_llada, cli, monkeypatch):
+    """On a GPU, a LoRA run whose bf16 frozen base cannot fit is refused before the load, naming the
+    --quantize mode that fits (QLoRA); with that mode the check passes. The GPU is faked (this machine
+    has none): only its free memory is read before the refusal."""
+    from evotok_cli.training import memory
+    from tests.test_finetune_gpu import FakeCuda
+
+    need = memory.frozen_bytes(str(tiny_llada))
+    assert need["int4"] < need["int8"] < need["none"]
+    memory.check_frozen(need, "int8", need["int8"], device="cuda:0")  # exactly fits
+    with pytest.raises(ConfigError) as info:
+        memory.check_frozen({"none": 16 * 10**9, "int8": 9 * 10**9, "int4": 6 * 10**9}, "none", 11 * 10**9,
+                            device="cuda:0")
+    assert "--quantize int8 holds them in 9.0 GB (QLoRA)" in info.value.line()
+    FakeCuda(monkeypatch, count=1, free=(need["int8"] + need["none"]) // 2)
+    monkeypatch.setattr("evotok_cli.runtime.model.load_model", _must_not_load)
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"prompt": "a", "response": "b"}\n')
+    line = one_line_error(cli("finetune", str(data), "-m", str(tiny_llada), "--out", str(tmp_path / "o")))
+    assert "the frozen base's bf16 weights need" in line and "--quantize int8 holds them" in line
+    assert not (tmp_path / "o").exists()
+
+
+def _must_not_load(*args, **kwargs):
+    raise AssertionError("the model was loaded before the memory check")

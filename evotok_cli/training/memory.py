@@ -84,6 +84,33 @@ def _way_out(params: int, free: int, shards: int) -> str:
             "--full to train a LoRA adapter")
 
 
+def frozen_bytes(path: str) -> dict[str, int]:
+    """The frozen base's bytes on a GPU (bf16) per --quantize mode, from config.json and the safetensors
+    headers alone (`runtime/quantize.py`'s formula: the block linears in the mode, the rest in bf16)."""
+    from evotok_cli.runtime import checkpoint
+    from evotok_cli.runtime.model import build_model, read_family_config
+    from evotok_cli.runtime.quantize import planned_bytes, quantized_names
+
+    folder = checkpoint.model_dir(path)
+    family, config = read_family_config(folder)
+    shapes = checkpoint.tensor_shapes(checkpoint.find_weights(folder))
+    net = build_model(family, config, device=torch.device("cpu"), dtype=torch.float32)  # meta: free
+    return planned_bytes({n: (shape, "BF16") for n, (shape, _, _) in shapes.items()}, set(quantized_names(net)))
+
+
+def check_frozen(need: dict[str, int], mode: str, free: int, *, device: str) -> None:
+    """Refuse a LoRA run whose frozen base cannot fit the GPU's free memory, naming a --quantize mode that
+    would (QLoRA), if any."""
+    if need[mode] <= free:
+        return
+    fits = [m for m in ("int8", "int4") if m != mode and need[m] <= free]
+    fix = (f"--quantize {fits[0]} holds them in {_gb(need[fits[0]])} (QLoRA)" if fits
+           else "use a GPU with more free memory")
+    held = "bf16" if mode == "none" else mode
+    raise ConfigError(f"the frozen base's {held} weights need {_gb(need[mode])}, but {device} has {_gb(free)} free",
+                      where="--quantize" if mode != "none" else "--model", fix=fix)
+
+
 def activation_bytes(size: ModelSize, tokens: int) -> int:
     """Rough bf16 activation memory of one forward over `tokens` positions, kept for its backward."""
     return tokens * size.layers * size.hidden * ACTIVATION_VECTORS * 2
@@ -101,8 +128,9 @@ def checkpointing_default(*, cuda: bool, full: bool, size: ModelSize | None, tok
 
 
 def plan(cfg: Any, device: str, *, shards: int) -> bool:
-    """On a GPU, before the weights load: refuse a --full run whose training state cannot fit, and
-    decide activation checkpointing (the flag, or the rule in `checkpointing_default`)."""
+    """On a GPU, before the weights load: refuse a --full run whose training state cannot fit, or a LoRA
+    run whose frozen base cannot (`check_frozen`, --quantize counted), and decide activation
+    checkpointing (the flag, or the rule in `checkpointing_default`)."""
     from evotok_cli.runtime.device import resolve_device
 
     gpu = resolve_device(device)
@@ -111,6 +139,8 @@ def plan(cfg: Any, device: str, *, shards: int) -> bool:
     free, total = gpu_memory(gpu)
     if cfg.full:
         check_full(size.params, free, shards=shards, device=str(gpu))
+    else:  # LoRA: the frozen base in bf16, or in --quantize's bytes
+        check_frozen(frozen_bytes(cfg.model), cfg.quantize, free, device=str(gpu))
     if cfg.activation_checkpointing is not None:
         return cfg.activation_checkpointing
     return checkpointing_default(cuda=True, full=cfg.full, size=size, tokens=cfg.batch_size * cfg.max_length,
