@@ -104,6 +104,27 @@ def _system_info(as_json: bool) -> None:
         typer.echo(f"{key:<22} {value}")
 
 
+# -- download ------------------------------------------------------------------------------------
+@app.command()
+def download(
+    repo_id: str = typer.Argument(..., metavar="ORG/NAME", help="Hugging Face model or adapter id"),
+    revision: str | None = typer.Option(None, "--revision", help="branch, tag or commit (default: main)",
+                                        show_default=False),
+) -> None:
+    """Download a model or adapter from the Hugging Face hub into its local cache: only safetensors
+    weights, JSON configs and tokenizer files (never pickled weights or remote code). Afterwards
+    `-m ORG/NAME` and `--adapter ORG/NAME` find it there, offline; they never download by themselves.
+
+    Example: evotok download GSAI-ML/LLaDA-8B-Instruct && evotok generate -m GSAI-ML/LLaDA-8B-Instruct -p "..."
+    """
+    from evotok_cli.runtime.hub import download as fetch
+
+    folder = fetch(repo_id, revision=revision)
+    files = sorted(p.name for p in folder.iterdir())
+    stderr().print(f"{repo_id}: {len(files)} files in {folder}; use it with -m {repo_id} (or --adapter {repo_id})",
+                   highlight=False)
+
+
 # -- decoders ------------------------------------------------------------------------------------
 @app.command()
 def decoders(

@@ -19,7 +19,8 @@ from evotok_cli.files import read_text
 from evotok_cli.options import option, seed_option, yaml_defaults
 from evotok_cli.threads import THREADS_HELP
 
-MODEL_HELP = "checkpoint folder (Hugging Face layout); default: the bundled model"
+MODEL_HELP = ("checkpoint folder (Hugging Face layout), or a hub id org/name in the local Hugging Face cache "
+              "(`evotok download org/name` fetches one); default: the bundled model")
 SHORTHANDS = tuple(f.name for f in fields(CommitOptions))  # decoder options that are generate flags too
 
 
@@ -103,7 +104,12 @@ GENERATE_DEFAULTS["json"] = False
 
 
 def model_folder(model: str | Path | None) -> Path:
-    """The checkpoint folder a --model value names; none: the bundled model."""
+    """The checkpoint folder a --model value names: a folder, or a hub id `org/name` found in the Hugging Face
+    cache (runtime/hub.py; offline, never downloaded here); none: the bundled model."""
+    from evotok_cli.runtime import hub
+
+    if model and hub.is_hub_id(model):
+        return hub.resolve(str(model))
     if model:
         return Path(model).expanduser()
     from evotok_cli.assets import default_model_path

@@ -15,6 +15,7 @@ QUICK: dict[str, list[str]] = {
     "info": ["tests/test_cli.py::test_info_json", "tests/test_threads.py::test_info_system_says_what_and_why"],
     "decoders": ["tests/test_cli.py::test_decoders_list_and_details"],
     "generate": ["tests/test_cli.py::test_generate_json_schema",
+                 "tests/test_hub.py::test_model_id_decodes_from_the_cache_as_its_folder_does",
                  "tests/test_threads.py::test_generate_threads_set_torch_and_json_params"],
     "init-model": ["tests/test_cli.py::test_init_model_one_liner"],
     "data": ["tests/test_outputs_and_locks.py::test_a_stale_lock_is_taken_over_with_a_note"],
@@ -27,6 +28,7 @@ QUICK: dict[str, list[str]] = {
     "serve": ["tests/test_serve.py::test_a_port_in_use_is_one_line",
               "tests/test_serve_dropin.py::test_strict_refuses_unknown_fields"],
     "lm-eval model": ["tests/test_threads.py::test_lmeval_model_args_threads"],
+    "download": ["tests/test_hub.py::test_download_fetches_only_weights_configs_and_tokenizers"],
 }
 # what a quick test's source must hold to count as running its command: by default the command's last word
 # in quotes, as the `cli` fixture and argv lists spell it (checked by tests/test_quick.py)

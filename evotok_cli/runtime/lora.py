@@ -197,6 +197,10 @@ def resolve_adapter(model_folder: Path, adapter: str | Path) -> Path:
     shipped = model_folder / "adapters" / name
     if plain and not path.is_dir() and shipped.is_dir():
         return shipped
+    from evotok_cli.runtime import hub
+
+    if hub.is_hub_id(name):  # org/name: an adapter in the Hugging Face cache (never downloaded here)
+        return hub.resolve(name, what="adapter", where="--adapter")
     return path
 
 

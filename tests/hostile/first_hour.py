@@ -1,5 +1,6 @@
 """Issue 31's inputs: --threads and EVOTOK_THREADS on every compute command, each refused in one line before
-a model loads (and, for serve, before the port is bound)."""
+a model loads (and, for serve, before the port is bound); hub ids that the local cache lacks, and downloads
+that cannot happen."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ GEN = ["generate", "-m", "{model}", "-p", "hi", "--gen-length", "8", "--block-le
 BENCH = ["bench", "sudoku4", "-m", "{model}", "--limit", "1", "--out", "{tmp}/out"]
 FT = ["finetune", "{tmp}/d.jsonl", "-m", "{model}", "--out", "{tmp}/run", "--max-steps", "1"]
 DATA = write("d.jsonl", '{"prompt": "hi", "response": "there"}\n')
+HUB = {"HF_HUB_CACHE": "hub", "HF_HUB_OFFLINE": "1"}  # a cache folder (relative: inside the case) with nothing
 
 CASES = [
     Case("h31-threads-zero", [*GEN, "--threads", "0"], "--threads: threads must be >= 1, got 0"),
@@ -27,4 +29,15 @@ CASES = [
     Case("h31-serve-threads-zero", ["serve", "-m", "{model}", "--threads", "0"], "--threads"),
     Case("h31-serve-threads-env", ["serve", "-m", "{model}", "--port", "0"], "EVOTOK_THREADS",
          env={"EVOTOK_THREADS": "none"}),
+    # hub ids: nothing cached (offline) is one line naming the download command
+    Case("h31-hub-model-not-cached", ["generate", "-m", "org/absent", "-p", "hi"], "evotok download org/absent",
+         env=HUB),
+    Case("h31-hub-adapter-not-cached", ["generate", "--adapter", "org/absent", "-p", "hi"],
+         "--adapter: no local folder org/absent and no Hugging Face adapter", env=HUB),
+    Case("h31-hub-info-not-cached", ["info", "org/absent"], "no Hugging Face model org/absent", env=HUB),
+    Case("h31-hub-bench-not-cached", ["bench", "sudoku4", "-m", "org/absent", "--limit", "1", "--out", "{tmp}/out"],
+         "evotok download org/absent", env=HUB),
+    Case("h31-hub-download-offline", ["download", "org/name"], "HF_HUB_OFFLINE is set", env=HUB),
+    Case("h31-hub-download-not-an-id", ["download", "a/b/c"], "'a/b/c' is not a Hugging Face id"),
+    Case("h31-hub-download-dotdot", ["download", "../x"], "is not a Hugging Face id"),
 ]
