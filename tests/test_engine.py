@@ -343,3 +343,23 @@ def test_a_pass_of_the_older_blockwise_forward_gets_one_line_saying_how_to_move(
         ForwardPass({"input_ids": torch.tensor([[5]])}, position_ids=None, logits_slice=(0, 1), cache=12)
     assert "\n" not in err.value.line() and err.value.line().endswith(")")
     assert default_tokens_in_flight(tiny_model) == CPU_TOKENS_IN_FLIGHT
+
+
+def test_the_server_admits_by_tokens_in_flight_and_reports_them(tiny_model):
+    from fastapi.testclient import TestClient
+
+    from evotok_cli.config import GENERATE_DEFAULTS
+    from evotok_cli.decoding.engine import CPU_TOKENS_IN_FLIGHT
+    from evotok_cli.serve import app as app_module
+    from evotok_cli.serve.plan import Served
+    from evotok_cli.serve.sessions import Service
+
+    served = Served(tiny_model, "tiny", None, "hard-mask", dict(GENERATE_DEFAULTS))
+    default = Service(served, max_rows=2, max_queue=2, timeout=30)
+    assert default.engine.max_tokens == CPU_TOKENS_IN_FLIGHT and default.background.stop(timeout=10)
+    service = Service(served, max_rows=2, max_queue=2, timeout=30, max_tokens_in_flight=300)
+    with TestClient(app_module.create_app(service, api_key=None, decoders=["hard-mask"])) as http:
+        assert http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 4}).status_code == 200
+        text = http.get("/metrics").text
+    assert "evotok_max_tokens_in_flight 300" in text and "evotok_tokens_in_flight 0" in text
+    assert "evotok_step_retries_total 0" in text

@@ -95,6 +95,12 @@ class Metrics:
                [("", engine.passes)])
         metric("evotok_engine_steps_total", "counter", "engine steps run", [("", engine.steps)])
         metric("evotok_live_rows", "gauge", "rows being decoded now", [("", engine.live_rows)])
+        metric("evotok_tokens_in_flight", "gauge", "canvas positions (prompt + generated) of the rows being decoded",
+               [("", getattr(engine, "live_tokens", 0))])
+        metric("evotok_max_tokens_in_flight", "gauge", "the engine's admission budget in canvas positions "
+               "(--max-tokens-in-flight; 0: none)", [("", getattr(engine, "max_tokens", None) or 0)])
+        metric("evotok_step_retries_total", "counter", "engine steps split in two after running out of memory",
+               [("", getattr(engine, "retries", 0))])
         metric("evotok_queue_length", "gauge", "requests waiting for room in the engine", [("", waiting)])
         metric("evotok_requests_in_flight", "gauge", "completion requests whose rows are decoding or waiting",
                [("", in_flight)])

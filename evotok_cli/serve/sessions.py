@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from evotok_cli.decoding.engine import BackgroundEngine, Engine, Job, make_jobs
+from evotok_cli.decoding.engine import BackgroundEngine, Engine, Job, default_tokens_in_flight, make_jobs
 from evotok_cli.generation import row_result
 from evotok_cli.serve.metrics import Metrics
 from evotok_cli.serve.offload import Offload
@@ -84,10 +84,13 @@ class Session:
 class Service:
     """The served model, its engine and the requests in flight."""
 
-    def __init__(self, served: Served, *, max_rows: int, max_queue: int, timeout: float):
+    def __init__(self, served: Served, *, max_rows: int, max_queue: int, timeout: float,
+                 max_tokens_in_flight: int | None = None):
         self.served, self.max_rows, self.max_queue, self.timeout = served, max_rows, max_queue, timeout
         self.metrics = Metrics()
-        self.engine = Engine(served.model, max_rows=max_rows)
+        # admission by memory too: canvas positions in flight (default: a fixed number on a CPU, free memory on CUDA)
+        self.engine = Engine(served.model, max_rows=max_rows,
+                             max_tokens=max_tokens_in_flight or default_tokens_in_flight(served.model))
         self.background = BackgroundEngine(self.engine)
         self.sessions: set[Session] = set()
         self.draining = False
