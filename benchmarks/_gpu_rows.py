@@ -1,5 +1,6 @@
-"""Helpers of benchmarks/gpu_check.py: the device's memory bandwidth and peak compute, the compiled
-forward's rows, and LoRA merged against unmerged. Kept apart so that gpu_check.py reads top to bottom."""
+"""Helpers of benchmarks/gpu_check.py: the device's memory bandwidth and peak compute, decoding through the
+step engine (as generate, bench and serve do), the compiled forward's rows, and LoRA merged against
+unmerged. Kept apart so that gpu_check.py reads top to bottom."""
 
 from __future__ import annotations
 
@@ -60,6 +61,50 @@ def timed(fn: Callable[[], Any], device: torch.device, iters: int) -> float:
         sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+# -- decoding through the engine ------------------------------------------------------------------------
+
+def engine_generate(model: Any, decoder: Any, request: Any) -> dict[str, Any]:
+    """Decode `request`'s rows as concurrent requests in the step engine (one job per row, as `serve`
+    submits them and `generate` splits them): its rows, engine steps, forwards, and the seconds spent
+    inside the network's forward (synchronised on CUDA), from which host time per step follows."""
+    from dataclasses import replace
+
+    from evotok_cli.decoding.api import row_seed
+    from evotok_cli.decoding.engine import Engine, make_jobs
+
+    engine = Engine(model, max_rows=4 * len(request.prompts))
+    jobs = []
+    for i, prompt in enumerate(request.prompts):
+        part = replace(request, prompts=[prompt], seeds=[row_seed(request, i)], seed=None)
+        jobs += [engine.submit(job) for _, job in make_jobs(model, decoder, part, cohort=1)]
+    net, clock = model.net, {"calls": 0, "seconds": 0.0}
+    original = net.forward
+
+    def timed_forward(*args: Any, **kwargs: Any) -> Any:
+        sync(model.device)
+        t0 = time.perf_counter()
+        out = original(*args, **kwargs)
+        sync(model.device)
+        clock["seconds"] += time.perf_counter() - t0
+        clock["calls"] += 1
+        return out
+
+    timing = not getattr(model, "compiled", False)  # a compiled forward is not to be wrapped: host time unknown
+    if timing:
+        net.forward = timed_forward
+    try:
+        while engine.step():
+            pass
+    finally:
+        if timing:
+            del net.forward
+    for job in jobs:
+        if job.error is not None:
+            raise job.error
+    return {"rows": [row for job in jobs for row in job.result.rows], "steps": max(engine.steps, 1),
+            "forwards": engine.passes, "forward_seconds": clock["seconds"] if timing else float("nan")}
 
 
 # -- the compiled forward -----------------------------------------------------------------------------

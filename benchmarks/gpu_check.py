@@ -6,8 +6,9 @@ allocated with `to_empty`, initialised in place; no checkpoint needed), then rep
    read once per pass) and the compute bound (2 FLOPs per weight per position), with the device's
    bandwidth and peak compute read from a table by its name (H100, H200, A100, L40S; flags override);
 2. wall time, NFE, tokens/s and peak memory of each decoder x cache mode at gen 256 / block 32 / steps 128,
-   batch 1, through the same decoders and model protocol as `evotok generate`; a batch of equal prompts,
-   a left-padded batch of 8 mixed lengths, and temperature 0.5 (the paper tasks' sampling);
+   batch 1, through the step engine as `evotok generate`, `bench` and `serve` run them (each row a
+   concurrent request); a batch of equal prompts, a batch of 8 mixed lengths, and temperature 0.5 (the
+   paper tasks' sampling), with forwards per engine step and host milliseconds per step beside the times;
 3. the forward under torch.compile (`--no-compile` skips it): latency next to eager and a cached hard-mask run, or
    the error where compile does not work;
 4. a random LoRA adapter (deltas 1e-3 of the weights) merged against unmerged: logit difference, how
@@ -40,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _gpu_rows import compiled_rows, device_bounds, lora_rows, mixed_lengths, sync, timed
+from _gpu_rows import compiled_rows, device_bounds, engine_generate, lora_rows, mixed_lengths, sync, timed
 
 try:
     from evotok_cli.runtime.architectures.llada import LLaDAConfig, LLaDAModelLM
@@ -241,22 +242,26 @@ def run_decoder(model: Any, name: str, options: dict[str, Any], s: Settings, bat
         prompts=request.prompts, gen_length=s.gen_length, block_length=s.block_length,
         steps=min(s.steps, 2 * blocks), temperature=temperature, seed=0)
     with torch.inference_mode():
-        decoder.generate(model, warm)
+        engine_generate(model, decoder, warm)
         if s.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(s.device)
-        times, nfe = [], 0
+        times, nfe, steps = [], 0, []
         for _ in range(s.repeats):
             sync(s.device)
             t0 = time.perf_counter()
-            out = decoder.generate(model, request)
+            out = engine_generate(model, decoder, request)
             sync(s.device)
             times.append(time.perf_counter() - t0)
-            nfe = max(r.nfe for r in out.rows)
+            nfe = max(r.nfe for r in out["rows"])
+            steps.append((times[-1], out["steps"], out["forwards"], out["forward_seconds"]))
     seconds = statistics.median(times)
+    wall, n_steps, forwards, forward_s = min(steps, key=lambda t: abs(t[0] - seconds))  # the median run's
     peak = torch.cuda.max_memory_allocated(s.device) / 2**30 if s.device.type == "cuda" else None
     return {"batch": batch, "padded": padded, "temperature": temperature, "nfe": nfe, "seconds": seconds,
             "tokens_per_s": batch * s.gen_length / seconds,
-            "ms_per_forward": seconds / nfe * 1e3, "tokens_per_forward": s.gen_length / nfe, "peak_memory_gib": peak}
+            "ms_per_forward": seconds / nfe * 1e3, "tokens_per_forward": s.gen_length / nfe, "peak_memory_gib": peak,
+            "engine_steps": n_steps, "forwards_per_step": forwards / n_steps,
+            "host_ms_per_step": (wall - forward_s) / n_steps * 1e3}
 
 
 def decoder_runs(s: Settings, wanted: list[str]) -> list[tuple[str, str, dict[str, Any], int, float, bool]]:
@@ -278,7 +283,8 @@ def decoder_row(model: Any, s: Settings, decoder: str, cache: str, options: dict
     try:
         row.update(run_decoder(model, decoder, options, s, batch, temperature=temperature, padded=padded))
         log(f"{what}: NFE {row['nfe']:4d}, {row['seconds']:7.2f} s, {row['tokens_per_s']:8.1f} tok/s, "
-            f"{row['ms_per_forward']:7.2f} ms/forward")
+            f"{row['ms_per_forward']:7.2f} ms/forward, {row['forwards_per_step']:.2f} forwards/step, "
+            f"{row['host_ms_per_step']:.2f} host ms/step")
     except torch.cuda.OutOfMemoryError:
         row["error"] = "out of GPU memory"
     except Exception as exc:
@@ -343,18 +349,21 @@ def markdown(doc: dict[str, Any]) -> str:
         f"{st['steps']}, temperature 0, median of {st['repeats']} run(s) after a warm-up"
         f"{' (one block)' if st['quick'] else ''}; tokens/s counts every row of a batch.",
         "",
-        "| decoder | cache | batch | T | NFE | seconds | tokens/s | ms / forward | tokens / forward | peak GiB |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| decoder | cache | batch | T | NFE | seconds | tokens/s | ms / forward | tokens / forward | peak GiB "
+        "| forwards / step | host ms / step |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    nan = float("nan")
     for r in doc["decoders"]:
         batch = f"{r.get('batch', 1)}{' padded' if r.get('padded') else ''}"
         head = f"| {r['decoder']} | {r['cache']} | {batch} | {r.get('temperature', 0):g} |"
         if r.get("error"):
-            lines.append(f"{head} failed: {r['error']} | | | | | |")
+            lines.append(f"{head} failed: {r['error']} | | | | | | | |")
             continue
         peak = "-" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.1f}"
         lines.append(f"{head} {r['nfe']} | {r['seconds']:.2f} | {r['tokens_per_s']:.1f} | "
-                     f"{r['ms_per_forward']:.2f} | {r['tokens_per_forward']:.2f} | {peak} |")
+                     f"{r['ms_per_forward']:.2f} | {r['tokens_per_forward']:.2f} | {peak} | "
+                     f"{r.get('forwards_per_step', nan):.2f} | {r.get('host_ms_per_step', nan):.2f} |")
     targets = issue_targets(doc["decoders"])
     if targets:
         lines += ["", "Issue 3's ratios (targets: evotoken slowdown <= 1.05, prefix >= 2.5, dual >= 4, batch 16 >= 4): "

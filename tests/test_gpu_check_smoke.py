@@ -40,6 +40,8 @@ def test_cpu_smoke_run_writes_results(tmp_path):
         {(d, "none", 1, False, 0.5) for d in ("hard-mask", "evotoken")}
     assert set(runs) == plain | extra
     assert all(not r.get("error") and r["nfe"] >= 1 and r["tokens_per_s"] > 0 for r in runs.values())
+    # every row through the step engine, as generate, bench and serve: one forward per engine step
+    assert all(r["forwards_per_step"] == pytest.approx(1.0) and r["host_ms_per_step"] > 0 for r in runs.values())
     assert runs[("hard-mask", "none", 1, False, 0.0)]["nfe"] == 16  # 2 blocks x 8 steps, 2 tokens per step
     assert runs[("hard-mask", "none", 2, False, 0.0)]["nfe"] == 16
     assert runs[("evotoken", "none", 3, True, 0.0)]["nfe"] == 16
@@ -66,6 +68,7 @@ def test_cpu_smoke_run_writes_results(tmp_path):
     text = json_path.with_suffix(".md").read_text()
     assert text.startswith("# GPU check: CPU") and "torch.compile" in text and "LoRA (random, r=16" in text
     assert "| hard-mask | none | 3 padded | 0 |" in text and "| evotoken | none | 1 | 0.5 |" in text
+    assert "| forwards / step | host ms / step |" in text
 
 
 def test_bandwidth_table():
