@@ -156,11 +156,26 @@ def decode(lm: Any, decoder_name: str, prompts: list[Any], args: argparse.Namesp
     return wall, [r["token_ids"] for r in results]
 
 
+def linear_bytes_by_mode(model: str) -> dict[str, int]:
+    """The checkpoint's block linears per mode, "none" at bf16 (the issue's targets compare with bf16), from
+    its headers alone."""
+    from evotok_cli.runtime import checkpoint
+    from evotok_cli.runtime.model import build_model, read_family_config
+    from evotok_cli.runtime.quantize import quantized_names
+
+    folder = checkpoint.model_dir(model)
+    family, config = read_family_config(folder)
+    shapes = checkpoint.tensor_shapes(checkpoint.find_weights(folder))
+    names = quantized_names(build_model(family, config, device=torch.device("cpu"), dtype=torch.float32))
+    return {m: int(sum(linear_bytes(shapes[n + ".weight"][0], m, 2) for n in names)) for m in MODES}
+
+
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     from evotok_cli.runtime.model import load_model
     from evotok_cli.runtime.quantize import stored_bytes
 
     rows, reference, prompts = [], {}, None
+    linear = linear_bytes_by_mode(args.model)
     for mode in args.modes:
         started = time.perf_counter()
         lm = load_model(args.model, device=args.device, dtype=args.dtype, quantize=mode)
@@ -168,7 +183,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         if prompts is None:
             prompts = (bundled_prompts(lm, args.per_task) if lm.tokenizer is not None
                        else random_prompts(lm, args.per_task * len(BUNDLED_TASKS)))
-        row = {"mode": mode, "weight_bytes": stored_bytes(lm.net), "load_s": load_s, "decoders": {}}
+        row = {"mode": mode, "weight_bytes": stored_bytes(lm.net), "linear_bytes": linear[mode],
+               "linear_vs_bf16": linear[mode] / linear["none"], "load_s": load_s, "decoders": {}}
         for name in args.decoders:
             wall, tokens = decode(lm, name, [p for _, p in prompts], args)
             total = sum(len(t) for t in tokens)
@@ -194,13 +210,14 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 def measured_markdown(m: dict[str, Any]) -> str:
     lines = [f"{m['model']} on {m['device']} ({m['dtype']}), {m['prompts']} prompts, gen {m['gen_length']} / "
              f"block {m['block_length']} / steps {m['steps']}, batch {m['batch_size']}, temperature 0.", "",
-             "| --quantize | weights | x first | decoder | tokens/s | tokens equal to first mode | rows equal |",
-             "|---|---|---|---|---|---|---|"]
+             "| --quantize | weights | x first | block linears (x bf16) | decoder | tokens/s "
+             "| tokens equal to first mode | rows equal |", "|---|---|---|---|---|---|---|---|"]
     for r in m["rows"]:
         for name, e in r["decoders"].items():
             eq = f"{e['tokens_equal']:.1%}" if "tokens_equal" in e else "(reference)"
             rows_eq = f"{e['rows_equal']:.1%}" if "rows_equal" in e else ""
-            lines.append(f"| {r['mode']} | {human_bytes(r['weight_bytes'])} | {r['weight_vs_first']:.2f} | {name} | "
+            lines.append(f"| {r['mode']} | {human_bytes(r['weight_bytes'])} | {r['weight_vs_first']:.2f} | "
+                         f"{human_bytes(r['linear_bytes'])} ({r['linear_vs_bf16']:.2f}x) | {name} | "
                          f"{e['tokens_per_s']:.1f} | {eq} | {rows_eq} |")
     return "\n".join(lines)
 
