@@ -244,7 +244,6 @@ def _check_quantized_load(mode: str, device: torch.device, dtype: torch.dtype, *
     torch.compile (not tried over the backend's kernels), and merging an adapter into quantized weights."""
     from evotok_cli.runtime.quantize import check_supported
 
-    check_supported(mode, device, dtype)
     if compile:
         raise ConfigError(f"--compile is not supported with --quantize {mode} (torch.compile over the quantized "
                           "kernels is untested)", where="--compile", fix="drop --compile, or use --quantize none")
@@ -252,6 +251,7 @@ def _check_quantized_load(mode: str, device: torch.device, dtype: torch.dtype, *
         raise ConfigError(f"an adapter cannot be merged into {mode} weights (its small deltas would be rounded "
                           "away)", where="--lora-mode",
                           fix="use --lora-mode unmerged or auto (both keep it beside the quantized base)")
+    check_supported(mode, device, dtype)  # last: it imports the backend, the flags' conflicts need none
 
 
 def inspect_model(path: str | Path, *, adapter: str | Path | None = None) -> dict[str, Any]:
