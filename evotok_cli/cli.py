@@ -13,6 +13,7 @@ from typing import Any
 import typer
 
 from evotok_cli import __version__
+from evotok_cli.chat import ChatOptions
 from evotok_cli.config import MODEL_HELP, GenerateOptions, model_folder
 from evotok_cli.console import stderr
 from evotok_cli.errors import EvotokError
@@ -204,6 +205,30 @@ def generate(
     from evotok_cli import generate_command
 
     generate_command.run(options, config=config, as_json=as_json)
+
+
+# -- chat ----------------------------------------------------------------------------------------
+@app.command()
+@with_options(ChatOptions)  # --model ... --log, generate's options and the transcript; they arrive in **options
+def chat(**options: Any) -> None:
+    """Chat with a model in the terminal: each line you type is a turn, the whole conversation goes through
+    the model's chat template, and the answer prints on stdout. Lines starting with / are commands:
+    /decoder NAME, /opt KEY=VALUE (a decoder option or gen_length, block_length, steps, temperature, seed),
+    /clear, /save FILE, /help, /quit. Reads lines from a pipe too (then a failed turn makes the exit code 2).
+
+    Examples:
+
+      evotok chat --show
+
+      evotok chat -m ./LLaDA-8B-Instruct --adapter ./EvoToken-LoRA -d evotoken --log chat.jsonl
+
+      evotok generate --prompts-file chat.jsonl   # replays a --log transcript, turn by turn
+    """
+    from evotok_cli.chat import run
+
+    code = run(options, out=typer.echo)
+    if code:
+        raise typer.Exit(code)
 
 
 # -- init-model ----------------------------------------------------------------------------------

@@ -66,12 +66,24 @@ def read_prompts_file(path: str | Path) -> list[Prompt]:
                 raise DataError("prompt_ids must be a non-empty list of token ids", where=where,
                                 fix='write e.g. {"prompt_ids": [1, 2, 3]}')
             prompts.append(Prompt(None, ids=list(ids), where=where))
+        elif isinstance(item, dict) and "messages" in item:  # a conversation, e.g. a line of `evotok chat --log`
+            prompts.append(Prompt(None, messages=_messages(item["messages"], where), where=where))
         else:
-            raise DataError("expected a string or an object with \"prompt\" or \"prompt_ids\"", where=where,
-                            fix='write e.g. {"prompt": "What is 2+3?"}')
+            raise DataError("expected a string or an object with \"prompt\", \"prompt_ids\" or \"messages\"",
+                            where=where, fix='write e.g. {"prompt": "What is 2+3?"}')
     if not prompts:
         raise DataError("no prompts in file", where=str(p), fix="one JSON object or string per line")
     return prompts
+
+
+def _messages(value: Any, where: str) -> list[dict[str, str]]:
+    """A prompts file's "messages": a non-empty list of {"role": system|user|assistant, "content": text}."""
+    roles = ("system", "user", "assistant")
+    if not isinstance(value, list) or not value or not all(
+            isinstance(m, dict) and m.get("role") in roles and isinstance(m.get("content"), str) for m in value):
+        raise DataError('"messages" must be a non-empty list of {"role", "content"} objects (roles: system, user, '
+                        "assistant)", where=where, fix='write e.g. {"messages": [{"role": "user", "content": "hi"}]}')
+    return [{"role": m["role"], "content": check_text(m["content"], where)} for m in value]
 
 
 def encode_prompts(prompts: list[Prompt], tokenizer: Any, *, chat: bool, vocab_size: int,

@@ -28,11 +28,12 @@ QUICK: dict[str, list[str]] = {
     "serve": ["tests/test_serve.py::test_a_port_in_use_is_one_line",
               "tests/test_serve_dropin.py::test_strict_refuses_unknown_fields"],
     "lm-eval model": ["tests/test_threads.py::test_lmeval_model_args_threads"],
+    "chat": ["tests/test_chat.py::test_two_turns_with_show_keep_the_history_and_replay_through_generate"],
     "download": ["tests/test_hub.py::test_download_fetches_only_weights_configs_and_tokenizers"],
 }
 # what a quick test's source must hold to count as running its command: by default the command's last word
 # in quotes, as the `cli` fixture and argv lists spell it (checked by tests/test_quick.py)
-INVOKES = {"lm-eval model": ("EvotokLM",), "serve": ('"serve"', "create_app(")}
+INVOKES = {"lm-eval model": ("EvotokLM",), "serve": ('"serve"', "create_app("), "chat": ("chat(cli",)}
 
 
 def quick_ids() -> set[str]:

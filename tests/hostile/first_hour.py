@@ -40,4 +40,17 @@ CASES = [
     Case("h31-hub-download-offline", ["download", "org/name"], "HF_HUB_OFFLINE is set", env=HUB),
     Case("h31-hub-download-not-an-id", ["download", "a/b/c"], "'a/b/c' is not a Hugging Face id"),
     Case("h31-hub-download-dotdot", ["download", "../x"], "is not a Hugging Face id"),
+    # evotok chat: its flags are refused before the model loads (and before a line is read)
+    Case("h31-chat-log-folder", ["chat", "-m", "{model}", "--log", "{tmp}"], "--log"),
+    Case("h31-chat-threads-zero", ["chat", "-m", "{model}", "--threads", "0"], "--threads: threads must be >= 1"),
+    Case("h31-chat-decoder-unknown", ["chat", "-m", "{model}", "-d", "nope"], "unknown decoder 'nope'"),
+    Case("h31-chat-opt-unknown", ["chat", "-m", "{model}", "--opt", "nonsense=1"], "nonsense"),
+    Case("h31-chat-model-missing", ["chat", "-m", "{tmp}/none"], "does not exist"),
+    # a prompts file's conversations (what `evotok chat --log` writes)
+    Case("h31-prompts-file-messages-text", ["generate", "-m", "{model}", "--prompts-file", "{tmp}/p.jsonl"],
+         'p.jsonl:1: "messages" must be a non-empty list', write("p.jsonl", '{"messages": "hi"}\n')),
+    Case("h31-prompts-file-messages-role", ["generate", "-m", "{model}", "--prompts-file", "{tmp}/p.jsonl"],
+         '"messages" must be a non-empty list', write("p.jsonl", '{"messages": [{"role": "robot", "content": "x"}]}\n')),
+    Case("h31-prompts-file-messages-empty", ["generate", "-m", "{model}", "--prompts-file", "{tmp}/p.jsonl"],
+         "p.jsonl:2:", write("p.jsonl", '"hi"\n{"messages": []}\n')),
 ]
