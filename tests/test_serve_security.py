@@ -216,6 +216,18 @@ def test_a_chat_of_100000_messages_is_refused_fast_and_never_blocks_health(guard
     assert time.monotonic() - t0 < 5
 
 
+def test_prompt_ids_holding_the_mask_id_are_400(guarded, tiny_llada):
+    mask = json.loads((tiny_llada / "config.json").read_text())["mask_token_id"]
+    plain = [i for i in range(5, 10) if i != mask][:2]
+    for prompt in ([plain[0], mask, plain[1]], [plain, [mask]]):
+        r = guarded.post(COMP, {"prompt": prompt, "max_tokens": 4})
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"] == "prompt" and f"token id {mask} is the mask token" in error["message"], error
+    ok = guarded.post(COMP, {"prompt": plain, "max_tokens": 4})
+    assert ok.status_code == 200, ok.text
+
+
 # -- protocol errors as JSON ------------------------------------------------------------------------
 def test_headers_over_16_kib_are_refused_whole_or_in_pieces(guarded):
     big = request(extra="X-Big: " + "a" * (20 * 1024) + "\r\n")

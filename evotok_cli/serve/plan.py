@@ -168,7 +168,8 @@ def encode(fields: CompletionFields, served: Served, prefill: str) -> list[Promp
     model = served.model
     param = "messages" if fields.chat else "prompt"
     try:
-        encode_prompts(prompts, model.tokenizer, chat=fields.chat, vocab_size=model.vocab_size, prefill=prefill)
+        encode_prompts(prompts, model.tokenizer, chat=fields.chat, vocab_size=model.vocab_size, prefill=prefill,
+                       mask_id=model.mask_id)  # a mask among given ids would be rewritten as generated
     except EvotokError as exc:
         raise api_error(exc, param) from None
     except Exception as exc:  # the chat template's own refusal (jinja's raise_exception), or its bugs
