@@ -30,12 +30,21 @@ def serve(**options: Any) -> None:
     """
     opts = from_flags(ServeOptions, options)
     check(opts)
+    replicated = opts.replicas is not None or opts.ray_address is not None or opts.min_replicas is not None
+    if replicated:  # Ray Serve replicas (serve/ray_app.py), checked before anything loads
+        from evotok_cli.serve import ray_app
+
+        ray_app.check_scaling(opts)
+        ray_app.require_ray("--ray-address" if opts.replicas is None and opts.ray_address else "--replicas")
     folder, defaults = _prepare(opts)
     if opts.compile:  # before the port is bound, like every check that needs no weights
         from evotok_cli.runtime.compile import check_compile
         from evotok_cli.runtime.device import resolve_device
 
         check_compile(resolve_device(opts.device))
+    if replicated:
+        ray_app.run(folder, defaults, opts, _start)
+        return
     from evotok_cli.serve.server import address, bind, run
 
     guard = limits(opts)

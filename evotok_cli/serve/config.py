@@ -46,6 +46,15 @@ class ServeOptions:
                                   min=1, max=65536, cli_range=True)
     read_timeout: float = option(30.0, "seconds a client gets to send a request's line and headers, and its body "
                                  "(plus 1 s per 64 KiB), or to go on reading an answer; slower ones are dropped")
+    replicas: int | None = option(None, "serve with N Ray Serve replicas (one model and step engine each) behind "
+                                  "Ray's proxy; needs the ray extra", shown="one process, no Ray")
+    ray_address: str | None = option(None, "join this Ray cluster (`auto`: the local node's) instead of starting "
+                                     "one", shown=None)
+    min_replicas: int | None = option(None, "autoscale replicas between --min-replicas and --max-replicas",
+                                      shown=None)
+    max_replicas: int | None = option(None, "upper bound of autoscaling", shown=None)
+    target_ongoing_requests: float | None = option(None, "autoscaling's target of requests per replica",
+                                                   shown="--max-rows")
     device: str = like(GenerateOptions, "device")
     threads: int | None = like(GenerateOptions, "threads")
     dtype: str = like(GenerateOptions, "dtype")
