@@ -318,6 +318,37 @@ def test_a_looping_chat_template_is_answered_and_never_blocks_health_or_sigterm(
     assert "Traceback" not in looping.log.read_text()
 
 
+# -- a chat template that fails: the client sees the problem, not the server's paths -------------------
+PICKY_TEMPLATE = ("{% for m in messages %}{% if m.content == 'refuse' %}{{ raise_exception('no refusals here') }}"
+                  "{% elif m.content == 'undefined' %}{{ nothing.here }}{% endif %}{{ m.role }}: {{ m.content }}\n"
+                  "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def picky(tiny_llada, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("picky") / "llada"
+    shutil.copytree(tiny_llada, folder)
+    (folder / "chat_template.jinja").write_text(PICKY_TEMPLATE)
+    s = Server(tmp_path_factory.mktemp("logs"), "-m", str(folder), "--grace", "0")
+    s.folder = folder
+    yield s
+    assert s.stop() == 0, s.log.read_text()
+
+
+@pytest.mark.parametrize("content, what", [("refuse", "the model's chat template refuses these messages "
+                                                      "(no refusals here) (send messages the template accepts)"),
+                                           ("undefined", "the model's chat template uses an undefined value")])
+def test_a_chat_template_failure_names_no_server_path(picky, content, what):
+    for path in (CHAT, "/tokenize"):
+        r = picky.post(path, {"messages": [{"role": "user", "content": content}], "max_tokens": 4})
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"] == "messages" and error["message"].startswith(what), error
+        assert str(picky.folder.parent) not in r.text and "/" not in error["message"], error
+    assert f"{picky.folder / 'chat_template.jinja'}: the chat template" in picky.log.read_text()  # the operator's
+    assert picky.post(CHAT, {"messages": USER, "max_tokens": 4}).status_code == 200
+
+
 # -- the Host rules, as functions -----------------------------------------------------------------
 @pytest.mark.parametrize("header, name", [("LocalHost.:80", "localhost"), ("[::1]:8000", "[::1]"), ("::1", "[::1]"),
                                           ("127.0.0.1:1", "127.0.0.1"), ("a.example", "a.example")])

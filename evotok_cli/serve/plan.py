@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from evotok_cli.decoding.api import GenerationRequest, settings_used
-from evotok_cli.errors import EvotokError
+from evotok_cli.errors import ConfigError, EvotokError
 from evotok_cli.prompts import Prompt, encode_prompts
 from evotok_cli.serve.schema import ApiError, CompletionFields, bad
 
@@ -171,7 +171,7 @@ def encode(fields: CompletionFields, served: Served, prefill: str) -> list[Promp
         encode_prompts(prompts, model.tokenizer, chat=fields.chat, vocab_size=model.vocab_size, prefill=prefill,
                        mask_id=model.mask_id)  # a mask among given ids would be rewritten as generated
     except EvotokError as exc:
-        raise api_error(exc, param) from None
+        raise template_error(exc, model.tokenizer, param) or api_error(exc, param) from None
     except Exception as exc:  # the chat template's own refusal (jinja's raise_exception), or its bugs
         raise bad(f"the model's chat template cannot render these messages ({type(exc).__name__}: {exc})",
                   param) from None
@@ -179,3 +179,20 @@ def encode(fields: CompletionFields, served: Served, prefill: str) -> list[Promp
         if not p.ids:
             raise bad("a prompt encodes to no tokens", param)
     return prompts
+
+
+def template_error(exc: EvotokError, tokenizer: Any, param: str) -> ApiError | None:
+    """A chat template's failure as the client should see it: the problem, without the template's path on
+    this server (its `where`) or the CLI's fix; the full line goes to the server's log. None for any other
+    error."""
+    import sys
+
+    from evotok_cli.runtime.chat_template import where
+
+    if tokenizer is None or exc.where is None or exc.where != where(tokenizer):
+        return None
+    print(f"warning: {exc.line()}", file=sys.stderr, flush=True)
+    what = exc.what.removeprefix("the chat template ")
+    fix = ("send messages the template accepts" if isinstance(exc, ConfigError)
+           else "the model folder on the server needs a repaired chat template; tell the server's operator")
+    return bad(" ".join(f"the model's chat template {what} ({fix})".split()), param)
