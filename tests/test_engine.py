@@ -363,3 +363,27 @@ def test_the_server_admits_by_tokens_in_flight_and_reports_them(tiny_model):
         text = http.get("/metrics").text
     assert "evotok_max_tokens_in_flight 300" in text and "evotok_tokens_in_flight 0" in text
     assert "evotok_step_retries_total 0" in text
+
+
+@pytest.mark.parametrize("mode", ["rowwise", "masked"])
+def test_dream_rows_share_one_forward_in_both_pools(tiny_dream, mode):
+    """Shifted logits and grouped-query heads (Dream): cached windows, d2f and uncached rows in one forward
+    per step, each row's tokens those of its run alone (exactly with the per-row pool; the paged pool's
+    masked call rounds differently, and on this model decodes the same tokens)."""
+    from evotok_cli.runtime.attention import padded_attention
+    from evotok_cli.runtime.model import load_model
+
+    model = load_model(tiny_dream)
+    modes = [("hard-mask", {"cache": "dual"}), ("evotoken", {"cache": "prefix"}), ("d2f", {"block_size": "4"}),
+             ("evotoken", {}), ("hard-mask", {"cfg_scale": "1.5"})]
+    with padded_attention(mode):
+        engine = Engine(model, max_rows=8)
+        jobs = []
+        for i, (name, options) in enumerate(modes):
+            decoder = make_decoder(name, options)
+            jobs.append((decoder, PROMPTS[i], engine.submit(_job(model, decoder, PROMPTS[i], seed=i))))
+        engine.run()
+    assert engine.passes == engine.steps
+    for decoder, prompt, job in jobs:
+        assert job.error is None
+        assert job.result.rows[0].token_ids == _solo(model, decoder, prompt).token_ids

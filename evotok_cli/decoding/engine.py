@@ -207,7 +207,9 @@ def run_paged(model: Any, items: list[tuple[Hashable, ForwardPass]], pool: SlotP
     total = sum(e.shape[0] for e in embeds)
     rows, length = bucket(total), bucket(max(e.shape[1] for e in embeds), 8)
     widest = max(max(p.kv_length or 0, p.start + e.shape[1]) for (_, p), e in zip(items, embeds))
-    pool.reserve(total, max(widest, length))
+    new = sum(1 for (owner, p), e in zip(items, embeds) for i in range(e.shape[0])
+              if p.kv_length is None or (owner, i) not in pool.owned)  # rows that need a slot this step
+    pool.reserve(new, max(widest, length))
     device = embeds[0].device
     x = embeds[0].new_zeros((rows, length, embeds[0].shape[-1]))
     positions = torch.zeros((rows, length), dtype=torch.long, device=device)  # device to device: no read-back
@@ -243,7 +245,7 @@ def run_paged(model: Any, items: list[tuple[Hashable, ForwardPass]], pool: SlotP
                 index.extend(range((r + i) * length + off + a, (r + i) * length + off + b))
             counts.append((e.shape[0], b - a))
             r += e.shape[0]
-        width = bucket(max(spans), 16)
+        width = min(bucket(max(spans), 16), pool.columns)
         allowed = torch.zeros((rows, 1, length, width), dtype=torch.bool)
         allowed[total:, :, :, 0] = True  # dummy rows: the scratch slot's first position
         for row, _, _, lo, _, span, _ in masks:

@@ -195,6 +195,6 @@ def attend_paged(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     pool_k[rows.write_slot, :, rows.write_pos] = k.transpose(1, 2)  # (R, L, Hkv, D) into their slots
     pool_v[rows.write_slot, :, rows.write_pos] = v.transpose(1, 2)
     width = rows.mask.shape[-1]
-    keys = pool_k.index_select(0, rows.read_slot)[:, :, :width]  # (R, Hkv, K, D)
-    values = pool_v.index_select(0, rows.read_slot)[:, :, :width]
+    keys = pool_k[:, :, :width].index_select(0, rows.read_slot)  # (R, Hkv, K, D): the rows' first K positions
+    values = pool_v[:, :, :width].index_select(0, rows.read_slot)
     return _sdpa(q, keys, values, rows.mask)

@@ -114,7 +114,7 @@ class SlotPool:
     padding columns write), every other slot holds one row's canvas. A forward writes and reads it through
     index tensors (`PagedRows`), so it has no Python state per row: a compiled forward (and the one
     masked attention call per layer of a GPU) sees the same graph whatever the rows are. Rows without a
-    cache take a slot for the step only. The pool grows (doubling) when rows or canvases outgrow it."""
+    cache take a slot for the step only. The pool grows when rows or canvases outgrow it."""
 
     def __init__(self, new_cache: Callable[[int, int], KVCache]):
         probe = new_cache(1, 1)
@@ -133,7 +133,8 @@ class SlotPool:
         need = len(self.owned) + slots + 1
         if need <= self.capacity and columns <= self.columns:
             return
-        capacity, width = max(bucket(need), self.capacity), max(bucket(columns, 16), self.columns)
+        # rounded up (slots to 8, positions to 64), not doubled: the pool is most of a GPU's free memory
+        capacity, width = max(-(-need // 8) * 8, self.capacity), max(-(-columns // 64) * 64, self.columns)
         shape = (capacity, self.heads, width, self.dim)
         k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.layers)]
         v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.layers)]
