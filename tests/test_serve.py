@@ -515,6 +515,24 @@ def test_sigterm_finishes_short_requests_cancels_long_ones_and_exits_0(cli, serv
         s.kill()
 
 
+def test_a_second_sigterm_while_draining_exits_0_at_once_without_a_traceback(serve_model, tmp_path):
+    s = Server(tmp_path, "-m", str(serve_model), "--grace", "60")
+    try:
+        s.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        while httpx.get(s.url + "/health", timeout=5).status_code != 503:  # draining: the listener lingers
+            assert time.monotonic() < deadline, s.log.read_text()
+            time.sleep(0.1)
+        t0 = time.monotonic()
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.proc.wait(30) == 0, s.log.read_text()
+        assert time.monotonic() - t0 < 20  # not the 60 s grace
+        log = s.log.read_text()
+        assert "evotok serve: stopped" in log and "Traceback" not in log and "CancelledError" not in log, log
+    finally:
+        s.kill()
+
+
 def test_a_port_in_use_is_one_line(cli, serve_model):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -100,6 +100,14 @@ def run(app: Any, sock: socket.socket, service: Service, *, grace: float, limits
             asyncio.get_running_loop().set_exception_handler(AcceptErrors())
             await super().startup(sockets=sockets)
 
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            """uvicorn's shutdown, then the application's even after a second signal: uvicorn skips it then
+            (force_exit), and asyncio would cancel the lifespan mid-wait at exit, a CancelledError traceback.
+            The jobs are cancelled by then, so the engine thread ends at once."""
+            await super().shutdown(sockets=sockets)
+            if self.force_exit and not self.lifespan.shutdown_event.is_set():
+                await self.lifespan.shutdown()
+
         @contextlib.contextmanager
         def capture_signals(self) -> Iterator[None]:
             """Our handlers instead of uvicorn's, which would re-raise the signal after shutdown."""
