@@ -196,7 +196,7 @@ def generate(
 
     Examples:
 
-      evotok generate --prompt "What is 7 + 8?"
+      evotok generate --prompt $'Sudoku 4x4 (0 = blank):\\n0012|0230|4320|0103'
 
       evotok generate -p "..." --decoder evotoken --opt alpha=0.7 --opt k_soft=3 --steps 128 --gen-length 128
 

@@ -47,7 +47,8 @@ class GenerateOptions:
                                       cli_type=list[str], yaml=False)
     prompt_ids: list[str] | None = option(None, "prompt as token ids, e.g. 1,2,3 (repeatable)", cli_type=list[str],
                                           yaml=False)
-    prompts_file: str | None = option(None, 'JSONL: {"prompt": ...} or {"prompt_ids": [...]} per line',
+    prompts_file: str | None = option(None, 'JSONL: {"prompt": ...}, {"prompt_ids": [...]} or {"messages": [...]} '
+                                      'per line (`evotok chat --log` writes the last)',
                                       cli_type=Path, yaml=False)
     model: str | None = option(None, MODEL_HELP, flags=("--model", "-m"), envvar=_env("model"))
     decoder: str = option("hard-mask", "hard-mask | evotoken | d2f | any installed plugin", flags=("--decoder", "-d"),

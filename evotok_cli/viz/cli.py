@@ -31,8 +31,7 @@ def trace(
     Example:
 
     \b
-      evotok generate -p "What is 7 + 8?" -d evotoken --gen-length 32 --block-length 8 \\
-          --steps 32 --trace run.jsonl
+      evotok generate -p $'Sudoku 4x4 (0 = blank):\\n0012|0230|4320|0103' -d evotoken --trace run.jsonl
       evotok trace run.jsonl --html run.html --png run.png
     """
     from evotok_cli.console import stderr
