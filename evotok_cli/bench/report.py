@@ -279,9 +279,9 @@ def plot(rows: list[dict[str, Any]], axis: str) -> bytes:
                         capsize=3, label=name)
         for name, level in flat:
             ax.axhline(level, linestyle="--", linewidth=1, color="gray", label=name)
-        values = [p[1] for points in lines.values() for p in points] + [level for _, level in flat]
-        if values:
-            ax.set_ylim(max(-2.0, min(values) - 5), min(102.0, max(values) + 5))
+        spans = [(p[1], p[2]) for points in lines.values() for p in points] + [(level, 0.0) for _, level in flat]
+        if spans:
+            ax.set_ylim(*y_limits(spans))
         if categories:  # a swept name (cache=none,dual): one evenly spaced tick per value
             ax.set_xticks(range(len(categories)), categories)
         ax.set_title(task)
@@ -295,6 +295,16 @@ def plot(rows: list[dict[str, Any]], axis: str) -> bytes:
     fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)
     return buffer.getvalue()
+
+
+def y_limits(spans: list[tuple[float, float]]) -> tuple[float, float]:
+    """The accuracy axis around (value, standard error) pairs: 5 points of room in [-2, 102], widened so
+    that every error bar is whole (a bar's end was cut off where the axis followed the values alone)."""
+    low = min(value - error for value, error in spans)
+    high = max(value + error for value, error in spans)
+    bottom = min(max(-2.0, min(v for v, _ in spans) - 5), low - 1)
+    top = max(min(102.0, max(v for v, _ in spans) + 5), high + 1)
+    return bottom, top
 
 
 def _categories(rows: list[dict[str, Any]], axis: str) -> list[str]:

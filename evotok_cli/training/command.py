@@ -4,6 +4,7 @@ defaults (flag > EVOTOK_* variable > YAML > default), train with a progress bar,
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -53,10 +54,11 @@ def _train(cfg: TrainConfig, settings: Any, *, resume: bool, as_json: bool | Non
     trainer = Trainer(cfg, log=lambda m: err.print(f"[dim]{m}[/dim]"))
     trainer.preflight(resume)  # data file, --out, one run per folder: before the model loads
     trainer.setup()
-    bar = TrainProgress(err, trainer.total_steps, cfg.log_every)
+    # rank 0 alone draws progress under torchrun / accelerate (the other ranks' bars were empty duplicates)
+    bar = TrainProgress(err, trainer.total_steps, cfg.log_every) if trainer.group.is_main else None
     try:
-        with bar:
-            summary = trainer.train(resume=resume, progress=bar.update)
+        with bar or nullcontext():
+            summary = trainer.train(resume=resume, progress=bar.update if bar else None)
     except StopRequested as exc:  # typer.Exit would be swallowed (standalone_mode=False): exit 130 / 143
         raise SystemExit(exc.exit_code) from None
     if not summary:  # a non-main process of a data-parallel run: rank 0 reports
