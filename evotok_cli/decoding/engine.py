@@ -180,13 +180,22 @@ def run_rows(model: Any, items: list[tuple[Hashable, ForwardPass]], pool: KVPool
         r += rows
     batch = RowBatch(pads, starts, slots, masks, key_pads)
     gather = torch.tensor(index, dtype=torch.long).to(x.device, non_blocking=True)
-    logits = model(inputs_embeds=x, position_ids=positions, cache=batch, logits_slice=gather)[0]  # (N, V)
+    logits = model(inputs_embeds=x, position_ids=positions, cache=batch, start=_common_start(items),
+                   logits_slice=gather)[0]  # (N, V)
     out, at = [], 0
     for (_, p), (rows, n) in zip(items, counts):
         part = logits[at:at + rows * n].view(rows, n, -1)
         at += rows * n
         out.append(p.combine(part) if p.combine is not None else part)
     return out
+
+
+def _common_start(items: list[tuple[Hashable, ForwardPass]]) -> int:
+    """The `start` a shared forward states: the window's canvas start when every pass has the same, else 0.
+    Under the engine's rows it says where the window sits (what a model wrapper may look at); attention
+    reads each row's own start from the rows."""
+    starts = {p.start for _, p in items}
+    return starts.pop() if len(starts) == 1 else 0
 
 
 def make_pool(model: Any, mode: str | None = None) -> KVPool | SlotPool:
@@ -258,7 +267,7 @@ def run_paged(model: Any, items: list[tuple[Hashable, ForwardPass]], pool: SlotP
                 allowed[row, 0, off + q_skip:, lo:lo + part.shape[-1]] = part
         gather = torch.tensor(index + [0] * (bucket(len(index), 8) - len(index)), dtype=torch.long)
         batch = PagedRows(pool.k, pool.v, write_slot.to(device), write_pos.to(device), read_slot.to(device), allowed)
-        logits = model(inputs_embeds=x, position_ids=positions, cache=batch,
+        logits = model(inputs_embeds=x, position_ids=positions, cache=batch, start=_common_start(items),
                        logits_slice=gather.to(device))[0]  # (N, V)
     finally:
         for slot in scratch:
