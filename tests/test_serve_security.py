@@ -23,6 +23,7 @@ import httpx
 import pytest
 
 from evotok_cli.serve.guard import ANY_IP, Limits, default_hosts, host_allowed, host_name
+from evotok_cli.serve.schema import MAX_BODY_BYTES
 from tests.test_serve import Server
 
 READ_TIMEOUT = 1.5
@@ -226,6 +227,44 @@ def test_prompt_ids_holding_the_mask_id_are_400(guarded, tiny_llada):
         assert error["param"] == "prompt" and f"token id {mask} is the mask token" in error["message"], error
     ok = guarded.post(COMP, {"prompt": plain, "max_tokens": 4})
     assert ok.status_code == 200, ok.text
+
+
+def test_tokenizing_4_mb_of_text_never_blocks_health(guarded):
+    def slowest_health_while(thread: threading.Thread, after: float = 0.0) -> tuple[float, int]:
+        """The slowest /health answer while `thread` runs and for `after` seconds more, and how many were asked."""
+        times: list[float] = []
+        while thread.is_alive():
+            times.append(health_seconds(guarded))
+            time.sleep(0.05)
+        end = time.monotonic() + after
+        while time.monotonic() < end:
+            times.append(health_seconds(guarded))
+            time.sleep(0.05)
+        return max(times, default=0.0), len(times)
+
+    ids = json.dumps({"tokens": [5] * 500_000}).encode()
+    back, out = in_thread(lambda: httpx.post(guarded.url + "/detokenize", content=ids, headers=JSON, timeout=60))
+    slowest, _ = slowest_health_while(back)
+    assert out[0].status_code == 200 and slowest < 1.0, slowest
+
+    words = "the cat sat on a mat, 12 apples and 3 pears; "
+    body = json.dumps({"prompt": words * ((MAX_BODY_BYTES - 1024) // len(words))}).encode()
+    assert 3_900_000 < len(body) <= MAX_BODY_BYTES
+    big, out = in_thread(lambda: httpx.post(guarded.url + "/tokenize", content=body, headers=JSON, timeout=60))
+    # after a 504 the worker still tokenizes and renders the answer nobody waits for: watch that too
+    slowest, polls = slowest_health_while(big, after=4.0)
+    r = out[0]
+    assert r.status_code in (200, 504), r.text[:300]  # tokenized, or past the 10 s budget: answered either way
+    assert r.status_code == 504 or r.json()["count"] > 1_000_000
+    assert polls >= 10 and slowest < 1.0, (polls, slowest)
+
+
+def test_a_long_answer_is_rendered_in_slices_as_json_dumps_writes_it():
+    from evotok_cli.serve.tokenize import render
+
+    for body in ({"count": 3, "tokens": list(range(10_001)), "token_strs": ['a\u00e9"\n', None]}, {"prompt": "x"},
+                 {"tokens": []}):
+        assert render(body, piece=1000) == json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 # -- protocol errors as JSON ------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from evotok_cli.serve.responses import Reply, response
 from evotok_cli.serve.schema import MAX_BODY_BYTES, ApiError, check_model, parse_chat, parse_completion, parse_json
 from evotok_cli.serve.sessions import Service, Session
 from evotok_cli.serve.stream import chunks, failure_of, timeout_error
-from evotok_cli.serve.tokenize import detokenize, tokenize
+from evotok_cli.serve.tokenize import detokenize, render, tokenize
 
 ROUTES = ("/", "/health", "/metrics", "/version", "/tokenize", "/detokenize", "/v1/models", "/v1/completions",
           "/v1/chat/completions")
@@ -89,20 +89,28 @@ def create_app(service: Service, *, api_key: str | None, decoders: list[str], st
 
         return JSONResponse({"version": __version__})
 
-    @api.post("/tokenize")
-    async def tokenize_route(request: Request) -> JSONResponse:
+    async def off_loop(request: Request, answer: Callable[[Any], tuple[dict[str, Any], list[str]]]) -> Response:
+        """A tokenizer endpoint's whole work in a worker thread, with a completion request's time budget
+        (`service.prepare`): parsing, the chat template, the tokenizer, and the JSON of an answer that can
+        hold millions of ids. Any of them on the event loop would stall /health and SIGTERM for seconds."""
         authorize(request)
         raw, deadline = await read_body(request), service.deadline()
-        # the chat template and the tokenizer run in a worker thread, as a completion request's do
-        body, ignored = await service.prepare(lambda: tokenize(parse_json(raw), served, strict=strict), deadline)
-        return JSONResponse(body, headers=ignored_fields(ignored, request))
+
+        def work() -> tuple[Response, list[str]]:
+            body, ignored = answer(parse_json(raw))
+            return Response(render(body), media_type="application/json"), ignored  # rendered here, in slices
+
+        reply, ignored = await service.prepare(work, deadline)
+        reply.headers.update(ignored_fields(ignored, request))
+        return reply
+
+    @api.post("/tokenize")
+    async def tokenize_route(request: Request) -> Response:
+        return await off_loop(request, lambda body: tokenize(body, served, strict=strict))
 
     @api.post("/detokenize")
-    async def detokenize_route(request: Request) -> JSONResponse:
-        authorize(request)
-        raw, deadline = await read_body(request), service.deadline()
-        body, ignored = await service.prepare(lambda: detokenize(parse_json(raw), served, strict=strict), deadline)
-        return JSONResponse(body, headers=ignored_fields(ignored, request))
+    async def detokenize_route(request: Request) -> Response:
+        return await off_loop(request, lambda body: detokenize(body, served, strict=strict))
 
     @api.get("/v1/models")
     async def models(request: Request) -> JSONResponse:

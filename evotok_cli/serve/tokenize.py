@@ -5,6 +5,7 @@ back from ids. A `prompt` is encoded as /v1/completions encodes it (raw, no temp
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from evotok_cli.prompts import Prompt
@@ -52,3 +53,18 @@ def detokenize(body: dict[str, Any], served: Served, *, strict: bool = False) ->
     if tokenizer is None:
         raise bad("this model has no tokenizer: ids cannot become text", "tokens", "unsupported")
     return {"prompt": tokenizer.decode(tokens)}, f.ignored
+
+
+def render(body: dict[str, Any], piece: int = 65_536) -> bytes:
+    """The answer's JSON (as JSONResponse writes it), a long list a slice at a time: one `json.dumps` of
+    millions of ids holds the GIL, so the event loop too, for a second or more even from a worker thread;
+    between slices the interpreter lets /health run."""
+    def dump(value: Any) -> str:
+        return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+    def value_of(value: Any) -> str:
+        if not isinstance(value, list) or len(value) <= piece:
+            return dump(value)
+        return "[" + ",".join(dump(value[i:i + piece])[1:-1] for i in range(0, len(value), piece)) + "]"
+
+    return ("{" + ",".join(f"{dump(key)}:{value_of(value)}" for key, value in body.items()) + "}").encode()
