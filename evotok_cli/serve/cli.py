@@ -109,7 +109,8 @@ def _start(folder: Path, defaults: dict, opts: ServeOptions, guard: Any) -> tupl
     adapter = Path(opts.adapter).name if opts.adapter else None
     served = Served(lm, name=opts.served_model_name or folder.name, adapter=adapter,
                     decoder=opts.decoder, defaults=defaults, classes={name: registry.get(name) for name in decoders})
-    service = Service(served, max_rows=opts.max_rows, max_queue=opts.max_queue, timeout=opts.timeout)
+    service = Service(served, max_rows=opts.max_rows, max_queue=opts.max_queue, timeout=opts.timeout,
+                      max_tokens_in_flight=opts.max_tokens_in_flight)
     return service, create_app(service, api_key=opts.api_key, decoders=decoders, strict=opts.strict,
                                allowed_origins=origins(opts.allowed_origins), limits=guard)
 

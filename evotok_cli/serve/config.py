@@ -34,6 +34,9 @@ class ServeOptions:
                                          "browser (e.g. https://app.example.com), or * for any; default none")
     strict: bool = option(False, "refuse unknown request fields with 400 instead of ignoring them with a warning")
     max_rows: int = option(16, "rows decoded together (one per prompt x n)", min=1, max=4096, cli_range=True)
+    max_tokens_in_flight: int | None = option(None, "canvas positions (prompt + generated) decoded at once; a request "
+                                              "waits until its rows fit", min=1, max=2**31 - 1, cli_range=True,
+                                              shown="65536 on a CPU, from free memory on CUDA")
     max_queue: int = option(64, "requests that may wait for room; more get 503", min=0, cli_range=True)
     timeout: float = option(600.0, "seconds per request, queue included; then 504")
     grace: float = option(30.0, "seconds in-flight requests get to finish after SIGTERM")
