@@ -200,6 +200,31 @@ def test_autoscaling_goes_from_one_to_two_replicas_under_load(short_tmps):
         assert s.stop() == 0, s.log.read_text()
 
 
+def test_a_model_that_fails_to_load_in_the_replicas_is_one_line(short_tmps):
+    """The folder passes the checks made before Ray starts (config, tokenizer), but its weights are cut
+    short: every replica fails in its constructor, Ray gives up, and the command says why in one line."""
+    import shutil
+    import subprocess
+    import sys
+
+    from evotok_cli.config import model_folder
+
+    tmp = short_tmps()
+    folder = tmp / "evotok-tiny"
+    shutil.copytree(model_folder(None), folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EVOTOK_")}
+    env.update(RAY_TMPDIR=str(tmp / "r"), RAY_USAGE_STATS_ENABLED="0", OMP_NUM_THREADS="1")
+    (tmp / "r").mkdir()
+    proc = subprocess.run([sys.executable, "-m", "evotok_cli", "serve", "-m", str(folder), "--replicas", "1",
+                           "--port", "0"], capture_output=True, text=True, timeout=240, env=env)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr
+    assert len(errors) == 1 and "the replicas did not start" in errors[0], proc.stderr
+    assert "unreadable safetensors file" in errors[0] and errors[0].endswith(")"), errors
+
+
 def test_without_ray_replicas_is_one_line(cli, monkeypatch):
     import builtins
 

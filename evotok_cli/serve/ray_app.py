@@ -43,6 +43,7 @@ NAMESPACE = "evotok"  # the Ray namespace of the metrics board (and of this driv
 BOARD_NAME = "evotok-metrics"
 PUSH_EVERY_S = 1.0
 STALE_S = 10.0  # a replica silent for longer (killed) leaves /metrics
+CONSTRUCTOR_TRIES = 3  # replica starts that may fail before the deploy fails (Ray's default: 20)
 INSTALL_FIX = 'pip install -e ".[ray]" (or pip install "ray[serve]>=2.40")'
 
 
@@ -267,7 +268,12 @@ def make_deployment(folder: Path, defaults: dict, opts: Any, start: Any) -> Any:
                 stopped.set()
 
     gpus = wants_gpus(opts)
-    deployment = serve.deployment(EvotokReplica, **deployment_options(opts, gpus))
+    options = deployment_options(opts, gpus)
+    import inspect
+
+    if "max_constructor_retry_count" in inspect.signature(serve.deployment).parameters:  # Ray >= 2.50 or so
+        options["max_constructor_retry_count"] = CONSTRUCTOR_TRIES  # a model that cannot load fails at once
+    deployment = serve.deployment(EvotokReplica, **options)
     return deployment.bind(folder, defaults, opts, start), gpus
 
 
@@ -312,7 +318,9 @@ def run(folder: Path, defaults: dict, opts: Any, start: Any) -> None:
             serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
             _wait_running(stopping)
         except Exception as exc:  # noqa: BLE001 - a replica that cannot start: one line
-            raise CheckpointError(f"the replicas did not start ({' '.join(str(exc).split())[:300]})",
+            why = _bounded_status() or str(exc)
+            why = why.removeprefix("evotok_cli.errors.")
+            raise CheckpointError(f"the replicas did not start ({' '.join(why.split())[:600]})",
                                   where=str(folder), fix="check the model loads with `evotok generate -m FOLDER`") \
                 from None
         if not stopping.is_set():
@@ -358,10 +366,32 @@ def _wait_running(stopping: threading.Event, timeout: float = 900.0) -> None:
         if status is not None and str(status.status).endswith("RUNNING"):
             return
         if status is not None and str(status.status).endswith(("DEPLOY_FAILED", "UNHEALTHY")):
-            raise RuntimeError(status.message or str(status.status))
+            raise RuntimeError(_why(status))
         if time.monotonic() > deadline:
             raise RuntimeError("not running after 900 s")
         time.sleep(0.5)
+
+
+def _bounded_status() -> str | None:
+    """Why the application failed, from Ray Serve's status (None when it cannot be read)."""
+    from ray import serve
+
+    try:
+        status = serve.status().applications.get(APP_NAME)
+    except Exception:  # noqa: BLE001 - the controller is gone: Ray's exception says enough
+        return None
+    return _why(status) if status is not None else None
+
+
+def _why(status: Any) -> str:
+    """The replicas' own error (the last `SomeError: ...` line of a deployment's message, e.g. the model's
+    CheckpointError), else the application's message."""
+    for deployment in (getattr(status, "deployments", None) or {}).values():
+        lines = [ln.strip() for ln in str(getattr(deployment, "message", "")).splitlines() if ln.strip()]
+        errors = [ln for ln in lines if ln.split(":", 1)[0].rstrip().endswith(("Error", "Exception"))]
+        if errors:
+            return errors[-1]
+    return status.message or str(status.status)
 
 
 def _check_port(host: str, port: int) -> None:
