@@ -16,6 +16,7 @@ import torch
 pytest_plugins = ["tests.source_tree_guard", "tests.quick"]  # writes into the checkout fail; -m quick
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # commands run in process keep one thread (evotok_cli/threads.py)
 torch.set_num_threads(1)
 
 from evotok_cli.runtime.architectures.llada import LLaDAConfig, LLaDAModelLM  # noqa: E402
