@@ -53,4 +53,6 @@ CASES = [
          '"messages" must be a non-empty list', write("p.jsonl", '{"messages": [{"role": "robot", "content": "x"}]}\n')),
     Case("h31-prompts-file-messages-empty", ["generate", "-m", "{model}", "--prompts-file", "{tmp}/p.jsonl"],
          "p.jsonl:2:", write("p.jsonl", '"hi"\n{"messages": []}\n')),
+    Case("h31-info-system-threads-env", ["info", "--system"], "EVOTOK_THREADS: threads must be a whole number",
+         env={"EVOTOK_THREADS": "all"}),
 ]
