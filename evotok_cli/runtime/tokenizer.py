@@ -122,17 +122,20 @@ def visible(text: str) -> str:
     return text.replace(OPEN, "").replace(CLOSE, "")
 
 
-def encode(tokenizer: Any, rendered: str) -> list[int]:
+def encode(tokenizer: Any, rendered: str, *, add_special_tokens: bool = True) -> list[int]:
     """Token ids of a rendered prompt by the tokenizer's default call, as the official evaluation does;
-    control tokens a user typed (bracketed by `protect`) become the ids of their characters instead."""
+    control tokens a user typed (bracketed by `protect`) become the ids of their characters instead.
+    `add_special_tokens=False`: without the BOS/EOS the post-processor adds (a training response)."""
     if OPEN not in rendered and CLOSE not in rendered:
-        return list(tokenizer(rendered)["input_ids"])
+        return list(tokenizer(rendered, add_special_tokens=add_special_tokens)["input_ids"])
     pieces = _PIECES.split(rendered)  # [text, typed token, text, ...]; None for a lone bracket
     ids: list[int] = []
     for i, piece in enumerate(pieces):
         if not piece:
             continue
         ids += _as_text(tokenizer, piece) if i % 2 else list(tokenizer(piece, add_special_tokens=False)["input_ids"])
+    if not add_special_tokens:
+        return ids
     prefix, suffix = _added_around(tokenizer)
     return prefix + ids + suffix
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from evotok_cli.errors import DataError
+from evotok_cli.errors import ConfigError, DataError
 from evotok_cli.files import read_text
 from evotok_cli.runtime import tokenizer as tok
 
@@ -61,7 +61,17 @@ def _gsm8k_response(answer: str, where: str) -> str:
 
 
 def render(item: Any, tokenizer: Any, where: str) -> tuple[str, str]:
-    """(rendered prompt, response text) of one JSON line."""
+    """(rendered prompt, response text) of one JSON line. Every prompt goes through `render_messages`, the
+    path generate and serve take: the data's text stays text (`protect`), the template renders sandboxed
+    within its time budget, and a template that refuses the line's messages names the line."""
+    try:
+        return _render(item, tokenizer, where)
+    except ConfigError as exc:  # the chat template's raise_exception() on this line's messages
+        raise DataError(exc.what, where=where, fix=f"change the line so that the chat template ({exc.where}) "
+                        "accepts its messages") from None
+
+
+def _render(item: Any, tokenizer: Any, where: str) -> tuple[str, str]:
     if not isinstance(item, dict):
         raise DataError("expected a JSON object", where=where, fix='write {"prompt": ..., "response": ...}')
     chat = tok.has_chat_template(tokenizer)
@@ -82,8 +92,7 @@ def render(item: Any, tokenizer: Any, where: str) -> tuple[str, str]:
         if not chat:
             raise DataError("chat data needs a tokenizer with a chat template", where=where,
                             fix='use {"prompt", "response"} lines')
-        prompt = tokenizer.apply_chat_template(msgs[:-1], add_generation_prompt=True, tokenize=False)
-        return prompt, msgs[-1]["content"]
+        return tok.render_messages(tokenizer, msgs[:-1], chat=True), msgs[-1]["content"]
     if "question" in item and "answer" in item:
         if not isinstance(item["question"], str) or not isinstance(item["answer"], str):
             raise DataError("question and answer must be strings", where=where, fix="fix the line")
@@ -142,7 +151,8 @@ def load_examples(path: str | Path, tokenizer: Any, *, eot_id: int | None, max_l
             stats.skipped["invalid"] += 1
             continue
         prompt_ids = tok.encode(tokenizer, prompt)
-        response_ids = list(tokenizer(response, add_special_tokens=False)["input_ids"])
+        # the response is data too: a control token typed in it stays text (the end of turn is added below)
+        response_ids = tok.encode(tokenizer, tok.protect(tokenizer, response), add_special_tokens=False)
         if eot_id is not None and tok.has_chat_template(tokenizer):
             response_ids.append(eot_id)
         example = Example(prompt_ids, response_ids)
