@@ -303,9 +303,11 @@ def run(folder: Path, defaults: dict, opts: Any, start: Any) -> None:
     try:
         ray.init(**init)
     except (ConnectionError, ValueError, RuntimeError) as exc:
-        raise ConfigError(f"cannot join the Ray cluster ({' '.join(str(exc).split())[:200]})",
-                          where="--ray-address", fix="start one with `ray start --head`, or pass its address") \
-            from None
+        what = "join the Ray cluster" if opts.ray_address else "start a Ray cluster"
+        raise ConfigError(f"cannot {what} ({' '.join(str(exc).split())[:200]})",
+                          where="--ray-address" if opts.ray_address else "--replicas", fix="start one with `ray start --head`, or pass its address; a "
+                          "cluster with token authentication (Ray's default since 2.5x) also needs RAY_AUTH_MODE=token "
+                          "and its token in ~/.ray/auth_token") from None
     for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own SIGTERM handler
         signal.signal(sig, lambda *_: stopping.set())
     err = stderr()
