@@ -44,6 +44,8 @@ BOARD_NAME = "evotok-metrics"
 PUSH_EVERY_S = 1.0
 STALE_S = 10.0  # a replica silent for longer (killed) leaves /metrics
 CONSTRUCTOR_TRIES = 3  # replica starts that may fail before the deploy fails (Ray's default: 20)
+JOIN_FIX = ("start one with `ray start --head`, or pass its address; a cluster with token authentication (Ray's "
+            "default since 2.5x) also needs RAY_AUTH_MODE=token and its token in ~/.ray/auth_token")
 INSTALL_FIX = 'pip install -e ".[ray]" (or pip install "ray[serve]>=2.40")'
 
 
@@ -305,9 +307,7 @@ def run(folder: Path, defaults: dict, opts: Any, start: Any) -> None:
     except (ConnectionError, ValueError, RuntimeError) as exc:
         what = "join the Ray cluster" if opts.ray_address else "start a Ray cluster"
         raise ConfigError(f"cannot {what} ({' '.join(str(exc).split())[:200]})",
-                          where="--ray-address" if opts.ray_address else "--replicas", fix="start one with `ray start --head`, or pass its address; a "
-                          "cluster with token authentication (Ray's default since 2.5x) also needs RAY_AUTH_MODE=token "
-                          "and its token in ~/.ray/auth_token") from None
+                          where="--ray-address" if opts.ray_address else "--replicas", fix=JOIN_FIX) from None
     for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own SIGTERM handler
         signal.signal(sig, lambda *_: stopping.set())
     err = stderr()
