@@ -512,10 +512,11 @@ def make_jobs(model: Any, decoder: Any, request: Any, *, cohort: int) -> list[tu
     """The jobs that decode `request`'s rows, each with the index of its first row.
 
     A decoder whose `sequential(request)` is true (rng=reference) gets one job that decodes the rows in
-    turn. A decoder with `program` and `split(request)` true gets one job per row (those rows share forwards
-    with anything); with `split` false, cohorts of up to `cohort` consecutive rows (a KV cache is one
-    batch-shaped memory). A decoder with only `generate` (an older third-party plugin) gets closed jobs
-    of up to `cohort` rows, each decoded whole when its turn comes.
+    turn. A decoder with `program` and `split(request)` true (every built-in decoder, cached or not) gets
+    one job per row: its own random stream and KV slots, sharing each step's forward with anything; with
+    `split` false, cohorts of up to `cohort` consecutive rows (their passes share the forward too). A
+    decoder with only `generate` (an older third-party plugin) gets closed jobs of up to `cohort` rows,
+    each decoded whole when its turn comes.
     """
     from dataclasses import replace
 
