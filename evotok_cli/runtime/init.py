@@ -17,6 +17,7 @@ from evotok_cli.files import input_dir, output_dir, read_text
 from evotok_cli.locks import LOCK_NAME, hold_dir
 from evotok_cli.options import check_seed
 from evotok_cli.runtime.architectures.llada import LLaDAConfig, LLaDAModelLM
+from evotok_cli.runtime.device import host_available_bytes
 from evotok_cli.runtime.tokenizer import load_tokenizer
 from evotok_cli.runtime.writer import copy_tokenizer, init_weights, save_model
 
@@ -67,7 +68,7 @@ def check_out(out: Path) -> Path:
 
 
 def check_sizes(*, layers: int, hidden: int, heads: int, kv_heads: int | None, mlp: int | None, max_length: int,
-                vocab_size: int, shard_mb: float | None, seed: int, std: float) -> None:
+                vocab_size: int, shard_mb: float | None, seed: int, std: float, real_vocab: bool = False) -> None:
     """Every size flag at once, before anything is written (`--hidden 0` once left a tokenizer-only folder)."""
     sizes = {"--layers": (layers, 2), "--hidden": (hidden, 64), "--heads": (heads, 4), "--kv-heads": (kv_heads, 4),
              "--mlp": (mlp, 176), "--max-length": (max_length, 1024), "--vocab-size": (vocab_size, 512)}
@@ -90,6 +91,25 @@ def check_sizes(*, layers: int, hidden: int, heads: int, kv_heads: int | None, m
     if heads % kv:
         raise ConfigError(f"--heads {heads} is not divisible by --kv-heads {kv}", where="--kv-heads",
                           fix="pick kv heads dividing heads")
+    _check_memory(layers=layers, hidden=hidden, mlp=mlp, vocab=max(vocab_size, REAL_VOCAB if real_vocab else 0))
+
+
+def weight_bytes(*, layers: int, hidden: int, mlp: int | None, vocab: int) -> int:
+    """An upper bound of the fp32 weights' bytes (full-size key/value heads; the MLP's default size)."""
+    mlp = mlp or max(hidden, round(hidden * 8 / 3 / 16) * 16)
+    per_layer = 4 * hidden * hidden + 3 * hidden * mlp + 2 * hidden
+    return 4 * (2 * vocab * hidden + layers * per_layer + hidden)
+
+
+def _check_memory(*, layers: int, hidden: int, mlp: int | None, vocab: int) -> None:
+    """Refuse sizes no allocator can satisfy before anything is written: the weights are built and then
+    serialized, so about twice their bytes must be free (`--hidden 1000000` asked for 4 TB per matrix)."""
+    need = 2 * weight_bytes(layers=layers, hidden=hidden, mlp=mlp, vocab=vocab)
+    free = host_available_bytes()
+    if free is not None and need > free:
+        raise ConfigError(f"these sizes need about {need / 2**30:,.1f} GiB of memory to build and save, and "
+                          f"{free / 2**30:,.1f} GiB is available", where="--hidden/--layers/--mlp",
+                          fix="choose smaller sizes, e.g. --layers 2 --hidden 64")
 
 
 def _tokenizer_source(real_vocab: bool, tokenizer_from: Path | None, corpus: Path | None) -> Any:
@@ -161,7 +181,7 @@ def create_model(out: Path, *, layers: int, hidden: int, heads: int, kv_heads: i
                  std: float = 0.02) -> Path:
     """Validate everything, then build in a staging folder: `out` appears complete or not at all."""
     check_sizes(layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads, mlp=mlp, max_length=max_length,
-                vocab_size=vocab_size, shard_mb=shard_mb, seed=seed, std=std)
+                vocab_size=vocab_size, shard_mb=shard_mb, seed=seed, std=std, real_vocab=real_vocab)
     out = output_dir(Path(out).expanduser(), "OUT")
     with hold_dir(out, "OUT"):  # one writer per folder: a second init-model into it is refused
         check_out(out)

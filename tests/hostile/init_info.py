@@ -45,6 +45,11 @@ SIZE_CASES = [  # (id, flags, expected)
     ("hidden-not-divisible", ["--hidden", "33"], "--hidden 33 is not divisible by --heads 2"),
     ("head-size-odd", ["--hidden", "6", "--heads", "2"], "odd head size 3"),
     ("seed-huge", ["--seed", str(2**70)], "seed must be in [0, 9223372036854775807]"),
+    # sizes no allocator can satisfy: refused from the shapes before a tensor is made (was a 4 TB alloc traceback)
+    ("hidden-unallocatable", ["--hidden", "1000000"], "GiB of memory to build and save"),
+    ("layers-unallocatable", ["--layers", "100000", "--hidden", "4096", "--heads", "32"], "GiB of memory"),
+    ("mlp-unallocatable", ["--mlp", str(10**12)], "GiB of memory"),
+    ("real-vocab-wide", ["--real-vocab", "--hidden", "400000", "--heads", "4"], "GiB of memory"),
 ]
 
 CASES = [
