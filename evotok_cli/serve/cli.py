@@ -25,7 +25,7 @@ def serve(**options: Any) -> None:
     \b
       evotok serve --port 8000
       curl -s localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
-          -d '{"messages": [{"role": "user", "content": "What is 7 + 8?"}]}'
+          -d '{"messages": [{"role": "user", "content": "Sudoku 4x4 (0 = blank):\\n0012|0230|4320|0103"}]}'
       evotok serve -m ./LLaDA-8B-Instruct -d evotoken --host 0.0.0.0 --api-key "$KEY"
     """
     opts = from_flags(ServeOptions, options)
