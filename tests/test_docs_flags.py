@@ -23,7 +23,7 @@ EXTERNAL = {"--nproc_per_node", "--num_processes", "--config_file",  # torchrun,
             "--local-dir",  # huggingface-cli download
             "--address", "--head"}  # ray start
 WRONG_DEMOS = ("What is 7 + 8?", "7 + 8 =")  # the bundled model answers these wrongly (18, ...)
-PENDING = {"serve"}  # TEMPORARY (issue 31): docs/serve.md's table follows once the serve flags settle
+PENDING: set[str] = set()  # commands whose doc is being rewritten (their table check is skipped meanwhile)
 FLAG = re.compile(r"(?<![\w-])(--?[a-zA-Z][a-zA-Z0-9_-]*)")
 
 
