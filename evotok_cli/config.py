@@ -87,7 +87,7 @@ class GenerateOptions:
     dtype: str = option("auto", "auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16", shown="",
                         envvar=_env("dtype"))
     quantize: str = option("none", "none | int8 | int4: the transformer blocks' linear weights in 8 or 4 bits "
-                           "(bitsandbytes; about 0.5x / 0.3x their bytes; not token-exact; an adapter stays "
+                           "(bitsandbytes; about 0.5x / 0.3x their bytes; tokens may differ; an adapter stays "
                            "unmerged beside them)", envvar=_env("quantize"))
     chat_template: bool = option(True, "wrap text prompts in the model's chat template", shown="on",
                                  flags=("--chat-template/--no-chat-template",), envvar=_env("chat_template"))

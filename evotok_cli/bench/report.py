@@ -89,8 +89,8 @@ def check_document(document: dict[str, Any], where: str) -> None:
     for i, row in enumerate(document["results"]):
         _check(row, _ROW, f"results[{i}]", where)
         _check(row["settings"], _SETTINGS, f"results[{i}].settings", where)
-        for key, value in (row.get("sweep") or {}).items():
-            if not _fits(value, "number") and not isinstance(value, str):
+        for key, value in (row.get("sweep") or {}).items():  # a swept value: a number, a name or a switch
+            if not _fits(value, "number") and not isinstance(value, (str, bool)):
                 _check({key: value}, {key: "number"}, f"results[{i}].sweep", where)
         for name, score in (row.get("scores") or {}).items():
             _check(score, {"accuracy": "number?"}, f"results[{i}].scores.{name}", where)

@@ -40,7 +40,7 @@ class ServeOptions:
     max_queue: int = option(64, "requests that may wait for room; more get 503", min=0, cli_range=True)
     timeout: float = option(600.0, "seconds per request, queue included; then 504")
     grace: float = option(30.0, "seconds in-flight requests get to finish after SIGTERM")
-    allowed_hosts: str | None = option(None, "Host headers answered, any port: comma-separated names or addresses "
+    allowed_hosts: str | None = option(None, "Host headers answered, any port: names or addresses separated by commas "
                                        "(.example.com: it and its subdomains), or * for any; others get 421. "
                                        "Default: the names --host is reached by (127.0.0.1: 127.0.0.1, localhost, "
                                        "[::1]; 0.0.0.0: those, any IP address and this machine's name)",
