@@ -17,6 +17,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from evotok_cli.runtime.device import host_available_bytes
+
 CPU_DEFAULT = 16
 MAX_ROWS = 64
 SHOWN = f"auto: {CPU_DEFAULT} on the CPU (less where memory is short), from free memory on CUDA; 1 is the protocol's"
@@ -38,14 +40,7 @@ def available_bytes(device: Any) -> int | None:
         import torch
 
         return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo", encoding="ascii") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    return host_available_bytes()
 
 
 def default_batch_size(model: Any, positions: int) -> int:
