@@ -101,7 +101,8 @@ def test_no_doc_names_a_flag_that_does_not_exist():
 def test_demo_prompts_are_ones_the_bundled_model_answers():
     from evotok_cli.cli import app
 
-    texts = {p.name: p.read_text(encoding="utf-8") for p in [*(ROOT / "docs").glob("*.md"), ROOT / "README.md"]}
+    pages = [*(ROOT / "docs").glob("*.md"), *(ROOT / "examples").rglob("README.md"), ROOT / "README.md"]
+    texts = {str(p.relative_to(ROOT)): p.read_text(encoding="utf-8") for p in pages}
     group = typer.main.get_command(app)
     for name, command in commands().items():
         texts[f"evotok {name} --help"] = command.help or ""
