@@ -17,8 +17,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from evotok_cli.runtime.device import host_available_bytes
-
 CPU_DEFAULT = 16
 MAX_ROWS = 64
 SHOWN = f"auto: {CPU_DEFAULT} on the CPU (less where memory is short), from free memory on CUDA; 1 is the protocol's"
@@ -40,6 +38,8 @@ def available_bytes(device: Any) -> int | None:
         import torch
 
         return int(torch.cuda.mem_get_info(device)[0])
+    from evotok_cli.runtime.device import host_available_bytes  # here: runtime.device imports torch
+
     return host_available_bytes()
 
 
