@@ -23,6 +23,8 @@ CASES = [
     Case("serve-port-too-big", ["serve", *M, "--port", "70000"], "65535"),
     Case("serve-port-text", ["serve", *M, "--port", "http"], "--port"),
     Case("serve-max-rows-zero", ["serve", *M, "--max-rows", "0"], "--max-rows"),
+    Case("serve-max-tokens-in-flight-zero", ["serve", *M, "--max-tokens-in-flight", "0"], "--max-tokens-in-flight"),
+    Case("serve-max-tokens-in-flight-text", ["serve", *M, "--max-tokens-in-flight", "many"], "--max-tokens-in-flight"),
     Case("serve-max-rows-text", ["serve", *M, "--max-rows", "many"], "--max-rows"),
     Case("serve-max-queue-negative", ["serve", *M, "--max-queue", "-1"], "--max-queue"),
     Case("serve-timeout-zero", ["serve", *M, "--timeout", "0"], "--timeout: 0.0 is not a positive number"),
