@@ -9,6 +9,13 @@ Writes benchmarks/results/serve_load.json and .md.
 
     python benchmarks/serve_load.py                      # levels 1, 4, 16, 64 (a few minutes on 2 CPU cores)
     python benchmarks/serve_load.py --levels 1,16 --device cuda
+    python benchmarks/serve_load.py --levels 16 --cache dual --out /tmp/sl-dual     # the fast paths (issue 25)
+    python benchmarks/serve_load.py --levels 16 --decoder d2f --out /tmp/sl-d2f
+    python benchmarks/serve_load.py --levels 16 --checkout /tmp/evotok-before --out /tmp/sl-before   # an older commit
+
+`--checkout DIR` runs the server and `generate` of another checkout (e.g. `git worktree add /tmp/evotok-before
+e177cff`, the commit before the batched engine) with this script, so a "before" number is the same
+measurement: the children import DIR's `evotok_cli` and its `plugins/` as `evotok_plugins`.
 
 Targets (issue 16): throughput at concurrency 16 >= 0.9x offline batch-16 throughput; p99 latency at
 concurrency 16 <= 2x the offline time of one batch of 16 (the offline wall time / number of batches).
@@ -18,6 +25,7 @@ Both processes get the same thread count (--threads, default 1: the machine is s
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -60,10 +68,38 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def child_env(threads: int) -> dict[str, str]:
+def child_env(threads: int, checkout: Path | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("EVOTOK_")}
     env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
+    if checkout is not None:
+        env["PYTHONPATH"] = str(shim(checkout))
     return env
+
+
+def shim(checkout: Path) -> Path:
+    """A folder that makes `import evotok_cli` and `import evotok_plugins` load `checkout`'s code (it comes
+    first on PYTHONPATH, before the installed package)."""
+    digest = hashlib.sha256(str(checkout.resolve()).encode()).hexdigest()[:12]
+    folder = Path(tempfile.gettempdir()) / f"evotok-shim-{digest}"
+    folder.mkdir(exist_ok=True)
+    for name, target in (("evotok_cli", checkout / "evotok_cli"), ("evotok_plugins", checkout / "plugins")):
+        link = folder / name
+        if not link.is_symlink():
+            link.symlink_to(target.resolve())
+    return folder
+
+
+def request_fields(args) -> dict:
+    """The decoder settings every request carries (the server's defaults otherwise)."""
+    fields = {} if args.decoder is None else {"decoder": args.decoder}
+    if args.cache != "none":
+        fields["options"] = {"cache": args.cache}
+    return fields
+
+
+def generate_flags(args) -> list[str]:
+    flags = [] if args.decoder is None else ["--decoder", args.decoder]
+    return flags + ([] if args.cache == "none" else ["--opt", f"cache={args.cache}"])
 
 
 def start_server(args, log: Path) -> tuple[subprocess.Popen, str]:
@@ -71,7 +107,8 @@ def start_server(args, log: Path) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "evotok_cli", "serve", "--host", "127.0.0.1", "--port", str(port), "--max-rows",
            str(args.max_rows), "--max-queue", "256", "--device", args.device]
     with log.open("w") as handle:
-        proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=child_env(args.threads))
+        proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT,
+                                env=child_env(args.threads, args.checkout), cwd=args.checkout)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
@@ -84,7 +121,7 @@ def start_server(args, log: Path) -> tuple[subprocess.Popen, str]:
     raise SystemExit(f"the server did not start:\n{log.read_text()}")
 
 
-def load(url: str, questions: list[str], concurrency: int, limit_s: float) -> dict:
+def load(url: str, questions: list[str], concurrency: int, limit_s: float, fields: dict | None = None) -> dict:
     """`concurrency` closed-loop clients over `questions`; latency per request, tokens/s over the wall."""
     todo = list(enumerate(questions))
     lock = threading.Lock()
@@ -100,7 +137,7 @@ def load(url: str, questions: list[str], concurrency: int, limit_s: float) -> di
                     i, q = todo.pop(0)
                 t0 = time.perf_counter()
                 r = http.post(url + "/v1/chat/completions",
-                              json={"messages": [{"role": "user", "content": q}], "temperature": 0})
+                              json={"messages": [{"role": "user", "content": q}], "temperature": 0, **(fields or {})})
                 seconds = time.perf_counter() - t0
                 with lock:
                     if r.status_code != 200:
@@ -126,7 +163,8 @@ def load(url: str, questions: list[str], concurrency: int, limit_s: float) -> di
 def level(url: str, questions: list[str], concurrency: int, args, work: Path) -> dict:
     """Server and offline runs alternated --repeats times, so that both meet the same neighbours on a
     shared machine; throughput over the summed walls, latency percentiles over every request."""
-    runs = [(load(url, questions, concurrency, args.limit_s), offline(questions, concurrency, args, work))
+    runs = [(load(url, questions, concurrency, args.limit_s, request_fields(args)),
+             offline(questions, concurrency, args, work))
             for _ in range(args.repeats)]
     served, alone = [r[0] for r in runs], [r[1] for r in runs]
     latencies = [x for r in served for x in r.pop("latencies")]
@@ -161,8 +199,9 @@ def offline(questions: list[str], batch: int, args, work: Path) -> dict:
     path = work / f"prompts-{batch}.jsonl"
     path.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in questions))
     cmd = [sys.executable, "-m", "evotok_cli", "generate", "--prompts-file", str(path), "--batch-size", str(batch),
-           "--device", args.device, "--json"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(args.threads), timeout=args.limit_s * 2)
+           "--device", args.device, "--json", *generate_flags(args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(args.threads, args.checkout),
+                          cwd=args.checkout, timeout=args.limit_s * 2)
     if proc.returncode != 0:
         raise SystemExit(f"generate failed:\n{proc.stderr}")
     nfe, tokens, wall = SUMMARY.search(proc.stderr).groups()
@@ -176,7 +215,9 @@ def offline(questions: list[str], batch: int, args, work: Path) -> dict:
 def markdown(report: dict) -> str:
     lines = [f"# evotok serve under load ({report['created']})", "",
              f"Model: bundled evotok-tiny, chat requests at temperature 0, server `--max-rows {report['max_rows']}`, "
-             f"{report['threads']} torch thread(s) per process, device {report['device']}, {report['machine']}.", "",
+             f"{report['threads']} torch thread(s) per process, device {report['device']}, {report['machine']}; "
+             f"decoder {report.get('decoder') or 'default'}, cache {report.get('cache', 'none')}, "
+             f"code at {report.get('git')}.", "",
              "| concurrency | requests | server tok/s (runs) | offline tok/s, batch N (runs) | ratio | p50 s | p99 s "
              "| offline batch time s | p99 / batch time | texts equal |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -204,6 +245,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="server and offline runs per level, alternated")
     parser.add_argument("--limit-s", type=float, default=300.0, help="time cap of one run")
     parser.add_argument("--out", type=Path, default=RESULTS / "serve_load")
+    parser.add_argument("--decoder", default=None, help="decoder of every request and of generate [server default]")
+    parser.add_argument("--cache", default="none", choices=["none", "prefix", "dual"],
+                        help="the decoder's KV cache option (hard-mask, evotoken)")
+    parser.add_argument("--checkout", type=Path, default=None,
+                        help="run another checkout's server and generate (a 'before' number)")
     args = parser.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
     questions = prompts(args.prompts)
@@ -211,7 +257,7 @@ def main() -> None:
         work = Path(tmp)
         proc, url = start_server(args, work / "server.log")
         try:
-            load(url, questions[:2], 1, args.limit_s)  # warm-up
+            load(url, questions[:2], 1, args.limit_s, request_fields(args))  # warm-up
             rows = [level(url, questions[:share(c, args)], c, args, work) for c in levels]
         finally:
             proc.send_signal(signal.SIGTERM)
@@ -222,6 +268,10 @@ def main() -> None:
         "command": "python benchmarks/serve_load.py " + " ".join(sys.argv[1:]),
         "machine": f"{platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}",
         "device": args.device, "threads": args.threads, "max_rows": args.max_rows, "server_exit_code": code,
+        "decoder": args.decoder, "cache": args.cache,
+        "checkout": None if args.checkout is None else str(args.checkout),
+        "git": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=args.checkout or ROOT).stdout.strip(),
         "levels": rows,
         "targets": {"throughput": None if at16 is None else at16["throughput_ratio"] >= 0.9,
                     "p99": None if at16 is None else at16["p99_over_batch_time"] <= 2.0},
