@@ -48,7 +48,7 @@ class GenerateOptions:
     prompt_ids: list[str] | None = option(None, "prompt as token ids, e.g. 1,2,3 (repeatable)", cli_type=list[str],
                                           yaml=False)
     prompts_file: str | None = option(None, 'JSONL: {"prompt": ...}, {"prompt_ids": [...]} or {"messages": [...]} '
-                                      'per line (`evotok chat --log` writes the last)',
+                                      'per line (`evotok chat --log` writes the last); - reads standard input',
                                       cli_type=Path, yaml=False)
     model: str | None = option(None, MODEL_HELP, flags=("--model", "-m"), envvar=_env("model"))
     decoder: str = option("hard-mask", "hard-mask | evotoken | d2f | any installed plugin", flags=("--decoder", "-d"),

@@ -116,6 +116,23 @@ def read_text(path: str | Path, *, what: str = "file", fix: str = "pass a readab
     return decode_utf8(data, str(p), what=what)
 
 
+def read_stdin_text(*, what: str = "input") -> str:
+    """Standard input as text, for a user who names it (`-`): a pipe is what they mean, so it is not
+    refused like a FIFO they did not name; bounded like a file."""
+    import sys
+
+    if sys.stdin is None:
+        raise DataError(f"{what} is standard input, which is closed", where="-",
+                        fix="pipe the input in, or pass a file")
+    if sys.stdin.isatty():
+        print(f"note: reading the {what} from standard input (end it with Ctrl-D)", file=sys.stderr)
+    data = sys.stdin.buffer.read(MAX_INPUT_BYTES + 1)
+    if len(data) > MAX_INPUT_BYTES:
+        raise DataError(f"{what} is larger than {MAX_INPUT_BYTES >> 30} GiB", where="-",
+                        fix="split it into smaller files")
+    return decode_utf8(data, "<stdin>", what=what)
+
+
 def check_text(value: str, where: str) -> str:
     """Command-line text that carries undecodable bytes (Python keeps them as lone surrogates)."""
     try:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from evotok_cli.errors import ConfigError, DataError
-from evotok_cli.files import check_text, read_text
+from evotok_cli.files import check_text, read_stdin_text, read_text
 from evotok_cli.runtime import tokenizer as tok
 
 
@@ -36,8 +36,11 @@ def parse_ids(text: str, where: str) -> list[int]:
 
 
 def read_prompts_file(path: str | Path) -> list[Prompt]:
-    p = Path(path).expanduser()
-    text = read_text(p, what="prompts file", fix="pass a UTF-8 JSONL file, one prompt per line")
+    if str(path) == "-":  # standard input: `... | evotok generate --prompts-file -`
+        p, text = Path("<stdin>"), read_stdin_text(what="prompts file")
+    else:
+        p = Path(path).expanduser()
+        text = read_text(p, what="prompts file", fix="pass a UTF-8 JSONL file, one prompt per line, or - for stdin")
     prompts: list[Prompt] = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():

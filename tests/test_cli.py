@@ -90,6 +90,22 @@ def test_prompt_ids_and_prompts_file(cli, tiny_llada, tmp_path):
     assert alone["results"][0]["token_ids"] == results[3]["token_ids"]  # batching does not change a row
 
 
+def test_prompts_file_dash_reads_stdin(cli, tiny_llada, tmp_path, monkeypatch):
+    """`--prompts-file -` reads a pipe (a FIFO named by path is still refused: it could block)."""
+    import io
+
+    lines = '"plain string"\n{"prompt_ids": [5, 6, 7]}\n'
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(lines.encode())))
+    piped = json.loads(cli("generate", "-m", str(tiny_llada), "--prompts-file", "-", *GEN, "--json").stdout)
+    f = tmp_path / "prompts.jsonl"
+    f.write_text(lines)
+    filed = json.loads(cli("generate", "-m", str(tiny_llada), "--prompts-file", str(f), *GEN, "--json").stdout)
+    assert [r["token_ids"] for r in piped["results"]] == [r["token_ids"] for r in filed["results"]]
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"\xff\n")))
+    bad = cli("generate", "-m", str(tiny_llada), "--prompts-file", "-", *GEN)
+    assert bad.returncode == 2 and "<stdin>: prompts file is not UTF-8" in bad.stderr
+
+
 def test_tokenizer_less_checkpoint_takes_prompt_ids(cli, tmp_path):
     from tests.conftest import write_llada
     folder = write_llada(tmp_path / "bare", None, vocab=64, mask_id=63, eos_id=1)
