@@ -37,12 +37,12 @@ from pathlib import Path
 from typing import Any
 
 from evotok_cli.errors import CheckpointError, ConfigError
+from evotok_cli.serve.ray_metrics import MetricsBoard, merge_metrics
 
 APP_NAME = "evotok"
 NAMESPACE = "evotok"  # the Ray namespace of the metrics board (and of this driver)
 BOARD_NAME = "evotok-metrics"
 PUSH_EVERY_S = 1.0
-STALE_S = 10.0  # a replica silent for longer (killed) leaves /metrics
 CONSTRUCTOR_TRIES = 3  # replica starts that may fail before the deploy fails (Ray's default: 20)
 JOIN_FIX = ("start one with `ray start --head`, or pass its address; a cluster with token authentication (Ray's "
             "default since 2.5x) also needs RAY_AUTH_MODE=token and its token in ~/.ray/auth_token")
@@ -115,60 +115,6 @@ def wants_gpus(opts: Any) -> bool:
         return torch.cuda.is_available()
     except Exception:  # noqa: BLE001 - no torch CUDA: CPUs
         return False
-
-
-# -- metrics ---------------------------------------------------------------------------------------
-def merge_metrics(texts: dict[str, str]) -> str:
-    """Prometheus texts of several replicas as one: each family's HELP and TYPE once, then every replica's
-    samples of it with a `replica` label."""
-    families: dict[str, list[str]] = {}
-    heads: dict[str, list[str]] = {}
-    for replica, text in sorted(texts.items()):
-        family = ""
-        for line in text.splitlines():
-            if not line.strip():
-                continue
-            if line.startswith("#"):
-                parts = line.split(None, 3)
-                if len(parts) >= 3 and parts[1] in ("HELP", "TYPE"):
-                    family = parts[2]
-                    head = heads.setdefault(family, [])
-                    if line not in head:
-                        head.append(line)
-                    families.setdefault(family, [])
-                continue
-            families.setdefault(family, []).append(labelled(line, replica))
-    out = []
-    for family, samples in families.items():
-        out += heads.get(family, []) + samples
-    return "\n".join(out) + "\n"
-
-
-def labelled(line: str, replica: str) -> str:
-    """One sample line with `replica="..."` added to its labels."""
-    name_labels, _, value = line.rpartition(" ")
-    label = f'replica="{replica}"'
-    if name_labels.endswith("}"):
-        name, _, labels = name_labels[:-1].partition("{")
-        return f"{name}{{{labels},{label}}} {value}" if labels else f"{name}{{{label}}} {value}"
-    return f"{name_labels}{{{label}}} {value}"
-
-
-class MetricsBoard:
-    """A Ray actor: the latest metrics text of each replica, with when it arrived."""
-
-    def __init__(self) -> None:
-        self.texts: dict[str, tuple[float, str]] = {}
-
-    def put(self, replica: str, text: str) -> None:
-        self.texts[replica] = (time.time(), text)
-
-    def drop(self, replica: str) -> None:
-        self.texts.pop(replica, None)
-
-    def all(self) -> dict[str, str]:
-        now = time.time()
-        return {r: text for r, (when, text) in self.texts.items() if now - when <= STALE_S}
 
 
 class ReplicaApp:
