@@ -23,7 +23,8 @@ import torch
 
 from evotok_cli.errors import ConfigError  # noqa: E402
 from evotok_cli.lmeval.loglik import greedy_reproduces, mc_loglikelihood  # noqa: E402
-from evotok_cli.lmeval.model import EvalSettings, EvotokLM, cut_at, scaled_settings  # noqa: E402
+from evotok_cli.lmeval.model import EvotokLM  # noqa: E402
+from evotok_cli.lmeval.settings import EvalSettings, cut_at, scaled_settings  # noqa: E402
 from evotok_cli.runtime.model import load_model  # noqa: E402
 
 OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
