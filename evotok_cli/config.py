@@ -17,6 +17,8 @@ from evotok_cli.decoding.api import CommitOptions
 from evotok_cli.errors import ConfigError
 from evotok_cli.files import read_text
 from evotok_cli.options import option, seed_option, yaml_defaults
+from evotok_cli.runtime.compile import HELP as COMPILE_HELP
+from evotok_cli.runtime.compile import compile_level
 from evotok_cli.threads import THREADS_HELP
 
 MODEL_HELP = ("checkpoint folder (Hugging Face layout), or a hub id org/name in the local Hugging Face cache "
@@ -76,8 +78,8 @@ class GenerateOptions:
     lora_mode: str = option("auto", "merged | unmerged | auto: merge the adapter into the weights (fastest), or keep "
                             "it beside them (bf16 rounds small merged deltas away)", envvar=_env("lora_mode"),
                             shown="auto, unmerged only where a merge would lose most of the delta")
-    compile: bool = option(False, "run the forward under torch.compile (fuses small kernels; the first passes "
-                           "compile, minutes)", flags=("--compile/--no-compile",), envvar=_env("compile"))
+    compile: bool | str = option(False, COMPILE_HELP, flags=("--compile",), cli_type=str, shown="off",
+                                 envvar=_env("compile"), read=compile_level)  # False | True | "max"
     padded_attention: str = option("auto", "auto | masked | rowwise: prompts of different lengths in one batch "
                                    "are attended by one masked call per layer (fast on a GPU; equal to each prompt "
                                    "alone up to rounding) or one call per row (bit-exact)",

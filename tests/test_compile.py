@@ -3,6 +3,7 @@ where torch.compile cannot work (see evotok_cli/runtime/compile.py)."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -120,3 +121,80 @@ def test_a_new_mix_of_rows_makes_no_new_graph(tiny_llada, monkeypatch):
         assert len(graphs) == warm
     finally:
         torch._dynamo.reset()
+
+
+# -- levels: --compile [on|max|off] ------------------------------------------------------------------------
+def test_levels_read_as_false_true_or_max():
+    """The flag's text, EVOTOK_COMPILE's words and a --config file's bool all land on False, True or "max";
+    anything else is one ConfigError that names the levels."""
+    from evotok_cli.runtime.compile import compile_level
+
+    cases = {None: False, False: False, True: True, "on": True, "ON": True, "true": True, "1": True, "max": "max",
+             "Max": "max", "off": False, "false": False, "0": False, "": False}
+    assert {k: compile_level(k) for k in cases} == cases
+    for bad in ("bogus", "yes", "2", 2, 1.0, ["max"]):
+        with pytest.raises(ConfigError, match=r"expected bool or a level on \| max \| off") as err:
+            compile_level(bad)
+        assert err.value.line().startswith("--compile: ")
+
+
+def test_a_bare_compile_is_on_and_no_compile_is_off():
+    """Typer cannot declare an optional value: the entry point rewrites the bare forms before parsing."""
+    from evotok_cli.runtime.compile import bare_flags
+
+    assert bare_flags(["generate", "--compile"]) == ["generate", "--compile=on"]
+    assert bare_flags(["generate", "--compile", "--device", "cpu"]) == ["generate", "--compile=on", "--device", "cpu"]
+    assert bare_flags(["generate", "--compile", "max", "-p", "x"]) == ["generate", "--compile", "max", "-p", "x"]
+    assert bare_flags(["serve", "--compile=max", "--no-compile"]) == ["serve", "--compile=max", "--compile="]
+    assert bare_flags(["generate", "--", "--compile"]) == ["generate", "--", "--compile"]
+
+
+def test_max_is_refused_on_the_cpu_and_off_checks_nothing(monkeypatch):
+    from evotok_cli.runtime.compile import check_compile
+
+    with pytest.raises(ConfigError, match="max replays CUDA graphs, and cpu has none") as err:
+        check_compile(torch.device("cpu"), "max")
+    assert "use a bare --compile (on) on cpu" in err.value.line()
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    assert check_compile(torch.device("cpu"), "off") is False  # no compiler needed to run eagerly
+    with pytest.raises(ConfigError, match="needs a C"):
+        check_compile(torch.device("cpu"), "on")
+
+
+def test_max_compiles_with_cuda_graphs_and_copies_the_logits(monkeypatch, tiny_llada):
+    """`max` asks inductor for mode="reduce-overhead" (CUDA graphs), marks a graph step before each call and
+    copies the logits out of the graph's memory; `on` keeps today's call. Read on the CPU through
+    torch.compile's arguments and eager outputs (the graphs themselves need a GPU: benchmarks/gpu_check.py)."""
+    from evotok_cli.runtime import compile as compile_module
+
+    calls, steps = [], []
+    monkeypatch.setattr(torch, "compile", lambda net, **kw: calls.append(kw) or net)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: steps.append(1))
+    model = load_model(tiny_llada)
+    ids = torch.tensor([PROMPT])
+    eager = model.net(ids)
+    on = compile_module.compile_forward(model.net, True)
+    assert calls[-1] == {"dynamic": True, "mode": None} and torch.equal(on(ids), eager) and steps == []
+    graphs = compile_module.compile_forward(model.net, "max")
+    assert calls[-1] == {"dynamic": True, "mode": "reduce-overhead"}
+    out = graphs(ids)
+    assert steps == [1] and torch.equal(out, eager) and out.data_ptr() != eager.data_ptr()
+
+
+def test_the_level_is_recorded_as_compile(cli, tiny_llada, tmp_path):
+    """--json params record `compile` as before (false / true) and "max" for max; the last of --compile,
+    --no-compile and --config's `compile:` wins (here all off: nothing compiles on this CPU)."""
+    from evotok_cli.runtime.model import DiffusionModel
+
+    model = load_model(tiny_llada)
+    assert model.compiled is False
+    assert DiffusionModel(**{**model.__dict__, "compiled_forward": model.net, "compile_level": "max"}).compiled == "max"
+    (tmp_path / "c.yaml").write_text("compile: true\n")
+    args = ("generate", "-m", str(tiny_llada), "-p", "x", "--gen-length", "4", "--steps", "4", "--block-length", "4",
+            "--json", "--config", str(tmp_path / "c.yaml"))
+    for off in (["--no-compile"], ["--compile", "off"], ["--compile=off"]):
+        proc = cli(*args, *off)
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout)["params"]["compile"] is False
+    proc = cli(*args[:-2], env={"EVOTOK_COMPILE": "0"})
+    assert proc.returncode == 0 and json.loads(proc.stdout)["params"]["compile"] is False

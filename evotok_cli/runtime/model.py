@@ -35,6 +35,7 @@ class DiffusionModel:
     eot_id: int | None = None
     quantize: str = "none"  # none | int8 | int4: the block linears' weights (`runtime/quantize.py`)
     compiled_forward: Callable[..., torch.Tensor] | None = field(default=None, repr=False)  # --compile
+    compile_level: bool | str = True  # with compiled_forward: True (on) or "max" (`runtime/compile.py`)
     logits_checked: bool = field(default=False, repr=False)  # see `_check_finite`
 
     # -- the protocol decoders use ---------------------------------------------------------------
@@ -64,8 +65,9 @@ class DiffusionModel:
         return self.config.vocab_size
 
     @property
-    def compiled(self) -> bool:
-        return self.compiled_forward is not None
+    def compiled(self) -> bool | str:
+        """False, True or "max" (what --json params and results.json record as `compile`)."""
+        return self.compile_level if self.compiled_forward is not None else False
 
     @property
     def device(self) -> torch.device:
@@ -187,7 +189,7 @@ def build_model(family: Family, config: Any, *, device: torch.device, dtype: tor
 
 
 def load_model(path: str | Path, *, adapter: str | Path | None = None, device: str = "auto",
-               dtype: str = "auto", load_tokenizer: bool = True, compile: bool = False,
+               dtype: str = "auto", load_tokenizer: bool = True, compile: bool | str = False,
                lora_mode: str = "merged", padded_attention: str | None = None,
                quantize: str = "none") -> DiffusionModel:
     """Load a checkpoint folder for decoding. `compile`: run the forward under torch.compile
@@ -208,8 +210,7 @@ def load_model(path: str | Path, *, adapter: str | Path | None = None, device: s
     weights = checkpoint.find_weights(folder)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    if compile:
-        check_compile(dev)  # before the (slow) weight load
+    compile = check_compile(dev, compile)  # before the (slow) weight load; False, True or "max"
     if quantize != "none":
         _check_quantized_load(quantize, dev, dt, compile=compile, adapter=adapter, lora_mode=lora_mode)
     net = build_model(family, config, device=dev, dtype=dt)
@@ -235,7 +236,8 @@ def load_model(path: str | Path, *, adapter: str | Path | None = None, device: s
     eot = next((t for t in (tok.token_id(tokenizer, s) for s in module.EOT_TOKENS) if t is not None), None)
     return DiffusionModel(net=net, family=family, config=config, tokenizer=tokenizer, path=folder,
                           weights=weights, adapter=report, eot_id=eot, quantize=quantize,
-                          compiled_forward=compile_forward(net) if compile else None)
+                          compiled_forward=compile_forward(net, compile) if compile else None,
+                          compile_level=compile or True)
 
 
 def _check_quantized_load(mode: str, device: torch.device, dtype: torch.dtype, *, compile: bool,

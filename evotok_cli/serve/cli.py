@@ -41,7 +41,7 @@ def serve(**options: Any) -> None:
         from evotok_cli.runtime.compile import check_compile
         from evotok_cli.runtime.device import resolve_device
 
-        check_compile(resolve_device(opts.device))
+        opts.compile = check_compile(resolve_device(opts.device), opts.compile)  # a level: False, True or "max"
     if replicated:
         ray_app.run(folder, defaults, opts, _start)
         return
