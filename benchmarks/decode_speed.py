@@ -7,6 +7,13 @@ benchmarks/results/decode_speed-<device>.json and .md.
     python benchmarks/decode_speed.py                 # the full grid (tens of minutes on a laptop CPU)
     python benchmarks/decode_speed.py --quick         # batch 1 and 4, fewer repeats
     python benchmarks/decode_speed.py --device cuda   # on a GPU
+    python benchmarks/decode_speed.py --checkout /tmp/evotok-before   # the same grid on an older commit's code
+
+`--checkout DIR` measures another checkout (e.g. `git worktree add /tmp/evotok-before e177cff`, the commit
+before the batched engine) with this script: it runs itself again in a child whose `import evotok_cli` and
+`import evotok_plugins` load DIR's code (serve_load.py's PYTHONPATH shim), so a "before" number is the same
+measurement. The child checks where its code came from, and the files are named with DIR's commit
+(decode_speed-<device>-<commit>.json) so that they never replace this checkout's results.
 
 Targets (issue 3): evotoken <= 5% slower than hard-mask at equal NFE; prefix cache >= 2.5x and dual >= 4x
 the tokens/s of no cache; batch 16 >= 4x the tokens/s of batch 1. On a tiny model the 126k-row LM head
@@ -18,8 +25,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -28,7 +37,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+CHILD = "EVOTOK_DECODE_SPEED_CHECKOUT"  # set in the re-run child: the checkout whose code it must import
+if CHILD not in os.environ:  # the child's evotok_cli comes from the shim on PYTHONPATH, not from ROOT
+    sys.path.insert(0, str(ROOT))
 
 from evotok_cli.decoding.api import GenerationRequest  # noqa: E402
 from evotok_cli.generation import make_decoder  # noqa: E402
@@ -95,6 +106,34 @@ def markdown(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def git_commit(folder: Path) -> str:
+    """The commit whose code ran, "-dirty" when its working tree has uncommitted changes."""
+    return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True, text=True,
+                          cwd=folder).stdout.strip() or "unknown"
+
+
+def run_in_checkout(checkout: Path) -> int:
+    """This script, again, over `checkout`'s code (same arguments); its exit code."""
+    from serve_load import shim  # benchmarks/ is sys.path[0] when a script of it runs
+
+    if not (checkout / "evotok_cli").is_dir() or not (checkout / "plugins").is_dir():
+        sys.exit(f"--checkout {checkout}: not an evotok checkout (no evotok_cli/ and plugins/ in it)")
+    env = {**os.environ, "PYTHONPATH": str(shim(checkout)), CHILD: str(checkout.resolve())}
+    return subprocess.run([sys.executable, str(Path(__file__).resolve()), *sys.argv[1:]], env=env).returncode
+
+
+def code_origin() -> Path:
+    """The checkout whose evotok_cli this process imported; in a --checkout child it must be that checkout
+    (were the installed package found first, the 'before' number would silently be this checkout's)."""
+    import evotok_cli
+
+    origin = Path(evotok_cli.__file__).resolve().parents[1]
+    wanted = os.environ.get(CHILD)
+    if wanted is not None and origin != Path(wanted):
+        sys.exit(f"--checkout: imported evotok_cli from {origin}, not from {wanted}")
+    return origin
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu")
@@ -109,12 +148,18 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="batches 1,4 and one repeat")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--checkout", type=Path, default=None,
+                   help="time another checkout's code with this script (a 'before' number)")
     args = p.parse_args()
+    if args.checkout is not None and CHILD not in os.environ:
+        sys.exit(run_in_checkout(args.checkout))
+    origin = code_origin()
     if args.quick:
         args.batches, args.repeats = "1,4", 1
     with tempfile.TemporaryDirectory() as tmp:
         folder = create_model(Path(tmp) / "m", layers=args.layers, hidden=args.hidden, heads=max(1, args.hidden // 64),
-                              kv_heads=None, mlp=None, max_length=4096, vocab_size=0, real_vocab=True, seed=0)
+                              kv_heads=None, mlp=None, max_length=4096,
+                              vocab_size=512, real_vocab=True, seed=0)  # the real vocab's size wins; e177cff refuses 0
         lm = load_model(folder, device=args.device, dtype=args.dtype, load_tokenizer=False)
         rows = []
         for batch in [int(b) for b in args.batches.split(",")]:
@@ -127,9 +172,13 @@ def main() -> None:
             f"{lm.parameter_count() / 1e6:.1f}M params, {str(lm.dtype).removeprefix('torch.')}",
             "gen_length": args.gen_length, "block_length": args.block_length, "steps": args.steps,
             "prompt_length": args.prompt_length, "repeats": args.repeats, "lm_head_share": head_share(lm, 0),
-            "torch": torch.__version__, "threads": torch.get_num_threads()}
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "command": "python benchmarks/decode_speed.py " + " ".join(sys.argv[1:]),
+            "code": str(origin), "git": git_commit(origin)}
     args.out.mkdir(parents=True, exist_ok=True)
     tag = "cuda" if lm.device.type == "cuda" else "cpu"
+    if args.checkout is not None:
+        tag += f"-{meta['git']}"
     (args.out / f"decode_speed-{tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     (args.out / f"decode_speed-{tag}.md").write_text(markdown(rows, meta))
     print(markdown(rows, meta))
