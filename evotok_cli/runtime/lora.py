@@ -35,6 +35,7 @@ from torch import nn
 from evotok_cli.errors import CheckpointError, ConfigError
 from evotok_cli.files import input_dir
 from evotok_cli.runtime import checkpoint
+from evotok_cli.runtime.adapter_config import ADAPTER_CONFIG, pattern_value, read_adapter_config, target_names
 from evotok_cli.runtime.lora_precision import (  # noqa: F401 (LoRALinear, delta_summary: re-exported)
     DeltaStats,
     LoRALinear,
@@ -43,7 +44,6 @@ from evotok_cli.runtime.lora_precision import (  # noqa: F401 (LoRALinear, delta
     delta_summary,
 )
 
-ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 LORA_MODES = ("auto", "merged", "unmerged")
@@ -73,7 +73,7 @@ class AdapterReport:
     def matches_nothing(self) -> bool:
         """Merging would change nothing the config promises: every listed target names no module of the
         model, or no tensor of the adapter lands anywhere (the base model would run under its name)."""
-        listed = _target_names(self.target_modules) if not isinstance(self.target_modules, str) else []
+        listed = target_names(self.target_modules) if not isinstance(self.target_modules, str) else []
         all_unmatched = bool(listed) and set(listed) <= set(self.unmatched_targets)
         return all_unmatched or (self.merged_modules == 0 and self.replaced_tensors == 0)
 
@@ -110,81 +110,6 @@ def check_lora_mode(mode: str) -> str:
         raise ConfigError(f"unknown LoRA mode {mode!r}", where="--lora-mode",
                           fix="use merged (fastest), unmerged (keeps small deltas in bf16) or auto")
     return mode
-
-
-def _pattern_value(pattern: dict[str, Any], module: str, default: Any) -> Any:
-    """PEFT's rule: a pattern key applies to a module whose name ends with it (regex allowed)."""
-    for key, value in (pattern or {}).items():
-        if module == key or re.fullmatch(rf"(.*\.)?{key}", module):
-            return value
-    return default
-
-
-def _target_names(targets: Any) -> list[str]:
-    if isinstance(targets, str):
-        return [targets]
-    return list(targets or [])
-
-
-def read_adapter_config(folder: Path) -> dict[str, Any]:
-    cfg = checkpoint.read_json(folder / ADAPTER_CONFIG, "adapter_config.json")
-    where = str(folder / ADAPTER_CONFIG)
-    if cfg.get("peft_type", "LORA") != "LORA":
-        raise CheckpointError(f"peft_type {cfg.get('peft_type')!r} is not LoRA", where=where,
-                              fix="only LoRA adapters can be merged")
-    for key, bad in (("use_dora", True), ("fan_in_fan_out", True)):
-        if cfg.get(key) == bad:
-            raise CheckpointError(f"{key}=true is not supported", where=where, fix="use a plain LoRA adapter")
-    if cfg.get("bias", "none") != "none":
-        raise CheckpointError(f"bias={cfg['bias']!r} is not supported", where=where, fix="train with bias='none'")
-    _check_values(cfg, where)
-    return cfg
-
-
-def _bad(key: str, value: Any, wanted: str, where: str) -> CheckpointError:
-    return CheckpointError(f"{key} must be {wanted}, got {value!r}", where=where, fix="repair adapter_config.json")
-
-
-def _positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
-def _positive_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
-
-
-def _check_values(cfg: dict[str, Any], where: str) -> None:
-    """Types first: `float("abc")` or a string `use_rslora` would crash or merge at a wrong scale."""
-    if not _positive_int(cfg.get("r")):
-        raise _bad("r", cfg.get("r"), "a positive integer", where)
-    if "lora_alpha" in cfg and not _positive_number(cfg["lora_alpha"]):
-        raise _bad("lora_alpha", cfg["lora_alpha"], "a positive number", where)
-    if not isinstance(cfg.get("use_rslora", False), bool):
-        raise _bad("use_rslora", cfg["use_rslora"], "true or false", where)
-    targets = cfg.get("target_modules")
-    if targets is not None and not isinstance(targets, str) and (
-            not isinstance(targets, list) or not all(isinstance(t, str) for t in targets)):
-        raise _bad("target_modules", targets, "a list of module names or a regex string", where)
-    saved = cfg.get("modules_to_save")
-    if saved is not None and (not isinstance(saved, list) or not all(isinstance(m, str) and m for m in saved)):
-        raise _bad("modules_to_save", saved, "a list of module names or null", where)
-    for key, ok, wanted in (("rank_pattern", _positive_int, "positive integers"),
-                            ("alpha_pattern", _positive_number, "positive numbers")):
-        pattern = cfg.get(key) or {}
-        if not isinstance(pattern, dict) or not all(ok(v) for v in pattern.values()):
-            raise _bad(key, pattern, f"an object mapping module names to {wanted}", where)
-        for name in pattern:
-            _compile(name, key, where)
-    if isinstance(targets, str) and targets != "all-linear":
-        _compile(targets, "target_modules", where)
-
-
-def _compile(pattern: str, key: str, where: str) -> re.Pattern:
-    try:
-        return re.compile(pattern)
-    except re.error as exc:
-        raise CheckpointError(f"{key} holds an invalid regular expression {pattern!r} ({exc})", where=where,
-                              fix="repair adapter_config.json") from None
 
 
 def resolve_adapter(model_folder: Path, adapter: str | Path) -> Path:
@@ -261,7 +186,7 @@ def apply_pair(net: nn.Module, p: LoRAPair, mode: str) -> None:
 def _refuse(report: AdapterReport, folder: Path, family: str) -> None:
     """What `--adapter` will not load: an adapter for another model (all its targets missing here), tensors
     its config does not declare, or nothing that lands anywhere."""
-    listed = _target_names(report.target_modules) if not isinstance(report.target_modules, str) else []
+    listed = target_names(report.target_modules) if not isinstance(report.target_modules, str) else []
     other_model = bool(listed) and set(listed) <= set(report.unmatched_targets)
     if report.undeclared and not other_model:
         more = f" (+{len(report.undeclared) - 1} more)" if len(report.undeclared) > 1 else ""
@@ -381,13 +306,13 @@ def _pair(module_name: str, module: nn.Linear, ab: dict[str, torch.Tensor], cfg:
         raise CheckpointError(
             f"{module_name}: lora_A {list(a.shape)} / lora_B {list(b.shape)} do not fit weight {list(w.shape)}",
             where=str(weights_path), fix="the adapter was made for a model of another size")
-    r = _pattern_value(cfg.get("rank_pattern"), module_name, cfg["r"])
+    r = pattern_value(cfg.get("rank_pattern"), module_name, cfg["r"])
     if a.shape[0] != r:
         raise CheckpointError(f"{module_name}: lora_A has rank {a.shape[0]}, but adapter_config.json says r={r}",
                               where=str(weights_path),
                               fix="the config does not belong to these weights and would merge them at the "
                                   "wrong scale: save both together again")
-    alpha = _pattern_value(cfg.get("alpha_pattern"), module_name, report.lora_alpha)
+    alpha = pattern_value(cfg.get("alpha_pattern"), module_name, report.lora_alpha)
     return LoRAPair(module_name, module, a, b, alpha / (math.sqrt(r) if report.use_rslora else r))
 
 
@@ -395,7 +320,7 @@ def _report_coverage(report: AdapterReport, net: nn.Module, cfg: dict[str, Any])
     linear_kinds = Counter(n.rsplit(".", 1)[-1] for n, m in net.named_modules() if isinstance(m, nn.Linear))
     targets = cfg.get("target_modules")
     # a regex or "all-linear" is judged by what merged; a list by its names
-    names = sorted(report.matched) if isinstance(targets, str) else _target_names(targets)
+    names = sorted(report.matched) if isinstance(targets, str) else target_names(targets)
     for target in names:
         suffix = target.rsplit(".", 1)[-1]
         if suffix not in linear_kinds:
