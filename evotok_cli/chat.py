@@ -21,7 +21,7 @@ from typing import Any, TextIO
 
 from evotok_cli.config import GenerateOptions
 from evotok_cli.errors import ConfigError, EvotokError
-from evotok_cli.options import like, option
+from evotok_cli.options import Cli, like, option
 
 GEN_SETTINGS = ("gen_length", "block_length", "steps", "temperature", "seed")  # what /opt may set besides options
 HELP = """commands:
@@ -55,7 +55,7 @@ class ChatOptions:
     quantize: str = like(GenerateOptions, "quantize")
     show: bool = option(False, "watch the canvas evolve on stderr while each answer decodes", yaml=False)
     log: str | None = option(None, "append each turn to this JSONL file ({\"messages\": [...], \"answer\", ...}; "
-                             "`evotok generate --prompts-file FILE` replays it)", cli_type=Path)
+                             "`evotok generate --prompts-file FILE` replays it)", cli=Cli(type=Path))
 
 
 class Chat:

@@ -15,6 +15,7 @@ from typing import Any, TextIO
 from evotok_cli.canvas_plan import cut_answer
 from evotok_cli.decoding import registry
 from evotok_cli.decoding.api import (
+    TRACE_SCHEMA,
     GenerationRequest,
     StepEvent,
     TokenLogprob,
@@ -26,8 +27,6 @@ from evotok_cli.errors import ConfigError
 from evotok_cli.files import atomic_open
 from evotok_cli.prompts import Prompt
 from evotok_cli.runtime.device import synchronize
-
-TRACE_SCHEMA = "evotok.trace/1"
 
 
 def make_decoder(name: str, options: dict[str, Any], *, where: str = "--opt") -> Any:

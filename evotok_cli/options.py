@@ -1,22 +1,24 @@
 """Command options declared once, as dataclass fields: the command-line counterpart of `decoding.api.option`.
 
-A field made by `option(...)` holds the option's default, help, flags, bounds and where it may be set. The
-Typer parameters (`with_options`), the `--help` text with its default, the defaults a `--config` YAML file
-is checked against (`yaml_defaults`), the flag > YAML > default merge (`merged`) and the one-line range
-errors (`check_bounds`) are all derived from it, so that a default, a bound or a help line is written once.
+A field made by `option(...)` holds what the value is (default, help, bounds: `values.Bounds`, the range checker
+and formatter decoder options use too) apart from how the command line shows it (`Cli`: flags, env var, panel),
+and where it may be set. The Typer parameters (`with_options`), the `--help` text with its default, the
+defaults a `--config` YAML file is checked against (`yaml_defaults`), the flag > YAML > default merge
+(`merged`) and the one-line range errors (`check_bounds`) are all derived from it, so that a default, a bound
+or a help line is written once.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
-import math
 import types
 import typing
 from collections.abc import Callable
 from typing import Any, TypeVar, get_args, get_origin
 
 from evotok_cli.errors import ConfigError
+from evotok_cli.values import Bounds, format_default
 
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
@@ -24,6 +26,7 @@ T = TypeVar("T")
 # Seeds: torch's generators take 64 bits, and a row (an item, an epoch) draws from seed + its index, so a
 # seed stays in the lower half of that range: every derived seed then fits too.
 SEED_MAX = 2**63 - 1
+SEEDS = Bounds(min=0, max=SEED_MAX)
 
 
 def check_seed(value: Any, where: str = "--seed") -> int:
@@ -31,41 +34,68 @@ def check_seed(value: Any, where: str = "--seed") -> int:
     overflow mid-run for 2^64 and above)."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(f"seed must be an integer, got {value!r}", where=where, fix="e.g. 0")
-    if not 0 <= value <= SEED_MAX:
-        raise ConfigError(f"seed must be in [0, {SEED_MAX}], got {value}", where=where, fix="e.g. 0")
+    if not SEEDS.contains(value):
+        raise ConfigError(f"seed must be {SEEDS.phrase()}, got {value}", where=where, fix="e.g. 0")
     return value
 
 
 def seed_option(default: int, help: str = "random seed", **kwargs: Any) -> Any:
     """A seed option: its range is declared here once for every command that has one."""
-    return option(default, help, min=0, max=SEED_MAX, what="seed", example=default, **kwargs)
+    return option(default, help, min=SEEDS.min, max=SEEDS.max, what="seed", example=default, **kwargs)
 
 
-def option(default: Any = dataclasses.MISSING, help: str = "", *, flags: tuple[str, ...] = (),
-           envvar: str | None = None, shown: str | None = None, cli: bool = True, yaml: bool = True,
-           cli_type: type | None = None, min: float | None = None, max: float | None = None,
-           min_open: bool = False, max_open: bool = False, cli_range: bool = False, finite: bool = False,
-           pair: bool = False, choices: tuple[str, ...] = (), what: str = "", unit: str = "", example: Any = None,
-           unset: Callable[[dict[str, Any]], Any] | None = None,
-           read: Callable[[Any, str | None], Any] | None = None) -> Any:
-    """One option of a command.
+@dataclasses.dataclass(frozen=True)
+class Cli:
+    """How the command line presents an option, apart from what its value is (`option`'s `cli=`).
 
-    flags: its Typer declarations (default `--the-name`); cli / yaml: whether a flag / a --config key sets
-    it; cli_type: the flag's type where it is not the field's (a list is always comma-separated text);
-    shown: the default as --help writes it (derived from `default` when not given; None and False show
-    none). min/max (open or not), finite, pair (a [lo, hi] list inside [min, max]) and choices are checked
-    by `check_bounds`, whose error reads "{what} must be {range} {unit}, got {value} (e.g. {example})"
-    (unit: words after the range, such as "minutes"). cli_range: Typer checks min/max as it parses the flag
+    flags: its Typer declarations (default `--the-name`); env: an environment variable that sets it; panel:
+    the --help panel it is listed under (None: the default one); shown: the default as --help writes it
+    (derived from the default when None; "" shows none); type: the flag's type where it is not the field's
+    (a list is always comma-separated text); checks_range: Typer checks min/max as it parses the flag
     instead (its own error, the range in --help), for a command without --config.
-    unset: the value when neither a flag nor the YAML file sets it, computed from the other values.
-    read: for a value of several forms (a name or a list of names, a mapping): `read(value, config path)` makes
-    the flag's or the YAML file's value the field's, with its own one-line errors (the file's is not
-    type-checked); an empty one is the default.
     """
-    meta = {"help": help, "flags": flags, "envvar": envvar, "shown": shown, "cli": cli, "yaml": yaml,
-            "cli_type": cli_type, "min": min, "max": max, "min_open": min_open, "max_open": max_open,
-            "cli_range": cli_range, "finite": finite, "pair": pair, "choices": choices, "what": what, "unit": unit,
-            "example": example, "unset": unset, "read": read}
+
+    flags: tuple[str, ...] = ()
+    env: str | None = None
+    panel: str | None = None
+    shown: str | None = None
+    type: Any = None
+    checks_range: bool = False
+
+
+# option()'s keywords from before `Cli` existed, still accepted (-> the Cli field they set)
+LEGACY_CLI = {"flags": "flags", "envvar": "env", "shown": "shown", "cli_type": "type", "cli_range": "checks_range"}
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", *, min: float | None = None,
+           max: float | str | None = None, min_open: bool = False, max_open: bool = False, finite: bool = False,
+           pair: bool = False, choices: tuple[str, ...] = (), what: str = "", unit: str = "", example: Any = None,
+           yaml: bool = True, unset: Callable[[dict[str, Any]], Any] | None = None,
+           read: Callable[[Any, str | None], Any] | None = None, cli: Cli | bool | None = True,
+           **legacy: Any) -> Any:
+    """One option: what its value is, and (`cli`) how the command line shows it.
+
+    The value: its default and one line of help; min/max (open or not, see `values.Bounds`), finite, pair
+    (a [lo, hi] list inside [min, max]) and choices, checked by `check_value`, whose error reads
+    "{what} must be {range} {unit}, got {value} (e.g. {example})" (unit: words after the range, such as
+    "minutes"); yaml: whether a --config key sets it; unset: the value when neither a flag nor the YAML file
+    sets it, computed from the other values; read: for a value of several forms (a name or a list of names, a
+    mapping), `read(value, config path)` makes the flag's or the YAML file's value the field's, with its own
+    one-line errors (the file's is not type-checked); an empty one is the default.
+
+    cli: a `Cli` (flags, env, panel, ...), True for a flag with the defaults, or False/None for no flag. The
+    keywords from before `Cli` (flags=, envvar=, shown=, cli_type=, cli_range=) still work and set the Cli.
+    """
+    unknown = set(legacy) - set(LEGACY_CLI)
+    if unknown:
+        raise TypeError(f"option() got unexpected keyword arguments: {', '.join(sorted(unknown))}")
+    if cli is True:
+        cli = Cli()
+    if cli and legacy:
+        cli = dataclasses.replace(cli, **{LEGACY_CLI[k]: v for k, v in legacy.items()})
+    meta = {"help": help, "bounds": Bounds(min, max, min_open, max_open, finite), "pair": pair,
+            "choices": choices, "what": what, "unit": unit, "example": example, "yaml": yaml, "unset": unset,
+            "read": read, "cli": cli or None}
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -75,14 +105,23 @@ def like(cls: type, name: str, **changes: Any) -> Any:
     """The option `cls` declares as `name`, for another command that has it too; `changes` are `option`'s
     arguments that differ there (e.g. its own help)."""
     f = next(f for f in dataclasses.fields(cls) if f.name == name)
-    return option(default_of(f), **{**f.metadata, **changes})
+    meta = dict(f.metadata)
+    bounds: Bounds = meta.pop("bounds")
+    declared = {**meta, **dataclasses.asdict(bounds), "cli": meta["cli"] or False}
+    return option(default_of(f), **{**declared, **changes})
+
+
+def cli_of(f: dataclasses.Field) -> Cli | None:
+    """How the command line shows this option; None when no flag sets it."""
+    return f.metadata.get("cli") or None
 
 
 def flag(f: dataclasses.Field) -> str:
     """How messages name an option: its long flag, or its YAML key when no flag sets it."""
-    if not f.metadata.get("cli"):
+    cli = cli_of(f)
+    if cli is None:
         return f.name
-    longs = [d.split("/")[0] for d in f.metadata["flags"] if d.startswith("--")]
+    longs = [d.split("/")[0] for d in cli.flags if d.startswith("--")]
     return longs[0] if longs else "--" + f.name.replace("_", "-")
 
 
@@ -94,41 +133,13 @@ def default_of(f: dataclasses.Field) -> Any:
 
 def shown(f: dataclasses.Field) -> str | None:
     """The default as --help and the range errors' examples write it."""
-    if f.metadata.get("shown") is not None:
-        return f.metadata["shown"]
-    default = default_of(f)
-    if default is None or default is False:
-        return None
-    if isinstance(default, list):
-        return ",".join(map(str, default))
-    return f"{default:g}" if isinstance(default, float) else str(default)
+    cli = cli_of(f)
+    if cli is not None and cli.shown is not None:
+        return cli.shown
+    return format_default(default_of(f))
 
 
 # -- bounds ----------------------------------------------------------------------------------------------
-def _span(meta: dict[str, Any]) -> str:
-    lo, hi = meta["min"], meta["max"]
-    if lo is not None and hi is not None:
-        span = f"in {'(' if meta['min_open'] else '['}{lo}, {hi}{')' if meta['max_open'] else ']'}"
-    elif lo is not None:
-        span = f"{'>' if meta['min_open'] else '>='} {lo}"
-    elif hi is not None:
-        span = f"{'<' if meta['max_open'] else '<='} {hi}"
-    else:
-        span = ""
-    parts = [" ".join(p for p in (span, meta["unit"]) if p), "finite" if meta["finite"] else ""]
-    return " and ".join(p for p in parts if p)
-
-
-def _within(value: Any, meta: dict[str, Any]) -> bool:
-    """Whether one number is inside the declared range (nan never is)."""
-    lo, hi = meta["min"], meta["max"]
-    if lo is not None and not (value > lo if meta["min_open"] else value >= lo):
-        return False
-    if hi is not None and not (value < hi if meta["max_open"] else value <= hi):
-        return False
-    return not meta["finite"] or math.isfinite(value)
-
-
 def _problem(value: Any, meta: dict[str, Any]) -> tuple[str, str | None] | None:
     """What is wrong with `value` under its declaration, and the fix when it is not "e.g. <default>"."""
     if value is None:
@@ -137,20 +148,20 @@ def _problem(value: Any, meta: dict[str, Any]) -> tuple[str, str | None] | None:
         if value in meta["choices"]:
             return None
         return f"unknown {meta['what']} {value!r}", f"use one of {', '.join(meta['choices'])}"
-    lo, hi = meta["min"], meta["max"]
+    bounds = Bounds.of(meta)
     if meta["pair"]:
-        if len(value) == 2 and lo <= value[0] <= value[1] <= hi:
+        if len(value) == 2 and bounds.contains(value[0]) and bounds.contains(value[1]) and value[0] <= value[1]:
             return None
-        return f"need two values {lo} <= lo <= hi <= {hi}, got {value}", None
+        return f"need two values {bounds.min} <= lo <= hi <= {bounds.max}, got {value}", None
     items = value if isinstance(value, list) else [value]
-    if not items and lo is None:
+    if not items and bounds.min is None:
         return f"no {meta['what']} given", None
-    if items and all(_within(v, meta) for v in items):
+    if items and all(bounds.contains(v) for v in items):
         return None
-    if not _span(meta):
+    if not bounds.phrase(meta["unit"]):
         return None
     what = f"{meta['what']} " if meta["what"] else ""
-    return f"{what}must be {_span(meta)}, got {value}", None
+    return f"{what}must be {bounds.phrase(meta['unit'])}, got {value}", None
 
 
 def check_bounds(obj: Any) -> None:
@@ -172,7 +183,7 @@ def _comparable(value: Any, meta: dict[str, Any]) -> bool:
     """Whether `value` has the kind its declared bounds compare (a wrong type is the type check's to report)."""
     if meta["choices"]:
         return isinstance(value, str)
-    if meta["min"] is None and meta["max"] is None and not meta["finite"]:
+    if not Bounds.of(meta).declared:
         return False  # nothing declared to compare with
     items = value if isinstance(value, list) else [value]
     return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in items)
@@ -222,15 +233,18 @@ def typer_parameters(cls: type) -> list[inspect.Parameter]:
     hints = typing.get_type_hints(cls)
     params = []
     for f in dataclasses.fields(cls):
-        meta = f.metadata
-        if not meta.get("cli"):
+        cli = cli_of(f)
+        if cli is None:
             continue
         default = shown(f)
-        text = " ".join(t for t in (meta["help"], f"[default: {default}]" if default else "") if t)
-        decls = meta["flags"] or ("--" + f.name.replace("_", "-"),)
-        bounds = {"min": meta["min"], "max": meta["max"]} if meta["cli_range"] else {}
-        info = typer.Option(None, *decls, envvar=meta["envvar"], help=text, show_default=False, **bounds)
-        kind = meta["cli_type"] or _bare(hints[f.name])
+        text = " ".join(t for t in (f.metadata["help"], f"[default: {default}]" if default else "") if t)
+        decls = cli.flags or ("--" + f.name.replace("_", "-"),)
+        extra: dict[str, Any] = {"rich_help_panel": cli.panel} if cli.panel else {}
+        if cli.checks_range:
+            bounds = f.metadata["bounds"]
+            extra.update(min=bounds.min, max=bounds.max)
+        info = typer.Option(None, *decls, envvar=cli.env, help=text, show_default=False, **extra)
+        kind = cli.type or _bare(hints[f.name])
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=info,
                                         annotation=kind | None))
     return params

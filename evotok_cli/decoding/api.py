@@ -12,18 +12,22 @@ import math
 import types
 import typing
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Protocol, get_args, get_origin
 
 from evotok_cli.errors import ConfigError
+from evotok_cli.options import option as _declare
+from evotok_cli.values import Bounds
 
 
 def option(default: Any, help: str, *, min: float | None = None, max: float | str | None = None,
            min_open: bool = False, max_open: bool = False) -> Any:
     """A decoder option: its default, one line of help, and its allowed range. A `max` that is a name
-    ("vocab_size") is that property of the model: `check_model_options` checks it once the model is known."""
-    return field(default=default, metadata={"help": help, "min": min, "max": max,
-                                            "min_open": min_open, "max_open": max_open})
+    ("vocab_size") is that property of the model: `check_model_options` checks it once the model is known.
+
+    The same declaration as a command option (`options.option`), without a flag of its own: a decoder
+    option is set by `--opt key=value` or YAML, and its range is checked by the same `values.Bounds`."""
+    return _declare(default, help, min=min, max=max, min_open=min_open, max_open=max_open, cli=None)
 
 
 # -- the commit rule the blockwise decoders share ------------------------------------------------
@@ -82,16 +86,19 @@ class Sampling(float):
                 or (self.min_p is not None and self.min_p > 0))
 
 
+TOP_K, TOP_P, MIN_P = Bounds(min=1), Bounds(min=0, max=1, min_open=True), Bounds(min=0, max=1)  # the filters
+
+
 def check_sampling(*, top_k: int | None, top_p: float | None, min_p: float | None) -> None:
     """The filters' ranges, checked before the model loads: top_k >= 1, top_p in (0, 1], min_p in [0, 1]."""
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ConfigError(f"top-k must be an integer >= 1, got {top_k}", where="--top-k",
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or not TOP_K.contains(top_k)):
+        raise ConfigError(f"top-k must be an integer {TOP_K.phrase()}, got {top_k}", where="--top-k",
                           fix="e.g. --top-k 50, or leave it out for no top-k filter")
-    if top_p is not None and not (0 < top_p <= 1):  # nan fails too
-        raise ConfigError(f"top-p must be in (0, 1], got {top_p}", where="--top-p",
+    if top_p is not None and not TOP_P.contains(top_p):  # nan fails too
+        raise ConfigError(f"top-p must be {TOP_P.phrase()}, got {top_p}", where="--top-p",
                           fix="e.g. --top-p 0.9, or leave it out for no top-p filter")
-    if min_p is not None and not (0 <= min_p <= 1):
-        raise ConfigError(f"min-p must be in [0, 1], got {min_p}", where="--min-p",
+    if min_p is not None and not MIN_P.contains(min_p):
+        raise ConfigError(f"min-p must be {MIN_P.phrase()}, got {min_p}", where="--min-p",
                           fix="e.g. --min-p 0.05, or leave it out for no min-p filter")
 
 
@@ -147,9 +154,15 @@ class GenerationResult:
     seconds: float = 0.0
 
 
+TRACE_SCHEMA = "evotok.trace/1"  # a trace line: this, decoder, prompt_index, mask_id, model, then a StepEvent's fields
+TRACE_BLOCK_KEYS = ("start", "end", "state", "fully_activated", "progress")  # each of StepEvent.blocks (d2f)
+TRACE_BLOCK_STATES = ("active", "to_cache", "in_cache")
+
+
 @dataclass
 class StepEvent:
-    """One forward pass as seen by one row; the trace schema of docs/trace.md.
+    """One forward pass as seen by one row; the trace schema of docs/trace.md, declared here only (a trace
+    line is these fields without `row`; `viz.trace.Step` reads one back as a subclass of this).
 
     Positions are indices into the generated span. `states[i]` is the input state of position i in this
     pass (mask | soft_mask | soft | decoded); `candidates[i]` the (token, weight) pairs of its soft input;
@@ -248,17 +261,12 @@ def _coerce(value: Any, annotation: Any, key: str, where: str) -> Any:
 
 
 def _check_range(key: str, value: Any, meta: dict[str, Any], where: str) -> None:
+    """The declared range (a model-property bound waits for `check_model_options`)."""
     if value is None or isinstance(value, (str, bool)):
         return
-    lo, hi = meta.get("min"), meta.get("max")
-    if isinstance(hi, str):
-        hi = None  # the model's: `check_model_options`
-    lo_bad = lo is not None and (value <= lo if meta.get("min_open") else value < lo)
-    hi_bad = hi is not None and (value >= hi if meta.get("max_open") else value > hi)
-    if lo_bad or hi_bad:
-        left = "(" if meta.get("min_open") else "["
-        right = ")" if meta.get("max_open") else "]"
-        span = f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}"
+    bounds = Bounds.of(meta)
+    if not bounds.contains(value):
+        span = bounds.resolved().interval()
         raise ConfigError(f"{key}={value} is out of range {span}", where=where, fix=f"pick {key} in {span}")
 
 
@@ -289,17 +297,13 @@ def check_model_options(config: Any, model: Any, where: str = "--opt") -> None:
     if not dataclasses.is_dataclass(config):
         return
     for f in dataclasses.fields(config):
-        bound, value = f.metadata.get("max"), getattr(config, f.name)
-        if not isinstance(bound, str) or value is None or isinstance(value, bool):
+        bounds, value = Bounds.of(f.metadata), getattr(config, f.name)
+        if bounds.model_bound is None or value is None or isinstance(value, bool):
             continue
-        limit = getattr(model, bound, None)
-        if not isinstance(limit, (int, float)):
-            continue
-        if value >= limit if f.metadata.get("max_open") else value > limit:
-            lo = f.metadata.get("min")
-            span = f"[{'-inf' if lo is None else lo}, {limit}{')' if f.metadata.get('max_open') else ']'}"
-            raise ConfigError(f"{f.name}={value} is above the model's {bound.replace('_', ' ')} ({limit})",
-                              where=where, fix=f"pick {f.name} in {span}")
+        known = bounds.resolved(model)
+        if known.above(value):
+            raise ConfigError(f"{f.name}={value} is above the model's {bounds.model_bound.replace('_', ' ')} "
+                              f"({known.max})", where=where, fix=f"pick {f.name} in {known.interval()}")
 
 
 def describe_options(config_cls: type) -> list[dict[str, Any]]:
@@ -307,13 +311,8 @@ def describe_options(config_cls: type) -> list[dict[str, Any]]:
     hints = typing.get_type_hints(config_cls)
     rows = []
     for f in dataclasses.fields(config_cls):
-        meta = dict(f.metadata)
         ann = hints[f.name]
         kind = "|".join(map(str, get_args(ann))) if get_origin(ann) is Literal else getattr(ann, "__name__", str(ann))
-        lo, hi = meta.get("min"), meta.get("max")
-        span = "" if lo is None and hi is None else (
-            f"{'(' if meta.get('min_open') else '['}{'-inf' if lo is None else lo}, "
-            f"{'inf' if hi is None else hi}{')' if meta.get('max_open') else ']'}")
         rows.append({"name": f.name, "type": str(kind).replace("typing.", ""), "default": f.default,
-                     "range": span, "help": meta.get("help", "")})
+                     "range": Bounds.of(f.metadata).interval(), "help": f.metadata.get("help", "")})
     return rows

@@ -12,17 +12,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from evotok_cli.decoding.api import TRACE_BLOCK_KEYS, TRACE_BLOCK_STATES, TRACE_SCHEMA, StepEvent
 from evotok_cli.errors import DataError
 from evotok_cli.files import read_text
 from evotok_cli.viz.style import STATES
 
-SCHEMA = "evotok.trace/1"  # the value evotok_cli.generation.TRACE_SCHEMA writes
-BLOCK_STATES = ("active", "to_cache", "in_cache")
+SCHEMA = TRACE_SCHEMA  # the schema is declared once, beside StepEvent: decoding/api.py
+BLOCK_STATES = TRACE_BLOCK_STATES
 
 
 @dataclass(frozen=True)
 class TracedBlock:
-    """One d2f block after a pass, as the trace records it: positions [start, end) of the generated span."""
+    """One d2f block after a pass, as the trace records it (`TRACE_BLOCK_KEYS`, in that order): positions
+    [start, end) of the generated span."""
 
     start: int
     end: int
@@ -31,19 +33,13 @@ class TracedBlock:
     progress: float
 
 
-@dataclass(frozen=True)
-class Step:
-    """One forward pass of one prompt (one trace line)."""
+@dataclass
+class Step(StepEvent):
+    """One forward pass of one prompt (one trace line), read back: the `StepEvent` the decoder emitted, whose
+    fields are the schema (so a field added there is a field here), `row` being the prompt index, and d2f's
+    blocks typed."""
 
-    step: int
-    block: tuple[int, int]
-    states: list[str]
-    tokens: list[int]
-    confidence: list[float | None]
-    committed: list[int]
-    revised: list[int]
-    candidates: list[list[tuple[int, float]]] | None
-    blocks: list[TracedBlock] | None
+    blocks: list[TracedBlock] | None = None  # type: ignore[assignment]  # the event's dicts, checked and typed
 
 
 @dataclass
@@ -142,7 +138,7 @@ def read_trace(path: str | Path) -> Trace:
         if isinstance(record.get("model"), str):
             model = record["model"]
         index = line.integer(line.field("prompt_index"), "prompt_index")
-        step = parse_step(line)
+        step = parse_step(line, index)
         prompt = prompts.setdefault(index, PromptTrace(index, []))
         if prompt.steps:
             before = prompt.steps[-1]
@@ -168,8 +164,9 @@ def _same(line: _Line, key: str, seen: Any, kind: type) -> Any:
     return value
 
 
-def parse_step(line: _Line) -> Step:
-    """One record's pass; every position refers to the generated span of `len(states)` tokens."""
+def parse_step(line: _Line, index: int = 0) -> Step:
+    """One record's pass (of prompt `index`); every position refers to the generated span of `len(states)`
+    tokens. Every field of `StepEvent` but `row` is read from the record (`row` is the prompt index)."""
     states = line.array("states")
     if not states:
         raise line.fail("states is empty")
@@ -185,6 +182,7 @@ def parse_step(line: _Line) -> Step:
     end = line.integer(block[1], "block[1]", start, n)
     return Step(
         step=line.integer(line.field("step"), "step", 1),
+        row=index,
         block=(start, end),
         states=states,
         tokens=tokens,
@@ -228,7 +226,7 @@ def _blocks(line: _Line, n: int) -> list[TracedBlock] | None:
         name = f"blocks[{i}]"
         if not isinstance(b, dict):
             raise line.fail(f"{name} is {b!r}, not an object")
-        missing = [k for k in ("start", "end", "state", "fully_activated", "progress") if k not in b]
+        missing = [k for k in TRACE_BLOCK_KEYS if k not in b]
         if missing:
             raise line.fail(f"{name} has no {missing[0]!r}")
         if b["state"] not in BLOCK_STATES:

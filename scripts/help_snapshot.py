@@ -1,0 +1,94 @@
+"""Save `evotok <command> --help` for every command and subcommand, or compare against a saved snapshot.
+
+Why: the option declarations are refactored from time to time (issue 29); the CLI's help text is a user-facing
+contract, so a refactor must leave every help page byte-identical. Usage:
+
+    python scripts/help_snapshot.py save /tmp/help-before
+    ... refactor ...
+    python scripts/help_snapshot.py diff /tmp/help-before     # exit 1 and a unified diff if anything changed
+
+Each page is produced by the real console entry point in a subprocess with COLUMNS=120, as a user sees it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def command_paths() -> list[tuple[str, ...]]:
+    """Every command path of the CLI, found by walking the click tree (the root is the empty path)."""
+    import typer.main
+
+    from evotok_cli.cli import app
+
+    root = typer.main.get_command(app)
+    paths: list[tuple[str, ...]] = []
+
+    def walk(cmd: Any, path: tuple[str, ...]) -> None:  # typer vendors its own click: duck-type groups
+        paths.append(path)
+        for name in sorted(getattr(cmd, "commands", None) or {}):
+            walk(cmd.commands[name], (*path, name))
+
+    walk(root, ())
+    return paths
+
+
+def help_text(path: tuple[str, ...]) -> str:
+    """The help page exactly as `evotok <path> --help` prints it (stdout, then stderr if any)."""
+    env = {**os.environ, "COLUMNS": "120", "NO_COLOR": "1", "TERM": "dumb"}
+    code = "from evotok_cli.cli import main; main()"
+    done = subprocess.run([sys.executable, "-c", code, *path, "--help"], capture_output=True, text=True, env=env,
+                          check=False)
+    return done.stdout + (f"\n[stderr]\n{done.stderr}" if done.stderr else "") + f"\n[exit {done.returncode}]\n"
+
+
+def file_name(path: tuple[str, ...]) -> str:
+    return "_".join(("evotok", *path)) + ".txt"
+
+
+def save(folder: Path) -> int:
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in command_paths():
+        text = help_text(path)
+        if not text.endswith("[exit 0]\n"):  # a snapshot of a traceback would make every later diff pass
+            print(f"evotok {' '.join(path)} --help failed:\n{text}", file=sys.stderr)
+            return 1
+        (folder / file_name(path)).write_text(text)
+    print(f"saved {len(list(folder.glob('*.txt')))} help pages into {folder}")
+    return 0
+
+
+def diff(folder: Path) -> int:
+    changed = 0
+    now = {file_name(path): path for path in command_paths()}
+    before = {p.name for p in folder.glob("*.txt")}
+    for name in sorted(before - now.keys()):
+        print(f"gone: {name}")
+        changed += 1
+    for name, path in sorted(now.items()):
+        new = help_text(path)
+        old = (folder / name).read_text() if name in before else ""
+        if new != old:
+            changed += 1
+            sys.stdout.writelines(difflib.unified_diff(old.splitlines(True), new.splitlines(True),
+                                                       f"before/{name}", f"after/{name}"))
+    print(f"{len(now)} help pages, {changed} changed")
+    return 1 if changed else 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("action", choices=["save", "diff"])
+    parser.add_argument("folder", type=Path)
+    args = parser.parse_args()
+    return save(args.folder) if args.action == "save" else diff(args.folder)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
