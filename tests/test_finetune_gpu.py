@@ -195,9 +195,9 @@ def test_fsdp_mixed_precision_only_on_cuda(monkeypatch, tiny_llada, tmp_path, de
 
 # -- a large --full export -----------------------------------------------------------------------------
 def test_full_export_is_sharded_and_bf16_when_large(tmp_path, tiny_llada, monkeypatch):
-    from evotok_cli.training import trainer as trainer_module
+    from evotok_cli.training import export as export_module
 
-    monkeypatch.setattr(trainer_module, "EXPORT_SHARD_BYTES", 200_000)
+    monkeypatch.setattr(export_module, "EXPORT_SHARD_BYTES", 200_000)
     monkeypatch.setattr(Trainer, "_export_dtype", lambda self: torch.bfloat16)  # what a GPU run writes
     data = tmp_path / "data.jsonl"
     data.write_text('{"prompt": "What is 1+1?", "response": "2"}\n' * 4)

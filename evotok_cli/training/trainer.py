@@ -15,7 +15,6 @@ import math
 import os
 import random
 import signal
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -29,14 +28,10 @@ from evotok_cli.files import atomic_write_text, input_file, output_dir
 from evotok_cli.training import checkpointing, losslog, objective_step, optim, parallel, runs
 from evotok_cli.training.config import OBJECTIVES, TrainConfig
 from evotok_cli.training.data import Example, load_examples
+from evotok_cli.training.export import EXPORT_DTYPE, EXPORT_SHARD_BYTES
 from evotok_cli.training.objectives import Batch, collate
 
 __all__ = ["EXPORT_DTYPE", "EXPORT_SHARD_BYTES", "OBJECTIVES", "StopRequested", "TrainConfig", "Trainer"]
-
-# A full fine-tune trained on a GPU is written as the official checkpoints are: bf16 (what inference uses;
-# 16 GB at 8B instead of 32), in safetensors shards of at most 5 GB with an index.
-EXPORT_DTYPE = torch.bfloat16
-EXPORT_SHARD_BYTES = 5 * 10**9
 
 
 def _on_cuda(device: str) -> bool:
@@ -373,35 +368,7 @@ class Trainer:
         return EXPORT_DTYPE if self.device.type == "cuda" else None
 
     def export(self) -> dict[str, Any]:
-        """Every process gathers the weights; rank 0 writes them and returns the summary."""
-        from evotok_cli.runtime.writer import copy_tokenizer, save_model
+        """Every process gathers the weights; rank 0 writes them and returns the summary (`export.py`)."""
+        from evotok_cli.training.export import export_run
 
-        cfg = self.cfg
-        if cfg.full:
-            dtype = self._export_dtype()
-            state = parallel.gathered(self.group, self.base_net.state_dict(), dtype)
-        else:
-            from peft import get_peft_model_state_dict
-            state = parallel.gathered(self.group, get_peft_model_state_dict(self.net, save_embedding_layers=False))
-        if not self.group.is_main:
-            return {}
-        if cfg.full:
-            total = sum(t.numel() * t.element_size() for t in state.values())
-            save_model(None, self.lm.config.to_hf(), self.out, state=state, dtype=dtype,
-                       shard_bytes=EXPORT_SHARD_BYTES if total > EXPORT_SHARD_BYTES else None)
-            copy_tokenizer(self.lm.path, self.out)
-            kind = "model"
-        else:
-            from evotok_cli.runtime.checkpoint import save_safetensors
-            peft_cfg = self.net.peft_config["default"]
-            peft_cfg.base_model_name_or_path = str(self.lm.path)
-            save_safetensors(state, self.out / "adapter_model.safetensors")
-            with tempfile.TemporaryDirectory(dir=self.out, prefix=".adapter-config-") as tmp:  # whole or not at all
-                peft_cfg.save_pretrained(tmp)
-                os.replace(Path(tmp) / "adapter_config.json", self.out / "adapter_config.json")
-            kind = "adapter"
-        plot = losslog.plot(self.history, self.out / "loss.png")
-        return {"schema": "evotok.finetune/1", "out": str(self.out), "kind": kind, "objective": cfg.objective,
-                "steps": self.step, "final_loss": self.history[-1]["loss"] if self.history else None,
-                "examples": self.stats.used, "skipped": dict(self.stats.skipped),
-                "loss_plot": str(plot) if plot else None}
+        return export_run(self)
