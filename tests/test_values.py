@@ -180,3 +180,29 @@ def test_model_bound_and_details_use_the_shared_formatter():
 def test_sampling_filters_use_the_shared_checker(kwargs, expect):
     with pytest.raises(ConfigError, match=expect.replace("(", r"\(").replace("[", r"\[").replace("]", r"\]")):
         check_sampling(**{"top_k": None, "top_p": None, "min_p": None, **kwargs})
+
+
+def test_a_panel_reaches_typer():
+    @dataclasses.dataclass
+    class Paneled:
+        size: int = command_option(8, "rows", cli=Cli(panel="Decoding"))
+
+    (size,) = typer_parameters(Paneled)
+    assert size.default.rich_help_panel == "Decoding"
+    assert typer_parameters(Old)[0].default.rich_help_panel is None  # no panel: Typer's default one
+
+
+def test_help_snapshot_script_walks_every_command():
+    """scripts/help_snapshot.py (the before/after --help diff of refactors) finds every command and subcommand."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "help_snapshot.py"
+    spec = importlib.util.spec_from_file_location("help_snapshot", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    paths = module.command_paths()
+    assert {(), ("generate",), ("serve",), ("bench",), ("bench", "run"), ("bench", "score")} <= set(paths)
+    assert module.file_name(("bench", "run")) == "evotok_bench_run.txt"
+    text = module.help_text(("decoders",))
+    assert text.startswith("Usage: ") and text.endswith("[exit 0]\n")
