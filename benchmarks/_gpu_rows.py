@@ -1,9 +1,12 @@
 """Helpers of benchmarks/gpu_check.py: the device's memory bandwidth and peak compute, decoding through the
-step engine (as generate, bench and serve do), the compiled forward's rows, and LoRA merged against
-unmerged. Kept apart so that gpu_check.py reads top to bottom."""
+step engine (as generate, bench and serve do), the compiled forward's rows (`--compile` and `--compile max`),
+the quantized rows (`--quantize int8 / int4`), and LoRA merged against unmerged. Kept apart so that
+gpu_check.py reads top to bottom."""
 
 from __future__ import annotations
 
+import copy
+import gc
 import re
 import statistics
 import time
@@ -111,15 +114,22 @@ def engine_generate(model: Any, decoder: Any, request: Any) -> dict[str, Any]:
 
 @torch.inference_mode()
 def compiled_rows(model: Any, lengths: list[int], vocab: int, device: torch.device, iters: int,
-                  eager_ms: dict[int, float], decode: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
-    """Forward latency under torch.compile next to eager, and one decoder run (`decode(model)`) compiled.
-    A device or torch where compile fails records the error instead of stopping the check."""
+                  eager_ms: dict[int, float], decode: Callable[[Any], dict[str, Any]],
+                  level: bool | str = True) -> dict[str, Any]:
+    """Forward latency under torch.compile next to eager, and one decoder run (`decode(model)`) compiled,
+    at `level` (True: `--compile`; "max": `--compile max`, CUDA graphs, with how many graphs inductor
+    skipped). A device or torch where compile fails (max on a CPU: refused) records the error instead of
+    stopping the check."""
+    import torch._dynamo
+
     from evotok_cli.runtime.compile import check_compile, compile_forward
 
-    out: dict[str, Any] = {"latency": [], "decoder": None, "error": None}
+    out: dict[str, Any] = {"level": level, "latency": [], "decoder": None, "error": None}
     try:
-        check_compile(device)
-        model.compiled_forward = compile_forward(model.net)
+        check_compile(device, level)
+        torch._dynamo.reset()  # graphs of another level must not be reused or count against the limit
+        skips = _cudagraph_skips()
+        model.compiled_forward, model.compile_level = compile_forward(model.net, level), level
         gen = torch.Generator().manual_seed(0)
         t0 = time.perf_counter()
         for length in lengths:
@@ -132,11 +142,93 @@ def compiled_rows(model: Any, lengths: list[int], vocab: int, device: torch.devi
             out["latency"].append({"seq_len": length, "ms": ms, "eager_ms": eager_ms.get(length),
                                    "speedup": eager_ms[length] / ms if length in eager_ms else None})
         out["decoder"] = decode(model)
+        if level == "max":
+            out["cudagraph_skips"] = _cudagraph_skips() - skips
     except Exception as exc:  # a failed compile is a finding, not a crash
-        out["error"] = f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:300]
+        out["error"] = _error(exc)
     finally:
-        model.compiled_forward = None
+        model.compiled_forward, model.compile_level = None, True
     return out
+
+
+def _cudagraph_skips() -> int:
+    """Graphs inductor compiled without a CUDA graph so far (mutated inputs, CPU tensors, dynamic shapes
+    beyond its limit): a `--compile max` whose graphs were all skipped is `--compile` by another name."""
+    from torch._dynamo.utils import counters
+
+    return sum(counters["inductor"].get(key, 0) for key in ("cudagraph_skips",))
+
+
+def _error(exc: BaseException) -> str:
+    line = exc.line() if hasattr(exc, "line") else " ".join(str(exc).split())  # an EvotokError's own line
+    return f"{type(exc).__name__}: {line}"[:300]
+
+
+# -- quantized weights (--quantize int8 / int4) -----------------------------------------------------------
+
+@torch.inference_mode()
+def quantized_rows(model: Any, modes: tuple[str, ...], length: int, device: torch.device, iters: int,
+                   decode: Callable[[Any], dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per --quantize mode, on a copy of the model with its block linears quantized as `load_model` does
+    (`runtime/quantize.quantize_net`): weight bytes (the block linears by the storage formula, and on CUDA
+    what the copy holds on the card), one forward's latency at `length`, and `decode(m)`'s run (tokens/s,
+    and the share of rows and tokens equal to the unquantized model's at temperature 0; each mode's second
+    run, after a warm-up one). A mode the
+    machine cannot run (bitsandbytes missing, a dtype without kernels) records its one-line error."""
+    from dataclasses import replace
+
+    from evotok_cli.runtime.quantize import check_supported, linear_bytes, quantize_net, quantized_names
+
+    net = model.net
+    size = next(net.parameters()).element_size()
+    shapes = [tuple(net.get_submodule(n).weight.shape) for n in quantized_names(net)]
+    ids = torch.randint(0, model.vocab_size, (1, length), generator=torch.Generator().manual_seed(3)).to(device)
+    decode(model)  # warm-up: every mode's timed run is its second, so that none pays the engine's first shapes
+    base = decode(model)
+    model(ids)
+    rows = [{"mode": "none", "linear_bytes": int(sum(linear_bytes(sh, "none", size) for sh in shapes)),
+             "held_bytes": _held(net, device), "ms_per_forward": timed(lambda: model(ids), device, iters) * 1e3,
+             "tokens_per_s": base["tokens_per_s"], "rows_equal": 1.0, "tokens_equal": 1.0, "error": None}]
+    for mode in modes:
+        row: dict[str, Any] = {"mode": mode, "error": None}
+        qnet = quantized = None
+        try:
+            check_supported(mode, device, model.dtype)
+            before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+            qnet = copy.deepcopy(net)
+            quantize_net(qnet, mode, device)
+            qnet.to(device)
+            gc.collect()
+            quantized = replace(model, net=qnet, quantize=mode, compiled_forward=None)
+            row["linear_bytes"] = int(sum(linear_bytes(sh, mode, size) for sh in shapes))
+            row["linear_ratio"] = row["linear_bytes"] / rows[0]["linear_bytes"]
+            row["held_bytes"] = torch.cuda.memory_allocated(device) - before if device.type == "cuda" else None
+            quantized(ids)  # warm-up: the backend's kernels, the allocator
+            row["ms_per_forward"] = timed(lambda q=quantized: q(ids), device, iters) * 1e3
+            decode(quantized)
+            run = decode(quantized)
+            pairs = list(zip(base["token_ids"], run["token_ids"]))
+            row.update(tokens_per_s=run["tokens_per_s"], nfe=run["nfe"],
+                       rows_equal=sum(a == b for a, b in pairs) / len(pairs),
+                       tokens_equal=sum(x == y for a, b in pairs for x, y in zip(a, b)) / sum(len(a) for a, _ in pairs))
+        except torch.cuda.OutOfMemoryError:
+            row["error"] = "out of GPU memory (the float copy and its quantized layers at once)"
+        except Exception as exc:  # one mode's failure is a finding: the other modes still run
+            row["error"] = _error(exc)
+        finally:
+            qnet = quantized = None  # noqa: F841 (frees the copy before the next mode's)
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        rows.append(row)
+    return rows
+
+
+def _held(net: torch.nn.Module, device: torch.device) -> int | None:
+    """Bytes of `net`'s parameters and buffers on CUDA (None on the CPU: the process's memory says little)."""
+    if device.type != "cuda":
+        return None
+    return sum(t.numel() * t.element_size() for t in [*net.parameters(), *net.buffers()])
 
 
 # -- LoRA merged against unmerged ---------------------------------------------------------------------

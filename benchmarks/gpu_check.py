@@ -10,8 +10,13 @@ allocated with `to_empty`, initialised in place; no checkpoint needed), then rep
    concurrent request); a batch of equal prompts, a batch of 8 mixed lengths, and temperature 0.5 (the
    paper tasks' sampling), with forwards per engine step and host milliseconds per step beside the times;
 3. the forward under torch.compile (`--no-compile` skips it): latency next to eager and a cached hard-mask run, or
-   the error where compile does not work;
-4. a random LoRA adapter (deltas 1e-3 of the weights) merged against unmerged: logit difference, how
+   the error where compile does not work; then the same under `--compile max` (CUDA graphs of the window
+   passes, with how many graphs inductor skipped; on a CPU the row records evotok's refusal);
+4. `--quantize int8` and `int4` (`--no-quantize` skips them; bitsandbytes must be installed): the block
+   linears' bytes per mode (and on CUDA what the quantized copy holds on the card), ms per forward, and a
+   hard-mask run on a few prompts (`--quantize-prompts`) at temperature 0: tokens/s and the share of rows
+   and tokens equal to the unquantized model's;
+5. a random LoRA adapter (deltas 1e-3 of the weights) merged against unmerged: logit difference, how
    much of the adapter's change a merge keeps, and the cost of each per forward.
 
 Random weights give near-uniform predictions, so threshold-driven decoders (d2f) take as many passes as
@@ -41,7 +46,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _gpu_rows import compiled_rows, device_bounds, engine_generate, lora_rows, mixed_lengths, sync, timed
+from _gpu_rows import (
+    compiled_rows,
+    device_bounds,
+    engine_generate,
+    lora_rows,
+    mixed_lengths,
+    quantized_rows,
+    sync,
+    timed,
+)
 
 try:
     from evotok_cli.runtime.architectures.llada import LLaDAConfig, LLaDAModelLM
@@ -87,6 +101,8 @@ class Settings:
     bounds_source: str
     padded_batch: int
     compile: bool
+    quantize: bool
+    quantize_prompts: int
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -114,7 +130,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="also run hard-mask and evotoken without cache on this many prompts of mixed lengths "
                         "(left-padded; 1: skip)")
     p.add_argument("--no-compile", dest="compile", action="store_false",
-                   help="skip the torch.compile rows (their first passes compile: a minute or two on a GPU)")
+                   help="skip the torch.compile rows, --compile and --compile max (their first passes compile: a "
+                        "minute or two on a GPU)")
+    p.add_argument("--no-quantize", dest="quantize", action="store_false",
+                   help="skip the --quantize int8 / int4 rows (they need bitsandbytes, and a float copy of the model "
+                        "beside the original while each mode is built)")
+    p.add_argument("--quantize-prompts", type=int, default=4,
+                   help="prompts of mixed lengths whose greedy tokens each quantized mode is compared on (default 4)")
     p.add_argument("--quick", action="store_true",
                    help="two lengths, one timed run per decoder after a warm-up on the same shapes with two "
                         "passes per block")
@@ -131,7 +153,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         raise CheckError(f"no GPU {device.index} (found {torch.cuda.device_count()})")
     if args.hidden % 128 or args.hidden < 128:
         raise CheckError(f"--hidden {args.hidden} must be a multiple of 128 (the head size)")
-    for flag in ("layers", "vocab", "gen_length", "block_length", "steps", "prompt_length", "batch", "padded_batch"):
+    for flag in ("layers", "vocab", "gen_length", "block_length", "steps", "prompt_length", "batch", "padded_batch",
+                 "quantize_prompts"):
         if getattr(args, flag) < 1:
             raise CheckError(f"--{flag.replace('_', '-')} must be >= 1")
     if args.vocab < 16:
@@ -157,7 +180,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
                     block_length=args.block_length, steps=args.steps, repeats=1 if args.quick else 3,
                     batch=args.batch, lengths=sorted(set(lengths)), bandwidth_gbs=bounds["bandwidth_gbs"],
                     peak_tflops=bounds["peak_tflops"], bounds_source=bounds["source"], padded_batch=args.padded_batch,
-                    compile=args.compile)
+                    compile=args.compile, quantize=args.quantize, quantize_prompts=args.quantize_prompts)
 
 
 # -- model ------------------------------------------------------------------------------------------
@@ -264,6 +287,27 @@ def run_decoder(model: Any, name: str, options: dict[str, Any], s: Settings, bat
             "host_ms_per_step": (wall - forward_s) / n_steps * 1e3}
 
 
+def greedy_tokens(model: Any, s: Settings) -> dict[str, Any]:
+    """Hard-mask, no cache, temperature 0 on `quantize_prompts` prompts of mixed lengths through the engine:
+    tokens/s, NFE and every row's tokens (what a quantized mode is compared on)."""
+    from evotok_cli.decoding.api import GenerationRequest
+    from evotok_cli.generation import make_decoder
+
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, s.cfg.mask_token_id, (n,), generator=g).tolist()
+               for n in mixed_lengths(s.prompt_length, s.quantize_prompts)]
+    request = GenerationRequest(prompts=prompts, gen_length=s.gen_length, block_length=s.block_length,
+                                steps=s.steps, temperature=0.0, seed=0)
+    with torch.inference_mode():
+        sync(s.device)
+        t0 = time.perf_counter()
+        out = engine_generate(model, make_decoder("hard-mask", {"cache": "none"}), request)
+        sync(s.device)
+    seconds = time.perf_counter() - t0
+    return {"tokens_per_s": len(prompts) * s.gen_length / seconds, "nfe": max(r.nfe for r in out["rows"]),
+            "token_ids": [list(r.token_ids) for r in out["rows"]]}
+
+
 def decoder_runs(s: Settings, wanted: list[str]) -> list[tuple[str, str, dict[str, Any], int, float, bool]]:
     """(decoder, cache label, options, batch, temperature, padded) of every decoder row: each decoder and
     cache at batch 1, then without cache a batch of equal prompts, a left-padded batch, temperature 0.5."""
@@ -368,7 +412,8 @@ def markdown(doc: dict[str, Any]) -> str:
     if targets:
         lines += ["", "Issue 3's ratios (targets: evotoken slowdown <= 1.05, prefix >= 2.5, dual >= 4, batch 16 >= 4): "
                   + ", ".join(f"{k} {v:.2f}" for k, v in targets.items()) + "."]
-    lines += compiled_markdown(doc.get("compiled")) + lora_markdown(doc.get("lora"))
+    lines += compiled_markdown(doc.get("compiled")) + compiled_markdown(doc.get("compiled_max"))
+    lines += quantized_markdown(doc.get("quantized"), st) + lora_markdown(doc.get("lora"))
     lines += ["", "Random weights: d2f's thresholds see near-uniform confidences, so its NFE is not what a trained "
               "model needs; ms / forward is.", ""]
     return "\n".join(lines)
@@ -377,15 +422,38 @@ def markdown(doc: dict[str, Any]) -> str:
 def compiled_markdown(c: dict[str, Any] | None) -> list[str]:
     if c is None:
         return []
+    name = "torch.compile, --compile max" if c.get("level") == "max" else "torch.compile"
     if c["error"]:
-        return ["", f"torch.compile: failed ({c['error']})."]
-    lines = ["", f"torch.compile (whole forward, dynamic shapes; first call {c.get('compile_seconds', 0):.0f} s):", "",
-             "| sequence length | ms / forward | eager ms | speed-up |", "|---:|---:|---:|---:|"]
+        return ["", f"{name}: failed ({c['error']})."]
+    graphs = (f"; CUDA graphs, {c['cudagraph_skips']} graph(s) skipped by inductor" if "cudagraph_skips" in c
+              else "")
+    lines = ["", f"{name} (whole forward, dynamic shapes{graphs}; first call {c.get('compile_seconds', 0):.0f} s):",
+             "", "| sequence length | ms / forward | eager ms | speed-up |", "|---:|---:|---:|---:|"]
     lines += [f"| {r['seq_len']} | {r['ms']:.3g} | {r['eager_ms']:.3g} | {r['speedup']:.2f}x |" for r in c["latency"]]
     d = c.get("decoder")
     if d:
         lines += ["", f"Compiled hard-mask, dual cache, batch 1: NFE {d['nfe']}, {d['seconds']:.2f} s, "
                       f"{d['tokens_per_s']:.1f} tokens/s, {d['ms_per_forward']:.2f} ms / forward."]
+    return lines
+
+
+def quantized_markdown(rows: list[dict[str, Any]] | None, st: dict[str, Any]) -> list[str]:
+    if rows is None:
+        return []
+    lines = ["", f"--quantize (bitsandbytes, block linears only): hard-mask without cache on "
+                 f"{st['quantize_prompts']} prompts of mixed lengths, temperature 0, one run after a warm-up; "
+                 "equal = the same tokens as --quantize none.", "",
+             "| mode | linear GB | x none | held on the card GB | ms / forward | tokens/s | rows equal "
+             "| tokens equal |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if r.get("error"):
+            lines.append(f"| {r['mode']} | failed: {r['error']} | | | | | | |")
+            continue
+        held = "-" if r.get("held_bytes") is None else f"{r['held_bytes'] / 1e9:.3g}"
+        lines.append(f"| {r['mode']} | {r['linear_bytes'] / 1e9:.3g} | {r.get('linear_ratio', 1.0):.2f} | {held} | "
+                     f"{r['ms_per_forward']:.3g} | {r['tokens_per_s']:.1f} | {r['rows_equal']:.0%} | "
+                     f"{r['tokens_equal']:.0%} |")
     return lines
 
 
@@ -453,7 +521,8 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {"quick": args.quick, "prompt_length": s.prompt_length, "gen_length": s.gen_length,
                      "block_length": s.block_length, "steps": s.steps, "repeats": s.repeats, "batch": s.batch,
                      "padded_batch": s.padded_batch, "padded_prompt_lengths": mixed_lengths(s.prompt_length,
-                                                                                              s.padded_batch)},
+                                                                                              s.padded_batch),
+                     "quantize_prompts": s.quantize_prompts},
         "latency": latency, "decoders": rows, "targets": issue_targets(rows),
     }
     if s.compile:
@@ -464,6 +533,21 @@ def main(argv: list[str] | None = None) -> int:
         c = doc["compiled"]
         log(f"  torch.compile: FAILED ({c['error']})" if c["error"] else "  torch.compile: " + ", ".join(
             f"L={r['seq_len']} {r['ms']:.2f} ms ({r['speedup']:.2f}x)" for r in c["latency"]))
+        log("  torch.compile, --compile max (CUDA graphs): compiling ...")
+        doc["compiled_max"] = compiled_rows(model, s.lengths, s.cfg.vocab_size, s.device, iters, eager,
+                                            lambda m: run_decoder(m, "hard-mask", {"cache": "dual"}, s), level="max")
+        c = doc["compiled_max"]
+        log(f"  --compile max: FAILED ({c['error']})" if c["error"] else "  --compile max: " + ", ".join(
+            f"L={r['seq_len']} {r['ms']:.2f} ms ({r['speedup']:.2f}x)" for r in c["latency"])
+            + f"; {c['cudagraph_skips']} graph(s) skipped")
+    if s.quantize:
+        doc["quantized"] = quantized_rows(model, ("int8", "int4"), s.block_length, s.device, iters,
+                                          lambda m: greedy_tokens(m, s))
+        for r in doc["quantized"]:
+            log(f"  --quantize {r['mode']}: FAILED ({r['error']})" if r["error"] else
+                f"  --quantize {r['mode']}: linear {r['linear_bytes'] / 1e9:.3g} GB, "
+                f"{r['ms_per_forward']:.2f} ms/forward, {r['tokens_per_s']:.1f} tok/s, "
+                f"tokens equal {r['tokens_equal']:.0%}")
     try:
         doc["lora"] = lora_rows(model, relative=1e-3, rank=16, length=s.block_length, device=s.device, iters=iters)
         log(f"  LoRA: merged vs unmerged logits differ by up to {doc['lora']['max_logit_diff']:.3g}; the merge keeps "

@@ -56,6 +56,8 @@ def test_cpu_smoke_run_writes_results(tmp_path):
         speed[("hard-mask", "none", 2)] / speed[("hard-mask", "none", 1)], rel=1e-2)
     compiled = doc["compiled"]
     assert compiled["error"] is None, compiled["error"]
+    assert "max replays CUDA graphs, and cpu has none" in doc["compiled_max"]["error"]  # the CPU's honest row
+    assert [r["mode"] for r in doc["quantized"]] == ["none", "int8", "int4"]
     assert [r["seq_len"] for r in compiled["latency"]] == [16, 40]
     assert all(r["ms"] > 0 and r["eager_ms"] > 0 and r["speedup"] > 0 for r in compiled["latency"])
     assert compiled["decoder"]["nfe"] == 16 and compiled["decoder"]["tokens_per_s"] > 0
@@ -102,3 +104,56 @@ def test_no_cuda_is_one_line_telling_to_use_cpu(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and "--device cpu" in proc.stderr
     assert not list(tmp_path.iterdir())
+
+
+def _quantized_rows_look_right(rows: list[dict]) -> None:
+    """Each mode measured (bytes under issue 27's targets, shares in [0, 1]) or its one-line reason: this
+    machine may lack bitsandbytes, which must then be named with how to install it."""
+    assert [r["mode"] for r in rows] == ["none", "int8", "int4"]
+    assert rows[0]["error"] is None and rows[0]["tokens_equal"] == 1.0 and rows[0]["linear_bytes"] > 0
+    for row, target in zip(rows[1:], (0.55, 0.35)):
+        if row["error"]:
+            assert "bitsandbytes" in row["error"] and "pip install" in row["error"], row["error"]
+            continue
+        assert row["linear_ratio"] <= target and row["ms_per_forward"] > 0 and row["tokens_per_s"] > 0
+        assert 0 <= row["tokens_equal"] <= 1 and 0 <= row["rows_equal"] <= 1
+
+
+def test_cpu_run_without_compile_writes_the_quantized_rows(tmp_path):
+    """--no-compile: the quickest end-to-end run, with the --quantize rows (issue 27, item 5) in JSON and
+    Markdown."""
+    proc = _run("--device", "cpu", "--layers", "1", "--hidden", "128", "--vocab", "256", "--gen-length", "16",
+                "--block-length", "8", "--steps", "4", "--prompt-length", "6", "--quick", "--batch", "1",
+                "--padded-batch", "1", "--decoders", "hard-mask", "--no-compile", "--quantize-prompts", "3",
+                "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    [json_path] = tmp_path.glob("gpu_check-cpu*-quick.json")
+    doc = json.loads(json_path.read_text())
+    assert "compiled" not in doc and "compiled_max" not in doc and doc["settings"]["quantize_prompts"] == 3
+    _quantized_rows_look_right(doc["quantized"])
+    text = json_path.with_suffix(".md").read_text()
+    assert "--quantize (bitsandbytes, block linears only)" in text and "| int4 |" in text
+
+
+def test_compile_max_row_on_the_cpu_records_the_refusal(tiny_llada):
+    """The --compile max row runs evotok's own check first: on a CPU it records the one-line refusal (no
+    compile is attempted, so this is quick) and leaves the model eager."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        from _gpu_rows import compiled_rows
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    from evotok_cli.runtime.model import load_model
+
+    model = load_model(tiny_llada)
+    row = compiled_rows(model, [8], model.vocab_size, model.device, 1, {8: 1.0}, lambda m: {}, level="max")
+    assert row["level"] == "max" and row["latency"] == [] and row["decoder"] is None
+    assert row["error"].startswith("ConfigError: --compile: max replays CUDA graphs, and cpu has none")
+    assert model.compiled is False
+
+
+def test_help_lists_the_new_rows():
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0
+    for flag in ("--no-compile", "--no-quantize", "--quantize-prompts"):
+        assert flag in proc.stdout
