@@ -15,6 +15,7 @@ from typing import Any
 from evotok_cli.decoding.api import TRACE_BLOCK_KEYS, TRACE_BLOCK_STATES, TRACE_SCHEMA, StepEvent
 from evotok_cli.errors import DataError
 from evotok_cli.files import read_text
+from evotok_cli.values import Bounds
 from evotok_cli.viz.style import STATES
 
 SCHEMA = TRACE_SCHEMA  # the schema is declared once, beside StepEvent: decoding/api.py
@@ -94,9 +95,9 @@ class _Line:
     def integer(self, value: Any, name: str, lo: int = 0, hi: int | None = None) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise self.fail(f"{name} is {value!r}, not an integer")
-        if value < lo or (hi is not None and value > hi):
-            span = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
-            raise self.fail(f"{name} is {value}, outside {span}")
+        bounds = Bounds(lo, hi)
+        if not bounds.contains(value):
+            raise self.fail(f"{name} is {value}, outside {bounds.interval() if hi is not None else bounds.phrase()}")
         return value
 
     def number(self, value: Any, name: str) -> float:
