@@ -51,7 +51,8 @@ LEVELS = ("on", "max", "off")
 _WORDS: dict[str, bool | str] = {"on": True, "true": True, "1": True, "max": "max", "off": False, "false": False,
                                  "0": False, "": False}
 HELP = ("on | max | off: run the forward under torch.compile (fuses small kernels; the first passes compile, "
-        "minutes); max also replays each window pass as a CUDA graph (CUDA only); a bare --compile is on")
+        "minutes); max also replays each window pass as a CUDA graph (CUDA only); a bare --compile is on, "
+        "--no-compile off")
 
 
 def compile_level(value: Any, config: str | None = None) -> bool | str:
