@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from evotok_cli.decoding import registry
 from evotok_cli.decoding.api import GenerationRequest, parse_options
+from evotok_cli.runtime.cache import RowBatch
 
 ROOT = Path(__file__).resolve().parents[1]
 GEN = ["--gen-length", "8", "--block-length", "4", "--steps", "4"]
@@ -92,7 +93,7 @@ class RecordingModel:
         embeds = kw.get("inputs_embeds")
         if kw.get("soft_inputs") is not None:
             embeds = self.model.embed_soft(*kw["soft_inputs"])
-        self.fed.append((input_ids, embeds, kw.get("start", 0)))
+        self.fed.append((input_ids, embeds, kw.get("start", 0), kw.get("cache")))
         return self.model(input_ids, **kw)
 
 
@@ -122,7 +123,7 @@ def test_every_decoder_keeps_its_contract(tiny_model, data):
     again = decoder.generate(tiny_model, request)
     assert [r.token_ids for r in again.rows] == [r.token_ids for r in out.rows]  # deterministic at T = 0
     longest = max(len(p) for p in prompts)
-    for ids, embeds, start in recorder.fed:  # the prompt is fed unchanged in every pass
+    for ids, embeds, start, cache in recorder.fed:  # the prompt is fed unchanged in every pass
         if start > 0:
             continue
         fed = embeds if embeds is not None else tiny_model.embed(ids)
@@ -130,9 +131,14 @@ def test_every_decoder_keeps_its_contract(tiny_model, data):
             assert any(fed.shape[1] > len(p) and torch.allclose(fed[0, :len(p)], tiny_model.embed(torch.tensor(p)), atol=1e-6)
                        for p in prompts)
             continue
-        for b, p in enumerate(prompts):
-            pad = longest - len(p)
-            assert torch.allclose(fed[b, pad:pad + len(p)], tiny_model.embed(torch.tensor(p)), atol=1e-6)
+        if isinstance(cache, RowBatch):  # the engine's rows packed end to end: a span is a canvas (after its padding)
+            rows = [fed[0, a + pad:b] for (a, b), first, pad in zip(cache.spans, cache.starts, cache.key_pads)
+                    if first == 0]
+        else:  # a left-padded batch
+            rows = [fed[b, longest - len(p):] for b, p in enumerate(prompts)]
+        assert len(rows) == len(prompts)
+        for row, p in zip(rows, prompts):
+            assert torch.allclose(row[:len(p)], tiny_model.embed(torch.tensor(p)), atol=1e-6)
 
 
 def test_the_built_in_decoders_install_under_a_name_of_our_own():

@@ -12,7 +12,7 @@ window's keys and values there and attends over everything written so far (refre
 the rest). Jobs join at any step and leave when their program returns or is cancelled; their rows and
 slots are refilled from the queue at once.
 
-Why this keeps tokens exact: the shared forward left-pads the rows' input embeddings into one batch, and
+Why this keeps tokens exact: the shared forward packs the rows' input embeddings end to end into one batch row, and
 the runtime attends each row over its own keys (its slot, or its fed positions) with its own mask. Two
 pools (`make_pool`, chosen once per engine): per-row caches attended one row at a time (`RowBatch`,
 `attention.attend_rows`: bit for bit the row alone; the CPU default, `--padded-attention rowwise`), or
@@ -40,7 +40,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Generator, Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -147,7 +147,7 @@ def _embed(model: Any, inputs: dict[str, Any]) -> torch.Tensor:
 
 def run_rows(model: Any, items: list[tuple[Hashable, ForwardPass]], pool: KVPool | SlotPool) -> list[torch.Tensor]:
     """ONE forward for the passes of many programs (`items`: (owner, pass)); each pass gets exactly its
-    own logits. Rows are left-padded into a batch; a row with `kv_length` reads and writes its slot of
+    own logits. Rows are packed end to end into one batch row; a row with `kv_length` reads and writes its slot of
     `pool` (keyed by owner and row): a `KVPool` attends each row on its own (exact), a `SlotPool` all rows
     in one masked call per layer (`run_paged`)."""
     if isinstance(pool, SlotPool):
@@ -155,30 +155,28 @@ def run_rows(model: Any, items: list[tuple[Hashable, ForwardPass]], pool: KVPool
     if len(items) == 1 and items[0][1].kv_length is None and not items[0][1].pad_offsets:
         return [run_pass(model, items[0][1])]  # alone and uncached: the plain forward
     embeds = [_embed(model, p.inputs) for _, p in items]  # (B_p, L_p, D) each
-    length = max(e.shape[1] for e in embeds)
-    total = sum(e.shape[0] for e in embeds)
-    x = embeds[0].new_zeros((total, length, embeds[0].shape[-1]))  # (R, L, D); pads are never read
-    positions = torch.zeros((total, length), dtype=torch.long, device=x.device)  # (R, L)
-    pads, starts, slots, masks, key_pads, index, counts = [], [], [], [], [], [], []
-    r = 0
+    # packed end to end in one batch row, not left-padded to the longest: padding would cost every linear
+    # layer its share of padding columns (guidance's full-canvas pairs of mixed lengths: 1.4x the work)
+    x = torch.cat([e.reshape(-1, e.shape[-1]) for e in embeds])[None]  # (1, N, D)
+    positions = torch.cat([(p.position_ids if p.position_ids is not None else
+                            torch.arange(p.start, p.start + e.shape[1], device=x.device).expand(e.shape[0], -1))
+                           .reshape(-1) for (_, p), e in zip(items, embeds)])[None]  # (1, N)
+    spans, starts, slots, masks, key_pads, index, counts = [], [], [], [], [], [], []
+    at = 0
     for (owner, p), e in zip(items, embeds):
         rows, fed = e.shape[0], e.shape[1]
-        off = length - fed  # left padding: every row ends at the last column
-        x[r:r + rows, off:] = e
-        positions[r:r + rows, off:] = (p.position_ids if p.position_ids is not None
-                                       else torch.arange(p.start, p.start + fed, device=x.device))
         a, b = p.logits_slice
         for i in range(rows):
-            pads.append(off)
+            spans.append((at, at + fed))
             starts.append(p.start)
             slots.append(None if p.kv_length is None else pool.slot(owner, i, p.kv_length, p.kv_memory))
             mask = p.attention_mask
             masks.append(None if mask is None else mask[i if mask.shape[0] > 1 else 0][None])
             key_pads.append(p.pad_offsets[i] if p.pad_offsets else 0)
-            index.extend(range((r + i) * length + off + a, (r + i) * length + off + b))
+            index.extend(range(at + a, at + b))
+            at += fed
         counts.append((rows, b - a))
-        r += rows
-    batch = RowBatch(pads, starts, slots, masks, key_pads)
+    batch = RowBatch(spans, starts, slots, masks, key_pads)
     gather = torch.tensor(index, dtype=torch.long).to(x.device, non_blocking=True)
     logits = model(inputs_embeds=x, position_ids=positions, cache=batch, start=_common_start(items),
                    logits_slice=gather)[0]  # (N, V)
@@ -314,6 +312,9 @@ class Job:
     done: threading.Event = field(default_factory=threading.Event)
     admitted: float | None = None  # perf_counter when it joined the live set, and when it left
     finished: float | None = None
+    log: list[ForwardPass] = field(default_factory=list)  # its cached passes since its slots were last fed whole
+    replay: list[ForwardPass] = field(default_factory=list)  # preempted: passes to run again before `pending`
+    preempted: bool = False  # waits in the queue without its KV slots
 
     @property
     def seconds(self) -> float:
@@ -343,6 +344,7 @@ class Engine:
         self.steps = 0  # engine steps run
         self.passes = 0  # forwards run (the step's shared forward counts once)
         self.retries = 0  # steps split in two after running out of memory
+        self.preemptions = 0  # jobs whose KV slots were dropped and requeued, to be recomputed (`_preempt`)
 
     # -- jobs ------------------------------------------------------------------------------------
     def submit(self, job: Job) -> Job:
@@ -369,7 +371,9 @@ class Engine:
         with self.lock:
             while self.queue and (not self.live or self._fits(self.queue[0])):
                 job = self.queue.popleft()
-                job.admitted = time.perf_counter()
+                job.admitted = job.admitted or time.perf_counter()  # a preempted job keeps its first admission
+                if job.preempted:  # its slots are rebuilt first, from every cached pass it ran (`_preempt`)
+                    job.replay, job.preempted = list(job.log), False
                 self.live.append(job)
 
     def _fits(self, job: Job) -> bool:
@@ -381,8 +385,12 @@ class Engine:
 
     def _finish(self, job: Job, result: GenerationResult | None = None, error: BaseException | None = None) -> None:
         job.result, job.error, job.pending, job.finished = result, error, None, time.perf_counter()
+        job.log, job.replay = [], []
         if job in self.live:
             self.live.remove(job)
+        with self.lock:
+            if job in self.queue:  # preempted in the step that finished it
+                self.queue.remove(job)
         if job.program is not None:
             job.program.close()
         self.pool.free(job.id)
@@ -412,6 +420,7 @@ class Engine:
                 if job.on_done is not None:
                     job.on_done(job)
         self._read()  # before admission: a row that finishes on its read leaves room in this very step
+        self._preempt_to_budget()
         self._admit()
         if not self.live:
             return False
@@ -440,7 +449,12 @@ class Engine:
         for job, logits, error in results:
             if error is not None:
                 self._finish(job, error=error)
+            elif logits is None:  # preempted before its pass ran: it runs when it is admitted again
+                continue
+            elif job.replay:  # a pass run again to rebuild its slots: its logits were had before
+                job.replay.pop(0)
             else:
+                self._remember(job, job.pending)
                 self._advance(job, logits)
         self.steps += 1
         return True
@@ -460,22 +474,68 @@ class Engine:
             self._advance(j, value)
 
     def _run_shared(self, jobs: list[Job]) -> list[tuple[Job, torch.Tensor | None, BaseException | None]]:
-        """The step's one forward over `jobs`. When it fails (out of memory, or one job's pass is bad), it
-        is split in two and each half retried, so that only a job whose own pass fails gets the error.
-        Re-running a pass is harmless: its window's keys and values are written again, the same ones."""
+        """The step's one forward over `jobs` (a preempted job's next pass is the oldest it must run again).
+        When it fails (out of memory, or one job's pass is bad), it is split in two and each half retried,
+        so that only a job whose own pass fails gets the error; a job that runs out of memory alone first
+        preempts other live jobs holding KV slots (`_preempt`), youngest first. Re-running a pass is
+        harmless: its window's keys and values are written again, the same ones."""
+        jobs = [j for j in jobs if j in self.live]  # one preempted earlier in this step waits (no logits)
+        if not jobs:
+            return []
         try:
             self.passes += 1
-            logits = run_rows(self.model, [(j.id, j.pending) for j in jobs], self.pool)
+            logits = run_rows(self.model, [(j.id, j.replay[0] if j.replay else j.pending) for j in jobs], self.pool)
             return [(j, lg, None) for j, lg in zip(jobs, logits)]
         except Exception as exc:
-            if len(jobs) == 1:
-                return [(jobs[0], None, exc)]
-            if _out_of_memory(exc):
+            if not _out_of_memory(exc):
+                if len(jobs) == 1:
+                    return [(jobs[0], None, exc)]
+            else:
                 self.retries += 1
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
+                if len(jobs) == 1:
+                    victims = [j for j in self.live if j is not jobs[0] and j.log]
+                    if not victims:
+                        return [(jobs[0], None, exc)]
+                    self._preempt(victims[-1])  # the youngest: it has done the least work
+                    self.max_tokens = max(1, self.live_tokens)  # what did fit: admit no more than that
+                    return self._run_shared(jobs)
             half = len(jobs) // 2
             return self._run_shared(jobs[:half]) + self._run_shared(jobs[half:])
+
+    # -- preemption by recompute -----------------------------------------------------------------
+    def _remember(self, job: Job, p: ForwardPass) -> None:
+        """Keep a cached pass that ran (its inputs copied: a program may reuse its tensors in place), so that
+        the job's slots can be rebuilt. A pass that feeds the whole canvas writes every slot position from
+        its own inputs alone: the passes before it (or before a new `kv_memory`) are no longer needed."""
+        if p.kv_length is None or p.cache is not None:
+            return
+        if job.log and job.log[-1].kv_memory != p.kv_memory:
+            job.log = []
+        kept = replace(p, inputs={k: _copied(v) for k, v in p.inputs.items()}, position_ids=_copied(p.position_ids),
+                       attention_mask=_copied(p.attention_mask), combine=None)
+        job.log = [kept] if p.start == 0 and p.length >= p.kv_length else [*job.log, kept]
+
+    def _preempt(self, job: Job) -> None:
+        """Drop a live job's KV slots and put it back at the front of the queue. Diffusion rows are
+        recomputed from their inputs: when it is admitted again, the cached passes it ran since its slots
+        were last fed whole run again first (one per step, sharing the step's forward, their logits
+        dropped), which writes exactly the keys and values it had; then its pending pass runs as if
+        nothing happened. Its tokens and NFE are those of an uninterrupted run; it costs those passes."""
+        self.pool.free(job.id)
+        job.replay, job.preempted = [], True
+        if job in self.live:
+            self.live.remove(job)
+        with self.lock:
+            self.queue.appendleft(job)
+        self.preemptions += 1
+
+    def _preempt_to_budget(self) -> None:
+        """When the live jobs hold more tokens than the budget (it was lowered: by hand, or after running
+        out of memory), preempt the youngest until they fit; one job always keeps running."""
+        while self.max_tokens is not None and len(self.live) > 1 and self.live_tokens > self.max_tokens:
+            self._preempt(self.live[-1])
 
     def run(self, jobs: list[Job] | None = None, on_step: Callable[[Engine], None] | None = None) -> None:
         """Step until `jobs` (default: everything submitted) are done."""
@@ -502,6 +562,14 @@ def default_tokens_in_flight(model: Any, fraction: float = 0.8) -> int:
     free, _ = torch.cuda.mem_get_info(device)
     per_token = 2 * model.new_cache(1, 1).nbytes
     return max(1, int(free * fraction) // per_token)
+
+
+def _copied(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, tuple):
+        return tuple(_copied(v) for v in value)
+    return value
 
 
 def _out_of_memory(exc: BaseException) -> bool:

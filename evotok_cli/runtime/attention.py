@@ -2,10 +2,11 @@
 
 The step engine's shared forward (`decoding/engine.py`) attends its rows in one of two ways, chosen once
 when the engine is made (an argument of the forward, never read inside it): `attend_rows` (a `RowBatch`:
-one call per row over its own KV slot: bit for bit each row alone; the CPU default) or `attend_paged`
-(`PagedRows`: one pool tensor per layer, written and read through index tensors, one masked call per
-layer; the GPU default and any compiled forward). What follows is the direct call with `pad_offsets`
-(a library caller's padded batch, and passes of the older interface that hold a cache of their own).
+rows packed end to end, one call per row over its own KV slot: bit for bit each row alone; the CPU
+default) or `attend_paged` (`PagedRows`: one pool tensor per layer, written and read through index
+tensors, one masked call per layer; the GPU default and any compiled forward). What follows is the
+direct call with `pad_offsets` (a library caller's padded batch, and passes of the older interface that
+hold a cache of their own).
 
 A left-padded batch (rows of different lengths in one forward, `pad_offsets`) is attended in one of two
 ways, chosen by `padded_mode` (process-wide; `padded_attention(mode)` sets it for a block):
@@ -160,11 +161,11 @@ def attend_layer(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
 
 def _row_keys(layer: int, r: int, k: torch.Tensor, v: torch.Tensor, rows: RowBatch
-              ) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Row r's first real query column in the batch, its real keys and values, and its mask over them
-    (queries from that column on). Writes the row's window into its slot first."""
-    pad, start, kp, slot, mask = rows.pads[r], rows.starts[r], rows.key_pads[r], rows.slots[r], rows.masks[r]
-    kr, vr = k[r:r + 1, :, pad:], v[r:r + 1, :, pad:]  # the fed window: canvas [start, start + L_r)
+              ) -> tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Row r's first real query column and end in the packed batch, its real keys and values, and its mask
+    over them (queries from that column on). Writes the row's window into its slot first."""
+    (begin, end), start, kp, slot, mask = rows.spans[r], rows.starts[r], rows.key_pads[r], rows.slots[r], rows.masks[r]
+    kr, vr = k[:, :, begin:end], v[:, :, begin:end]  # the fed window: canvas [start, start + L_r)
     if slot is not None:
         kr, vr = slot.update(layer, start, kr, vr)  # keys [0, span) of the row's canvas
         key0 = 0
@@ -174,16 +175,16 @@ def _row_keys(layer: int, r: int, k: torch.Tensor, v: torch.Tensor, rows: RowBat
     k_skip = max(0, kp - key0)
     if mask is not None:
         mask = mask[:, :, q_skip:, k_skip:]
-    return pad + q_skip, kr[:, :, k_skip:], vr[:, :, k_skip:], mask
+    return begin + q_skip, end, kr[:, :, k_skip:], vr[:, :, k_skip:], mask
 
 
 def attend_rows(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: RowBatch) -> torch.Tensor:
-    """Attention for the engine's exact shared forward (q, k, v: (B, H(kv), L, D) left-padded rows): one
-    call per row over its own keys, exactly the row's own floating-point operations."""
+    """Attention for the engine's exact shared forward (q, k, v: (1, H(kv), N, D), the rows packed end to
+    end): one call per row over its own keys, exactly the row's own floating-point operations."""
     out = torch.zeros_like(q)
-    for r in range(q.shape[0]):
-        q0, kr, vr, mask = _row_keys(layer, r, k, v, rows)
-        out[r:r + 1, :, q0:] = _sdpa(q[r:r + 1, :, q0:], kr, vr, mask)
+    for r in range(len(rows.spans)):
+        q0, end, kr, vr, mask = _row_keys(layer, r, k, v, rows)
+        out[:, :, q0:end] = _sdpa(q[:, :, q0:end], kr, vr, mask)
     return out
 
 

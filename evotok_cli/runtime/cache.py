@@ -12,8 +12,8 @@ attends to every position written so far. That one rule covers all cache policie
 The step engine owns the memory (`KVPool`): a program does not hold a cache, it asks for "my rows, this
 window" (`ForwardPass.kv_length`) and the engine hands each row a slot of its own, a batch-1 `KVCache`
 of the row's canvas length, kept until the program ends. Rows of different programs, windows and cache
-states then share one forward (`RowBatch`): their activations are batched, and each row's attention
-reads and writes its own slot, so a row computes exactly what it computes alone.
+states then share one forward (`RowBatch`): their activations are packed end to end, and each row's
+attention reads and writes its own slot, so a row computes exactly what it computes alone.
 """
 
 from __future__ import annotations
@@ -86,14 +86,16 @@ class KVPool:
 
 @dataclass
 class RowBatch:
-    """The rows of one exact shared forward over a `KVPool`, passed to the model as its `cache`: row r's
-    fed positions sit in batch columns [pads[r], L) (left padding), are canvas columns [starts[r], ...)
-    of its own canvas, whose first key_pads[r] columns are padding (a padded cohort's canvas), and attend
-    through `slots[r]` (a batch-1 cache: write the window, attend to everything written) or, without one,
-    over the fed keys alone; `masks[r]` (1, 1, L_r, K_r) restricts them (d2f's block-causal mask). Each
-    row is attended on its own (`attention.attend_rows`): bit for bit the row alone."""
+    """The rows of one exact shared forward over a `KVPool`, passed to the model as its `cache`. The rows
+    are packed end to end in ONE batch row (no padding: the linear layers, most of a step's work, run over
+    real positions only, not every row padded to the longest): row r's fed positions are packed columns
+    spans[r] = [begin, end), canvas columns [starts[r], ...) of its own canvas, whose first key_pads[r]
+    columns are padding (a padded cohort's canvas), and attend through `slots[r]` (a batch-1 cache: write
+    the window, attend to everything written) or, without one, over the fed keys alone; `masks[r]`
+    (1, 1, L_r, K_r) restricts them (d2f's block-causal mask). Each row is attended on its own
+    (`attention.attend_rows`): bit for bit the row alone."""
 
-    pads: list[int]
+    spans: list[tuple[int, int]]
     starts: list[int]
     slots: list[KVCache | None]
     masks: list[torch.Tensor | None]

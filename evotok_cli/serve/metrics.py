@@ -101,6 +101,9 @@ class Metrics:
                "(--max-tokens-in-flight; 0: none)", [("", getattr(engine, "max_tokens", None) or 0)])
         metric("evotok_step_retries_total", "counter", "engine steps split in two after running out of memory",
                [("", getattr(engine, "retries", 0))])
+        metric("evotok_preemptions_total", "counter", "jobs whose KV slots were dropped and requeued, to be "
+               "recomputed when admitted again (a step out of memory, or the budget lowered)",
+               [("", getattr(engine, "preemptions", 0))])
         metric("evotok_queue_length", "gauge", "requests waiting for room in the engine", [("", waiting)])
         metric("evotok_requests_in_flight", "gauge", "completion requests whose rows are decoding or waiting",
                [("", in_flight)])

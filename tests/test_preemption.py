@@ -1,0 +1,94 @@
+"""Preemption by recompute: a job whose KV slots are dropped (a step out of memory, or live rows over a
+lowered token budget) is requeued, rebuilds its slots from the cached passes it ran when admitted again,
+and decodes exactly the tokens and NFE of an uninterrupted run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from evotok_cli.decoding.api import GenerationRequest
+from evotok_cli.decoding.engine import Engine, make_jobs
+from evotok_cli.generation import make_decoder
+
+PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13, 14], [20], [30, 31, 32, 33]]
+SETTINGS = {"gen_length": 8, "block_length": 4, "steps": 8}
+CACHED = [("hard-mask", {"cache": "dual"}), ("evotoken", {"cache": "prefix"}), ("d2f", {"block_size": "4"})]
+
+
+def _job(model, decoder, prompt, seed):
+    request = GenerationRequest(prompts=[prompt], temperature=0.8, seeds=[seed], **SETTINGS)
+    [(_, job)] = make_jobs(model, decoder, request, cohort=1)
+    return job
+
+
+def _solo(model, decoder, prompt, seed):
+    request = GenerationRequest(prompts=[prompt], temperature=0.8, seeds=[seed], **SETTINGS)
+    return decoder.generate(model, request).rows[0]
+
+
+def _assert_as_alone(model, decoder, jobs):
+    for i, (prompt, job) in enumerate(zip(PROMPTS, jobs)):
+        assert job.error is None
+        alone = _solo(model, decoder, prompt, seed=i)
+        assert job.result.rows[0].token_ids == alone.token_ids
+        assert job.result.rows[0].nfe == alone.nfe
+
+
+@pytest.mark.parametrize("name, options", CACHED)
+def test_a_budget_lowered_mid_run_preempts_and_tokens_stay_as_alone(tiny_model, name, options):
+    """Every job admitted, three steps run (slots written mid-block), then the budget is cut to one
+    canvas: the youngest jobs are preempted and requeued, and finish later from recomputed slots."""
+    decoder = make_decoder(name, options)
+    engine = Engine(tiny_model, max_rows=8, max_tokens=10_000)
+    jobs = [engine.submit(_job(tiny_model, decoder, p, seed=i)) for i, p in enumerate(PROMPTS)]
+    for _ in range(3):
+        engine.step()
+    assert len(engine.live) == len(PROMPTS)
+    engine.max_tokens = 1  # one job at a time from now on
+    engine.step()
+    assert len(engine.live) == 1 and engine.preemptions == len(PROMPTS) - 1
+    engine.run()
+    assert engine.preemptions >= len(PROMPTS) - 1
+    _assert_as_alone(tiny_model, decoder, jobs)
+
+
+@pytest.mark.parametrize("name, options", CACHED[:2])
+def test_a_row_out_of_memory_alone_preempts_others_rather_than_failing(tiny_model, name, options):
+    """Memory for two written slots only: splitting the step cannot help (the slots stay held), so the
+    engine drops other jobs' slots (youngest first), lowers its budget to what fit, and every job ends
+    with its own tokens."""
+    decoder = make_decoder(name, options)
+    engine = Engine(tiny_model, max_rows=8)
+    jobs = [engine.submit(_job(tiny_model, decoder, p, seed=i)) for i, p in enumerate(PROMPTS)]
+    original = tiny_model.net.forward
+
+    def two_slots(*args, **kwargs):
+        if sum(1 for c in engine.pool.slots.values() if c.filled) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return original(*args, **kwargs)
+
+    tiny_model.net.forward = two_slots
+    try:
+        engine.run()
+    finally:
+        del tiny_model.net.forward
+    assert engine.preemptions > 0 and engine.retries > 0
+    assert engine.max_tokens is not None and engine.max_tokens < sum(j.tokens for j in jobs)
+    _assert_as_alone(tiny_model, decoder, jobs)
+
+
+def test_a_row_out_of_memory_with_nobody_to_preempt_fails_alone(tiny_model):
+    decoder = make_decoder("hard-mask", {"cache": "dual"})
+    engine = Engine(tiny_model, max_rows=8)
+    job = engine.submit(_job(tiny_model, decoder, PROMPTS[0], seed=0))
+
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    tiny_model.net.forward = no_memory
+    try:
+        engine.run()
+    finally:
+        del tiny_model.net.forward
+    assert isinstance(job.error, torch.OutOfMemoryError) and engine.preemptions == 0
