@@ -17,7 +17,7 @@ from evotok_cli.options import merged, yaml_defaults
 
 def bench_request(flags: dict[str, Any], config: Path | None) -> tuple[Any, Any]:
     """The run's BenchRequest (checked by `run_bench`) and the merged settings."""
-    from evotok_cli.bench.runner import GEN_KEYS, BenchRequest
+    from evotok_cli.bench.plan import GEN_KEYS, BenchRequest
     from evotok_cli.config import Settings, parse_opts
 
     defaults, kinds = yaml_defaults(BenchOptions)

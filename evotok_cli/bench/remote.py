@@ -29,17 +29,8 @@ from typing import Any
 from evotok_cli.bench import samples
 from evotok_cli.bench.config import DEFAULT_DECODER
 from evotok_cli.bench.endpoint import Client, Server, completion, connect
-from evotok_cli.bench.runner import (
-    BenchRequest,
-    Run,
-    check_not_outputs,
-    checked_tasks,
-    finished,
-    plan,
-    record,
-    render,
-    resolve_data,
-)
+from evotok_cli.bench.plan import BenchRequest, Run, plan, resolve_data
+from evotok_cli.bench.runner import check_not_outputs, checked_tasks, finished, record, render
 from evotok_cli.bench.tasks.base import Doc, Task
 from evotok_cli.config import checked_model_folder
 from evotok_cli.errors import CheckpointError, ConfigError
@@ -119,7 +110,7 @@ def evotok_runs(request: BenchRequest, tasks: list[Task], folder: Path, server: 
 def plain_runs(request: BenchRequest, tasks: list[Task], server: Server) -> list[Run]:
     """One run per task: the server decodes as it is set up; only gen_length (as max_tokens) and the
     temperature are asked for."""
-    from evotok_cli.bench.runner import gen_value
+    from evotok_cli.bench.plan import gen_value
 
     decoder_flags = request.decoders != [DEFAULT_DECODER] or request.options or request.sweeps
     if decoder_flags:
