@@ -54,7 +54,7 @@ def draw(plt, trace: Trace, prompt: PromptTrace, text: TokenText):
     import numpy as np
     from matplotlib.collections import LineCollection
     from matplotlib.colors import ListedColormap, to_rgba
-    from matplotlib.patches import Patch, Rectangle
+    from matplotlib.patches import Rectangle
 
     steps, n = len(prompt.steps), prompt.positions
     labelled = n <= LABEL_MAX_POSITIONS and steps <= LABEL_MAX_STEPS
@@ -87,15 +87,7 @@ def draw(plt, trace: Trace, prompt: PromptTrace, text: TokenText):
         ax.add_collection(LineCollection(segments, colors=colours, linestyles=styles, linewidths=1.8))
 
     if labelled:
-        size = 6 if n > 24 else 7
-        for row, step in enumerate(prompt.steps):
-            committed = set(step.committed)
-            for pos, token in enumerate(step.tokens):
-                if token == trace.mask_id:
-                    continue
-                ax.text(pos, row, text.label(token)[:5], ha="center", va="center", fontsize=size,
-                        color=TEXT_COLOURS[step.states[pos]], fontweight="bold" if pos in committed else "normal",
-                        family="monospace")
+        _label_cells(ax, trace, prompt, text, size=6 if n > 24 else 7)
 
     ax.set_xlabel("generated position")
     ax.set_ylabel("step (forward pass)")
@@ -104,6 +96,27 @@ def draw(plt, trace: Trace, prompt: PromptTrace, text: TokenText):
     ax.set_title(f"{trace.decoder} · prompt {prompt.index} · {steps} passes × {n} positions · "
                  f"{prompt.revisions} revision(s)", fontsize=10)
 
+    ax.legend(handles=_legend(bool(pipeline)), loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8,
+              frameon=False)
+    return fig
+
+
+def _label_cells(ax, trace: Trace, prompt: PromptTrace, text: TokenText, size: int) -> None:
+    """Each decoded cell's token text; bold where the token was committed in that pass."""
+    for row, step in enumerate(prompt.steps):
+        committed = set(step.committed)
+        for pos, token in enumerate(step.tokens):
+            if token == trace.mask_id:
+                continue
+            ax.text(pos, row, text.label(token)[:5], ha="center", va="center", fontsize=size,
+                    color=TEXT_COLOURS[step.states[pos]], fontweight="bold" if pos in committed else "normal",
+                    family="monospace")
+
+
+def _legend(pipeline: bool) -> list:
+    """The four states, revisions, the veil outside the block and, for d2f traces, the block kinds."""
+    from matplotlib.patches import Patch
+
     handles = [Patch(facecolor=STATE_COLOURS[s], edgecolor="#666", label=PAPER_NAMES[s]) for s in STATES]
     handles += [Patch(facecolor="none", edgecolor=REVISED_COLOUR, linewidth=1.6, label="revised"),
                 Patch(facecolor="#f3f3f3", edgecolor="#666", label="outside current block")]
@@ -111,8 +124,7 @@ def draw(plt, trace: Trace, prompt: PromptTrace, text: TokenText):
         from matplotlib.lines import Line2D
         handles += [Line2D([], [], color=BLOCK_COLOURS[k], linestyle="--" if k == "semi" else "-", linewidth=1.8,
                            label=f"d2f: {label}") for k, label in BLOCK_LABELS.items()]
-    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
-    return fig
+    return handles
 
 
 def _ticks(count: int) -> list[int]:
