@@ -116,6 +116,7 @@ class GenerationRequest:
     trace: bool = False  # build a StepEvent per forward pass and row
     on_event: Callable[[StepEvent], None] | None = None  # receives StepEvents when trace is on
     on_pass: Callable[[int], None] | None = None  # called after each forward pass with the pass count
+    on_final: Callable[[FinalPrefix], None] | None = None  # a decoder with `final_events`: the final prefix grew
     top_k: int | None = None  # filters of the sampled distribution (`Sampling`); None: off
     top_p: float | None = None
     min_p: float | None = None
@@ -179,6 +180,17 @@ class StepEvent:
     revised: list[int]
     candidates: list[list[tuple[int, float]]] | None = None
     blocks: list[dict[str, Any]] | None = None  # d2f: the block pipeline after this pass
+
+
+@dataclass
+class FinalPrefix:
+    """A row's generated positions before `end` can no longer change: what a streamed answer needs, without
+    a per-pass trace (`GenerationRequest.on_final`; a decoder whose class sets `final_events` sends one
+    per block boundary, one device read of the canvas per block)."""
+
+    row: int
+    tokens: list[int]  # the generated span now; positions from `end` on may still change
+    end: int
 
 
 def row_seed(request: GenerationRequest, row: int) -> int | None:

@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from evotok_cli.decoding.api import GenerationRequest, GenerationResult, RowResult, StepEvent, row_seed
+from evotok_cli.decoding.api import FinalPrefix, GenerationRequest, GenerationResult, RowResult, StepEvent, row_seed
 from evotok_cli.decoding.canvas import Canvas, build_canvas
 from evotok_cli.decoding.engine import ForwardPass, HostRead, Program, drive, shifted_listener
 from evotok_cli.decoding.logprobs import recorder_for
@@ -141,6 +141,9 @@ class BlockwiseDecoder:
     # evotoken do: LLaDA's schedule never asks for more than a row holds): the loop then tracks what is
     # left on the host (`_live`). False (the safe default for other decoders) reads it back every pass.
     exact_schedule: ClassVar[bool] = False
+    # `request.on_final` gets a `FinalPrefix` at each block boundary (before a block, every position is
+    # final): a streamed answer needs no per-pass trace. A decoder without it is traced instead.
+    final_events: ClassVar[bool] = True
 
     @property
     def reference_rng(self) -> bool:
@@ -169,7 +172,8 @@ class BlockwiseDecoder:
             return (yield from self._block_loop(model, request, generator))
         t0, rows, nfe = time.perf_counter(), [], 0
         for index, prompt in enumerate(request.prompts):
-            part = replace(request, prompts=[prompt], seeds=None, on_event=shifted_listener(request.on_event, index))
+            part = replace(request, prompts=[prompt], seeds=None, on_event=shifted_listener(request.on_event, index),
+                           on_final=shifted_listener(request.on_final, index))
             result = yield from self._block_loop(model, part, generator)
             rows += result.rows
             nfe += result.nfe
@@ -231,6 +235,10 @@ class BlockwiseDecoder:
                     request.on_pass(nfe)
                 step += 1
             self.end_block(model, state, canvas, block)
+            if request.on_final is not None and index + 1 < layout.num_blocks:  # the last block: the result says
+                final = yield HostRead(canvas.generated())  # read with the other rows' reads of the step
+                for b in range(canvas.batch):
+                    request.on_final(FinalPrefix(row=b, tokens=final[b], end=block.end - canvas.gen_start))
         gen = yield HostRead(canvas.generated())  # read with the other rows' reads of the step
         rows = [RowResult(token_ids=gen[b], nfe=row_nfe[b],
                           logprobs=None if recorder is None else recorder.row(b, canvas.gen_start))

@@ -603,7 +603,8 @@ def make_jobs(model: Any, decoder: Any, request: Any, *, cohort: int) -> list[tu
     jobs = []
     for first in range(0, n, size):
         part = replace(request, prompts=request.prompts[first:first + size], seeds=seeds[first:first + size],
-                       seed=None, on_event=shifted_listener(request.on_event, first))
+                       seed=None, on_event=shifted_listener(request.on_event, first),
+                       on_final=shifted_listener(request.on_final, first))
         if hasattr(decoder, "program"):
             job = Job(decoder.program(model, part), rows=len(part.prompts), tokens=tokens(part.prompts))
         else:

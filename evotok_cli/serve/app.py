@@ -193,7 +193,7 @@ async def complete(service: Service, request: Request, *, chat: bool, authorize:
 
     fields, plan = await service.prepare(prepare, deadline)
     headers = ignored_fields(fields.ignored, request)
-    session = service.open(plan, events=fields.stream)
+    session = service.open(plan, events=fields.stream and ("evolve" if fields.stream_mode == "evolve" else "final"))
     reply = Reply(chat=chat, model=served.name)
     note = noter(request)
     if fields.stream:

@@ -29,8 +29,8 @@ PREPARE_WORKERS = 4  # requests prepared at once, in threads of their own
 
 
 class Session:
-    """One request's jobs: `queue` receives ("step", StepEvent) and ("done", Job) items; `finished` is set
-    once every job has ended (decoded, failed or cancelled)."""
+    """One request's jobs: `queue` receives ("step", StepEvent or FinalPrefix) and ("done", Job) items;
+    `finished` is set once every job has ended (decoded, failed or cancelled)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, plan: Plan):
         self.loop, self.plan = loop, plan
@@ -121,8 +121,11 @@ class Service:
         busy = sum(j.rows for j in list(self.engine.live)) + sum(j.rows for j in queued)
         return busy + rows > self.max_rows
 
-    def open(self, plan: Plan, *, events: bool) -> Session:
-        """Submit a planned request's jobs, or refuse it (503) when draining or the queue is full."""
+    def open(self, plan: Plan, *, events: bool | str) -> Session:
+        """Submit a planned request's jobs, or refuse it (503) when draining or the queue is full. `events`:
+        what the session's queue receives while decoding: "evolve" (or True) a StepEvent per pass and row
+        (the full trace), "final" only what a streamed text needs (a `FinalPrefix` per block boundary, from
+        a decoder with `final_events`; any other decoder is traced), False nothing."""
         if self.draining:
             raise ApiError(503, "the server is shutting down", code="shutting_down", type="server_error")
         if self._would_wait(len(plan.rows)) and self.waiting() >= self.max_queue:
@@ -132,7 +135,9 @@ class Service:
                            headers={"Retry-After": "1"})
         loop = asyncio.get_running_loop()
         session = Session(loop, plan)
-        if events:
+        if events == "final" and getattr(plan.decoder, "final_events", False):
+            plan.request.on_final = session.on_event  # no StepEvent built: no per-pass trace work
+        elif events:
             plan.request.trace, plan.request.on_event = True, session.on_event
         jobs = make_jobs(self.served.model, plan.decoder, plan.request, cohort=min(len(plan.rows), self.max_rows))
         session.jobs, session.remaining = jobs, len(jobs)

@@ -2,9 +2,11 @@
 
 Text is sent once it can no longer change: positions before the current block of a StepEvent are final
 (for d2f: the blocks that left the `active` state), so a row's text grows block by block, and its last
-chunk carries the rest and the finish_reason. `"stream_mode": "evolve"` sends a chunk for every forward
-pass and row, with the whole canvas in an `evotok` field (schema in docs/serve.md). A choice's text stops
-at `max_tokens` tokens; its logprobs, when asked for, come whole with its last chunk.
+chunk carries the rest and the finish_reason. A "final" stream of a decoder with `final_events`
+(hard-mask, evotoken) builds no per-pass trace: it gets one `FinalPrefix` per row and block boundary
+instead, and sends the same chunks. `"stream_mode": "evolve"` sends a chunk for every forward pass and
+row, with the whole canvas in an `evotok` field (schema in docs/serve.md). A choice's text stops at
+`max_tokens` tokens; its logprobs, when asked for, come whole with its last chunk.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import traceback
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from evotok_cli.decoding.api import FinalPrefix
 from evotok_cli.errors import EvotokError
 from evotok_cli.generation import row_result
 from evotok_cli.serve.responses import Logprobs, Reply, cut_at_stop, finish, usage
@@ -32,7 +35,10 @@ DONE = "data: [DONE]\n\n"
 
 
 def final_end(event: Any) -> int:
-    """Generated positions before this index are final after the pass of `event`."""
+    """Generated positions before this index are final after the pass of `event` (a StepEvent), or at a
+    FinalPrefix (what a "final" stream gets from a decoder with `final_events`: no per-pass trace)."""
+    if isinstance(event, FinalPrefix):
+        return event.end
     if event.blocks is not None:  # d2f: blocks leave `active` in order
         end = 0
         for block in event.blocks:
