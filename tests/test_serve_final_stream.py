@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+import evotok_plugins.d2f as d2f
 from evotok_cli.decoding import blockwise
 from evotok_cli.decoding.api import StepEvent
 
@@ -31,11 +32,12 @@ def _stream(tiny_model, monkeypatch, body: dict, *, final_events: bool) -> tuple
             built[0] += 1
             super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(blockwise, "StepEvent", Counted)
-    monkeypatch.setattr(blockwise.BlockwiseDecoder, "final_events", final_events)
+    for module, decoder in ((blockwise, blockwise.BlockwiseDecoder), (d2f, d2f.D2FDecoder)):
+        monkeypatch.setattr(module, "StepEvent", Counted)
+        monkeypatch.setattr(decoder, "final_events", final_events)
     service = Service(Served(tiny_model, "tiny", None, "hard-mask", dict(GENERATE_DEFAULTS)), max_rows=4,
                       max_queue=4, timeout=60)
-    with TestClient(create_app(service, api_key=None, decoders=["hard-mask", "evotoken"])) as http:
+    with TestClient(create_app(service, api_key=None, decoders=["hard-mask", "evotoken", "d2f"])) as http:
         r = http.post("/v1/completions", json=body)
     assert r.status_code == 200, r.text
     chunks = []
@@ -47,9 +49,9 @@ def _stream(tiny_model, monkeypatch, body: dict, *, final_events: bool) -> tuple
     return chunks, built[0]
 
 
-@pytest.mark.parametrize("decoder", ["hard-mask", "evotoken"])
-def test_a_final_stream_builds_no_step_event_and_sends_the_traced_chunks(tiny_model, monkeypatch, decoder):
-    body = {**BODY, "decoder": decoder}
+@pytest.mark.parametrize("decoder, options", [("hard-mask", {}), ("evotoken", {}), ("d2f", {"block_size": 4})])
+def test_a_final_stream_builds_no_step_event_and_sends_the_traced_chunks(tiny_model, monkeypatch, decoder, options):
+    body = {**BODY, "decoder": decoder, "options": options}
     final, built = _stream(tiny_model, monkeypatch, body, final_events=True)
     assert built == 0
     traced, built = _stream(tiny_model, monkeypatch, body, final_events=False)

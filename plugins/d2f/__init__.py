@@ -39,7 +39,15 @@ from typing import Any
 
 import torch
 
-from evotok_cli.decoding.api import GenerationRequest, GenerationResult, RowResult, StepEvent, option, row_seed
+from evotok_cli.decoding.api import (
+    FinalPrefix,
+    GenerationRequest,
+    GenerationResult,
+    RowResult,
+    StepEvent,
+    option,
+    row_seed,
+)
 from evotok_cli.decoding.canvas import build_canvas
 from evotok_cli.decoding.engine import ForwardPass, HostRead, Program, drive
 from evotok_cli.decoding.evolution import Commit, as_decoded, evolve
@@ -118,6 +126,7 @@ def block_causal_mask(blocks: list[PipelineBlock], lo: int, hi: int, device) -> 
 
 class D2FDecoder:
     name = "d2f"
+    final_events = True  # `request.on_final` hears when blocks leave `active` (a stream needs no trace)
     Config = D2FConfig
     settings_used = ("gen_length", "temperature")  # blocks come from block_size, passes from the pipeline
 
@@ -180,6 +189,7 @@ class D2FDecoder:
         conf = torch.zeros(x.shape, dtype=torch.float64, device=x.device)
         soft_ids, soft_w = one_hot_slots(x, cfg.k_soft, model.dtype)
         max_blocks = budget // run.size
+        final = 0  # generated positions before this are final: the blocks before the first active one
         while True:
             self._retire(run)
             self._maybe_add(run, max_blocks, model.mask_id)
@@ -214,7 +224,9 @@ class D2FDecoder:
             # reads it with the other rows' reads of the next step)
             masked = (x[0, a:active[-1].end] == model.mask_id).view(len(active), run.size).sum(-1)
             eos = ((step.tokens == model.eos_id) & step.committed).any()
-            *left, stop = yield HostRead(torch.cat([masked, eos.long()[None]]))
+            streamed = [x[0, prompt_len:]] if request.on_final is not None else []  # in the same one read
+            values = yield HostRead(torch.cat([masked, eos.long()[None], *streamed]))
+            left, stop, tokens = values[:len(active)], values[len(active)], values[len(active) + 1:]
             for b, n in zip(active, left):
                 b.masks_left, b.predicted = n, True
             run.eos = run.eos or bool(stop)
@@ -228,6 +240,15 @@ class D2FDecoder:
                     committed=[a + i - prompt_len for i in step.committed[0].nonzero().flatten().tolist()],
                     revised=[a + i - prompt_len for i in step.revised[0].nonzero().flatten().tolist()],
                     candidates=states[1], blocks=[b.describe(prompt_len) for b in run.blocks]))
+            if request.on_final is not None:
+                end = final
+                for b in run.blocks:  # blocks leave `active` in order
+                    if b.state == "active":
+                        break
+                    end = b.end - prompt_len
+                if end > final:  # what a trace's `blocks` would say final, without building the trace
+                    final = end
+                    request.on_final(FinalPrefix(row=row, tokens=tokens, end=end))
         return run
 
     @staticmethod
