@@ -106,6 +106,31 @@ def check_token_id(key: str, value: int, vocab: int, where: str) -> None:
                               where=where, fix="correct the token id or vocab_size in config.json")
 
 
+def token_ids(raw: dict[str, Any], defaults: dict[str, int], vocab: int, where: str) -> dict[str, int]:
+    """Token ids (mask, eos, ...) by key, each `defaults[key]` when absent and inside the vocabulary."""
+    ids = {key: config_int(raw, key, where, default=default, minimum=0) for key, default in defaults.items()}
+    for key, value in ids.items():
+        check_token_id(key, value, vocab, where)
+    return ids
+
+
+def check_supported(raw: dict[str, Any], required: dict[str, tuple[Any, ...]], where: str, family: str) -> None:
+    """Options we implement, with the only values we accept: anything else is refused at load time rather
+    than silently computing a different model."""
+    for key, allowed in required.items():
+        if key in raw and raw[key] not in allowed:
+            raise CheckpointError(
+                f"unsupported config option {key}={raw[key]!r} (evotok implements {allowed[0]!r})",
+                where=where, fix=f"this {family} variant is not supported; please open an issue with its config")
+
+
+def require_keys(raw: dict[str, Any], keys: tuple[str, ...], where: str, fix: str) -> None:
+    """Refuse a config that lacks any of `keys` (the sizes a forward cannot do without), naming them all."""
+    missing = [k for k in keys if k not in raw]
+    if missing:
+        raise CheckpointError(f"config.json lacks {', '.join(missing)}", where=where, fix=fix)
+
+
 def run_blocks(blocks: Any, x: Any, *args: Any, checkpointed: bool = False) -> Any:
     """The transformer blocks in turn. `checkpointed` (set by `finetune --activation-checkpointing`, and
     only while training) keeps each block's input instead of its activations and recomputes them in the

@@ -1,5 +1,6 @@
 """Dream: a Qwen2-shaped transformer (Dream-v0-Base-7B, Dream-v0-Instruct-7B, D2F-Dream's base) run with
-bidirectional attention.
+bidirectional attention. What is Dream's is here: its config keys, its checkpoint's module names and its
+`FamilySpec`; the network is `family.py`'s, shared with LLaDA.
 
 Dream was initialised from Qwen2.5-7B, an autoregressive model, and kept its habit of predicting the
 *next* token: the prediction for position i is the output at position i - 1 (position 0 reuses its own
@@ -10,38 +11,19 @@ one that is cached) belongs to the first position they feed.
 Module names equal the checkpoint's Qwen2 tensor names (`model.layers.{i}.self_attn.q_proj.weight`, ...),
 so loading is a strict name-for-name copy and PEFT adapters made for Dream merge unchanged. Differences
 from LLaDA: q/k/v projections carry a bias, attention is grouped-query (28 query heads share 4 KV heads
-in the 7B), RoPE theta is 1e6, the LM head is `lm_head`. RMSNorm runs in fp32 as Qwen2 does; RoPE
-rotates in the activations' dtype with cos/sin computed in fp32 and cast down, also as Qwen2 does, so a
-bf16 run performs the official model's roundings (at fp32 there is no difference).
+in the 7B), RoPE theta is 1e6, the LM head is `lm_head`, the logits are shifted. RMSNorm runs in fp32 as
+Qwen2 does; RoPE rotates in the activations' dtype with cos/sin computed in fp32 and cast down, also as
+Qwen2 does, so a bf16 run performs the official model's roundings (at fp32 there is no difference).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
-
-import torch
-import torch.nn.functional as F
-from torch import nn
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from evotok_cli.errors import CheckpointError
-from evotok_cli.runtime.architectures import (
-    check_heads,
-    check_token_id,
-    config_bool,
-    config_float,
-    config_int,
-    run_blocks,
-)
-from evotok_cli.runtime.architectures.layers import (
-    DiffusionLMBase,
-    RMSNorm,
-    apply_rope_in_dtype,
-    rope_cos_sin,
-    select_positions,
-)
-from evotok_cli.runtime.attention import attend_layer
-from evotok_cli.runtime.cache import KVCache, RowBatch
+from evotok_cli.runtime import architectures as arch
+from evotok_cli.runtime.architectures.family import FamilyConfig, FamilyModel, FamilySpec
 
 # Dream was trained on 2048-token sequences. Its config keeps Qwen2.5's position range (131072), but
 # positions past 2048 were never seen with bidirectional attention, and a canvas that long costs
@@ -78,16 +60,12 @@ def _rope_theta(raw: dict[str, Any], where: str) -> float:
             raise CheckpointError(f"unsupported rope_parameters {params!r} (evotok implements plain RoPE)",
                                   where=where, fix="this Dream variant is not supported; please open an issue")
         if "rope_theta" in params:
-            return config_float(params, "rope_theta", where, default=10000.0)
-    return config_float(raw, "rope_theta", where, default=10000.0)
+            return arch.config_float(params, "rope_theta", where, default=10000.0)
+    return arch.config_float(raw, "rope_theta", where, default=10000.0)
 
 
 def _check_supported(raw: dict[str, Any], where: str) -> None:
-    for key, allowed in _REQUIRED_VALUES.items():
-        if key in raw and raw[key] not in allowed:
-            raise CheckpointError(
-                f"unsupported config option {key}={raw[key]!r} (evotok implements {allowed[0]!r})",
-                where=where, fix="this Dream variant is not supported; please open an issue with its config")
+    arch.check_supported(raw, _REQUIRED_VALUES, where, "Dream")
     layer_types = raw.get("layer_types")
     if layer_types is not None and not isinstance(layer_types, list):
         raise CheckpointError(f"config.json key layer_types must be a list, got {layer_types!r}", where=where,
@@ -95,34 +73,25 @@ def _check_supported(raw: dict[str, Any], where: str) -> None:
     if layer_types and any(t != "full_attention" for t in layer_types):
         raise CheckpointError("unsupported layer_types: only full attention is implemented", where=where,
                               fix="this Dream variant is not supported; please open an issue with its config")
-    missing = [k for k in _SIZE_KEYS if k not in raw]
-    if missing:
-        raise CheckpointError(f"config.json lacks {', '.join(missing)}", where=where,
-                              fix="a Dream config needs hidden_size, num_hidden_layers, num_attention_heads, ...")
+    arch.require_keys(raw, _SIZE_KEYS, where,
+                 "a Dream config needs hidden_size, num_hidden_layers, num_attention_heads, ...")
 
 
-@dataclass(frozen=True)
-class DreamConfig:
-    """Sizes under the runtime's names (d_model, n_heads, ...); `from_hf`/`to_hf` map the Qwen2 keys."""
+@dataclass(frozen=True, kw_only=True)
+class DreamConfig(FamilyConfig):
+    """Sizes under the runtime's names (d_model: hidden_size, n_heads: num_attention_heads, n_kv_heads:
+    num_key_value_heads, n_layers: num_hidden_layers); `from_hf`/`to_hf` map the Qwen2 keys."""
 
-    d_model: int  # hidden_size
-    n_heads: int  # num_attention_heads
-    n_kv_heads: int  # num_key_value_heads
-    n_layers: int  # num_hidden_layers
+    aliases: ClassVar[dict[str, str]] = {"ffn_size": "intermediate_size", "embedding_rows": "vocab_size",
+                                         "tied_head": "tie_word_embeddings"}
     intermediate_size: int
-    vocab_size: int
     max_position_embeddings: int
+    tie_word_embeddings: bool = False
+    pad_token_id: int = 151643
     rope_theta: float = 1e6
     rms_norm_eps: float = 1e-6
-    tie_word_embeddings: bool = False
     mask_token_id: int = 151666
     eos_token_id: int = 151643
-    pad_token_id: int = 151643
-    unknown_keys: tuple[str, ...] = field(default=(), compare=False)
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
 
     @property
     def max_sequence_length(self) -> int:
@@ -133,25 +102,22 @@ class DreamConfig:
     def from_hf(cls, raw: dict[str, Any], where: str) -> DreamConfig:
         """Validate a Dream `config.json` and keep what the forward pass needs."""
         _check_supported(raw, where)
-        size = {k: config_int(raw, k, where) for k in _SIZE_KEYS}
+        size = {k: arch.config_int(raw, k, where) for k in _SIZE_KEYS}
         d_model, n_heads = size["hidden_size"], size["num_attention_heads"]
-        n_kv = config_int(raw, "num_key_value_heads", where, default=n_heads)
-        check_heads(d_model, n_heads, n_kv, ("hidden_size", "num_attention_heads", "num_key_value_heads"), where)
+        n_kv = arch.config_int(raw, "num_key_value_heads", where, default=n_heads)
+        arch.check_heads(d_model, n_heads, n_kv, ("hidden_size", "num_attention_heads", "num_key_value_heads"), where)
         if raw.get("head_dim") not in (None, d_model // n_heads):
             raise CheckpointError(f"head_dim {raw['head_dim']} differs from hidden_size / num_attention_heads "
                                   f"({d_model // n_heads})", where=where, fix="this Dream variant is not supported")
-        eos = config_int(raw, "eos_token_id", where, default=151643, minimum=0)
-        ids = {"mask_token_id": config_int(raw, "mask_token_id", where, default=151666, minimum=0),
-               "eos_token_id": eos, "pad_token_id": config_int(raw, "pad_token_id", where, default=eos, minimum=0)}
-        for key, value in ids.items():
-            check_token_id(key, value, size["vocab_size"], where)
+        ids = arch.token_ids(raw, {"mask_token_id": 151666, "eos_token_id": 151643}, size["vocab_size"], where)
+        ids |= arch.token_ids(raw, {"pad_token_id": ids["eos_token_id"]}, size["vocab_size"], where)
         known = set(_REQUIRED_VALUES) | _INERT_KEYS | _HF_KEYS
         return cls(
             d_model=d_model, n_heads=n_heads, n_kv_heads=n_kv, n_layers=size["num_hidden_layers"],
             intermediate_size=size["intermediate_size"], vocab_size=size["vocab_size"],
             max_position_embeddings=size["max_position_embeddings"], rope_theta=_rope_theta(raw, where),
-            rms_norm_eps=config_float(raw, "rms_norm_eps", where, default=1e-6),
-            tie_word_embeddings=config_bool(raw, "tie_word_embeddings", where, default=False),
+            rms_norm_eps=arch.config_float(raw, "rms_norm_eps", where, default=1e-6),
+            tie_word_embeddings=arch.config_bool(raw, "tie_word_embeddings", where, default=False),
             **ids, unknown_keys=tuple(sorted(set(raw) - known)),
         )
 
@@ -172,115 +138,21 @@ class DreamConfig:
         }
 
 
-class DreamAttention(nn.Module):
-    """Grouped-query attention with biased q/k/v and an unbiased output projection."""
-
-    def __init__(self, cfg: DreamConfig, index: int):
-        super().__init__()
-        self.index = index
-        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        kv_dim = cfg.n_kv_heads * cfg.head_dim
-        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=True)
-        self.k_proj = nn.Linear(cfg.d_model, kv_dim, bias=True)
-        self.v_proj = nn.Linear(cfg.d_model, kv_dim, bias=True)
-        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                cache: KVCache | RowBatch | None, start: int, pad_offsets: list[int] | None) -> torch.Tensor:
-        B, L, _ = x.shape
-        q = self.q_proj(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, L, D)
-        k = self.k_proj(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, L, D)
-        v = self.v_proj(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, L, D)
-        q, k = apply_rope_in_dtype(q, cos, sin), apply_rope_in_dtype(k, cos, sin)
-        # keys are cached after RoPE: positions are absolute, so a cache (or the engine's slots) is exact
-        y = attend_layer(self.index, q, k, v, mask, cache, start, pad_offsets)  # (B, H, L, D)
-        return self.o_proj(y.transpose(1, 2).reshape(B, L, -1))  # (B, L, d_model)
+# Dream's checkpoint names: Qwen2's `self_attn` / `mlp` block, the `model` tree, an untied `lm_head`.
+SPEC = FamilySpec(
+    qkv_bias=True, rope_in_fp32=False, shifted_logits=True,
+    block={"attn_norm": "input_layernorm", "q": "self_attn.q_proj", "k": "self_attn.k_proj",
+           "v": "self_attn.v_proj", "out": "self_attn.o_proj", "ff_norm": "post_attention_layernorm",
+           "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"},
+    embedding="model.embed_tokens", blocks="model.layers", final_norm="model.norm", head="lm_head",
+)
 
 
-class DreamMLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+class DreamModel(FamilyModel):
+    """Dream's network (`family.FamilyModel`): unshifted logits, row i is the output at fed position i (it
+    predicts position i + 1; the decoders shift, see the module docstring)."""
 
-    def __init__(self, cfg: DreamConfig):
-        super().__init__()
-        self.gate_proj = nn.Linear(cfg.d_model, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.d_model, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.d_model, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-class DreamLayer(nn.Module):
-    """Pre-norm attention + pre-norm MLP, each added to the residual stream."""
-
-    def __init__(self, cfg: DreamConfig, index: int):
-        super().__init__()
-        self.input_layernorm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
-        self.self_attn = DreamAttention(cfg, index)
-        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
-        self.mlp = DreamMLP(cfg)
-
-    def forward(self, x, cos, sin, mask=None, cache=None, start=0, pad_offsets=None):
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, start, pad_offsets)
-        return h + self.mlp(self.post_attention_layernorm(h))
-
-
-class DreamBackbone(nn.Module):
-    """Exists so that parameter names start with `model.` like the checkpoint's (`model.layers.0...`)."""
-
-    def __init__(self, cfg: DreamConfig):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.layers = nn.ModuleList(DreamLayer(cfg, i) for i in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
-
-
-class DreamModel(DiffusionLMBase):
-    """The diffusion LM behind the decoders' model protocol (see `evotok_cli.runtime.model`); embedding ids
-    and soft mixtures, the FSDP units and the KV cache come from `layers.DiffusionLMBase`."""
-
-    shifted_logits = True  # the prediction for position i is the output at i - 1 (see the module docstring)
-    # the token embedding and the block list, by their checkpoint names (see `DiffusionLMBase`)
-    embedding_name, blocks_name = "model.embed_tokens", "model.layers"
-
-    def __init__(self, cfg: DreamConfig):
-        super().__init__()
-        self.config = cfg
-        self.model = DreamBackbone(cfg)
-        if not cfg.tie_word_embeddings:
-            self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-
-    def forward(
-        self,
-        input_ids: torch.Tensor | None = None,
-        *,
-        inputs_embeds: torch.Tensor | None = None,
-        soft_inputs: tuple[torch.Tensor, torch.Tensor] | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        cache: KVCache | RowBatch | None = None,
-        start: int = 0,
-        logits_slice: tuple[int, int] | torch.Tensor | None = None,
-        pad_offsets: list[int] | None = None,
-    ) -> torch.Tensor:
-        """Unshifted logits (B, L, V): row i is the output at fed position i (it predicts position i + 1).
-
-        The arguments mean exactly what they mean for LLaDA (`LLaDAModelLM.forward`): a bool attention mask
-        (B, 1, L, Lk) with True = may attend, absolute position ids (default `start + arange(L)`), a KV
-        cache written at canvas slice [start, start + L), `logits_slice` (a, b) to run the LM head on fed
-        positions [a, b) only, `pad_offsets` for left-padded rows, and `soft_inputs` (ids, weights).
-        """
-        x = self.input_embeddings(input_ids, inputs_embeds, soft_inputs)  # (B, L, d_model)
-        B, L, _ = x.shape
-        if position_ids is None:
-            position_ids = torch.arange(start, start + L, device=x.device).expand(B, L)
-        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)  # (B, 1, L, D)
-        x = run_blocks(self.model.layers, x, cos, sin, attention_mask, cache, start, pad_offsets,
-                       checkpointed=self.training and self.activation_checkpointing)
-        x = select_positions(x, logits_slice)
-        x = self.model.norm(x)
-        head = self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
-        return F.linear(x, head)  # (B, L', V)
+    spec = SPEC
 
 
 # The names the architecture registry looks for in every family module.

@@ -1,10 +1,9 @@
-"""The pieces both families are built from: RMSNorm, rotary position embeddings, and the model-side half
-of the decoders' protocol (embed ids, embed soft mixtures, FSDP units, a KV cache).
+"""The pieces the one model definition (`family.py`) is built from: RMSNorm, rotary position embeddings,
+and the model-side half of the decoders' protocol (embed ids, embed soft mixtures, FSDP units, a KV cache).
 
-Each family keeps its own file readable top to bottom (config, attention, MLP, block, model); what sits
-here is written once because it is the same computation in both, operation for operation. Where the
-official models round differently (RoPE), both versions are here side by side, and each family names the
-one its reference uses.
+What sits here is the same computation in every family, operation for operation. Where the official
+models round differently (RoPE in bf16), both versions are here side by side, and each family's
+`FamilySpec` names the one its reference uses.
 """
 
 from __future__ import annotations
@@ -70,8 +69,8 @@ def apply_rope_in_dtype(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -
 
 class DiffusionLMBase(nn.Module):
     """What a family's model shares with the other: its inputs (ids, soft mixtures or embeddings), its FSDP
-    units and its KV cache. A family names its token embedding and its block list by their checkpoint
-    module names (`embedding_name`, `blocks_name`) and writes its own `forward`."""
+    units and its KV cache. The model names its token embedding and its block list by their checkpoint
+    module names (`embedding_name`, `blocks_name`: `family.FamilyModel` reads them from its spec)."""
 
     config: Any
     embedding_name: str  # the token embedding's module name, e.g. "model.embed_tokens"
