@@ -85,6 +85,32 @@ class BlockwiseDecoder:
         it samples the filtered distribution."""
         raise NotImplementedError
 
+    def update_program(self, model: Any, state: Any, canvas: Canvas, logits: torch.Tensor, cols: tuple[int, int],
+                       block: Block, counts: list[int], active: torch.Tensor | None, generator: Any,
+                       temperature: float, masks: bool = True) -> Any:
+        """The update as a step of the program (`yield from`): a decoder may yield an `engine.Update` here,
+        so that the rows of every program with its options update in ONE call per engine step (hard-mask
+        and evotoken do: host work per step then does not grow with the rows). The default runs `update`
+        on this program's rows, as before. `active` None: not computed yet (computed here when needed).
+        `masks` False: the caller needs no (committed, revised) masks, (None, None) will do."""
+        if active is None:
+            active = self.block_active(model, canvas, block)
+        return self.update(model, state, canvas, logits, cols, block, counts, active, generator, temperature)
+        yield  # a generator: the default yields nothing
+
+    def group_key(self, model: Any, temperature: float) -> tuple:
+        """What a grouped update's rows must share besides their shapes: the model, the options and the
+        sampling (its filters included)."""
+        key = self.__dict__.get("_group_key")
+        if key is None:
+            key = self.__dict__["_group_key"] = (type(self), repr(self.config))
+        return (id(model), *key, repr(temperature))
+
+    @staticmethod
+    def block_active(model: Any, canvas: Canvas, block: Block) -> torch.Tensor:
+        """(B,) bool: rows whose block still holds a [MASK]."""
+        return (canvas.x[:, block.start:block.end] == model.mask_id).any(dim=1)
+
     def end_block(self, model: Any, state: Any, canvas: Canvas, block: Block) -> None:
         """Called when every row has filled the block."""
 
@@ -204,9 +230,10 @@ class BlockwiseDecoder:
             schedule = transfer_schedule(layout.block_length, layout.steps_per_block)
             step = 0
             while True:
-                active = (canvas.x[:, block.start:block.end] == model.mask_id).any(dim=1)
-                live = self._live(active, schedule, step, first=index == 0 and step == 0)
+                active = None  # computed only where needed: a grouped update finds it in its own rows
+                live = self._live(canvas.batch, schedule, step, first=index == 0 and step == 0)
                 if live is None:  # rows finish at passes of their own: the engine reads it with the others
+                    active = self.block_active(model, canvas, block)
                     live = yield HostRead(active)
                 if not any(live) or (self.threshold is None and step >= len(schedule)):
                     if self.reference_rng and self.release_runs_every_step:
@@ -215,6 +242,8 @@ class BlockwiseDecoder:
                     break
                 tracing = request.trace and request.on_event is not None
                 traced = self._describe(model, state, canvas) if tracing else None
+                if traced is not None and active is None:
+                    active = self.block_active(model, canvas, block)
                 lo, hi = self.feed_range(canvas, block, step == 0)
                 block.fed = (lo, hi)
                 forward_pass, cols = self.forward(model, state, canvas, block, lo, hi, cache)
@@ -222,8 +251,9 @@ class BlockwiseDecoder:
                 counts = [schedule[step] if a else 0 for a in live] if self.threshold is None else []
                 draws = self._draws(model, generator, canvas, request)
                 randomness = draws.cols(*cols) if self.reference_rng else draws
-                committed, revised = self.update(model, state, canvas, logits, cols, block, counts, active,
-                                                 randomness, sampling)
+                committed, revised = yield from self.update_program(
+                    model, state, canvas, logits, cols, block, counts, active, randomness, sampling,
+                    masks=recorder is not None or traced is not None)
                 if recorder is not None:
                     a, b = cols
                     recorder.record(logits, a, (committed | revised)[:, a:b], canvas.x[:, a:b], model.mask_id)
@@ -245,7 +275,7 @@ class BlockwiseDecoder:
                 for b in range(canvas.batch)]
         return GenerationResult(rows=rows, nfe=nfe, seconds=time.perf_counter() - t0)
 
-    def _live(self, active: torch.Tensor, schedule: list[int], step: int, first: bool = False) -> list[bool] | None:
+    def _live(self, rows: int, schedule: list[int], step: int, first: bool = False) -> list[bool] | None:
         """Which rows still hold a [MASK] in the block, or None when the device must say (`active` is read
         back: the one read of a pass, which the engine makes for all rows of a step together). With a
         threshold rows finish at passes of their own. Without one, a decoder whose update commits exactly
@@ -253,9 +283,9 @@ class BlockwiseDecoder:
         row, so the host knows without asking the device, and never waits for it between passes. Before
         the first pass every generated position is [MASK]: every row is live."""
         if self.threshold is None and self.exact_schedule:
-            return [sum(schedule[step:]) > 0] * active.shape[0]
+            return [sum(schedule[step:]) > 0] * rows
         if first:
-            return [True] * active.shape[0]
+            return [True] * rows
         return None
 
     # -- trace -----------------------------------------------------------------------------------

@@ -21,7 +21,10 @@ one pool tensor per layer written and read through index tensors with one masked
 compiled forward, whose graphs then never depend on the mix of rows: sizes come in buckets). The LM head
 runs only at the positions each row asks for (a per-row gather). Each program then updates from its own
 logits with its own random generator: every row is a program of its own (`make_jobs`), so every row has
-its own stream.
+its own stream. The built-in decoders ask for that update as an `Update`: the engine runs the step's
+requests of every group of rows that share a decoder, options and window shape as ONE call on stacked
+tensors (the function the row alone runs; per-row generators and counts as lists), and writes each row's
+results back in one call, so that the decoders' host work per step grows with the groups, not the rows.
 
 Host work per step: the engine makes at most one device-to-host copy per step, for every row that asked
 (`HostRead`: threshold liveness, d2f's block progress and EOS, finished rows' tokens). Capacity: rows
@@ -108,6 +111,56 @@ class HostRead:
     tensor: torch.Tensor
 
 
+@dataclass
+class Update:
+    """A program asks for a decoder update over its rows, to run in ONE call with the same request of every
+    other live row this step (`yield Update(...)` returns the results that are its own rows).
+
+    The engine groups the step's requests by `group` (the function, `key`, and the tensors' shapes past
+    dim 0 and dtypes), stacks each positional tensor of a group along dim 0, concatenates each per-row
+    list of `rows`, calls `fn(*tensors, **shared, **rows)` once, and hands each program its rows of every
+    result (a tuple of tensors, split along dim 0). Why: host work per step then grows with the number of
+    groups, not of rows. `fn` must treat rows independently (row i of the results depends on row i of the
+    inputs only, per-row random generators included) and must not modify its inputs, so that a row's
+    results are those of the same call on that row alone (what `drive` does). `key` names everything in
+    `shared` that changes the outcome (its values must not matter beyond it). `into` {i: j}: result i is
+    also copied into input tensor j (a view of the program's own state), by the engine, for all rows of
+    the group in one call, rather than by each program."""
+
+    fn: Callable[..., tuple[torch.Tensor, ...]]
+    key: Hashable
+    tensors: tuple[torch.Tensor, ...]
+    rows: dict[str, list[Any]] = field(default_factory=dict)
+    shared: dict[str, Any] = field(default_factory=dict)
+    into: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def group(self) -> Hashable:
+        return (self.fn, self.key, tuple(self.into.items()),
+                tuple((tuple(t.shape[1:]), t.dtype, t.device) for t in self.tensors))
+
+    def run(self) -> tuple[torch.Tensor, ...]:
+        """This request alone."""
+        results = tuple(self.fn(*self.tensors, **self.shared, **self.rows))
+        for i, j in self.into.items():
+            self.tensors[j].copy_(results[i])
+        return results
+
+
+def run_updates(requests: list[Update]) -> list[tuple[torch.Tensor, ...]]:
+    """One call for `requests` (one group: see `Update`), each request's rows of the results back."""
+    if len(requests) == 1:
+        return [requests[0].run()]
+    first = requests[0]
+    tensors = [torch.cat(parts) for parts in zip(*(r.tensors for r in requests))]
+    rows = {name: [v for r in requests for v in r.rows[name]] for name in first.rows}
+    sizes = [r.tensors[0].shape[0] for r in requests]
+    results = [torch.split(t, sizes) for t in first.fn(*tensors, **first.shared, **rows)]
+    for i, j in first.into.items():  # one call for every row's write-back, not one per row
+        torch._foreach_copy_([r.tensors[j] for r in requests], list(results[i]))
+    return [tuple(parts[i] for parts in results) for i in range(len(requests))]
+
+
 def read_all(tensors: list[torch.Tensor]) -> list[Any]:
     """`[t.tolist() for t in tensors]` in one device-to-host copy (values as float64, which holds every
     flag, count and token id exactly), converted back to each tensor's kind of number."""
@@ -145,6 +198,32 @@ def _embed(model: Any, inputs: dict[str, Any]) -> torch.Tensor:
     return model.embed(inputs["input_ids"])
 
 
+def _embed_all(model: Any, passes: list[ForwardPass]) -> list[torch.Tensor]:
+    """Every pass's input embeddings (B_p, L_p, D) from ONE embedding call per kind of input (ids; soft
+    inputs of K slots), not one per pass: host work per step that does not grow with the rows. The lookup
+    and the soft mixture are computed position by position, so each pass gets what its own call gives."""
+    kinds: dict[Hashable, list[int]] = {}
+    for i, p in enumerate(passes):
+        soft = p.inputs.get("soft_inputs")
+        kinds.setdefault(None if soft is None else (soft[0].shape[-1], soft[1].dtype), []).append(i)
+    out: list[torch.Tensor] = [None] * len(passes)  # type: ignore[list-item]
+    for kind, at in kinds.items():
+        if len(at) == 1:
+            out[at[0]] = _embed(model, passes[at[0]].inputs)
+            continue
+        if kind is None:
+            parts = [passes[i].inputs["input_ids"] for i in at]
+            flat = model.embed(torch.cat([t.reshape(-1) for t in parts])[None])[0]  # (N, D)
+        else:
+            parts = [passes[i].inputs["soft_inputs"][0] for i in at]
+            ids = torch.cat([t.reshape(-1, kind[0]) for t in parts])
+            weights = torch.cat([passes[i].inputs["soft_inputs"][1].reshape(-1, kind[0]) for i in at])
+            flat = model.embed_soft(ids[None], weights[None])[0]
+        for i, t, piece in zip(at, parts, flat.split([t.shape[0] * t.shape[1] for t in parts])):
+            out[i] = piece.view(t.shape[0], t.shape[1], -1)
+    return out
+
+
 def run_rows(model: Any, items: list[tuple[Hashable, ForwardPass]], pool: KVPool | SlotPool) -> list[torch.Tensor]:
     """ONE forward for the passes of many programs (`items`: (owner, pass)); each pass gets exactly its
     own logits. Rows are packed end to end into one batch row; a row with `kv_length` reads and writes its slot of
@@ -154,7 +233,7 @@ def run_rows(model: Any, items: list[tuple[Hashable, ForwardPass]], pool: KVPool
         return run_paged(model, items, pool)
     if len(items) == 1 and items[0][1].kv_length is None and not items[0][1].pad_offsets:
         return [run_pass(model, items[0][1])]  # alone and uncached: the plain forward
-    embeds = [_embed(model, p.inputs) for _, p in items]  # (B_p, L_p, D) each
+    embeds = _embed_all(model, [p for _, p in items])  # (B_p, L_p, D) each
     # packed end to end in one batch row, not left-padded to the longest: padding would cost every linear
     # layer its share of padding columns (guidance's full-canvas pairs of mixed lengths: 1.4x the work)
     x = torch.cat([e.reshape(-1, e.shape[-1]) for e in embeds])[None]  # (1, N, D)
@@ -210,7 +289,7 @@ def make_pool(model: Any, mode: str | None = None) -> KVPool | SlotPool:
 def run_paged(model: Any, items: list[tuple[Hashable, ForwardPass]], pool: SlotPool) -> list[torch.Tensor]:
     """`run_rows` over a `SlotPool`: the same rows, windows and masks as index and mask tensors, with the
     batch, window, key and logit counts rounded up to buckets (dummy rows attend to the scratch slot)."""
-    embeds = [_embed(model, p.inputs) for _, p in items]  # (B_p, L_p, D)
+    embeds = _embed_all(model, [p for _, p in items])  # (B_p, L_p, D)
     total = sum(e.shape[0] for e in embeds)
     rows, length = bucket(total), bucket(max(e.shape[1] for e in embeds), 8)
     widest = max(max(p.kv_length or 0, p.start + e.shape[1]) for (_, p), e in zip(items, embeds))
@@ -288,6 +367,8 @@ def drive(model: Any, program: Program) -> GenerationResult:
         while True:
             if isinstance(p, HostRead):
                 p = program.send(p.tensor.tolist())
+            elif isinstance(p, Update):
+                p = program.send(p.run())
             else:
                 p = program.send(run_rows(model, [(owner, p)], pool)[0] if p.cache is None else run_pass(model, p))
     except StopIteration as done:
@@ -432,6 +513,7 @@ class Engine:
                     self._finish(job, error=exc)
             elif job.pending is None:
                 self._advance(job, None)
+        self._update()
         ready = [j for j in self.live if isinstance(j.pending, ForwardPass)]
         if not ready:
             return True
@@ -456,8 +538,35 @@ class Engine:
             else:
                 self._remember(job, job.pending)
                 self._advance(job, logits)
+        self._update()
         self.steps += 1
         return True
+
+    def _update(self) -> None:
+        """The step's decoder updates (`Update`): one call per group of requests, not one per row. A group
+        whose call fails is run request by request, so that only a row whose own update fails gets the error."""
+        while True:
+            groups: dict[Hashable, list[Job]] = {}
+            for job in self.live:
+                if isinstance(job.pending, Update):
+                    groups.setdefault(job.pending.group, []).append(job)
+            if not groups:
+                return
+            for jobs in groups.values():
+                try:
+                    results = run_updates([j.pending for j in jobs])
+                except Exception:  # again one by one (the calls are pure): the failing rows fail alone
+                    results = [self._update_alone(j) for j in jobs]
+                for job, value in zip(jobs, results):
+                    if value is not None:
+                        self._advance(job, value)
+
+    def _update_alone(self, job: Job) -> tuple[torch.Tensor, ...] | None:
+        try:
+            return job.pending.run()
+        except Exception as exc:
+            self._finish(job, error=exc)
+            return None
 
     def _read(self) -> None:
         """The step's one device-to-host copy, for every live row that asked (`HostRead`)."""

@@ -82,13 +82,28 @@ def release_draws(generator: torch.Generator | None, rows: int, length: int, voc
     return ReleaseDraws(gumbel, remask)
 
 
-Randomness = torch.Generator | ReleaseDraws | None  # a row's generator (rng=fast) or a pass's drawn numbers
+# a program's generator (rng=fast), a pass's drawn numbers (rng=reference), or one generator per row: a grouped
+# update over the rows of several programs (`engine.Update`), each row drawing from its own program's stream
+Randomness = torch.Generator | ReleaseDraws | list[torch.Generator | None] | None
+
+
+def _runs(generators: list[torch.Generator | None]) -> list[tuple[int, int]]:
+    """[start, end) of each run of rows that draw from one generator (a program's rows, in order)."""
+    runs, start = [], 0
+    for i in range(1, len(generators) + 1):
+        if i == len(generators) or generators[i] is not generators[start]:
+            runs.append((start, i))
+            start = i
+    return runs
 
 
 def remask_uniform(shape: torch.Size, source: Randomness, device: torch.device) -> torch.Tensor:
     """Random remasking's confidences (float64): drawn now, or the release's float32 draw of the pass."""
     if isinstance(source, ReleaseDraws):
         return source.remask.to(torch.float64)
+    if isinstance(source, list):  # each program's rows drawn as that program draws them alone
+        return torch.cat([torch.rand((b - a, *shape[1:]), dtype=torch.float64, device=device, generator=source[a])
+                          for a, b in _runs(source)])
     return torch.rand(shape, dtype=torch.float64, device=device, generator=source)
 
 
@@ -159,8 +174,8 @@ def _gumbel_argmax(logits: torch.Tensor, first: int, temperature: float, generat
         noise = generator.gumbel[first:first + logits.shape[0]].log()  # a copy: the drawn numbers stay
     else:
         noise = torch.empty(logits.shape, dtype=torch.float64, device=logits.device)
-        for row in noise:  # what torch.rand draws, row by row
-            row.uniform_(generator=generator)
+        for i, row in enumerate(noise):  # what torch.rand draws, row by row (a grouped update: each its own)
+            row.uniform_(generator=generator[first + i] if isinstance(generator, list) else generator)
         noise.log_()
     noise.neg_().pow_(temperature)  # (-log u)^T
     scores = torch.div(logits.to(torch.float64, copy=True).exp_(), noise, out=noise)
@@ -207,7 +222,8 @@ def token_confidence(logits: torch.Tensor, tokens: torch.Tensor, *, dtype: torch
 
 def select_transfer(confidence: torch.Tensor, eligible: torch.Tensor, counts: list[int] | None,
                     threshold: float | None, *, strict: bool = False,
-                    at_least_one: bool | torch.Tensor = True, columns: tuple[int, int] | None = None) -> torch.Tensor:
+                    at_least_one: bool | torch.Tensor = True,
+                    columns: tuple[int, int] | list[tuple[int, int] | None] | None = None) -> torch.Tensor:
     """Which positions to commit, per row: the `counts[b]` most confident eligible positions, or
     (threshold mode, Fast-dLLM's rule) the most confident eligible position plus every other eligible one
     whose confidence is >= threshold. D2F's variant: `strict` (>), and the most confident one only in the
@@ -217,7 +233,11 @@ def select_transfer(confidence: torch.Tensor, eligible: torch.Tensor, counts: li
     breaks exact ties (common in bf16) differently over a short slice than over a long row, so with
     `columns` = (offset, width) the top-k runs over a row of `width` columns, -inf but for these L at
     `offset`, as the references rank over every fed position. `counts` never exceeds a row's eligible
-    positions (LLaDA's schedule guarantees it), so no count is read back from the device.
+    positions (LLaDA's schedule guarantees it), so no count is read back from the device. `columns` may be
+    one per row (a grouped update over rows of several programs, each ranked over its own width): rows
+    with the same count and columns share one top-k call (each row of a top-k is ranked on its own, as
+    alone). Rows of different widths cannot share one: a top-k breaks ties by the width it ranks over,
+    and finding the rows without a tie would read back from the device.
     """
     # an eligible position with confidence -inf (e.g. an EOS candidate under confidence_eos_eot_inf) still
     # outranks every ineligible one, so a block can always be completed
@@ -228,24 +248,47 @@ def select_transfer(confidence: torch.Tensor, eligible: torch.Tensor, counts: li
             best &= torch.as_tensor(at_least_one, device=best.device).reshape(-1, 1)
         passed = confidence > threshold if strict else confidence >= threshold
         return eligible & (best | passed)
-    offset = 0
-    if columns is not None and columns != (0, scores.shape[1]):
+    per_row = columns if isinstance(columns, list) else [columns] * scores.shape[0]
+    by_count: dict[int, list[int]] = {}
+    for b, n in enumerate(counts):  # a top-k per count: a larger k may break ties differently
+        if n > 0:
+            by_count.setdefault(n, []).append(b)
+    chosen = torch.zeros_like(eligible)
+    for n, rows in by_count.items():
+        part = scores if len(rows) == scores.shape[0] else scores[rows]
+        ranked = [per_row[b] for b in rows]
+        if len(set(ranked)) == 1:
+            picked = _top_ranked(part, n, ranked[0])
+        else:  # one top-k per ranked width (a program's rows share one); no read-back to find ties
+            picked = torch.zeros_like(part, dtype=torch.bool)
+            for cols in dict.fromkeys(ranked):
+                at = [i for i, c in enumerate(ranked) if c == cols]
+                picked[at] = _top_ranked(part[at], n, cols)
+        if len(rows) == scores.shape[0]:
+            chosen = picked
+        else:
+            chosen[rows] = picked
+    return chosen
+
+
+def _top_ranked(scores: torch.Tensor, n: int, columns: tuple[int, int] | None) -> torch.Tensor:
+    """The n best of each row as the references rank them: over a row of `columns`' width (see
+    `select_transfer`), one top-k call for the rows."""
+    offset, narrow = 0, scores.shape[1]
+    if columns is not None and columns != (0, narrow):
         offset, width = columns
         wide = scores.new_full((scores.shape[0], width), float("-inf"))
-        wide[:, offset:offset + scores.shape[1]] = scores
+        wide[:, offset:offset + narrow] = scores
         scores = wide
-    chosen = torch.zeros_like(eligible)
-    for b, n in enumerate(counts):  # a top-k per row with its own k: a larger k may break ties differently
-        if n > 0:
-            chosen[b].scatter_(0, torch.topk(scores[b], k=n).indices - offset, True)
-    return chosen
+    picked = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, torch.topk(scores, k=n, dim=1).indices, True)
+    return picked[:, offset:offset + narrow]
 
 
 def llada_step(model: Any, logits: torch.Tensor, window: torch.Tensor, confidence: torch.Tensor, *,
                counts: list[int], active: torch.Tensor, generator: Randomness, temperature: float,
                remasking: str = "low_confidence", threshold: float | None = None, exact: bool = True,
                logits_eos_inf: bool = False, confidence_eos_eot_inf: bool = False,
-               columns: tuple[int, int] | None = None) -> torch.Tensor:
+               columns: tuple[int, int] | list[tuple[int, int] | None] | None = None) -> torch.Tensor:
     """LLaDA's low-confidence remasking step over one block: candidates, their confidence, and the
     committed [MASK] positions, written into `window` (B, n) and `confidence` (B, n) in place (they are
     views of the caller's canvas). `exact`: the softmax in the logits' dtype, as LLaDA's `generate`
@@ -270,3 +313,19 @@ def llada_step(model: Any, logits: torch.Tensor, window: torch.Tensor, confidenc
     window.copy_(torch.where(chosen, x0, window))
     confidence.copy_(torch.where(chosen, conf.to(torch.float64), confidence))
     return chosen
+
+
+def llada_rows(logits: torch.Tensor, window: torch.Tensor, confidence: torch.Tensor, *, model: Any,
+               counts: list[int], generators: list[Randomness], columns: list[tuple[int, int] | None],
+               temperature: float, remasking: str = "low_confidence", threshold: float | None = None,
+               exact: bool = True, logits_eos_inf: bool = False,
+               confidence_eos_eot_inf: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`llada_step` over rows of many programs at once (an `engine.Update`: hard-mask's and plain evotoken's
+    grouped update), pure: returns (window, confidence, committed) after the step. `window` is the block
+    (B, n), so a row is active while its window holds a [MASK]; `generators` and `columns` are per row."""
+    window, confidence = window.clone(), confidence.clone()
+    active = (window == model.mask_id).any(dim=1)
+    chosen = llada_step(model, logits, window, confidence, counts=counts, active=active, generator=generators,
+                        temperature=temperature, remasking=remasking, threshold=threshold, exact=exact,
+                        logits_eos_inf=logits_eos_inf, confidence_eos_eot_inf=confidence_eos_eot_inf, columns=columns)
+    return window, confidence, chosen

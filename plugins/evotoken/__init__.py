@@ -24,8 +24,9 @@ import torch
 from evotok_cli.decoding.api import option, remasking_option, threshold_option
 from evotok_cli.decoding.blockwise import BlockwiseDecoder, check_reference_rng
 from evotok_cli.decoding.canvas import Canvas
+from evotok_cli.decoding.engine import Update
 from evotok_cli.decoding.evolution import Commit, as_decoded, evolve
-from evotok_cli.decoding.schedule import llada_step
+from evotok_cli.decoding.schedule import llada_rows, llada_step
 from evotok_cli.decoding.soft import input_states, one_hot_slots
 
 
@@ -112,6 +113,41 @@ class EvoTokenDecoder(BlockwiseDecoder):
         state.soft = True
         return _full(canvas, step.committed, a, b), _full(canvas, step.revised, a, b)
 
+    def update_program(self, model, state, canvas, logits, cols, block, counts, active, generator, temperature,
+                       masks=True):
+        """`update` as one grouped call for the rows of every evotoken program with these options whose
+        window has the same shape and block offset this step (`engine.Update`); rng=reference: alone."""
+        if self.reference_rng:
+            return (yield from super().update_program(model, state, canvas, logits, cols, block, counts, active,
+                                                      generator, temperature, masks))
+        cfg = self.config
+        a, b = cols
+        rows = canvas.batch
+        generators = [generator] * rows
+        if cfg.plain:
+            _, _, chosen = yield Update(
+                llada_rows, self.group_key(model, temperature), (logits, canvas.x[:, a:b], state.confidence[:, a:b]),
+                rows={"counts": counts, "generators": generators, "columns": [block.ranked_columns(a)] * rows},
+                shared={"model": model, "temperature": temperature, "remasking": cfg.remasking,
+                        "threshold": cfg.threshold, "exact": cfg.cache == "none" and cfg.threshold is None},
+                into={0: 1, 1: 2})  # written back by the engine
+            if not masks:
+                return None, None
+            return _full(canvas, chosen, a, b), torch.zeros_like(canvas.x, dtype=torch.bool)
+        s, e = max(a, block.start), min(b, block.end)
+        window, frozen = (s - a, e - a), block.start - a
+        *_, committed, revised = yield Update(
+            _evolve_rows, (*self.group_key(model, temperature), window, frozen),
+            (logits, canvas.x[:, a:b], state.confidence[:, a:b], state.ids[:, a:b], state.weights[:, a:b]),
+            rows={"counts": counts, "generators": generators, "columns": [block.ranked_columns(s)] * rows},
+            shared={"mask_id": model.mask_id, "config": cfg, "temperature": temperature, "window": window,
+                    "frozen": frozen},
+            into={0: 1, 1: 2, 2: 3, 3: 4})  # tokens, confidences and soft inputs written back by the engine
+        # no `_freeze_before(a)` as `update` does: columns left of the window are [Decode] already (the prompt,
+        # and in cache modes the blocks `end_block` froze), so it would write what is there
+        state.soft = True
+        return (_full(canvas, committed, a, b), _full(canvas, revised, a, b)) if masks else (None, None)
+
     def end_block(self, model, state, canvas, block):
         if self.cache_mode != "none":  # the next block's cached prefix must hold the final tokens
             self._freeze_before(state, canvas, block.end, rows=None)
@@ -139,6 +175,30 @@ class EvoTokenDecoder(BlockwiseDecoder):
 
     def confidences(self, state, canvas, row):
         return [float(v) if v > 0 else None for v in state.confidence[row, canvas.gen_start:].tolist()]
+
+
+def _evolve_rows(logits, tokens, confidence, ids, weights, *, mask_id, config, temperature, window, frozen, counts,
+                 generators, columns):
+    """`update`'s step over the window [a, b) for rows of many evotoken programs at once (an `engine.Update`),
+    pure: the window's tokens, confidences, soft inputs, and committed and revised masks after the pass.
+    `window`: the block's columns in it (a row is live while they hold a [MASK]); `frozen`: columns before
+    it that are [Decode]."""
+    cfg = config
+    s, e = window
+    live = (tokens[:, s:e] == mask_id).any(dim=1)[:, None]  # a row whose block is full neither commits nor revises
+    step = evolve(logits, tokens, confidence, mask_id=mask_id, candidates="evotoken", temperature=temperature,
+                  generator=generators, remasking=cfg.remasking, window=window,
+                  commit=Commit(counts=counts, threshold=cfg.threshold, columns=columns), live=live,
+                  revise=cfg.revise, k=cfg.k_soft, alpha=cfg.alpha,
+                  frozen=torch.arange(tokens.shape[1], device=live.device) < frozen)
+    new_ids, new_weights = step.soft_ids, step.soft_weights
+    if not (cfg.soft_mask and cfg.soft_decoded):  # ablations: some states fed hard instead
+        undecided = step.tokens == mask_id
+        hard = (undecided & (not cfg.soft_mask)) | (~undecided & (not cfg.soft_decoded))
+        new_ids, new_weights = as_decoded(new_ids, new_weights, step.tokens, hard)
+    keep = live[..., None]  # finished rows keep their soft inputs
+    return (step.tokens, step.confidence, torch.where(keep, new_ids, ids),
+            torch.where(keep, new_weights.to(weights.dtype), weights), step.committed, step.revised)
 
 
 def _full(canvas: Canvas, part: torch.Tensor, a: int, b: int) -> torch.Tensor:

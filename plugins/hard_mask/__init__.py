@@ -20,8 +20,8 @@ import torch
 from evotok_cli.decoding.api import option, remasking_option, threshold_option
 from evotok_cli.decoding.blockwise import BlockwiseDecoder, check_reference_rng
 from evotok_cli.decoding.canvas import Canvas
-from evotok_cli.decoding.engine import ForwardPass
-from evotok_cli.decoding.schedule import llada_step
+from evotok_cli.decoding.engine import ForwardPass, Update
+from evotok_cli.decoding.schedule import llada_rows, llada_step
 from evotok_cli.errors import ConfigError
 
 
@@ -88,6 +88,30 @@ class HardMaskDecoder(BlockwiseDecoder):
                             threshold=cfg.threshold, exact=cfg.cache == "none" and cfg.threshold is None,
                             logits_eos_inf=cfg.logits_eos_inf, confidence_eos_eot_inf=cfg.confidence_eos_eot_inf,
                             columns=block.ranked_columns(a))
+        committed = torch.zeros_like(canvas.x, dtype=torch.bool)
+        committed[:, a:b] = chosen
+        return committed, torch.zeros_like(committed)
+
+    def update_program(self, model, state, canvas, logits, cols, block, counts, active, generator, temperature,
+                       masks=True):
+        """`update` as one grouped call for the rows of every hard-mask program with these options that
+        updates the same block shape this step (`engine.Update`); rng=reference draws per pass: alone."""
+        if self.reference_rng:
+            return (yield from super().update_program(model, state, canvas, logits, cols, block, counts, active,
+                                                      generator, temperature, masks))
+        cfg = self.config
+        a, b = cols
+        rows = canvas.batch
+        _, _, chosen = yield Update(
+            llada_rows, self.group_key(model, temperature),
+            (logits, canvas.x[:, a:b], state.confidence[:, a:b]),
+            rows={"counts": counts, "generators": [generator] * rows, "columns": [block.ranked_columns(a)] * rows},
+            shared={"model": model, "temperature": temperature, "remasking": cfg.remasking,
+                    "threshold": cfg.threshold, "exact": cfg.cache == "none" and cfg.threshold is None,
+                    "logits_eos_inf": cfg.logits_eos_inf, "confidence_eos_eot_inf": cfg.confidence_eos_eot_inf},
+            into={0: 1, 1: 2})  # the window's tokens and confidences written back by the engine
+        if not masks:
+            return None, None
         committed = torch.zeros_like(canvas.x, dtype=torch.bool)
         committed[:, a:b] = chosen
         return committed, torch.zeros_like(committed)
