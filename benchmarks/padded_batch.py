@@ -3,7 +3,7 @@ grouping of items by prompt length.
 
 A batch of prompts whose lengths spread over [--min-prompt, --max-prompt] is decoded through the step
 engine (as `evotok generate` does: rows share one left-padded forward per step) twice per repeat, once
-per padded-attention mode (`evotok_cli.runtime.attention.padded_attention`), interleaved so that both
+per padded-attention mode (the model's `padded_mode`, `runtime/attention.py`), interleaved so that both
 modes see the same machine load; the report gives the best tokens/s of each, their ratio, and whether
 the two modes decoded the same tokens. `--groups N` also decodes N batches' worth of prompts in a
 shuffled order and in prompt-length order (what `evotok bench` now does), in the default mode ("auto":
@@ -19,6 +19,7 @@ Target (issue 20): >= 2x today's tokens/s at batch 8, mixed lengths (today: the 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import random
@@ -35,7 +36,6 @@ sys.path.insert(0, str(ROOT))
 
 from evotok_cli.generation import generate, make_decoder  # noqa: E402
 from evotok_cli.prompts import Prompt  # noqa: E402
-from evotok_cli.runtime.attention import padded_attention  # noqa: E402
 from evotok_cli.runtime.model import load_model  # noqa: E402
 
 MODES = ("rowwise", "masked")
@@ -69,8 +69,8 @@ def measure(lm, label: str, args) -> dict:
     tokens: dict[str, list[list[int]]] = {}
     for _ in range(args.repeats):
         for mode in MODES:
-            with padded_attention(mode):
-                wall, tokens[mode] = decode(lm, decoder, prompts, args, args.batch)
+            moded = dataclasses.replace(lm, padded_mode=mode)  # the same weights, attending padded rows by `mode`
+            wall, tokens[mode] = decode(moded, decoder, prompts, args, args.batch)
             times[mode].append(wall)
     generated = args.batch * args.gen_length
     row = {"model": label, "batch": args.batch, "prompt_lengths": sorted(len(p.ids) for p in prompts),

@@ -31,17 +31,6 @@ CORPUS = [
 ] * 4
 
 
-@pytest.fixture(autouse=True)
-def _padded_attention_restored():
-    """`--padded-attention` sets a process-wide mode and the `cli` fixture runs commands in this process:
-    each test starts from, and leaves, the default."""
-    from evotok_cli.runtime import attention
-
-    attention.set_padded_mode("auto")
-    yield
-    attention.set_padded_mode("auto")
-
-
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tokenizer")

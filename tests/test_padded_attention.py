@@ -3,6 +3,7 @@ and `evotok bench` admitting items in prompt-length order."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -10,8 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from evotok_cli.runtime import attention
-from evotok_cli.runtime.attention import attend, padded_attention, resolved_mode
+from evotok_cli.runtime.attention import attend, resolved_mode
 from evotok_cli.runtime.model import load_model
 from tests.conftest import write_llada
 
@@ -39,10 +39,8 @@ def test_masked_call_agrees_with_rowwise_up_to_rounding(heads, kv_heads, with_ma
     if with_mask:  # block-causal, as d2f's: padding queries would see padding keys only, hence no key at all
         block = torch.arange(40) // 8
         mask = (block[None, :] <= block[:, None])[None, None].expand(3, 1, 40, 40)
-    with padded_attention("masked"):
-        masked = attend(q, k, v, mask, offsets)
-    with padded_attention("rowwise"):
-        rowwise = attend(q, k, v, mask, offsets)
+    masked = attend(q, k, v, mask, offsets, mode="masked")
+    rowwise = attend(q, k, v, mask, offsets, mode="rowwise")
     assert torch.isfinite(masked).all()  # padding queries included: a NaN there would reach real rows
     for a, b in zip(real_rows(masked, offsets), real_rows(rowwise, offsets)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
@@ -53,10 +51,8 @@ def test_masked_call_with_a_cache_window():
     q, _, _ = qkv(4, 4, 10, seed=1)
     _, k, v = qkv(4, 4, 30, seed=2)
     offsets = [0, 22, 5]  # row 1's padding reaches into the fed window
-    with padded_attention("masked"):
-        masked = attend(q, k, v, None, offsets, start=20)
-    with padded_attention("rowwise"):
-        rowwise = attend(q, k, v, None, offsets, start=20)
+    masked = attend(q, k, v, None, offsets, start=20, mode="masked")
+    rowwise = attend(q, k, v, None, offsets, start=20, mode="rowwise")
     assert torch.isfinite(masked).all()
     for a, b in zip(real_rows(masked, offsets, 20), real_rows(rowwise, offsets, 20)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
@@ -85,6 +81,11 @@ def lm(request, tiny_model, dream):
     return tiny_model if request.param == "llada" else dream
 
 
+def with_mode(model, mode: str):
+    """The same loaded weights as a model whose padded-attention mode is `mode` (a model's own setting)."""
+    return dataclasses.replace(model, padded_mode=mode)
+
+
 def padded_forward(model):
     from evotok_cli.decoding.canvas import build_canvas
 
@@ -97,27 +98,45 @@ def padded_forward(model):
 def test_one_sdpa_call_per_layer_for_a_padded_batch(monkeypatch, lm):
     layers = lm.config.n_layers
     calls = count_sdpa(monkeypatch)
-    with padded_attention("masked"):
-        padded_forward(lm)
+    padded_forward(with_mode(lm, "masked"))
     assert len(calls) == layers and all(c["masked"] for c in calls)
     if lm.family.name == "dream":  # grouped-query heads stay grouped on CPU: the fused kernel takes them
         assert all(c["gqa"] and c["kv_heads"] < c["heads"] for c in calls)
     calls.clear()
-    with padded_attention("rowwise"):
-        padded_forward(lm)
+    padded_forward(with_mode(lm, "rowwise"))
     assert len(calls) == layers * len(PROMPTS)
 
 
 def test_masked_logits_match_each_row_alone(lm):
-    with padded_attention("masked"):
-        canvas, batch = padded_forward(lm)
-    with padded_attention("rowwise"):
-        _, exact = padded_forward(lm)
+    canvas, batch = padded_forward(with_mode(lm, "masked"))
+    _, exact = padded_forward(with_mode(lm, "rowwise"))
     for b, off in enumerate(canvas.pad_offsets):
         with torch.no_grad():
             alone = lm(canvas.x[b:b + 1, off:])
         assert torch.equal(exact[b, off:], alone[0])  # the per-row path: bit for bit
         assert (batch[b, off:] - alone[0]).abs().max() < 1e-4  # the masked call: up to rounding
+
+
+def test_a_masked_forward_through_a_cache_builds_its_keys_once(monkeypatch, lm):
+    """The real-keys mask is built once per forward (not per layer, not kept between forwards) over the
+    cache's keys, and a window fed through the cache matches the per-row path up to rounding."""
+    from evotok_cli.runtime import attention
+
+    built = []
+    real = attention.real_keys
+    monkeypatch.setattr(attention, "real_keys", lambda *a: built.append(a[1]) or real(*a))
+    canvas, _ = padded_forward(lm)
+    width = canvas.x.shape[1]
+    logits = {}
+    for mode in ("masked", "rowwise"):
+        model, cache = with_mode(lm, mode), lm.new_cache(len(PROMPTS), width)
+        with torch.no_grad():
+            model(canvas.x, pad_offsets=canvas.pad_offsets, position_ids=canvas.positions, cache=cache)
+            lo = width - 4
+            logits[mode] = model(canvas.x[:, lo:], pad_offsets=canvas.pad_offsets, cache=cache, start=lo,
+                                 position_ids=canvas.positions[:, lo:])
+    assert built == [width, width]  # the masked model's two forwards, each over the cache's `width` keys
+    assert (logits["masked"] - logits["rowwise"]).abs().max() < 1e-4  # the window: real queries of every row
 
 
 def test_masked_batches_decode_the_tokens_of_single_runs(lm):
@@ -129,9 +148,9 @@ def test_masked_batches_decode_the_tokens_of_single_runs(lm):
 
     dec = make_decoder("hard-mask", {})
     settings = {"gen_length": 8, "block_length": 4, "steps": 8}
-    with padded_attention("masked"):
-        batch = dec.generate(lm, GenerationRequest(prompts=PROMPTS, **settings))
-        alone = [dec.generate(lm, GenerationRequest(prompts=[p], **settings)).rows[0] for p in PROMPTS]
+    masked = with_mode(lm, "masked")
+    batch = dec.generate(masked, GenerationRequest(prompts=PROMPTS, **settings))
+    alone = [dec.generate(masked, GenerationRequest(prompts=[p], **settings)).rows[0] for p in PROMPTS]
     assert [r.token_ids for r in batch.rows] == [r.token_ids for r in alone]
 
 
@@ -140,19 +159,51 @@ def test_off_cpu_a_masked_grouped_query_call_expands_the_heads(monkeypatch):
     calls = count_sdpa(monkeypatch)
     q, k, v = (t.to("meta") for t in qkv(4, 2, 12))
     assert resolved_mode(q.device) == "masked" and resolved_mode(torch.device("cpu")) == "rowwise"
-    out = attend(q, k, v, None, [0, 3, 5])
+    out = attend(q, k, v, None, [0, 3, 5])  # "auto": masked off the CPU
     assert out.shape == q.shape and calls[-1] == {"kv_heads": 4, "heads": 4, "masked": True, "gqa": False}
     attend(q, k, v)  # nothing padded, no mask: the heads stay grouped
     assert calls[-1] == {"kv_heads": 2, "heads": 4, "masked": False, "gqa": True}
 
 
-def test_modes_are_checked_and_restored():
-    assert attention.padded_mode == "auto"
-    with padded_attention("masked"):
-        assert attention.padded_mode == "masked"
-    assert attention.padded_mode == "auto"
-    with pytest.raises(ValueError, match="rowwise"), padded_attention("row-wise"):
-        pass
+def test_modes_resolve_purely_and_are_checked():
+    """`resolved_mode` is a function of its arguments: no process-wide mode is left to set or restore."""
+    from evotok_cli.runtime import attention
+
+    cpu, gpu = torch.device("cpu"), torch.device("meta")
+    assert [resolved_mode(cpu, m) for m in (None, "auto", "masked", "rowwise")] == ["rowwise", "rowwise", "masked",
+                                                                                   "rowwise"]
+    assert [resolved_mode(gpu, m) for m in (None, "auto", "masked", "rowwise")] == ["masked", "masked", "masked",
+                                                                                   "rowwise"]
+    assert not hasattr(attention, "padded_mode") and not hasattr(attention, "set_padded_mode")
+    assert not hasattr(attention, "_real_keys_memo")
+    with pytest.raises(ValueError, match="rowwise"):
+        resolved_mode(cpu, "row-wise")
+
+
+def test_two_models_in_one_process_keep_their_own_mode(monkeypatch, tiny_llada):
+    """Two loads with different --padded-attention, used in turn: each forward attends by its own model's
+    mode (one masked SDPA call per layer, or one call per row and layer), whichever was loaded last."""
+    from evotok_cli.errors import ConfigError
+
+    masked = load_model(tiny_llada, padded_attention="masked")
+    rowwise = load_model(tiny_llada, padded_attention="rowwise")
+    default = load_model(tiny_llada)
+    assert (masked.padded_attention, rowwise.padded_attention, default.padded_attention) == ("masked", "rowwise",
+                                                                                             "rowwise")
+    layers = masked.config.n_layers
+    calls = count_sdpa(monkeypatch)
+    outputs = {}
+    for name, model in (("masked", masked), ("rowwise", rowwise), ("masked again", masked)):
+        calls.clear()
+        canvas, outputs[name] = padded_forward(model)
+        per_layer = 1 if name.startswith("masked") else len(PROMPTS)
+        assert len(calls) == layers * per_layer and all(c["masked"] == (per_layer == 1) for c in calls), name
+    assert torch.equal(outputs["masked"], outputs["masked again"])
+    for b, off in enumerate(canvas.pad_offsets):  # the per-row model: bit for bit each row alone
+        with torch.no_grad():
+            assert torch.equal(outputs["rowwise"][b, off:], rowwise(canvas.x[b:b + 1, off:])[0])
+    with pytest.raises(ConfigError, match="padded attention mode"):
+        load_model(tiny_llada, padded_attention="row-wise")
 
 
 # -- bench admits items in prompt-length order -----------------------------------------------------------

@@ -9,7 +9,9 @@ direct call with `pad_offsets` (a library caller's padded batch, and passes of t
 hold a cache of their own).
 
 A left-padded batch (rows of different lengths in one forward, `pad_offsets`) is attended in one of two
-ways, chosen by `padded_mode` (process-wide; `padded_attention(mode)` sets it for a block):
+ways, chosen per model (`load_model(padded_attention=...)`, `--padded-attention`; the model hands it to
+its forward as an argument, so two models in one process keep their own, and the forward reads no
+module-level state):
 
 - "masked": ONE SDPA call per layer with a key-padding mask. Each row sees its own real keys only, so its
   output is the row's alone up to float rounding, not bit for bit: the fused kernels sum the same terms
@@ -33,16 +35,12 @@ math path, so off CPU a masked call expands the K/V heads first.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import torch
 import torch.nn.functional as F
 
 from evotok_cli.runtime.cache import KVCache, PagedRows, RowBatch
 
 PADDED_MODES = ("auto", "masked", "rowwise")
-padded_mode = "auto"  # how a left-padded batch is attended; see the module docstring
 
 
 def check_padded_mode(mode: str) -> str:
@@ -55,31 +53,15 @@ def check_padded_mode(mode: str) -> str:
     return mode
 
 
-def set_padded_mode(mode: str) -> None:
-    """Attend padded batches with `mode` ("auto", "masked" or "rowwise") from now on, process-wide
-    (`--padded-attention`: one model per process)."""
-    global padded_mode
+def resolved_mode(device: torch.device, mode: str | None = None) -> str:
+    """What `mode` (a model's padded-attention mode; None is "auto") means on `device`: "auto" is rowwise on
+    CPU, masked elsewhere. A pure function: the mode is the caller's, never a process-wide setting."""
+    mode = mode or "auto"
     if mode not in PADDED_MODES:
         raise ValueError(f"padded attention mode {mode!r}: one of {', '.join(PADDED_MODES)}")
-    padded_mode = mode
-
-
-@contextmanager
-def padded_attention(mode: str) -> Iterator[None]:
-    """`set_padded_mode(mode)` inside the block only."""
-    previous = padded_mode
-    set_padded_mode(mode)
-    try:
-        yield
-    finally:
-        set_padded_mode(previous)
-
-
-def resolved_mode(device: torch.device) -> str:
-    """The mode `padded_mode` means on `device`: "auto" is rowwise on CPU, masked elsewhere."""
-    if padded_mode == "auto":
+    if mode == "auto":
         return "rowwise" if device.type == "cpu" else "masked"
-    return padded_mode
+    return mode
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -93,29 +75,37 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor 
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # no K/V copy
 
 
-_real_keys_memo: tuple[tuple, torch.Tensor] | None = None  # the last forward's; see `real_keys`
-
-
 def real_keys(pad_offsets: list[int], lk: int, device: torch.device) -> torch.Tensor:
-    """(B, 1, 1, Lk) bool, True at each row's real keys [off, Lk). Built once per forward and kept: every
-    layer asks for the same one, and building it copies the offsets to the device (a GPU stall)."""
-    global _real_keys_memo
-    key = (tuple(pad_offsets), lk, device)
-    if _real_keys_memo is None or _real_keys_memo[0] != key:
-        off = torch.tensor(pad_offsets, device=device)[:, None]  # (B, 1)
-        _real_keys_memo = (key, (torch.arange(lk, device=device) >= off)[:, None, None, :])
-    return _real_keys_memo[1]
+    """(B, 1, 1, Lk) bool, True at each row's real keys [off, Lk). Building it copies the offsets to the
+    device (a GPU stall), so a forward builds it once (`forward_keys`) and hands it to every layer."""
+    off = torch.tensor(pad_offsets, device=device)[:, None]  # (B, 1)
+    return (torch.arange(lk, device=device) >= off)[:, None, None, :]
+
+
+def forward_keys(pad_offsets: list[int] | None, cache: KVCache | RowBatch | PagedRows | None, start: int,
+                 length: int, mode: str, device: torch.device) -> torch.Tensor | None:
+    """The real-keys mask every layer of one forward over `length` fed positions shares, or None where no
+    layer reads one: nothing padded, the engine's rows (they carry their own), or the per-row path. Every
+    layer writes the same window, so the key count is known before the first: the cache's span after the
+    write, or the fed positions."""
+    if not pad_offsets or not any(pad_offsets) or isinstance(cache, (RowBatch, PagedRows)):
+        return None
+    if resolved_mode(device, mode) == "rowwise":
+        return None
+    lk = cache.span_after(start, length) if cache is not None else length
+    return real_keys(pad_offsets, lk, device)
 
 
 def padding_mask(pad_offsets: list[int], lq: int, lk: int, start: int, mask: torch.Tensor | None,
-                 device: torch.device) -> torch.Tensor:
+                 device: torch.device, keys: torch.Tensor | None = None) -> torch.Tensor:
     """Bool mask, True = may attend: each row's real keys, combined with `mask` for real queries.
 
     Without `mask` it is (B, 1, 1, Lk) and every query, padding included, sees its row's real keys. With
     one it is (B, 1, Lq, Lk): real queries keep `mask` restricted to real keys, padding queries get the
     real keys alone (their row of `mask` may allow padding keys only, which would leave them none).
+    `keys`: the forward's `real_keys` (built here when not given).
     """
-    keys = real_keys(pad_offsets, lk, device)
+    keys = real_keys(pad_offsets, lk, device) if keys is None else keys
     if mask is None:
         return keys
     real_queries = keys[..., start:start + lq].transpose(-1, -2)  # (B, 1, Lq, 1): queries sit among the keys
@@ -134,30 +124,33 @@ def _attend_rowwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
-           pad_offsets: list[int] | None = None, start: int = 0) -> torch.Tensor:
+           pad_offsets: list[int] | None = None, start: int = 0, mode: str = "auto",
+           keys: torch.Tensor | None = None) -> torch.Tensor:
     """q: (B, H, Lq, D) for canvas positions [start, start + Lq); k, v: (B, Hkv, Lk, D) for [0, Lk) (or
     for the fed positions when Lk == Lq and start == 0). mask: bool (B, 1, Lq, Lk), True = may attend.
-    pad_offsets: left padding per row (keys [0, off) and queries before canvas position off are padding)."""
+    pad_offsets: left padding per row (keys [0, off) and queries before canvas position off are padding).
+    mode: how padded rows are attended (PADDED_MODES); keys: the forward's `real_keys` for masked mode."""
     if not pad_offsets or not any(pad_offsets):
         return _sdpa(q, k, v, mask)
-    if resolved_mode(q.device) == "rowwise":
+    if resolved_mode(q.device, mode) == "rowwise":
         return _attend_rowwise(q, k, v, mask, pad_offsets, start)
-    return _sdpa(q, k, v, padding_mask(pad_offsets, q.shape[2], k.shape[2], start, mask, q.device))
+    return _sdpa(q, k, v, padding_mask(pad_offsets, q.shape[2], k.shape[2], start, mask, q.device, keys))
 
 
 def attend_layer(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                 cache: KVCache | RowBatch | PagedRows | None, start: int, pad_offsets: list[int] | None
-                 ) -> torch.Tensor:
+                 cache: KVCache | RowBatch | PagedRows | None, start: int, pad_offsets: list[int] | None,
+                 mode: str = "auto", keys: torch.Tensor | None = None) -> torch.Tensor:
     """A block's attention over its fresh q/k/v (after RoPE): through a generation's cache (write the
     window, attend to everything written), through the engine's rows (`RowBatch`: each row its own slot,
-    window and mask), or over the fed keys alone."""
+    window and mask), or over the fed keys alone. `mode` and `keys` come from the forward (its model's
+    padded-attention mode and `forward_keys`)."""
     if isinstance(cache, RowBatch):
         return attend_rows(layer, q, k, v, cache)
     if isinstance(cache, PagedRows):
         return attend_paged(layer, q, k, v, cache)
     if cache is not None:  # keys are cached after RoPE: positions are absolute, so this is exact
         k, v = cache.update(layer, start, k, v)  # (B, Hkv, Lk, D)
-    return attend(q, k, v, mask, pad_offsets, start if cache is not None else 0)
+    return attend(q, k, v, mask, pad_offsets, start if cache is not None else 0, mode, keys)
 
 
 def _row_keys(layer: int, r: int, k: torch.Tensor, v: torch.Tensor, rows: RowBatch

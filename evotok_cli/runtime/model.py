@@ -36,6 +36,7 @@ class DiffusionModel:
     quantize: str = "none"  # none | int8 | int4: the block linears' weights (`runtime/quantize.py`)
     compiled_forward: Callable[..., torch.Tensor] | None = field(default=None, repr=False)  # --compile
     compile_level: bool | str = True  # with compiled_forward: True (on) or "max" (`runtime/compile.py`)
+    padded_mode: str = "auto"  # auto | masked | rowwise: how this model attends a padded batch (`runtime/attention.py`)
     logits_checked: bool = field(default=False, repr=False)  # see `_check_finite`
 
     # -- the protocol decoders use ---------------------------------------------------------------
@@ -75,9 +76,10 @@ class DiffusionModel:
 
     @property
     def padded_attention(self) -> str:
-        """How a padded batch is attended on this model's device now: "masked" or "rowwise"."""
+        """How a padded batch is attended by this model on its device: "masked" or "rowwise" (its
+        `padded_mode` resolved; what every forward it runs is handed)."""
         from evotok_cli.runtime.attention import resolved_mode
-        return resolved_mode(self.device)
+        return resolved_mode(self.device, self.padded_mode)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -90,6 +92,7 @@ class DiffusionModel:
         return self.net.embed_soft(ids, weights)
 
     def __call__(self, input_ids=None, **kwargs) -> torch.Tensor:
+        kwargs.setdefault("padded_attention", self.padded_attention)  # an argument: no process-wide mode
         logits = (self.compiled_forward or self.net)(input_ids, **kwargs)
         if not self.logits_checked:
             self._check_finite(logits)
@@ -194,17 +197,16 @@ def load_model(path: str | Path, *, adapter: str | Path | None = None, device: s
                quantize: str = "none") -> DiffusionModel:
     """Load a checkpoint folder for decoding. `compile`: run the forward under torch.compile
     (`runtime/compile.py`); `lora_mode`: merged | unmerged | auto (`runtime/lora.py`), merged by default
-    (what fine-tuning starts from); `padded_attention`: auto | masked | rowwise, set process-wide
-    (`runtime/attention.py`), None leaves the current mode; `quantize`: none | int8 | int4, the block
+    (what fine-tuning starts from); `padded_attention`: auto | masked | rowwise, this model's own
+    (`DiffusionModel.padded_mode`, `runtime/attention.py`), None is auto; `quantize`: none | int8 | int4, the block
     linears' weights after loading and after an adapter is applied, always unmerged (`runtime/quantize.py`)."""
-    from evotok_cli.runtime.attention import set_padded_mode
+    from evotok_cli.runtime.attention import check_padded_mode
     from evotok_cli.runtime.compile import check_compile, compile_forward
     from evotok_cli.runtime.quantize import check_quantize
 
     check_lora_mode(lora_mode)
     check_quantize(quantize)
-    if padded_attention is not None:
-        set_padded_mode(padded_attention)
+    padded_mode = check_padded_mode(padded_attention or "auto")
     folder = checkpoint.model_dir(path)
     family, config = read_family_config(folder)
     weights = checkpoint.find_weights(folder)
@@ -237,7 +239,7 @@ def load_model(path: str | Path, *, adapter: str | Path | None = None, device: s
     return DiffusionModel(net=net, family=family, config=config, tokenizer=tokenizer, path=folder,
                           weights=weights, adapter=report, eot_id=eot, quantize=quantize,
                           compiled_forward=compile_forward(net, compile) if compile else None,
-                          compile_level=compile or True)
+                          compile_level=compile or True, padded_mode=padded_mode)
 
 
 def _check_quantized_load(mode: str, device: torch.device, dtype: torch.dtype, *, compile: bool,

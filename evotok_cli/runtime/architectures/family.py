@@ -28,7 +28,7 @@ from evotok_cli.runtime.architectures.layers import (
     rope_cos_sin,
     select_positions,
 )
-from evotok_cli.runtime.attention import attend_layer
+from evotok_cli.runtime.attention import attend_layer, forward_keys
 from evotok_cli.runtime.cache import KVCache, RowBatch
 
 # The parts of a block, in the order they are built (the order fixes a seeded random init, and the
@@ -134,18 +134,19 @@ class Block(nn.Module):
         return module
 
     def attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                  cache: KVCache | RowBatch | None, start: int, pad_offsets: list[int] | None) -> torch.Tensor:
+                  cache: KVCache | RowBatch | None, start: int, pad_offsets: list[int] | None,
+                  padded: str = "auto", keys: torch.Tensor | None = None) -> torch.Tensor:
         B, L, _ = x.shape
         q = self.part("q")(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, L, D)
         k = self.part("k")(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, L, D)
         v = self.part("v")(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, L, D)
         q, k = self.rope(q, cos, sin), self.rope(k, cos, sin)
         # keys are cached after RoPE: positions are absolute, so a cache (or the engine's slots) is exact
-        y = attend_layer(self.index, q, k, v, mask, cache, start, pad_offsets)  # (B, H, L, D)
+        y = attend_layer(self.index, q, k, v, mask, cache, start, pad_offsets, padded, keys)  # (B, H, L, D)
         return self.part("out")(y.transpose(1, 2).reshape(B, L, -1))  # (B, L, d_model)
 
-    def forward(self, x, cos, sin, mask=None, cache=None, start=0, pad_offsets=None):
-        h = x + self.attention(self.part("attn_norm")(x), cos, sin, mask, cache, start, pad_offsets)
+    def forward(self, x, cos, sin, mask=None, cache=None, start=0, pad_offsets=None, padded="auto", keys=None):
+        h = x + self.attention(self.part("attn_norm")(x), cos, sin, mask, cache, start, pad_offsets, padded, keys)
         m = self.part("ff_norm")(h)
         return h + self.part("down")(F.silu(self.part("gate")(m)) * self.part("up")(m))
 
@@ -194,6 +195,7 @@ class FamilyModel(DiffusionLMBase):
         start: int = 0,
         logits_slice: tuple[int, int] | torch.Tensor | None = None,
         pad_offsets: list[int] | None = None,
+        padded_attention: str = "auto",
     ) -> torch.Tensor:
         """Logits (B, L, V) for the fed positions, unshifted (with `shifted_logits`, row i predicts i + 1).
 
@@ -205,6 +207,9 @@ class FamilyModel(DiffusionLMBase):
         layer per position at a 126k vocabulary, and decoders rarely need every position), or a tensor of
         flat indices into the (B * L) positions (see `layers.select_positions`).
         pad_offsets: left padding per row of a batch; such rows attend over their real keys only.
+        padded_attention: how such a batch is attended (auto | masked | rowwise, `runtime/attention.py`):
+        the loaded model's own mode, handed in by `DiffusionModel`, never a process-wide setting. The
+        real-keys mask the masked path needs is built here, once per forward, for every layer.
         soft_inputs: (ids, weights) of shape (B, L, K): soft input embeddings (`embed_soft`), built here
         so that they are part of the forward (a sharded FSDP model has its embedding only inside it).
         """
@@ -213,7 +218,8 @@ class FamilyModel(DiffusionLMBase):
         if position_ids is None:
             position_ids = torch.arange(start, start + L, device=x.device).expand(B, L)
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)  # (B, 1, L, D)
-        x = run_blocks(self.blocks, x, cos, sin, attention_mask, cache, start, pad_offsets,
+        keys = forward_keys(pad_offsets, cache, start, L, padded_attention, x.device)
+        x = run_blocks(self.blocks, x, cos, sin, attention_mask, cache, start, pad_offsets, padded_attention, keys,
                        checkpointed=self.training and self.activation_checkpointing)
         x = select_positions(x, logits_slice)
         x = self.get_submodule(self.spec.final_norm)(x)
