@@ -317,17 +317,17 @@ def test_the_paged_pool_runs_the_same_rows_in_tensor_operations(tiny_model):
                                   kv_length=c.shape[1])) for k, c in enumerate(canvas)]
         for got, want in zip(run_rows(tiny_model, passes, paged), run_rows(tiny_model, passes, exact)):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-    from evotok_cli.runtime.attention import padded_attention
+    import dataclasses
 
-    with padded_attention("masked"):
-        engine = Engine(tiny_model, max_rows=len(MIXED) + 1)
-        assert isinstance(engine.pool, SlotPool)
-        jobs = []
-        for i, (name, options) in enumerate(MIXED):
-            decoder = make_decoder(name, options)
-            prompt = PROMPTS[i % len(PROMPTS)]
-            jobs.append((decoder, prompt, engine.submit(_job(tiny_model, decoder, prompt, seed=i))))
-        engine.run()
+    masked = dataclasses.replace(tiny_model, padded_mode="masked")  # the same weights, loaded masked
+    engine = Engine(masked, max_rows=len(MIXED) + 1)
+    assert isinstance(engine.pool, SlotPool)
+    jobs = []
+    for i, (name, options) in enumerate(MIXED):
+        decoder = make_decoder(name, options)
+        prompt = PROMPTS[i % len(PROMPTS)]
+        jobs.append((decoder, prompt, engine.submit(_job(masked, decoder, prompt, seed=i))))
+    engine.run()
     assert engine.passes == engine.steps
     for decoder, prompt, job in jobs:
         assert job.error is None
@@ -370,19 +370,19 @@ def test_dream_rows_share_one_forward_in_both_pools(tiny_dream, mode):
     """Shifted logits and grouped-query heads (Dream): cached windows, d2f and uncached rows in one forward
     per step, each row's tokens those of its run alone (exactly with the per-row pool; the paged pool's
     masked call rounds differently, and on this model decodes the same tokens)."""
-    from evotok_cli.runtime.attention import padded_attention
+    from evotok_cli.runtime.cache import KVPool, SlotPool
     from evotok_cli.runtime.model import load_model
 
-    model = load_model(tiny_dream)
+    model = load_model(tiny_dream, padded_attention=mode)
     modes = [("hard-mask", {"cache": "dual"}), ("evotoken", {"cache": "prefix"}), ("d2f", {"block_size": "4"}),
              ("evotoken", {}), ("hard-mask", {"cfg_scale": "1.5"})]
-    with padded_attention(mode):
-        engine = Engine(model, max_rows=8)
-        jobs = []
-        for i, (name, options) in enumerate(modes):
-            decoder = make_decoder(name, options)
-            jobs.append((decoder, PROMPTS[i], engine.submit(_job(model, decoder, PROMPTS[i], seed=i))))
-        engine.run()
+    engine = Engine(model, max_rows=8)
+    assert isinstance(engine.pool, SlotPool if mode == "masked" else KVPool)
+    jobs = []
+    for i, (name, options) in enumerate(modes):
+        decoder = make_decoder(name, options)
+        jobs.append((decoder, PROMPTS[i], engine.submit(_job(model, decoder, PROMPTS[i], seed=i))))
+    engine.run()
     assert engine.passes == engine.steps
     for decoder, prompt, job in jobs:
         assert job.error is None

@@ -279,8 +279,9 @@ def make_pool(model: Any, mode: str | None = None) -> KVPool | SlotPool:
     """The K/V memory an engine runs its rows over: per-row caches attended one row at a time ("rowwise",
     the CPU default: bit for bit each row alone), or one pool tensor per layer attended with one masked
     call over index tensors ("masked", the GPU default, and any compiled forward: its graphs never depend
-    on which rows a step holds). The mode is read here, once, never inside the forward."""
-    mode = mode or resolved_mode(model.device)
+    on which rows a step holds). The mode is the model's own (`padded_mode`, from --padded-attention), read
+    here, once, never inside the forward."""
+    mode = mode or resolved_mode(model.device, getattr(model, "padded_mode", None))
     if getattr(model, "compiled", False) or mode == "masked":
         return SlotPool(model.new_cache)
     return KVPool(model.new_cache)
