@@ -1,0 +1,145 @@
+"""What a decoder's program yields to the step engine, and what the engine runs for it: a `ForwardPass`
+(the inputs of one forward over the program's rows), a `HostRead` (tensors it needs on the host) and an
+`Update` (its decoder update, run for a group of rows as one call: `run_updates`). Kept apart from the
+loop so that a plugin's program depends on these types alone (see decoding/engine.py for the whole story)."""
+from __future__ import annotations
+
+from collections.abc import Callable, Generator, Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from evotok_cli.decoding.api import GenerationResult
+from evotok_cli.errors import ConfigError
+
+Program = Generator["ForwardPass | HostRead", Any, GenerationResult]
+
+
+@dataclass
+class ForwardPass:
+    """One forward a program asks for, over its B rows and the fed canvas window [start, start + L).
+
+    kv_length: the program wants a KV cache: each of its rows gets an engine slot of this many positions
+    (its canvas length), the fed window's keys and values are written there and attention sees every
+    position written so far. None: attention sees the fed positions only. `kv_memory` names the canvas
+    the slots hold: a program that decodes several canvases in turn (d2f's rows) starts each on fresh
+    slots by naming a new one. `cache` (a cache object the program holds) is the older interface: such a
+    pass runs alone."""
+
+    inputs: dict[str, Any]  # input_ids=(B, L) or soft_inputs=((B, L, K) ids, (B, L, K) weights)
+    position_ids: torch.Tensor | None  # (B, L); None: start + arange(L)
+    logits_slice: tuple[int, int]  # fed positions whose logits the program needs
+    pad_offsets: list[int] | None = None  # left padding of each row's own canvas (a padded cohort)
+    cache: Any = None
+    start: int = 0
+    attention_mask: torch.Tensor | None = None  # bool (B or 1, 1, L, K), True = may attend
+    combine: Callable[[torch.Tensor], torch.Tensor] | None = None  # e.g. classifier-free guidance's mix
+    kv_length: int | None = None
+    kv_memory: Hashable = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.cache, int) and not isinstance(self.cache, bool):  # an older BlockwiseDecoder.forward
+            raise ConfigError(f"a decoder passed ForwardPass(cache={self.cache}), the older interface",
+                              where="decoder plugin",
+                              fix="BlockwiseDecoder.forward's `cache` is now the canvas length: write "
+                                  "ForwardPass(kv_length=cache), see examples/third_party_decoder/README.md")
+
+    @property
+    def rows(self) -> int:
+        ids = self.inputs.get("input_ids")
+        return (ids if ids is not None else self.inputs["soft_inputs"][0]).shape[0]
+
+    @property
+    def length(self) -> int:
+        ids = self.inputs.get("input_ids")
+        return (ids if ids is not None else self.inputs["soft_inputs"][0]).shape[1]
+
+    @property
+    def shareable(self) -> bool:
+        """Whether the pass can join other rows in the step's forward: all can, except one that holds a
+        cache object of its own (the engine cannot batch memory it does not own)."""
+        return self.cache is None
+
+
+@dataclass
+class HostRead:
+    """A program asks for device values on the host (`yield HostRead(tensor)` returns `tensor.tolist()`):
+    the engine reads the step's requests of every live row in ONE device-to-host copy, before the step's
+    forward, so the host waits for the device once per step however many rows there are."""
+
+    tensor: torch.Tensor
+
+
+@dataclass
+class Update:
+    """A program asks for a decoder update over its rows, to run in ONE call with the same request of every
+    other live row this step (`yield Update(...)` returns the results that are its own rows).
+
+    The engine groups the step's requests by `group` (the function, `key`, and the tensors' shapes past
+    dim 0 and dtypes), stacks each positional tensor of a group along dim 0, concatenates each per-row
+    list of `rows`, calls `fn(*tensors, **shared, **rows)` once, and hands each program its rows of every
+    result (a tuple of tensors, split along dim 0). Why: host work per step then grows with the number of
+    groups, not of rows. `fn` must treat rows independently (row i of the results depends on row i of the
+    inputs only, per-row random generators included) and must not modify its inputs, so that a row's
+    results are those of the same call on that row alone (what `drive` does). `key` names everything in
+    `shared` that changes the outcome (its values must not matter beyond it). `into` {i: j}: result i is
+    also copied into input tensor j (a view of the program's own state), by the engine, for all rows of
+    the group in one call, rather than by each program."""
+
+    fn: Callable[..., tuple[torch.Tensor, ...]]
+    key: Hashable
+    tensors: tuple[torch.Tensor, ...]
+    rows: dict[str, list[Any]] = field(default_factory=dict)
+    shared: dict[str, Any] = field(default_factory=dict)
+    into: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def group(self) -> Hashable:
+        return (self.fn, self.key, tuple(self.into.items()),
+                tuple((tuple(t.shape[1:]), t.dtype, t.device) for t in self.tensors))
+
+    def run(self) -> tuple[torch.Tensor, ...]:
+        """This request alone."""
+        results = tuple(self.fn(*self.tensors, **self.shared, **self.rows))
+        for i, j in self.into.items():
+            self.tensors[j].copy_(results[i])
+        return results
+
+
+def run_updates(requests: list[Update]) -> list[tuple[torch.Tensor, ...]]:
+    """One call for `requests` (one group: see `Update`), each request's rows of the results back."""
+    if len(requests) == 1:
+        return [requests[0].run()]
+    first = requests[0]
+    tensors = [torch.cat(parts) for parts in zip(*(r.tensors for r in requests))]
+    rows = {name: [v for r in requests for v in r.rows[name]] for name in first.rows}
+    sizes = [r.tensors[0].shape[0] for r in requests]
+    results = [torch.split(t, sizes) for t in first.fn(*tensors, **first.shared, **rows)]
+    for i, j in first.into.items():  # one call for every row's write-back, not one per row
+        torch._foreach_copy_([r.tensors[j] for r in requests], list(results[i]))
+    return [tuple(parts[i] for parts in results) for i in range(len(requests))]
+
+
+def read_all(tensors: list[torch.Tensor]) -> list[Any]:
+    """`[t.tolist() for t in tensors]` in one device-to-host copy (values as float64, which holds every
+    flag, count and token id exactly), converted back to each tensor's kind of number."""
+    if len(tensors) == 1:
+        return [tensors[0].tolist()]
+    flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors]).tolist() if tensors else []
+    out, at = [], 0
+    for t in tensors:
+        kind = bool if t.dtype == torch.bool else float if t.is_floating_point() else int
+        values = [kind(v) for v in flat[at:at + t.numel()]]
+        at += t.numel()
+        out.append(_shaped(values, list(t.shape)))
+    return out
+
+
+def _shaped(values: list[Any], shape: list[int]) -> Any:
+    if not shape:
+        return values[0]
+    if len(shape) == 1:
+        return values
+    step = len(values) // shape[0] if shape[0] else 0
+    return [_shaped(values[i * step:(i + 1) * step], shape[1:]) for i in range(shape[0])]

@@ -1,0 +1,376 @@
+"""The step engine's loop: `Job` (one program and its rows), `Engine` (admits jobs within the row and token
+budgets, runs each step's passes as one forward, the step's updates and host reads, preempts when memory
+runs out) and `BackgroundEngine` (the same loop in a thread, for a server). decoding/engine.py tells why."""
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from evotok_cli.decoding.api import GenerationResult
+from evotok_cli.decoding.passes import ForwardPass, HostRead, Program, Update, read_all, run_updates
+from evotok_cli.decoding.rows import make_pool, run_pass, run_rows
+
+
+@dataclass(eq=False)  # a job is itself: `job in live` compares identities, not every field (O(rows) per test)
+class Job:
+    """A program and whoever waits for it. `rows` and `tokens` (the canvas positions its rows hold: prompt
+    + generated, the K/V and activations it needs) count against the engine's capacity."""
+
+    program: Program | None
+    rows: int
+    tokens: int = 0
+    on_done: Callable[[Job], None] | None = None
+    closed: Callable[[], GenerationResult] | None = None  # a decoder without a program: run it whole
+    id: int = field(default_factory=lambda: next(_ids))
+    pending: ForwardPass | HostRead | None = None
+    result: GenerationResult | None = None
+    error: BaseException | None = None
+    cancelled: bool = False
+    done: threading.Event = field(default_factory=threading.Event)
+    admitted: float | None = None  # perf_counter when it joined the live set, and when it left
+    finished: float | None = None
+    log: list[ForwardPass] = field(default_factory=list)  # its cached passes since its slots were last fed whole
+    replay: list[ForwardPass] = field(default_factory=list)  # preempted: passes to run again before `pending`
+    preempted: bool = False  # waits in the queue without its KV slots
+
+    @property
+    def seconds(self) -> float:
+        """Time from joining the running batch to leaving it (0 for a job that never ran)."""
+        return 0.0 if self.admitted is None or self.finished is None else self.finished - self.admitted
+
+    def cancel(self) -> None:
+        """Ask the engine to drop this job at its next step (thread-safe: a flag the loop reads)."""
+        self.cancelled = True
+
+
+_ids = itertools.count()
+
+
+class Engine:
+    """Live jobs and a queue. `step()` advances every live job by one pass; single-threaded by design:
+    one thread calls `step`, any thread may `submit` and `cancel`."""
+
+    def __init__(self, model: Any, max_rows: int = 8, max_tokens: int | None = None):
+        if max_rows < 1:
+            raise ValueError("max_rows must be >= 1")
+        self.model, self.max_rows, self.max_tokens = model, max_rows, max_tokens
+        self.queue: deque[Job] = deque()
+        self.live: list[Job] = []
+        self.lock = threading.Lock()
+        self.pool = make_pool(model)  # the live rows' K/V slots
+        self.steps = 0  # engine steps run
+        self.passes = 0  # forwards run (the step's shared forward counts once)
+        self.retries = 0  # steps split in two after running out of memory
+        self.preemptions = 0  # jobs whose KV slots were dropped and requeued, to be recomputed (`_preempt`)
+
+    # -- jobs ------------------------------------------------------------------------------------
+    def submit(self, job: Job) -> Job:
+        with self.lock:
+            self.queue.append(job)
+        return job
+
+    @property
+    def live_rows(self) -> int:
+        return sum(j.rows for j in self.live)
+
+    @property
+    def live_tokens(self) -> int:
+        return sum(j.tokens for j in self.live)
+
+    @property
+    def queued(self) -> int:
+        return len(self.queue)
+
+    def idle(self) -> bool:
+        return not self.live and not self.queue
+
+    def _admit(self) -> None:
+        with self.lock:
+            while self.queue and (not self.live or self._fits(self.queue[0])):
+                job = self.queue.popleft()
+                job.admitted = job.admitted or time.perf_counter()  # a preempted job keeps its first admission
+                if job.preempted:  # its slots are rebuilt first, from every cached pass it ran (`_preempt`)
+                    job.replay, job.preempted = list(job.log), False
+                self.live.append(job)
+
+    def _fits(self, job: Job) -> bool:
+        """Room for `job` beside the live ones: rows, and tokens in flight when there is a budget (a job
+        alone is always admitted: it could never run otherwise)."""
+        if self.live_rows + job.rows > self.max_rows:
+            return False
+        return self.max_tokens is None or self.live_tokens + job.tokens <= self.max_tokens
+
+    def _finish(self, job: Job, result: GenerationResult | None = None, error: BaseException | None = None) -> None:
+        job.result, job.error, job.pending, job.finished = result, error, None, time.perf_counter()
+        job.log, job.replay = [], []
+        if job in self.live:
+            self.live.remove(job)
+        with self.lock:
+            if job in self.queue:  # preempted in the step that finished it
+                self.queue.remove(job)
+        if job.program is not None:
+            job.program.close()
+        self.pool.free(job.id)
+        job.done.set()
+        if job.on_done is not None:
+            job.on_done(job)
+
+    def _advance(self, job: Job, value: Any) -> None:
+        """Send a job its logits or host values (None to start it) and keep its next request, or finish it."""
+        try:
+            job.pending = next(job.program) if value is None else job.program.send(value)
+        except StopIteration as done:
+            self._finish(job, result=done.value)
+        except Exception as exc:  # the job fails, the engine and every other job go on
+            self._finish(job, error=exc)
+
+    # -- the loop --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self) -> bool:
+        """One step; False when there was nothing to do."""
+        for job in [j for j in self.live if j.cancelled]:
+            self._finish(job)
+        with self.lock:
+            for job in [j for j in self.queue if j.cancelled]:
+                self.queue.remove(job)
+                job.done.set()
+                if job.on_done is not None:
+                    job.on_done(job)
+        self._read()  # before admission: a row that finishes on its read leaves room in this very step
+        self._preempt_to_budget()
+        self._admit()
+        if not self.live:
+            return False
+        for job in list(self.live):
+            if job.closed is not None:  # no program: decode it whole now
+                try:
+                    self._finish(job, result=job.closed())
+                except Exception as exc:
+                    self._finish(job, error=exc)
+            elif job.pending is None:
+                self._advance(job, None)
+        self._update()
+        ready = [j for j in self.live if isinstance(j.pending, ForwardPass)]
+        if not ready:
+            return True
+        shared = [j for j in ready if j.pending.shareable]
+        alone = [j for j in ready if not j.pending.shareable]
+        results: list[tuple[Job, torch.Tensor | None, BaseException | None]] = []
+        if shared:
+            results += self._run_shared(shared)
+        for j in alone:
+            try:
+                results.append((j, run_pass(self.model, j.pending), None))
+            except Exception as exc:
+                results.append((j, None, exc))
+            self.passes += 1
+        for job, logits, error in results:
+            if error is not None:
+                self._finish(job, error=error)
+            elif logits is None:  # preempted before its pass ran: it runs when it is admitted again
+                continue
+            elif job.replay:  # a pass run again to rebuild its slots: its logits were had before
+                job.replay.pop(0)
+            else:
+                self._remember(job, job.pending)
+                self._advance(job, logits)
+        self._update()
+        self.steps += 1
+        return True
+
+    def _update(self) -> None:
+        """The step's decoder updates (`Update`): one call per group of requests, not one per row. A group
+        whose call fails is run request by request, so that only a row whose own update fails gets the error."""
+        while True:
+            groups: dict[Hashable, list[Job]] = {}
+            for job in self.live:
+                if isinstance(job.pending, Update):
+                    groups.setdefault(job.pending.group, []).append(job)
+            if not groups:
+                return
+            for jobs in groups.values():
+                try:
+                    results = run_updates([j.pending for j in jobs])
+                except Exception:  # again one by one (the calls are pure): the failing rows fail alone
+                    results = [self._update_alone(j) for j in jobs]
+                for job, value in zip(jobs, results):
+                    if value is not None:
+                        self._advance(job, value)
+
+    def _update_alone(self, job: Job) -> tuple[torch.Tensor, ...] | None:
+        try:
+            return job.pending.run()
+        except Exception as exc:
+            self._finish(job, error=exc)
+            return None
+
+    def _read(self) -> None:
+        """The step's one device-to-host copy, for every live row that asked (`HostRead`)."""
+        reading = [j for j in self.live if isinstance(j.pending, HostRead)]
+        if not reading:
+            return
+        try:
+            values = read_all([j.pending.tensor for j in reading])
+        except Exception as exc:
+            for j in reading:
+                self._finish(j, error=exc)
+            return
+        for j, value in zip(reading, values):
+            self._advance(j, value)
+
+    def _run_shared(self, jobs: list[Job]) -> list[tuple[Job, torch.Tensor | None, BaseException | None]]:
+        """The step's one forward over `jobs` (a preempted job's next pass is the oldest it must run again).
+        When it fails (out of memory, or one job's pass is bad), it is split in two and each half retried,
+        so that only a job whose own pass fails gets the error; a job that runs out of memory alone first
+        preempts other live jobs holding KV slots (`_preempt`), youngest first. Re-running a pass is
+        harmless: its window's keys and values are written again, the same ones."""
+        jobs = [j for j in jobs if j in self.live]  # one preempted earlier in this step waits (no logits)
+        if not jobs:
+            return []
+        try:
+            self.passes += 1
+            logits = run_rows(self.model, [(j.id, j.replay[0] if j.replay else j.pending) for j in jobs], self.pool)
+            return [(j, lg, None) for j, lg in zip(jobs, logits)]
+        except Exception as exc:
+            if not _out_of_memory(exc):
+                if len(jobs) == 1:
+                    return [(jobs[0], None, exc)]
+            else:
+                self.retries += 1
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                if len(jobs) == 1:
+                    victims = [j for j in self.live if j is not jobs[0] and j.log]
+                    if not victims:
+                        return [(jobs[0], None, exc)]
+                    self._preempt(victims[-1])  # the youngest: it has done the least work
+                    self.max_tokens = max(1, self.live_tokens)  # what did fit: admit no more than that
+                    return self._run_shared(jobs)
+            half = len(jobs) // 2
+            return self._run_shared(jobs[:half]) + self._run_shared(jobs[half:])
+
+    # -- preemption by recompute -----------------------------------------------------------------
+    def _remember(self, job: Job, p: ForwardPass) -> None:
+        """Keep a cached pass that ran (its inputs copied: a program may reuse its tensors in place), so that
+        the job's slots can be rebuilt. A pass that feeds the whole canvas writes every slot position from
+        its own inputs alone: the passes before it (or before a new `kv_memory`) are no longer needed."""
+        if p.kv_length is None or p.cache is not None:
+            return
+        if job.log and job.log[-1].kv_memory != p.kv_memory:
+            job.log = []
+        kept = replace(p, inputs={k: _copied(v) for k, v in p.inputs.items()}, position_ids=_copied(p.position_ids),
+                       attention_mask=_copied(p.attention_mask), combine=None)
+        job.log = [kept] if p.start == 0 and p.length >= p.kv_length else [*job.log, kept]
+
+    def _preempt(self, job: Job) -> None:
+        """Drop a live job's KV slots and put it back at the front of the queue. Diffusion rows are
+        recomputed from their inputs: when it is admitted again, the cached passes it ran since its slots
+        were last fed whole run again first (one per step, sharing the step's forward, their logits
+        dropped), which writes exactly the keys and values it had; then its pending pass runs as if
+        nothing happened. Its tokens and NFE are those of an uninterrupted run; it costs those passes."""
+        self.pool.free(job.id)
+        job.replay, job.preempted = [], True
+        if job in self.live:
+            self.live.remove(job)
+        with self.lock:
+            self.queue.appendleft(job)
+        self.preemptions += 1
+
+    def _preempt_to_budget(self) -> None:
+        """When the live jobs hold more tokens than the budget (it was lowered: by hand, or after running
+        out of memory), preempt the youngest until they fit; one job always keeps running."""
+        while self.max_tokens is not None and len(self.live) > 1 and self.live_tokens > self.max_tokens:
+            self._preempt(self.live[-1])
+
+    def run(self, jobs: list[Job] | None = None, on_step: Callable[[Engine], None] | None = None) -> None:
+        """Step until `jobs` (default: everything submitted) are done."""
+        def finished() -> bool:
+            return self.idle() if jobs is None else all(j.done.is_set() for j in jobs)
+
+        while not finished():
+            if not self.step():
+                break
+            if on_step is not None:
+                on_step(self)
+
+
+CPU_TOKENS_IN_FLIGHT = 1 << 16  # canvas positions in flight on a CPU: RAM is rarely what limits it
+
+
+def default_tokens_in_flight(model: Any, fraction: float = 0.8) -> int:
+    """The token budget when none is given: a fixed number on the CPU; on CUDA what `fraction` of the free
+    device memory holds at the bytes a canvas position costs (its K and V in every layer, twice: the
+    pool, and the activations and logits of the step's forward around it)."""
+    device = getattr(model, "device", torch.device("cpu"))
+    if device.type != "cuda":
+        return CPU_TOKENS_IN_FLIGHT
+    free, _ = torch.cuda.mem_get_info(device)
+    per_token = 2 * model.new_cache(1, 1).nbytes
+    return max(1, int(free * fraction) // per_token)
+
+
+def _copied(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, tuple):
+        return tuple(_copied(v) for v in value)
+    return value
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+
+class BackgroundEngine:
+    """An engine stepping in a thread of its own, for a server: any thread submits or cancels jobs; the
+    loop sleeps while there is nothing to do. Job callbacks (`on_done`, the request's `on_event`) run in
+    the engine's thread: hand their data to your own thread (e.g. `loop.call_soon_threadsafe`)."""
+
+    def __init__(self, engine: Engine, *, on_step: Callable[[Engine], None] | None = None):
+        self.engine, self.on_step = engine, on_step
+        self.wake = threading.Condition()
+        self.stopping = False
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._loop, name="evotok-engine", daemon=True)
+        self.thread.start()
+
+    def submit(self, job: Job) -> Job:
+        self.engine.submit(job)
+        with self.wake:
+            self.wake.notify()
+        return job
+
+    def _loop(self) -> None:
+        while True:
+            with self.wake:
+                while self.engine.idle() and not self.stopping:
+                    self.wake.wait(timeout=0.5)
+                if self.stopping and self.engine.idle():
+                    return
+            try:
+                self.engine.step()
+            except BaseException as exc:  # a bug in the loop itself: fail every job rather than hang them
+                self.error = exc
+                for job in [*self.engine.live, *self.engine.queue]:
+                    self.engine._finish(job, error=exc)
+                self.engine.queue.clear()
+                return
+            if self.on_step is not None:
+                self.on_step(self.engine)
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """Finish what is live and queued (cancel jobs first to drop them), then end the thread; True if
+        it ended within `timeout`."""
+        with self.wake:
+            self.stopping = True
+            self.wake.notify()
+        self.thread.join(timeout)
+        return not self.thread.is_alive()
