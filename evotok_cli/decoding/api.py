@@ -11,9 +11,9 @@ import difflib
 import math
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, Protocol, get_args, get_origin
+from typing import Any, ClassVar, Literal, Protocol, get_args, get_origin, runtime_checkable
 
 from evotok_cli.errors import ConfigError
 from evotok_cli.options import option as _declare
@@ -217,6 +217,28 @@ class Decoder(Protocol):
     def __init__(self, config: Any) -> None: ...
 
     def generate(self, model: Any, request: GenerationRequest) -> GenerationResult: ...
+
+
+@runtime_checkable
+class ProgramDecoder(Protocol):
+    """A decoder the step engine can interleave with others: besides `generate` (`Decoder`), a `program(model, request)`
+    that yields its passes (decoding/engine.py). Every built-in decoder is one; a decoder with `generate`
+    alone (an older third-party plugin) still runs, decoded whole when its turn comes. Optional, both False
+    when absent: `split(request)`, each row a program of its own (its own random stream and KV slots);
+    `sequential(request)`, the rows decoded in turn as one program (rng=reference). Read them through
+    `splits_rows` and `decodes_in_turn`."""
+
+    def program(self, model: Any, request: GenerationRequest) -> Generator[Any, Any, GenerationResult]: ...
+
+
+def splits_rows(decoder: Any, request: GenerationRequest) -> bool:
+    """Whether the engine runs each of `request`'s rows as a program of its own (`ProgramDecoder.split`)."""
+    return isinstance(decoder, ProgramDecoder) and bool(getattr(decoder, "split", lambda r: False)(request))
+
+
+def decodes_in_turn(decoder: Any, request: GenerationRequest) -> bool:
+    """Whether `request`'s rows are one program decoded row after row (`ProgramDecoder.sequential`)."""
+    return isinstance(decoder, ProgramDecoder) and bool(getattr(decoder, "sequential", lambda r: False)(request))
 
 
 def settings_used(decoder: Any) -> tuple[str, ...]:

@@ -22,24 +22,24 @@ def make_jobs(model: Any, decoder: Any, request: Any, *, cohort: int) -> list[tu
     """
     from dataclasses import replace
 
-    from evotok_cli.decoding.api import row_seed
+    from evotok_cli.decoding.api import ProgramDecoder, decodes_in_turn, row_seed, splits_rows
 
     n = len(request.prompts)
     seeds = [row_seed(request, i) for i in range(n)]
     def tokens(prompts: list[list[int]]) -> int:  # canvas positions: what the rows' K/V and activations hold
         return sum(len(q) + request.gen_length for q in prompts)
 
-    if hasattr(decoder, "program") and getattr(decoder, "sequential", lambda r: False)(request):
+    if decodes_in_turn(decoder, request):
         widest = max(request.prompts, key=len, default=[])
         return [(0, Job(decoder.program(model, request), rows=1, tokens=tokens([widest])))]  # one stream
-    per_row = hasattr(decoder, "program") and getattr(decoder, "split", lambda r: False)(request)
+    per_row = splits_rows(decoder, request)
     size = 1 if per_row else cohort
     jobs = []
     for first in range(0, n, size):
         part = replace(request, prompts=request.prompts[first:first + size], seeds=seeds[first:first + size],
                        seed=None, on_event=shifted_listener(request.on_event, first),
                        on_final=shifted_listener(request.on_final, first))
-        if hasattr(decoder, "program"):
+        if isinstance(decoder, ProgramDecoder):
             job = Job(decoder.program(model, part), rows=len(part.prompts), tokens=tokens(part.prompts))
         else:
             job = Job(None, rows=len(part.prompts), tokens=tokens(part.prompts),
