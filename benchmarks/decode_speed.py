@@ -147,6 +147,7 @@ def main() -> None:
     p.add_argument("--batches", default="1,4,16")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="batches 1,4 and one repeat")
+    p.add_argument("--only", default=None, help="these decoder:cache pairs, e.g. hard-mask:none,evotoken:dual")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--checkout", type=Path, default=None,
                    help="time another checkout's code with this script (a 'before' number)")
@@ -163,7 +164,7 @@ def main() -> None:
         lm = load_model(folder, device=args.device, dtype=args.dtype, load_tokenizer=False)
         rows = []
         for batch in [int(b) for b in args.batches.split(",")]:
-            for name, cache in GRID:
+            for name, cache in [g for g in GRID if args.only is None or f"{g[0]}:{g[1]}" in args.only.split(",")]:
                 row = run_one(lm, name, cache, batch, args)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
