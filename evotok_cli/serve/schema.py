@@ -13,14 +13,21 @@ or refused with 400 `unknown_field` under `--strict`.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from evotok_cli.prompts import Prompt
+from evotok_cli.serve.body import (  # noqa: F401 (ApiError, bad, MAX_BODY_BYTES: re-exported)
+    MAX_BODY_BYTES,
+    ApiError,
+    Fields,
+    bad,
+    checked_text,
+    kind_of,
+    parse_json,
+)
 
-MAX_BODY_BYTES = 4 * 1024 * 1024
 MAX_PROMPTS = 64  # prompts in one completions request
 MAX_MESSAGES = 1000  # messages in one chat: refused before any is read (100,000 took seconds of template)
 MAX_N = 64  # choices per prompt
@@ -33,25 +40,6 @@ INERT = ("user", "store", "metadata", "service_tier", "parallel_tool_calls", "pr
          "safety_identifier", "prompt_cache_key", "stream_options")
 STREAM_MODES = ("final", "evolve")
 SEED_MAX = 2**63 - 1  # as every command's seeds; choice i samples from derive_seed(seed, i), below 2**63 too
-
-
-@dataclass
-class ApiError(Exception):
-    """An HTTP error answered as OpenAI does: {"error": {"message", "type", "param", "code"}}."""
-
-    status: int
-    message: str
-    param: str | None = None
-    code: str | None = None
-    type: str = "invalid_request_error"
-    headers: dict[str, str] = field(default_factory=dict)
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-def bad(message: str, param: str | None, code: str = "invalid_value") -> ApiError:
-    return ApiError(400, message, param=param, code=code)
 
 
 @dataclass
@@ -96,120 +84,6 @@ class CompletionFields:
     @property
     def rows(self) -> int:
         return len(self.prompts) * self.n
-
-
-def parse_json(raw: bytes) -> dict[str, Any]:
-    """The body as a JSON object, or a 400 that says why not."""
-    if len(raw) > MAX_BODY_BYTES:
-        raise ApiError(413, f"request body is {len(raw)} bytes, over the limit of {MAX_BODY_BYTES}",
-                       code="body_too_large")
-    try:
-        body = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
-    except UnicodeDecodeError:
-        raise bad("request body is not UTF-8", None, "invalid_json") from None
-    except (json.JSONDecodeError, ValueError) as exc:
-        raise bad(f"request body is not valid JSON ({exc})", None, "invalid_json") from None
-    except RecursionError:
-        raise bad("request body is nested too deeply", None, "invalid_json") from None
-    if not isinstance(body, dict):
-        raise bad(f"request body must be a JSON object, not {_kind(body)}", None, "invalid_json")
-    return body
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def _kind(value: Any) -> str:
-    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
-             dict: "an object", type(None): "null"}
-    return names.get(type(value), type(value).__name__)
-
-
-def _text(value: str, param: str) -> str:
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise bad("text holds a lone surrogate (not valid Unicode)", param) from None
-    return value
-
-
-class Fields:
-    """Typed reads of a JSON object's fields; `finish()` lists the fields nobody read in `ignored`, or refuses
-    them when strict."""
-
-    def __init__(self, body: dict[str, Any], prefix: str = "", *, strict: bool = False,
-                 ignored: list[str] | None = None):
-        self.body, self.prefix, self.seen, self.strict = body, prefix, set(), strict
-        self.ignored: list[str] = [] if ignored is None else ignored
-
-    def nested(self, body: dict[str, Any], prefix: str) -> Fields:
-        """The fields of an object inside this one, sharing its strictness and its list of ignored fields."""
-        return Fields(body, prefix, strict=self.strict, ignored=self.ignored)
-
-    def inert(self, *keys: str) -> None:
-        """Fields accepted with any value and ignored: they cannot change the answer."""
-        self.seen.update(keys)
-
-    def raw(self, key: str) -> Any:
-        self.seen.add(key)
-        return self.body.get(key)
-
-    def integer(self, key: str, lo: int, hi: int) -> int | None:
-        value = self.raw(key)
-        if value is None:
-            return None
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise bad(f"{key} must be an integer, not {_kind(value)}", self.prefix + key, "invalid_type")
-        if not lo <= value <= hi:
-            raise bad(f"{key} must be between {lo} and {hi}, got {value}", self.prefix + key)
-        return value
-
-    def number(self, key: str, lo: float, hi: float) -> float | None:
-        value = self.raw(key)
-        if value is None:
-            return None
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise bad(f"{key} must be a number, not {_kind(value)}", self.prefix + key, "invalid_type")
-        if not math.isfinite(value) or not lo <= value <= hi:
-            raise bad(f"{key} must be a finite number between {lo:g} and {hi:g}, got {value}", self.prefix + key)
-        return float(value)
-
-    def boolean(self, key: str) -> bool | None:
-        value = self.raw(key)
-        if value is not None and not isinstance(value, bool):
-            raise bad(f"{key} must be true or false, not {_kind(value)}", self.prefix + key, "invalid_type")
-        return value
-
-    def string(self, key: str) -> str | None:
-        value = self.raw(key)
-        if value is not None and not isinstance(value, str):
-            raise bad(f"{key} must be a string, not {_kind(value)}", self.prefix + key, "invalid_type")
-        return None if value is None else _text(value, self.prefix + key)
-
-    def neutral(self, key: str, allowed: tuple[Any, ...], what: str) -> None:
-        """An OpenAI field evotok does not implement: accepted only at the value that changes nothing."""
-        value = self.raw(key)
-        if value is not None and not any(value == a and type(value) is type(a) or
-                                         (isinstance(a, float) and _number_equal(value, a)) for a in allowed):
-            raise bad(f"{key} is not supported by evotok serve ({what})", self.prefix + key, "unsupported")
-
-    def finish(self) -> None:
-        unknown = sorted(str(k) for k in self.body if k not in self.seen)
-        if unknown and self.strict:
-            raise bad(f"unknown field {unknown[0]!r} (the server runs with --strict)", self.prefix + unknown[0],
-                      "unknown_field")
-        self.ignored.extend(self.prefix + k for k in unknown)
-
-    def refused(self, key: str, accepted: Any, what: str) -> None:
-        """A field that would change the output and is not implemented: 400 unless `accepted(value)`."""
-        value = self.raw(key)
-        if value is not None and not accepted(value):
-            raise bad(f"{key} is not supported by evotok serve ({what})", self.prefix + key, "unsupported")
-
-
-def _number_equal(value: Any, target: float) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == target
 
 
 def parse_completion(body: dict[str, Any], *, strict: bool = False) -> CompletionFields:
@@ -297,8 +171,8 @@ def check_model(name: str | None, served: str) -> None:
 def text_prompt(value: Any) -> str:
     """A prompt that must be one string (/tokenize's)."""
     if not isinstance(value, str):
-        raise bad(f"prompt must be a string, not {_kind(value)}", "prompt", "invalid_type")
-    return _text(value, "prompt")
+        raise bad(f"prompt must be a string, not {kind_of(value)}", "prompt", "invalid_type")
+    return checked_text(value, "prompt")
 
 
 def _prompts(value: Any) -> list[Prompt]:
@@ -306,9 +180,9 @@ def _prompts(value: Any) -> list[Prompt]:
     if value is None:
         raise bad("prompt is required", "prompt", "missing_field")
     if isinstance(value, str):
-        return [Prompt(_text(value, "prompt"))]
+        return [Prompt(checked_text(value, "prompt"))]
     if not isinstance(value, list):
-        raise bad(f"prompt must be a string or an array, not {_kind(value)}", "prompt", "invalid_type")
+        raise bad(f"prompt must be a string or an array, not {kind_of(value)}", "prompt", "invalid_type")
     if not value:
         raise bad("prompt is an empty array", "prompt")
     if all(_is_id(v) for v in value):
@@ -318,7 +192,7 @@ def _prompts(value: Any) -> list[Prompt]:
     prompts = []
     for i, item in enumerate(value):
         if isinstance(item, str):
-            prompts.append(Prompt(_text(item, f"prompt[{i}]")))
+            prompts.append(Prompt(checked_text(item, f"prompt[{i}]")))
         elif isinstance(item, list) and item and all(_is_id(v) for v in item):
             prompts.append(Prompt(None, ids=list(item)))
         else:
@@ -344,7 +218,7 @@ def messages_of(value: Any, parent: Fields) -> list[dict[str, str]]:
     for i, item in enumerate(value):
         where = f"messages[{i}]"
         if not isinstance(item, dict):
-            raise bad(f"{where} must be an object, not {_kind(item)}", where, "invalid_type")
+            raise bad(f"{where} must be an object, not {kind_of(item)}", where, "invalid_type")
         f = parent.nested(item, where + ".")
         role = f.string("role")
         if role not in ROLES:
@@ -368,7 +242,7 @@ def _content(value: Any, where: str, parent: Fields) -> str:
     """A string, or text parts [{"type": "text", "text": ...}] joined by newlines (other keys of a text part,
     such as a cache hint, are unknown fields)."""
     if isinstance(value, str):
-        return _text(value, where)
+        return checked_text(value, where)
     if isinstance(value, list) and value:
         texts = []
         for j, part in enumerate(value):
@@ -376,11 +250,11 @@ def _content(value: Any, where: str, parent: Fields) -> str:
                 raise bad(f"{where}[{j}] must be a text part {{\"type\": \"text\", \"text\": ...}} "
                           "(evotok serve reads text only)", f"{where}[{j}]", "invalid_type")
             p = parent.nested(part, f"{where}[{j}].")
-            texts.append(_text(p.string("text") or "", f"{where}[{j}]"))
+            texts.append(checked_text(p.string("text") or "", f"{where}[{j}]"))
             p.raw("type")
             p.finish()
         return "\n".join(texts)
-    raise bad(f"{where} must be a string or an array of text parts, not {_kind(value)}", where, "invalid_type")
+    raise bad(f"{where} must be a string or an array of text parts, not {kind_of(value)}", where, "invalid_type")
 
 
 def _stops(value: Any) -> list[str]:
@@ -391,7 +265,7 @@ def _stops(value: Any) -> list[str]:
         raise bad("stop must be a string or an array of strings", "stop", "invalid_type")
     if len(stops) > MAX_STOPS or any(not s for s in stops):
         raise bad(f"stop must hold 1 to {MAX_STOPS} non-empty strings", "stop")
-    return [_text(s, "stop") for s in stops]
+    return [checked_text(s, "stop") for s in stops]
 
 
 def _stream_mode(value: str | None, stream: bool) -> str:
@@ -409,7 +283,7 @@ def _stream_options(value: Any, stream: bool, parent: Fields) -> bool:
     if value is None or not stream:
         return False
     if not isinstance(value, dict):
-        raise bad(f"stream_options must be an object, not {_kind(value)}", "stream_options", "invalid_type")
+        raise bad(f"stream_options must be an object, not {kind_of(value)}", "stream_options", "invalid_type")
     f = parent.nested(value, "stream_options.")
     include = f.boolean("include_usage")
     f.inert("continuous_usage_stats")  # vLLM's: usage on every chunk; evotok sends it once, at the end
@@ -422,13 +296,13 @@ def _options(value: Any) -> dict[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise bad(f"options must be an object, not {_kind(value)}", "options", "invalid_type")
+        raise bad(f"options must be an object, not {kind_of(value)}", "options", "invalid_type")
     for key, item in value.items():
         if item is not None and not isinstance(item, (str, int, float, bool)):
-            raise bad(f"options.{key} must be a string, number or boolean, not {_kind(item)}", f"options.{key}",
+            raise bad(f"options.{key} must be a string, number or boolean, not {kind_of(item)}", f"options.{key}",
                       "invalid_type")
         if isinstance(item, float) and not math.isfinite(item):
             raise bad(f"options.{key} is not a finite number", f"options.{key}")
         if isinstance(item, str):
-            _text(item, f"options.{key}")
+            checked_text(item, f"options.{key}")
     return {str(k).replace("-", "_"): v for k, v in value.items()}
