@@ -209,7 +209,9 @@ class Decoder(Protocol):
     GENERATION_SETTINGS), so that the CLI validates and reports only those; and
     `check_settings(gen_length=..., block_length=..., steps=...)`, its own early check of them (raise
     ConfigError), run before the model loads; and `block_constraint`, the block size its options fix (or
-    None), which a canvas planned for a `max_tokens` cap must be a whole number of (`canvas_plan`)."""
+    None), which a canvas planned for a `max_tokens` cap must be a whole number of (`canvas_plan`). A decoder
+    that also writes `program` (a `ProgramDecoder`, below) shares the step engine's forwards with other rows;
+    one with only `generate` is run whole when its turn comes."""
 
     name: ClassVar[str]
     Config: ClassVar[type]
