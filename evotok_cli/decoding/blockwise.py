@@ -27,7 +27,7 @@ import torch
 
 from evotok_cli.decoding.api import FinalPrefix, GenerationRequest, GenerationResult, RowResult, StepEvent, row_seed
 from evotok_cli.decoding.canvas import Canvas, build_canvas
-from evotok_cli.decoding.engine import ForwardPass, HostRead, Program, drive, shifted_listener
+from evotok_cli.decoding.engine import ForwardPass, HostRead, Program, Update, drive, shifted_listener
 from evotok_cli.decoding.logprobs import recorder_for
 from evotok_cli.decoding.schedule import block_layout, release_draws, transfer_schedule
 from evotok_cli.errors import ConfigError
@@ -105,6 +105,24 @@ class BlockwiseDecoder:
         if key is None:
             key = self.__dict__["_group_key"] = (type(self), repr(self.config))
         return (id(model), *key, repr(temperature))
+
+    def llada_update(self, fn: Any, model: Any, state: Any, canvas: Canvas, logits: torch.Tensor,
+                     cols: tuple[int, int], block: Block, counts: list[int], generator: Any, temperature: float,
+                     **flags: Any) -> Any:
+        """LLaDA's commit step (`fn`: `schedule.llada_rows`, as the plugin module names it) as one grouped
+        `Update` over the rows that share this decoder, options and window shape; `state.confidence` and the
+        window's tokens are written back by the engine. Returns the (rows, window) bool mask of what was
+        committed. `flags`: llada_step's optional switches."""
+        cfg = self.config
+        a, b = cols
+        rows = canvas.batch
+        _, _, chosen = yield Update(
+            fn, self.group_key(model, temperature), (logits, canvas.x[:, a:b], state.confidence[:, a:b]),
+            rows={"counts": counts, "generators": [generator] * rows, "columns": [block.ranked_columns(a)] * rows},
+            shared={"model": model, "temperature": temperature, "remasking": cfg.remasking,
+                    "threshold": cfg.threshold, "exact": cfg.cache == "none" and cfg.threshold is None, **flags},
+            into={0: 1, 1: 2})
+        return chosen
 
     @staticmethod
     def block_active(model: Any, canvas: Canvas, block: Block) -> torch.Tensor:

@@ -125,12 +125,8 @@ class EvoTokenDecoder(BlockwiseDecoder):
         rows = canvas.batch
         generators = [generator] * rows
         if cfg.plain:
-            _, _, chosen = yield Update(
-                llada_rows, self.group_key(model, temperature), (logits, canvas.x[:, a:b], state.confidence[:, a:b]),
-                rows={"counts": counts, "generators": generators, "columns": [block.ranked_columns(a)] * rows},
-                shared={"model": model, "temperature": temperature, "remasking": cfg.remasking,
-                        "threshold": cfg.threshold, "exact": cfg.cache == "none" and cfg.threshold is None},
-                into={0: 1, 1: 2})  # written back by the engine
+            chosen = yield from self.llada_update(llada_rows, model, state, canvas, logits, cols, block, counts,
+                                                  generator, temperature)
             if not masks:
                 return None, None
             return _full(canvas, chosen, a, b), torch.zeros_like(canvas.x, dtype=torch.bool)

@@ -20,7 +20,7 @@ import torch
 from evotok_cli.decoding.api import option, remasking_option, threshold_option
 from evotok_cli.decoding.blockwise import BlockwiseDecoder, check_reference_rng
 from evotok_cli.decoding.canvas import Canvas
-from evotok_cli.decoding.engine import ForwardPass, Update
+from evotok_cli.decoding.engine import ForwardPass
 from evotok_cli.decoding.schedule import llada_rows, llada_step
 from evotok_cli.errors import ConfigError
 
@@ -101,15 +101,9 @@ class HardMaskDecoder(BlockwiseDecoder):
                                                       generator, temperature, masks))
         cfg = self.config
         a, b = cols
-        rows = canvas.batch
-        _, _, chosen = yield Update(
-            llada_rows, self.group_key(model, temperature),
-            (logits, canvas.x[:, a:b], state.confidence[:, a:b]),
-            rows={"counts": counts, "generators": [generator] * rows, "columns": [block.ranked_columns(a)] * rows},
-            shared={"model": model, "temperature": temperature, "remasking": cfg.remasking,
-                    "threshold": cfg.threshold, "exact": cfg.cache == "none" and cfg.threshold is None,
-                    "logits_eos_inf": cfg.logits_eos_inf, "confidence_eos_eot_inf": cfg.confidence_eos_eot_inf},
-            into={0: 1, 1: 2})  # the window's tokens and confidences written back by the engine
+        chosen = yield from self.llada_update(llada_rows, model, state, canvas, logits, cols, block, counts, generator,
+                                              temperature, logits_eos_inf=cfg.logits_eos_inf,
+                                              confidence_eos_eot_inf=cfg.confidence_eos_eot_inf)
         if not masks:
             return None, None
         committed = torch.zeros_like(canvas.x, dtype=torch.bool)
