@@ -126,7 +126,11 @@ def read_stdin_text(*, what: str = "input") -> str:
                         fix="pipe the input in, or pass a file")
     if sys.stdin.isatty():
         print(f"note: reading the {what} from standard input (end it with Ctrl-D)", file=sys.stderr)
-    data = sys.stdin.buffer.read(MAX_INPUT_BYTES + 1)
+    try:
+        data = sys.stdin.buffer.read(MAX_INPUT_BYTES + 1)
+    except (OSError, ValueError) as exc:  # not readable (a closed or captured stream, a broken socket)
+        raise DataError(f"{what} is standard input, which cannot be read ({exc})", where="-",
+                        fix="pipe the input in, or pass a file") from None
     if len(data) > MAX_INPUT_BYTES:
         raise DataError(f"{what} is larger than {MAX_INPUT_BYTES >> 30} GiB", where="-",
                         fix="split it into smaller files")

@@ -97,6 +97,7 @@ CASES = [
     Case("generate-prompts-latin1", BARE + ["--prompts-file", "{tmp}/p.jsonl"], "line 2",
          write("p.jsonl", b'{"prompt": "ok"}\n{"prompt": "caf\xe9"}\n')),
     Case("generate-prompts-folder", BARE + ["--prompts-file", "{tmp}"], "is a folder, not a file"),
+    Case("generate-prompts-stdin-unreadable", BARE + ["--prompts-file", "-"], "standard input, which cannot be read"),
     Case("generate-prompts-loop", BARE + ["--prompts-file", "{tmp}/loop"], "symbolic link loop", _loop("loop")),
     Case("generate-prompts-not-json", BARE + ["--prompts-file", "{tmp}/p.jsonl"], "p.jsonl:2: invalid JSON",
          write("p.jsonl", '"ok"\n{oops\n')),
