@@ -42,7 +42,7 @@ if CHILD not in os.environ:  # the child's evotok_cli comes from the shim on PYT
     sys.path.insert(0, str(ROOT))
 
 from evotok_cli.decoding.api import GenerationRequest  # noqa: E402
-from evotok_cli.generation import make_decoder  # noqa: E402
+from evotok_cli.jobs.generation import make_decoder  # noqa: E402
 from evotok_cli.runtime.init import create_model  # noqa: E402
 from evotok_cli.runtime.model import load_model  # noqa: E402
 
@@ -114,9 +114,9 @@ def git_commit(folder: Path) -> str:
 
 def run_in_checkout(checkout: Path) -> int:
     """This script, again, over `checkout`'s code (same arguments); its exit code."""
-    from serve_load import shim  # benchmarks/ is sys.path[0] when a script of it runs
+    from serve_load import plugins_folder, shim  # benchmarks/ is sys.path[0] when a script of it runs
 
-    if not (checkout / "evotok_cli").is_dir() or not (checkout / "plugins").is_dir():
+    if not (checkout / "evotok_cli").is_dir() or not plugins_folder(checkout).is_dir():
         sys.exit(f"--checkout {checkout}: not an evotok checkout (no evotok_cli/ and plugins/ in it)")
     env = {**os.environ, "PYTHONPATH": str(shim(checkout)), CHILD: str(checkout.resolve())}
     return subprocess.run([sys.executable, str(Path(__file__).resolve()), *sys.argv[1:]], env=env).returncode

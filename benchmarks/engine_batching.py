@@ -45,14 +45,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 # the plugins of THIS checkout (installed as evotok_plugins, possibly from another folder)
-_spec = importlib.util.spec_from_file_location("evotok_plugins", ROOT / "plugins" / "__init__.py",
-                                               submodule_search_locations=[str(ROOT / "plugins")])
+PLUGINS = ROOT / "plugins" / "evotok_plugins"
+PLUGINS = PLUGINS if PLUGINS.is_dir() else ROOT / "plugins"  # a checkout from before the layer folders
+_spec = importlib.util.spec_from_file_location("evotok_plugins", PLUGINS / "__init__.py",
+                                               submodule_search_locations=[str(PLUGINS)])
 sys.modules["evotok_plugins"] = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(sys.modules["evotok_plugins"])
 
 from evotok_cli.decoding.api import GenerationRequest  # noqa: E402
 from evotok_cli.decoding.engine import Engine, make_jobs  # noqa: E402
-from evotok_cli.generation import make_decoder  # noqa: E402
+from evotok_cli.jobs.generation import make_decoder  # noqa: E402
 from evotok_cli.runtime.model import load_model  # noqa: E402
 
 MODES = {

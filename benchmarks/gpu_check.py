@@ -250,7 +250,7 @@ def run_decoder(model: Any, name: str, options: dict[str, Any], s: Settings, bat
     the timed shapes: the whole request, or when quick the same canvas and blocks with two passes per
     block (a full pass and a windowed one under a cache), so no timed pass meets a new shape."""
     from evotok_cli.decoding.api import GenerationRequest
-    from evotok_cli.generation import make_decoder
+    from evotok_cli.jobs.generation import make_decoder
 
     if name == "d2f":
         options = {**options, "block_size": s.block_length}
@@ -291,7 +291,7 @@ def greedy_tokens(model: Any, s: Settings) -> dict[str, Any]:
     """Hard-mask, no cache, temperature 0 on `quantize_prompts` prompts of mixed lengths through the engine:
     tokens/s, NFE and every row's tokens (what a quantized mode is compared on)."""
     from evotok_cli.decoding.api import GenerationRequest
-    from evotok_cli.generation import make_decoder
+    from evotok_cli.jobs.generation import make_decoder
 
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(0, s.cfg.mask_token_id, (n,), generator=g).tolist()

@@ -34,9 +34,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from evotok_cli.generation import generate, make_decoder  # noqa: E402
-from evotok_cli.prompts import Prompt  # noqa: E402
+from evotok_cli.jobs.generation import generate, make_decoder  # noqa: E402
 from evotok_cli.runtime.model import load_model  # noqa: E402
+from evotok_cli.runtime.prompts import Prompt  # noqa: E402
 
 MODES = ("rowwise", "masked")
 

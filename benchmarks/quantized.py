@@ -135,7 +135,7 @@ def bundled_prompts(lm: Any, per_task: int) -> list[tuple[str, Any]]:
 
 
 def random_prompts(lm: Any, count: int, length: int = 40, seed: int = 0) -> list[tuple[str, Any]]:
-    from evotok_cli.prompts import Prompt
+    from evotok_cli.runtime.prompts import Prompt
 
     g = torch.Generator().manual_seed(seed)
     special = set(lm.stop_ids) | {lm.mask_id}
@@ -147,7 +147,7 @@ def random_prompts(lm: Any, count: int, length: int = 40, seed: int = 0) -> list
 
 
 def decode(lm: Any, decoder_name: str, prompts: list[Any], args: argparse.Namespace) -> tuple[float, list]:
-    from evotok_cli.generation import generate, make_decoder
+    from evotok_cli.jobs.generation import generate, make_decoder
 
     decoder = make_decoder(decoder_name, {})
     results, wall = generate(lm, decoder_name, decoder, prompts, gen_length=args.gen_length,

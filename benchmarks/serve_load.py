@@ -76,16 +76,36 @@ def child_env(threads: int, checkout: Path | None = None) -> dict[str, str]:
     return env
 
 
+def plugins_folder(checkout: Path) -> Path:
+    """The folder that installs as `evotok_plugins`: plugins/evotok_plugins since the layer folders, plugins/
+    in older checkouts."""
+    inner = checkout / "plugins" / "evotok_plugins"
+    return inner if inner.is_dir() else checkout / "plugins"
+
+
 def shim(checkout: Path) -> Path:
     """A folder that makes `import evotok_cli` and `import evotok_plugins` load `checkout`'s code (it comes
-    first on PYTHONPATH, before the installed package)."""
+    first on PYTHONPATH, before the installed package), with `checkout`'s entry points: the installed ones
+    name the modules of this checkout, which an older tree may not have."""
     digest = hashlib.sha256(str(checkout.resolve()).encode()).hexdigest()[:12]
     folder = Path(tempfile.gettempdir()) / f"evotok-shim-{digest}"
     folder.mkdir(exist_ok=True)
-    for name, target in (("evotok_cli", checkout / "evotok_cli"), ("evotok_plugins", checkout / "plugins")):
+    for name, target in (("evotok_cli", checkout / "evotok_cli"), ("evotok_plugins", plugins_folder(checkout))):
         link = folder / name
         if not link.is_symlink():
             link.symlink_to(target.resolve())
+    try:
+        import tomllib  # Python 3.11+; on 3.10 the installed entry points are used
+    except ImportError:
+        return folder
+    project = tomllib.loads((checkout / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    info = folder / f"evotok-{project['version']}.dist-info"
+    info.mkdir(exist_ok=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: evotok\nVersion: {project['version']}\n")
+    groups = project.get("entry-points", {})
+    (info / "entry_points.txt").write_text("".join(
+        f"[{group}]\n" + "".join(f"{name} = {value}\n" for name, value in points.items()) + "\n"
+        for group, points in groups.items()))
     return folder
 
 

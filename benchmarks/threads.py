@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from evotok_cli.threads import choose  # noqa: E402
+from evotok_cli.base.threads import choose  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 SUMMARY = re.compile(r"NFE (\d+), (\d+) answer tokens in ([0-9.]+)s")

@@ -1,6 +1,9 @@
-"""`python -m evotok_cli ...` (what torchrun and accelerate launch)."""
+"""`python -m evotok_cli ...` (what torchrun and accelerate launch).
 
-from evotok_cli.cli import main
+Layer 7, face: may import every layer.
+"""
+
+from evotok_cli.cli.app import main
 
 if __name__ == "__main__":
     main()

@@ -25,7 +25,7 @@ def command_paths() -> list[tuple[str, ...]]:
     """Every command path of the CLI, found by walking the click tree (the root is the empty path)."""
     import typer.main
 
-    from evotok_cli.cli import app
+    from evotok_cli.cli.app import app
 
     root = typer.main.get_command(app)
     paths: list[tuple[str, ...]] = []
@@ -42,7 +42,7 @@ def command_paths() -> list[tuple[str, ...]]:
 def help_text(path: tuple[str, ...]) -> str:
     """The help page exactly as `evotok <path> --help` prints it (stdout, then stderr if any)."""
     env = {**os.environ, "COLUMNS": "120", "NO_COLOR": "1", "TERM": "dumb"}
-    code = "from evotok_cli.cli import main; main()"
+    code = "from evotok_cli.cli.app import main; main()"
     done = subprocess.run([sys.executable, "-c", code, *path, "--help"], capture_output=True, text=True, env=env,
                           check=False)
     return done.stdout + (f"\n[stderr]\n{done.stderr}" if done.stderr else "") + f"\n[exit {done.returncode}]\n"

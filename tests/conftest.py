@@ -16,7 +16,7 @@ import torch
 pytest_plugins = ["tests.source_tree_guard", "tests.quick"]  # writes into the checkout fail; -m quick
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("OMP_NUM_THREADS", "1")  # commands run in process keep one thread (evotok_cli/threads.py)
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # commands run in process keep one thread (evotok_cli/base/threads.py)
 torch.set_num_threads(1)
 
 from evotok_cli.runtime.architectures.llada import LLaDAConfig, LLaDAModelLM  # noqa: E402
@@ -102,7 +102,7 @@ class CliResult:
 @pytest.fixture
 def cli(capsys, monkeypatch):
     """Run `evotok ...` in this process (fast); same entry point and error handling as the console script."""
-    from evotok_cli.cli import main
+    from evotok_cli.cli.app import main
 
     def run(*args: str, env: dict[str, str] | None = None) -> CliResult:
         for key in [k for k in os.environ if k.startswith("EVOTOK_")]:

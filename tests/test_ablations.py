@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from evotok_cli.decoding.api import GenerationRequest
-from evotok_cli.generation import make_decoder
+from evotok_cli.jobs.generation import make_decoder
 
 OFF = {"soft_mask": "false", "soft_decoded": "false", "revise": "false"}
 PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13, 14]]

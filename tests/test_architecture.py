@@ -1,9 +1,11 @@
-"""The layering of docs/architecture.md, enforced: every module of evotok_cli/ and plugins/ imports only
-from its own layer and the layers below it (imports inside functions and under TYPE_CHECKING count
-too), and no two modules import each other, directly or round a loop.
+"""The layering of docs/architecture.md, enforced: every module of evotok_cli/ and plugins/evotok_plugins/
+imports only from its own layer and the layers below it (imports inside functions and under TYPE_CHECKING
+count too), and no two modules import each other, directly or round a loop.
 
-The layer table is read from docs/architecture.md itself, so the picture and the rule cannot drift
-apart. A new module must be placed in a layer there before this test passes."""
+The layers are read from the folders: each layer folder's `__init__.py` docstring has a line
+`Layer N, name: ...` (a module directly in evotok_cli/ declares its own). docs/architecture.md's layer
+table must say the same, so the tree, the picture and the rule cannot drift apart. A new top-level
+module or folder must declare its layer before this test passes."""
 
 from __future__ import annotations
 
@@ -15,7 +17,35 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "architecture.md"
-PACKAGES = {"evotok_cli": "evotok_cli", "plugins": "evotok_plugins"}  # folder -> installed import name
+PACKAGES = {"evotok_cli": "evotok_cli", "plugins/evotok_plugins": "evotok_plugins"}  # folder -> import name
+DECLARATION = re.compile(r"^Layer (\d+), (\w+):", re.M)
+
+
+def declared(source: str) -> tuple[int, str] | None:
+    """The `Layer N, name:` line of a module's docstring, if it has one."""
+    try:
+        doc = ast.get_docstring(ast.parse(source)) or ""
+    except SyntaxError:
+        return None
+    found = DECLARATION.search(doc)
+    return (int(found.group(1)), found.group(2)) if found else None
+
+
+def folder_layers(files: dict[str, str]) -> dict[str, tuple[int, str]]:
+    """Path -> layer, as the tree declares it: a folder's declaration (its `__init__.py`) covers everything
+    under it; evotok_cli itself is split into layer folders, so its direct modules each declare their own."""
+    table: dict[str, tuple[int, str]] = {}
+    for path, source in files.items():
+        found = declared(source)
+        if found is None:
+            continue
+        root = next(folder for folder in PACKAGES if path.startswith(folder + "/"))
+        inner = path[len(root) + 1:]
+        if inner.endswith("__init__.py") and (root != "evotok_cli" or "/" in inner):
+            table[path.removesuffix("__init__.py")] = found
+        else:
+            table[path] = found
+    return table
 
 
 def layer_table(markdown: str) -> dict[str, tuple[int, str]]:
@@ -29,9 +59,9 @@ def layer_table(markdown: str) -> dict[str, tuple[int, str]]:
 
 
 def module_name(path: str) -> str:
-    """`plugins/d2f/__init__.py` -> `evotok_plugins.d2f`."""
-    parts = path.removesuffix(".py").split("/")
-    parts[0] = PACKAGES[parts[0]]
+    """`plugins/evotok_plugins/d2f/decoder.py` -> `evotok_plugins.d2f.decoder`."""
+    folder = next(f for f in PACKAGES if path.startswith(f + "/"))
+    parts = [PACKAGES[folder], *path[len(folder) + 1:].removesuffix(".py").split("/")]
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
@@ -69,7 +99,8 @@ def check(files: dict[str, str], table: dict[str, tuple[int, str]]) -> tuple[lis
         return table[max(matches, key=len)] if matches else None
 
     paths = {module_name(p): p for p in files}
-    problems = [f"{p}: in no layer of docs/architecture.md's table" for p in files if layer(p) is None]
+    problems = [f"{p}: in no layer (no `Layer N, name:` line in its folder's __init__)" for p in files
+                if layer(p) is None]
     graph: dict[str, set[str]] = {name: set() for name in paths}
     for path, source in files.items():
         mine = layer(path)
@@ -122,9 +153,24 @@ def source_files() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def table() -> dict[str, tuple[int, str]]:
-    found = layer_table(DOC.read_text(encoding="utf-8"))
-    assert len({rank for rank, _ in found.values()}) >= 5, "docs/architecture.md lost its layer table"
+    found = folder_layers(source_files())
+    assert len({rank for rank, _ in found.values()}) >= 8, "the layer folders lost their declarations"
     return found
+
+
+def test_the_doc_table_and_the_folders_agree(table):
+    """docs/architecture.md's table names exactly the folders and files that declare a layer, with the
+    same rank and name."""
+    doc = layer_table(DOC.read_text(encoding="utf-8"))
+    assert doc == table
+
+
+def test_every_layer_folder_says_what_it_may_import(table):
+    for path in table:
+        source = (ROOT / (path + "__init__.py" if path.endswith("/") else path)).read_text(encoding="utf-8")
+        line = DECLARATION.search(ast.get_docstring(ast.parse(source)) or "")
+        rest = (ast.get_docstring(ast.parse(source)) or "")[line.end():].strip()
+        assert rest.startswith(("may import", "this module imports nothing")), f"{path}: {rest[:60]!r}"
 
 
 def test_every_module_imports_only_its_layer_and_below(table):
@@ -138,28 +184,37 @@ def test_no_module_imports_round_a_loop(table):
     assert not loops, "modules that import each other: " + "; ".join(", ".join(group) for group in loops)
 
 
-def test_the_checker_finds_a_planted_upward_import(table):
-    """The check itself, on a synthetic tree: an upward import inside a function is found, a relative
-    import is resolved, an import by the folder's name is refused, and a loop is found."""
+def test_the_checker_finds_a_planted_upward_import():
+    """The check itself, on a synthetic tree: layers come from the folders' declarations, an upward
+    import inside a function is found, a relative import is resolved, an import by the folder's name is
+    refused, a module outside every declared folder is found, and a loop is found."""
     files = {
-        "evotok_cli/__init__.py": "",
-        "evotok_cli/errors.py": "",
-        "evotok_cli/runtime/__init__.py": "",
+        "evotok_cli/__init__.py": '"""Layer 0, base: this module imports nothing."""',
+        "evotok_cli/base/__init__.py": '"""Base.\n\nLayer 0, base: may import only base."""',
+        "evotok_cli/base/errors.py": "",
+        "evotok_cli/runtime/__init__.py": '"""Layer 1, runtime: may import base."""',
         "evotok_cli/runtime/model.py": "def f():\n    from evotok_cli.training.trainer import Trainer\n",
-        "evotok_cli/training/__init__.py": "",
+        "evotok_cli/training/__init__.py": '"""Layer 5, training: may import runtime."""',
         "evotok_cli/training/trainer.py": "from ..runtime import model\nfrom . import data\n",
-        "evotok_cli/training/data.py": "from evotok_cli.training import trainer\nfrom evotok_cli.errors import E\n",
-        "plugins/__init__.py": "",
-        "plugins/d2f/__init__.py": "from plugins.hard_mask import X\nfrom .. import hard_mask\n",
-        "plugins/hard_mask/__init__.py": "from evotok_cli.errors import E\n",
+        "evotok_cli/training/data.py": "from evotok_cli.training import trainer\nfrom evotok_cli.base.errors import E\n",
+        "evotok_cli/brand_new.py": "",
+        "evotok_cli/loose/__init__.py": "",
+        "evotok_cli/loose/thing.py": "",
+        "plugins/evotok_plugins/__init__.py": '"""Layer 3, plugins: may import decoding."""',
+        "plugins/evotok_plugins/d2f/decoder.py": "from plugins.hard_mask import X\nfrom ..hard_mask import decoder\n",
+        "plugins/evotok_plugins/hard_mask/decoder.py": "from evotok_cli.base.errors import E\n",
     }
-    problems, graph = check(files, table)
+    planted = folder_layers(files)
+    assert planted["evotok_cli/runtime/"] == (1, "runtime") and planted["plugins/evotok_plugins/"] == (3, "plugins")
+    assert planted["evotok_cli/__init__.py"] == (0, "base") and "evotok_cli/" not in planted
+    problems, graph = check(files, planted)
     assert problems == [
+        "evotok_cli/brand_new.py: in no layer (no `Layer N, name:` line in its folder's __init__)",
+        "evotok_cli/loose/__init__.py: in no layer (no `Layer N, name:` line in its folder's __init__)",
+        "evotok_cli/loose/thing.py: in no layer (no `Layer N, name:` line in its folder's __init__)",
         "evotok_cli/runtime/model.py:2 (runtime) imports evotok_cli.training.trainer (training), a layer above",
-        "plugins/d2f/__init__.py:1 imports plugins.hard_mask.X: the installed name is evotok_plugins",
+        "plugins/evotok_plugins/d2f/decoder.py:1 imports plugins.hard_mask.X: the installed name is evotok_plugins",
     ]
     assert graph["evotok_cli.training.trainer"] == {"evotok_cli.runtime.model", "evotok_cli.training.data"}
-    assert graph["evotok_plugins.d2f"] == {"evotok_plugins.hard_mask"}
+    assert graph["evotok_plugins.d2f.decoder"] == {"evotok_plugins.hard_mask.decoder"}
     assert cycles(graph) == [["evotok_cli.runtime.model", "evotok_cli.training.data", "evotok_cli.training.trainer"]]
-    assert check({"evotok_cli/brand_new.py": ""}, table)[0] == [
-        "evotok_cli/brand_new.py: in no layer of docs/architecture.md's table"]

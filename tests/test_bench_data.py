@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from evotok_cli.base.errors import ConfigError, DataError
 from evotok_cli.bench.runner import resolve_data
 from evotok_cli.bench.tasks import registry
 from evotok_cli.bench.tasks.protocol import (
@@ -21,7 +22,6 @@ from evotok_cli.bench.tasks.protocol import (
     SVAMP,
     Countdown,
 )
-from evotok_cli.errors import ConfigError, DataError
 from tests.conftest import one_line_error, run_cli
 
 DATA = Path(__file__).parent / "data"

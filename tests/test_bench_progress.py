@@ -108,8 +108,8 @@ def test_bench_without_batch_size_uses_the_default_and_says_so(cli, tiny_llada, 
 
 
 def test_bench_help_lists_every_run_option(cli):
+    from evotok_cli.base.options import flag
     from evotok_cli.bench.config import BenchOptions
-    from evotok_cli.options import flag
 
     r = cli("bench", "--help")
     assert r.returncode == 0

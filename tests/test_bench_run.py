@@ -292,7 +292,7 @@ def test_help_explains_the_three_forms(cli):
 
 
 def test_top_level_help_stays_light():
-    code = ("import sys; from evotok_cli.cli import app; "
+    code = ("import sys; from evotok_cli.cli.app import app; "
             "print(sorted({'torch', 'transformers', 'datasets'} & set(sys.modules)))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.stdout.strip() == "[]", proc.stderr

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from evotok_cli.decoding.api import GenerationRequest
-from evotok_cli.generation import make_decoder
+from evotok_cli.jobs.generation import make_decoder
 from tests import reference
 
 PROMPTS = [[5, 17, 33, 8, 21], [40, 41], [7, 9, 100], [12, 13, 14, 15, 16, 17, 18, 19]]

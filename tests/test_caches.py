@@ -8,8 +8,8 @@ import torch
 from transformers import DynamicCache
 
 from evotok_cli.decoding.api import GenerationRequest, parse_options
-from evotok_plugins.evotoken import EvoTokenDecoder
-from evotok_plugins.hard_mask import HardMaskDecoder
+from evotok_plugins.evotoken.decoder import EvoTokenDecoder
+from evotok_plugins.hard_mask.decoder import HardMaskDecoder
 from tests.reference import schedule
 from tests.test_runtime import _to_llama
 

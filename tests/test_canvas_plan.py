@@ -8,10 +8,10 @@ import json
 import pytest
 
 from evotok_cli.assets import default_model_path
-from evotok_cli.canvas_plan import CanvasPlan, block_constraint, cut_answer, plan_canvas
+from evotok_cli.base.errors import ConfigError
 from evotok_cli.decoding.api import RowResult
 from evotok_cli.decoding.schedule import block_layout
-from evotok_cli.errors import ConfigError
+from evotok_cli.jobs.canvas_plan import CanvasPlan, block_constraint, cut_answer, plan_canvas
 
 BUNDLED = json.loads((default_model_path() / "generation_config.json").read_text())["evotok"]
 DEFAULTS = {k: BUNDLED[k] for k in ("gen_length", "block_length", "steps")}
@@ -97,8 +97,8 @@ def bundled():
 @pytest.mark.parametrize("max_tokens", [1, 10, 20, 100])
 def test_bundled_model_answers_within_the_cap(bundled, max_tokens):
     """The plan decodes and the cut holds on the real model; from 48 on the answer is `generate`'s own."""
-    from evotok_cli.generation import generate, make_decoder, row_result
-    from evotok_cli.prompts import Prompt, encode_prompts
+    from evotok_cli.jobs.generation import generate, make_decoder, row_result
+    from evotok_cli.runtime.prompts import Prompt, encode_prompts
 
     prompts = [Prompt("What is 12+7?")]
     encode_prompts(prompts, bundled.tokenizer, chat=True, vocab_size=bundled.vocab_size, system=None,
@@ -121,7 +121,7 @@ def test_bundled_model_answers_within_the_cap(bundled, max_tokens):
 @pytest.mark.parametrize("budget, size", [(48, 48), (128, 64), (256, 64), (96, 48), (100, 50), (80, 40), (16, 16),
                                           (7, 7), (1, 1), (67, 1)])
 def test_d2f_default_block_size(budget, size):
-    from evotok_plugins.d2f import default_block_size
+    from evotok_plugins.d2f.decoder import default_block_size
 
     assert default_block_size(budget) == size
 
@@ -135,7 +135,7 @@ def test_d2f_runs_on_the_bundled_model_with_no_options(cli):
 
 
 def test_d2f_explicit_block_size_behaves_as_before():
-    from evotok_cli.generation import check_settings, make_decoder
+    from evotok_cli.jobs.generation import check_settings, make_decoder
 
     for size in (16, 48):  # divides 48: accepted, and used as given
         decoder = make_decoder("d2f", {"block_size": size})

@@ -13,7 +13,7 @@ GEN = ["--gen-length", "8", "--block-length", "4", "--steps", "4"]
 
 
 def test_help_does_not_import_torch():
-    code = ("import sys; from evotok_cli.cli import app; "
+    code = ("import sys; from evotok_cli.cli.app import app; "
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import at module level'")
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -156,7 +156,7 @@ def test_prefill_follows_the_chat_template(cli, tmp_path, tiny_llada):
     the answer, and a flag overrides the folder's value."""
     import shutil
 
-    from evotok_cli.prompts import Prompt, encode_prompts
+    from evotok_cli.runtime.prompts import Prompt, encode_prompts
     from evotok_cli.runtime.tokenizer import load_tokenizer
     tokenizer = load_tokenizer(tiny_llada)
     plain, pre = encode_prompts([Prompt("x")], tokenizer, chat=True, vocab_size=10**6)[0], \
@@ -179,9 +179,9 @@ def test_serve_declares_the_model_options_generate_declares():
 
     from typer.testing import CliRunner
 
-    from evotok_cli.cli import app
-    from evotok_cli.config import GenerateOptions
-    from evotok_cli.options import default_of, from_flags, shown
+    from evotok_cli.base.options import default_of, from_flags, shown
+    from evotok_cli.cli.app import app
+    from evotok_cli.jobs.config import GenerateOptions
     from evotok_cli.serve.config import ServeOptions
 
     generate = {f.name: f for f in dataclasses.fields(GenerateOptions)}

@@ -9,9 +9,9 @@ import time
 import pytest
 import torch
 
+from evotok_cli.base.errors import ConfigError
 from evotok_cli.decoding.api import GenerationRequest
-from evotok_cli.errors import ConfigError
-from evotok_cli.generation import make_decoder
+from evotok_cli.jobs.generation import make_decoder
 from evotok_cli.runtime.model import load_model
 
 PROMPT = [5, 17, 33, 8, 21]
@@ -54,7 +54,7 @@ def test_compile_failure_is_one_line(monkeypatch, tiny_llada):
     """An error raised inside torch.compile (here: a backend that fails) becomes an EvotokError."""
     import torch._dynamo
 
-    from evotok_cli.errors import EvotokError
+    from evotok_cli.base.errors import EvotokError
     from evotok_cli.runtime import compile as compile_module
 
     def broken_backend(gm, example_inputs):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from evotok_cli.decoding.api import GenerationRequest, parse_options
-from evotok_plugins.d2f import D2FDecoder, PipelineBlock, block_causal_mask
+from evotok_plugins.d2f.decoder import D2FDecoder, PipelineBlock, block_causal_mask
 from tests import reference
 
 PROMPTS = [[5, 17, 33], [40, 41, 42, 43, 44]]

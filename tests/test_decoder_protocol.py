@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from evotok_cli.decoding.api import GenerationRequest, ProgramDecoder, decodes_in_turn, splits_rows
 from evotok_cli.decoding.engine import Engine, decode_together, make_jobs
-from evotok_cli.generation import make_decoder
+from evotok_cli.jobs.generation import make_decoder
 
 PROMPTS = [[5, 6, 7], [9, 10, 11, 12], [20], [30, 31], [40, 41, 42]]
 SETTINGS = {"gen_length": 8, "block_length": 4, "steps": 8}

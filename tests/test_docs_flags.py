@@ -28,7 +28,7 @@ FLAG = re.compile(r"(?<![\w-])(--?[a-zA-Z][a-zA-Z0-9_-]*)")
 
 
 def commands() -> dict[str, object]:
-    from evotok_cli.cli import app
+    from evotok_cli.cli.app import app
 
     out = {}
 
@@ -99,7 +99,7 @@ def test_no_doc_names_a_flag_that_does_not_exist():
 
 
 def test_demo_prompts_are_ones_the_bundled_model_answers():
-    from evotok_cli.cli import app
+    from evotok_cli.cli.app import app
 
     pages = [*(ROOT / "docs").glob("*.md"), *(ROOT / "examples").rglob("README.md"), ROOT / "README.md"]
     texts = {str(p.relative_to(ROOT)): p.read_text(encoding="utf-8") for p in pages}

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from evotok_cli.errors import CheckpointError
+from evotok_cli.base.errors import CheckpointError
 from evotok_cli.runtime.architectures import detect_family
 from evotok_cli.runtime.architectures.dream import DreamConfig
 from evotok_cli.runtime.model import inspect_model, load_model

@@ -8,9 +8,9 @@ import torch
 
 from evotok_cli.decoding.api import GenerationRequest, parse_options
 from evotok_cli.runtime.model import load_model
-from evotok_plugins.d2f import D2FDecoder
-from evotok_plugins.evotoken import EvoTokenDecoder
-from evotok_plugins.hard_mask import HardMaskDecoder
+from evotok_plugins.d2f.decoder import D2FDecoder
+from evotok_plugins.evotoken.decoder import EvoTokenDecoder
+from evotok_plugins.hard_mask.decoder import HardMaskDecoder
 from tests import reference
 
 PROMPTS = [[5, 17, 33, 8], [40, 41], [7, 9, 100]]

@@ -8,7 +8,7 @@ import torch
 
 from evotok_cli.decoding.api import GenerationRequest
 from evotok_cli.decoding.engine import Engine, Job, decode_together, drive, make_jobs
-from evotok_cli.generation import make_decoder
+from evotok_cli.jobs.generation import make_decoder
 
 PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13, 14], [20], [30, 31, 32, 33], [40, 41]]
 SETTINGS = {"gen_length": 8, "block_length": 4, "steps": 8}
@@ -244,8 +244,8 @@ def test_a_decoder_without_a_program_still_runs(tiny_model):
 
 @pytest.mark.parametrize("temperature", [0.0, 0.9])
 def test_generate_gives_every_prompt_the_same_tokens_at_any_batch_size(tiny_model, temperature):
-    from evotok_cli.generation import generate
-    from evotok_cli.prompts import Prompt
+    from evotok_cli.jobs.generation import generate
+    from evotok_cli.runtime.prompts import Prompt
 
     decoder = make_decoder("evotoken", {})
     outputs = []
@@ -336,8 +336,8 @@ def test_the_paged_pool_runs_the_same_rows_in_tensor_operations(tiny_model):
 
 
 def test_a_pass_of_the_older_blockwise_forward_gets_one_line_saying_how_to_move(tiny_model):
+    from evotok_cli.base.errors import ConfigError
     from evotok_cli.decoding.engine import CPU_TOKENS_IN_FLIGHT, ForwardPass, default_tokens_in_flight
-    from evotok_cli.errors import ConfigError
 
     with pytest.raises(ConfigError, match="kv_length") as err:
         ForwardPass({"input_ids": torch.tensor([[5]])}, position_ids=None, logits_slice=(0, 1), cache=12)
@@ -348,8 +348,8 @@ def test_a_pass_of_the_older_blockwise_forward_gets_one_line_saying_how_to_move(
 def test_the_server_admits_by_tokens_in_flight_and_reports_them(tiny_model):
     from fastapi.testclient import TestClient
 
-    from evotok_cli.config import GENERATE_DEFAULTS
     from evotok_cli.decoding.engine import CPU_TOKENS_IN_FLIGHT
+    from evotok_cli.jobs.config import GENERATE_DEFAULTS
     from evotok_cli.serve import app as app_module
     from evotok_cli.serve.plan import Served
     from evotok_cli.serve.sessions import Service

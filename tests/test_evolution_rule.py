@@ -124,12 +124,12 @@ def test_inputs_are_left_as_they_were():
 @pytest.fixture
 def calls(monkeypatch):
     """Route every user's `evolve` through a counter; each must import the shared function itself."""
-    import evotok_plugins.d2f
-    import evotok_plugins.evotoken
+    import evotok_plugins.d2f.decoder
+    import evotok_plugins.evotoken.decoder
     from evotok_cli.training import cts
 
     seen: dict[str, int] = {}
-    for name, module in (("evotoken", evotok_plugins.evotoken), ("d2f", evotok_plugins.d2f), ("cts", cts)):
+    for name, module in (("evotoken", evotok_plugins.evotoken.decoder), ("d2f", evotok_plugins.d2f.decoder), ("cts", cts)):
         assert module.evolve is evolution.evolve, name
 
         def counting(*args, _name=name, **kw):
@@ -144,8 +144,8 @@ def test_each_user_calls_the_rule(calls, tiny_model, tiny_llada):
     from evotok_cli.runtime.model import load_model
     from evotok_cli.training.cts import CTSSettings, cts_step
     from evotok_cli.training.objectives import Batch
-    from evotok_plugins.d2f import D2FDecoder
-    from evotok_plugins.evotoken import EvoTokenDecoder
+    from evotok_plugins.d2f.decoder import D2FDecoder
+    from evotok_plugins.evotoken.decoder import EvoTokenDecoder
 
     evo = EvoTokenDecoder(parse_options(EvoTokenDecoder.Config, {}, decoder="evotoken"))
     out = evo.generate(tiny_model, GenerationRequest(prompts=[[5, 17, 33]], gen_length=8, block_length=4, steps=8))

@@ -8,7 +8,7 @@ import torch
 
 from evotok_cli.decoding.api import GenerationRequest, parse_options
 from evotok_cli.decoding.soft import DECODED, MASK, SOFT, SOFT_MASK, soft_weights, top_k_probabilities
-from evotok_plugins.evotoken import EvoTokenDecoder
+from evotok_plugins.evotoken.decoder import EvoTokenDecoder
 from tests import reference
 
 PROMPTS = [[5, 17, 33], [40, 41, 42, 43, 44], [7, 9]]
@@ -81,7 +81,7 @@ def test_tokens_equal_reference_generate_soft_token(tiny_model, gen, block, step
 
 def rounded_tolerance(n: int) -> float:
     """How far a sum of n trace weights may be from its exact value: the trace rounds every weight to 6
-    decimals (`round(w, 6)` in plugins/evotoken), up to 5e-7 each, and the weight itself comes from float32
+    decimals (`round(w, 6)` in plugins/evotok_plugins/evotoken), up to 5e-7 each, and the weight itself comes from float32
     arithmetic (a few ulps, 2**-24 each for values below 1). A flat 1e-6 was smaller than the rounding of
     three weights (1.5e-6), so the sum of k_soft=3 candidates failed wherever the weights fell that way."""
     return n * (5e-7 + 4 * 2**-24)

@@ -1,4 +1,4 @@
-"""Safe reading and writing (evotok_cli/files.py), progress in logs, plugin name clashes, and the
+"""Safe reading and writing (evotok_cli/base/files.py), progress in logs, plugin name clashes, and the
 behaviours behind the hostile-input matrix that are not errors."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import warnings
 import pytest
 import torch
 
-from evotok_cli.errors import ConfigError, DataError
-from evotok_cli.files import atomic_open, atomic_write_text, output_dir, output_file, read_text
+from evotok_cli.base.errors import ConfigError, DataError
+from evotok_cli.base.files import atomic_open, atomic_write_text, output_dir, output_file, read_text
 from tests.conftest import run_cli
 
 GEN = ["--gen-length", "8", "--block-length", "4", "--steps", "4"]
@@ -81,7 +81,7 @@ class _Printer:
 
 
 def test_plain_progress_prints_each_tenth_and_a_heartbeat():
-    from evotok_cli.console import PlainProgress
+    from evotok_cli.base.console import PlainProgress
 
     now = [0.0]
     out = _Printer()
@@ -127,8 +127,8 @@ def test_each_result_has_its_own_time(cli, tiny_llada):
 
 
 def test_generation_leaves_the_global_rng_alone(tiny_model):
-    from evotok_cli.generation import generate, make_decoder
-    from evotok_cli.prompts import Prompt
+    from evotok_cli.jobs.generation import generate, make_decoder
+    from evotok_cli.runtime.prompts import Prompt
 
     torch.manual_seed(123)
     state = torch.get_rng_state()
@@ -138,8 +138,8 @@ def test_generation_leaves_the_global_rng_alone(tiny_model):
 
 
 def test_an_interrupted_decode_leaves_no_trace_file(tmp_path, tiny_model):
-    from evotok_cli.generation import generate, make_decoder
-    from evotok_cli.prompts import Prompt
+    from evotok_cli.jobs.generation import generate, make_decoder
+    from evotok_cli.runtime.prompts import Prompt
 
     def stop(_passes: int) -> None:
         raise KeyboardInterrupt
@@ -207,7 +207,7 @@ class _EntryPoint:
 
 
 def _decoder(label: str) -> type:
-    from evotok_plugins.hard_mask import HardMaskDecoder
+    from evotok_plugins.hard_mask.decoder import HardMaskDecoder
     return type(label, (HardMaskDecoder,), {})
 
 

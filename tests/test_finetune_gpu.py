@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from evotok_cli.errors import ConfigError
+from evotok_cli.base.errors import ConfigError
 from evotok_cli.runtime import distributed
 from evotok_cli.runtime.model import load_model
 from evotok_cli.training import memory

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import pytest
 from typer.testing import CliRunner
 
-from evotok_cli.cli import app
-from evotok_cli.errors import ConfigError
-from evotok_cli.options import check_bounds, option, shown, yaml_defaults
+from evotok_cli.base.errors import ConfigError
+from evotok_cli.base.options import check_bounds, option, shown, yaml_defaults
+from evotok_cli.cli.app import app
 from evotok_cli.training import command
 from evotok_cli.training.config import TrainConfig
 

@@ -10,7 +10,7 @@ import torch
 
 from evotok_cli.decoding.api import GenerationRequest
 from evotok_cli.decoding.engine import Engine, Update, make_jobs, run_updates
-from evotok_cli.generation import make_decoder
+from evotok_cli.jobs.generation import make_decoder
 
 PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13, 14], [20], [30, 31, 32, 33], [40, 41], [50, 51, 52, 53, 54]]
 SETTINGS = {"gen_length": 8, "block_length": 4, "steps": 8}

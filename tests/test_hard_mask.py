@@ -7,7 +7,7 @@ import torch
 
 from evotok_cli.decoding.api import GenerationRequest, parse_options
 from evotok_cli.decoding.schedule import block_layout, gumbel_candidates, transfer_schedule
-from evotok_plugins.hard_mask import HardMaskDecoder
+from evotok_plugins.hard_mask.decoder import HardMaskDecoder
 from tests import reference
 
 PROMPTS = [[5, 17, 33, 8, 21], [40, 41], [7, 7, 9, 100, 120, 3, 11]]

@@ -9,10 +9,10 @@ import time
 
 import pytest
 
+from evotok_cli.base.errors import ConfigError
+from evotok_cli.base.options import SEED_MAX, check_seed
 from evotok_cli.bench.sweep import parse_sweeps
-from evotok_cli.config import load_yaml
-from evotok_cli.errors import ConfigError
-from evotok_cli.options import SEED_MAX, check_seed
+from evotok_cli.jobs.config import load_yaml
 
 GEN = ["--gen-length", "8", "--block-length", "4", "--steps", "4"]
 

@@ -21,7 +21,7 @@ import lm_eval  # noqa: E402,F401 (the test extra installs it: missing must fail
 import pytest
 import torch
 
-from evotok_cli.errors import ConfigError  # noqa: E402
+from evotok_cli.base.errors import ConfigError  # noqa: E402
 from evotok_cli.lmeval.loglik import greedy_reproduces, mc_loglikelihood  # noqa: E402
 from evotok_cli.lmeval.model import EvotokLM  # noqa: E402
 from evotok_cli.lmeval.settings import EvalSettings, cut_at, scaled_settings  # noqa: E402
@@ -167,7 +167,7 @@ def test_model_args_win_over_the_harness_and_options_reach_the_decoder(tiny_llad
 
 
 def test_max_gen_toks_rounds_up_to_whole_blocks_keeping_steps_per_block():
-    from evotok_cli.generation import make_decoder
+    from evotok_cli.jobs.generation import make_decoder
 
     s = EvalSettings(gen_length=256, block_length=32, steps=128)
     evotoken = make_decoder("evotoken", {})
@@ -199,8 +199,8 @@ def tiny_lm(tiny_llada):
 
 
 def test_generate_until_is_evotok_generate_cut_at_until(tiny_lm):
-    from evotok_cli.generation import generate
-    from evotok_cli.prompts import Prompt
+    from evotok_cli.jobs.generation import generate
+    from evotok_cli.runtime.prompts import Prompt
     from evotok_cli.runtime.tokenizer import encode
 
     contexts = ["What is 2 + 3?", "Tom has 12 apples"]

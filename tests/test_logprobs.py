@@ -130,8 +130,8 @@ def test_logprobs_change_no_token_and_cost_nothing_unasked(tiny_model, name):
 
 
 def test_row_result_reports_answer_tokens_only(tiny_model):
-    from evotok_cli.generation import row_result
-    from evotok_cli.prompts import Prompt
+    from evotok_cli.jobs.generation import row_result
+    from evotok_cli.runtime.prompts import Prompt
 
     out, _ = decode(tiny_model, "hard-mask", prompts=[PROMPTS[0]], logprobs=2)
     row = out.rows[0]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from evotok_cli.errors import CheckpointError
+from evotok_cli.base.errors import CheckpointError
 from evotok_cli.runtime.model import inspect_model, load_model
 
 

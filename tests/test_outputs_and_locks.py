@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from evotok_cli import files, locks
-from evotok_cli.errors import EvotokError
+from evotok_cli.base import files, locks
+from evotok_cli.base.errors import EvotokError
 from tests.conftest import one_line_error
 
 ROWS = [{"prompt": f"What is {a}+{b}?", "response": f"{a}+{b}={a + b}."} for a in range(1, 4) for b in range(1, 3)]
@@ -70,7 +70,7 @@ def test_two_concurrent_finetunes_into_one_folder(cli, data, tiny_llada, tmp_pat
 
 def test_a_stale_lock_is_taken_over_with_a_note(cli, tmp_path):
     out = tmp_path / "t.jsonl"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from evotok_cli import locks; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from evotok_cli.base import locks; "
                                "locks.acquire_file(sys.argv[1], '--out'); print('held', flush=True); time.sleep(60)",
                                str(out)], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"

@@ -144,7 +144,7 @@ def test_masked_batches_decode_the_tokens_of_single_runs(lm):
     decides no argmax. Not a guarantee in general (EvoToken's revisions amplify it): see the attention
     module's docstring; the per-row path is exact, and the default on CPU."""
     from evotok_cli.decoding.api import GenerationRequest
-    from evotok_cli.generation import make_decoder
+    from evotok_cli.jobs.generation import make_decoder
 
     dec = make_decoder("hard-mask", {})
     settings = {"gen_length": 8, "block_length": 4, "steps": 8}
@@ -183,7 +183,7 @@ def test_modes_resolve_purely_and_are_checked():
 def test_two_models_in_one_process_keep_their_own_mode(monkeypatch, tiny_llada):
     """Two loads with different --padded-attention, used in turn: each forward attends by its own model's
     mode (one masked SDPA call per layer, or one call per row and layer), whichever was loaded last."""
-    from evotok_cli.errors import ConfigError
+    from evotok_cli.base.errors import ConfigError
 
     masked = load_model(tiny_llada, padded_attention="masked")
     rowwise = load_model(tiny_llada, padded_attention="rowwise")
@@ -209,7 +209,7 @@ def test_two_models_in_one_process_keep_their_own_mode(monkeypatch, tiny_llada):
 # -- bench admits items in prompt-length order -----------------------------------------------------------
 def test_bench_groups_items_by_prompt_length(monkeypatch, tmp_path, tokenizer_dir):
     """Batches of similar lengths pad less; results and sample contents are those of doc order."""
-    import evotok_cli.generation as generation
+    import evotok_cli.jobs.generation as generation
     from evotok_cli.bench.results import comparable
     from evotok_cli.bench.runner import BenchRequest, run_bench
 

@@ -142,8 +142,8 @@ def test_every_decoder_keeps_its_contract(tiny_model, data):
 
 
 def test_the_built_in_decoders_install_under_a_name_of_our_own():
-    """The folder plugins/ installs as `evotok_plugins`: no top-level `plugins` package, which any other
-    project could also install, and every built-in decoder's entry point under our name."""
+    """The folder plugins/evotok_plugins installs as `evotok_plugins`: no top-level `plugins` package, which
+    any other project could also install, and every built-in decoder's entry point under our name."""
     from importlib import metadata
 
     dist = metadata.distribution("evotok")
@@ -152,21 +152,24 @@ def test_the_built_in_decoders_install_under_a_name_of_our_own():
     record = dist.read_text("RECORD")  # installed files; an in-tree egg-info's SOURCES.txt lists source paths
     assert not [line for line in (record or "").splitlines() if line.startswith("plugins/")]
     ours = {ep.name: ep.value for ep in dist.entry_points if ep.group == registry.GROUP}
-    assert ours == {"hard-mask": "evotok_plugins.hard_mask:HardMaskDecoder",
-                    "evotoken": "evotok_plugins.evotoken:EvoTokenDecoder", "d2f": "evotok_plugins.d2f:D2FDecoder"}
+    assert ours == {"hard-mask": "evotok_plugins.hard_mask.decoder:HardMaskDecoder",
+                    "evotoken": "evotok_plugins.evotoken.decoder:EvoTokenDecoder", "d2f": "evotok_plugins.d2f.decoder:D2FDecoder"}
     assert {name: registry.get(name).__module__ for name in ours} == {
         name: value.partition(":")[0] for name, value in ours.items()}
 
 
-def test_the_package_list_names_every_package_folder():
-    """pyproject.toml lists the packages by hand (find cannot rename plugins/): a package folder it
-    leaves out would be missing from the wheel while the editable install still imports it."""
+def test_the_package_find_reaches_every_package_folder():
+    """pyproject.toml finds the packages (`[tool.setuptools.packages.find]`, over . and plugins/): every
+    folder holding Python files must be a package it finds, or the wheel would miss it while the editable
+    install still imports it."""
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
-    tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-    renamed = {folder: name for name, folder in tool["package-dir"].items()}
+    from setuptools import find_packages
+
+    find = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    found = {name for where in find["where"] for name in find_packages(where=str(ROOT / where), include=find["include"])}
     on_disk = set()
-    for top in ("evotok_cli", "plugins"):
-        for init in (ROOT / top).rglob("__init__.py"):
-            parts = init.parent.relative_to(ROOT).parts
-            on_disk.add(".".join((renamed.get(parts[0], parts[0]), *parts[1:])))
-    assert sorted(tool["packages"]) == sorted(on_disk)
+    for top, name in (("evotok_cli", "evotok_cli"), ("plugins/evotok_plugins", "evotok_plugins")):
+        for source in (ROOT / top).rglob("*.py"):
+            parts = source.parent.relative_to(ROOT / top).parts
+            on_disk.add(".".join((name, *parts)))
+    assert found == on_disk

@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("bitsandbytes", reason='the quantize extra: pip install -e ".[quantize]"')
 
-from evotok_cli.errors import ConfigError  # noqa: E402
+from evotok_cli.base.errors import ConfigError  # noqa: E402
 from evotok_cli.runtime.model import load_model  # noqa: E402
 from evotok_cli.runtime.quantize import INT4_BLOCK, planned_bytes, quantized_names, stored_bytes  # noqa: E402
 from tests.conftest import one_line_error  # noqa: E402
@@ -38,7 +38,7 @@ def _bundled_ids(lm) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def bundled():
-    from evotok_cli.config import model_folder
+    from evotok_cli.jobs.config import model_folder
 
     lm = load_model(model_folder(None))
     ids = _bundled_ids(lm)
@@ -224,7 +224,7 @@ def test_lm_eval_model_args_quantize(tiny_llada):
 def test_serve_model_card_names_the_mode(tiny_llada):
     from starlette.testclient import TestClient
 
-    from evotok_cli.config import GENERATE_DEFAULTS
+    from evotok_cli.jobs.config import GENERATE_DEFAULTS
     from evotok_cli.serve import app as app_module
     from evotok_cli.serve.plan import Served
     from evotok_cli.serve.sessions import Service

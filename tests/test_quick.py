@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def commands() -> set[str]:
     """Every command of the `evotok` app, bench's subcommands as `bench score` / `bench report`."""
-    from evotok_cli.cli import app
+    from evotok_cli.cli.app import app
 
     group = typer.main.get_command(app)
     names = set()

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 
+from evotok_cli.base.errors import ConfigError
 from evotok_cli.decoding.api import GenerationRequest
 from evotok_cli.decoding.engine import Engine, make_jobs
-from evotok_cli.errors import ConfigError
-from evotok_cli.generation import make_decoder
+from evotok_cli.jobs.generation import make_decoder
 from tests import reference
 
 PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13, 14], [20, 21]]
@@ -29,8 +29,8 @@ class _Net:
 
 
 def _ours(model, name, options, *, batch_size, temperature, seed, gen=(8, 4, 8)):
-    from evotok_cli.generation import generate
-    from evotok_cli.prompts import Prompt
+    from evotok_cli.jobs.generation import generate
+    from evotok_cli.runtime.prompts import Prompt
 
     decoder = make_decoder(name, {"rng": "reference", **options})
     results, _ = generate(model, name, decoder, [Prompt(None, ids=p) for p in PROMPTS], gen_length=gen[0],

@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from evotok_cli.errors import CheckpointError
+from evotok_cli.base.errors import CheckpointError
 from evotok_cli.runtime.architectures.llada import LLaDAConfig
 from evotok_cli.runtime.model import inspect_model, load_model
 from tests.conftest import write_llada

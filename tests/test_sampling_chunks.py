@@ -94,7 +94,7 @@ def test_float64_temporaries_are_one_chunks():
 def test_decoders_sample_the_same_tokens_at_any_chunk_size(monkeypatch, tiny_model, decoder, temperature):
     """A batch decoded as one program (one generator over its rows, as a KV-cache cohort is)."""
     from evotok_cli.decoding.api import GenerationRequest
-    from evotok_cli.generation import make_decoder
+    from evotok_cli.jobs.generation import make_decoder
 
     dec = make_decoder(decoder, {})
     request = GenerationRequest(prompts=[[5, 17, 33, 8, 21], [40, 41], [7, 9, 100]], gen_length=8,

@@ -10,11 +10,11 @@ import math
 import pytest
 import torch
 
+from evotok_cli.base.errors import ConfigError
 from evotok_cli.decoding.api import GenerationRequest, Sampling, check_sampling, parse_options
 from evotok_cli.decoding.registry import get
 from evotok_cli.decoding.schedule import filtered_log_weights, gumbel_candidates
-from evotok_cli.errors import ConfigError
-from evotok_cli.generation import FRESH_SEED_LIMIT, SEED_LIMIT, derive_seed, fresh_seed
+from evotok_cli.jobs.generation import FRESH_SEED_LIMIT, SEED_LIMIT, derive_seed, fresh_seed
 
 P = [0.5, 0.2, 0.15, 0.1, 0.05]  # token 5 is [MASK], the most likely of all and never a candidate
 MASK = 5

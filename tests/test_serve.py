@@ -161,7 +161,7 @@ def test_chat_is_generate_with_the_models_template_and_prefill(client, cli, serv
 
 
 def test_completions_are_raw_prompts_and_each_choice_reproduces_with_its_seed(client, cli, serve_model):
-    from evotok_cli.generation import derive_seed
+    from evotok_cli.jobs.generation import derive_seed
 
     a, b = "Hello world, how are", "The quick brown fox"
     r = client.completions.create(model=NAME, prompt=[a, b], n=2, temperature=0.8, seed=3)
@@ -402,7 +402,7 @@ def test_other_http_errors_are_error_objects_too(server):
 def test_an_unexpected_server_error_is_a_500_error_object(tiny_model, monkeypatch):
     from starlette.testclient import TestClient
 
-    from evotok_cli.config import GENERATE_DEFAULTS
+    from evotok_cli.jobs.config import GENERATE_DEFAULTS
     from evotok_cli.serve import app as app_module
     from evotok_cli.serve.plan import Served
     from evotok_cli.serve.sessions import Service

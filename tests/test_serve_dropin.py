@@ -207,7 +207,7 @@ def test_unknown_fields_are_ignored_with_a_warning_header_and_a_log_line(server)
 def test_strict_refuses_unknown_fields(tiny_model):
     from starlette.testclient import TestClient
 
-    from evotok_cli.config import GENERATE_DEFAULTS
+    from evotok_cli.jobs.config import GENERATE_DEFAULTS
     from evotok_cli.serve.app import create_app
     from evotok_cli.serve.plan import Served
     from evotok_cli.serve.sessions import Service

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-import evotok_plugins.d2f as d2f
+import evotok_plugins.d2f.decoder as d2f
 from evotok_cli.decoding import blockwise
 from evotok_cli.decoding.api import StepEvent
 
@@ -20,7 +20,7 @@ def _stream(tiny_model, monkeypatch, body: dict, *, final_events: bool) -> tuple
     """The stream's chunks (without their per-request id and time) and how many StepEvents were built."""
     from starlette.testclient import TestClient
 
-    from evotok_cli.config import GENERATE_DEFAULTS
+    from evotok_cli.jobs.config import GENERATE_DEFAULTS
     from evotok_cli.serve.app import create_app
     from evotok_cli.serve.plan import Served
     from evotok_cli.serve.sessions import Service

@@ -207,7 +207,7 @@ def test_a_model_that_fails_to_load_in_the_replicas_is_one_line(short_tmps):
     import subprocess
     import sys
 
-    from evotok_cli.config import model_folder
+    from evotok_cli.jobs.config import model_folder
 
     tmp = short_tmps()
     folder = tmp / "evotok-tiny"

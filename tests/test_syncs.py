@@ -18,7 +18,7 @@ from torch.overrides import TorchFunctionMode
 
 from evotok_cli.decoding.api import GenerationRequest
 from evotok_cli.decoding.engine import Engine, make_jobs
-from evotok_cli.generation import make_decoder
+from evotok_cli.jobs.generation import make_decoder
 
 T = torch.Tensor
 READ_BACKS = {T.item, T.tolist, T.__bool__, T.__int__, T.__float__, T.__index__, T.nonzero, torch.nonzero,

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from evotok_cli import threads
+from evotok_cli.base import threads
 
 
 @pytest.fixture(autouse=True)
@@ -50,7 +50,7 @@ def test_asked_for_then_env_then_omp_win_over_the_rule(monkeypatch):
 
 @pytest.mark.parametrize("bad", ["0", "-1", "x", "1.5", " "])
 def test_bad_env_is_one_config_error(monkeypatch, bad):
-    from evotok_cli.errors import ConfigError
+    from evotok_cli.base.errors import ConfigError
 
     monkeypatch.setenv("EVOTOK_THREADS", bad)
     if bad.strip() == "":

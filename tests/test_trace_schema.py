@@ -8,7 +8,7 @@ import io
 import json
 
 from evotok_cli.decoding.api import TRACE_BLOCK_KEYS, TRACE_SCHEMA, StepEvent
-from evotok_cli.generation import TraceWriter
+from evotok_cli.jobs.generation import TraceWriter
 from evotok_cli.viz.trace import SCHEMA, Step, TracedBlock, read_trace
 
 

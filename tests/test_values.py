@@ -1,5 +1,5 @@
 """One options system (issue 29, item 3): command options and decoder options share one range checker and
-one formatter (`evotok_cli.values.Bounds`), a value's declaration is apart from how the CLI shows it
+one formatter (`evotok_cli.base.values.Bounds`), a value's declaration is apart from how the CLI shows it
 (`options.Cli`), and the keywords plugins and commands used before `Cli` still work."""
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ from typing import Literal
 
 import pytest
 
+from evotok_cli.base.errors import ConfigError
+from evotok_cli.base.options import Cli, check_value, flag, like, shown, typer_parameters
+from evotok_cli.base.options import option as command_option
+from evotok_cli.base.values import Bounds, format_default
 from evotok_cli.decoding.api import check_model_options, check_sampling, describe_options, option, parse_options
-from evotok_cli.errors import ConfigError
-from evotok_cli.options import Cli, check_value, flag, like, shown, typer_parameters
-from evotok_cli.options import option as command_option
-from evotok_cli.values import Bounds, format_default
 
 
 @pytest.mark.parametrize("bounds, inside, outside", [

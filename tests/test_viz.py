@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from evotok_cli.errors import DataError
+from evotok_cli.base.errors import DataError
 from evotok_cli.viz.trace import read_trace
 
 from .conftest import one_line_error
@@ -34,8 +34,8 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 @pytest.fixture(scope="module")
 def traces(tiny_model, tmp_path_factory) -> dict[str, Path]:
     """One trace file per decoder, two prompts each, written by the same code as `generate --trace`."""
-    from evotok_cli.generation import generate, make_decoder
-    from evotok_cli.prompts import Prompt
+    from evotok_cli.jobs.generation import generate, make_decoder
+    from evotok_cli.runtime.prompts import Prompt
 
     folder = tmp_path_factory.mktemp("traces")
     out = {}

@@ -1,10 +1,13 @@
-"""The bundled default model ships here, in the layout of a real checkpoint."""
+"""The bundled default model ships here, in the layout of a real checkpoint.
+
+Layer 0, base: may import only base.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from evotok_cli.errors import CheckpointError
+from evotok_cli.base.errors import CheckpointError
 
 BUNDLED_NAME = "evotok-tiny"
 

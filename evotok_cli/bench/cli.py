@@ -15,9 +15,9 @@ from typing import Any
 import typer
 from typer.core import TyperGroup
 
+from evotok_cli.base.console import stderr
+from evotok_cli.base.options import with_options
 from evotok_cli.bench.config import BenchOptions
-from evotok_cli.console import stderr
-from evotok_cli.options import with_options
 
 SUBCOMMANDS = ("run", "score", "report")
 
@@ -148,7 +148,7 @@ def score(
     if as_json:
         typer.echo(json.dumps(document, indent=2, ensure_ascii=False))
     else:
-        from evotok_cli.console import console
+        from evotok_cli.base.console import console
 
         console().print(table(document))
 

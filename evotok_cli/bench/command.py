@@ -10,15 +10,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from evotok_cli.base.console import stderr
+from evotok_cli.base.options import merged, yaml_defaults
 from evotok_cli.bench.config import COMMAND_ONLY, BenchOptions
-from evotok_cli.console import stderr
-from evotok_cli.options import merged, yaml_defaults
 
 
 def bench_request(flags: dict[str, Any], config: Path | None) -> tuple[Any, Any]:
     """The run's BenchRequest (checked by `run_bench`) and the merged settings."""
     from evotok_cli.bench.plan import GEN_KEYS, BenchRequest
-    from evotok_cli.config import Settings, parse_opts
+    from evotok_cli.jobs.config import Settings, parse_opts
 
     defaults, kinds = yaml_defaults(BenchOptions)
     settings = Settings({**defaults, **COMMAND_ONLY}, config, command="bench", types=kinds)
@@ -115,7 +115,7 @@ class BenchProgress:
                 self.tasks[run.name] = self.bar.add_task(self._label(run), total=total, items="", detail="")
             self.bar.update(self.tasks[run.name], completed=done, items=f"{items}/{total} items", detail=detail)
         else:
-            from evotok_cli.console import PlainProgress
+            from evotok_cli.base.console import PlainProgress
 
             if run.name not in self.plain:
                 self.plain[run.name] = PlainProgress(self.console, self._label(run), total, clock=self.clock)

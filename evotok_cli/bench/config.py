@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from evotok_cli.base.errors import ConfigError
+from evotok_cli.base.options import like, option, seed_option
 from evotok_cli.bench.batching import SHOWN as BATCH_SHOWN
-from evotok_cli.config import GenerateOptions
-from evotok_cli.errors import ConfigError
-from evotok_cli.options import like, option, seed_option
+from evotok_cli.jobs.config import GenerateOptions
 
 DEFAULT_DECODER = "hard-mask"
 PER_TASK = "per task: "  # a default that the task's protocol decides

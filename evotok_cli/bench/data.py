@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Protocol
 
-from evotok_cli.errors import DataError
+from evotok_cli.base.errors import DataError
 
 Record = dict[str, Any]
 

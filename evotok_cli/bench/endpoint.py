@@ -17,7 +17,7 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
-from evotok_cli.errors import ConfigError
+from evotok_cli.base.errors import ConfigError
 
 PROBE_TIMEOUT_S = 10.0  # the first GET /v1/models
 REQUEST_TIMEOUT_S = 900.0  # one completion, its time in the server's queue included (serve's --timeout: 600)

@@ -12,12 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from evotok_cli.base.errors import ConfigError
 from evotok_cli.bench import samples
 from evotok_cli.bench.config import DEFAULT_DECODER, BenchOptions
 from evotok_cli.bench.sweep import parse_sweeps
 from evotok_cli.bench.tasks.base import Task
 from evotok_cli.decoding.api import GENERATION_SETTINGS as GEN_KEYS
-from evotok_cli.errors import ConfigError
 
 
 @dataclass
@@ -42,7 +42,7 @@ class BenchRequest:
     lora_mode: str = BenchOptions.lora_mode  # how an adapter is applied: merged | unmerged | auto
     padded_attention: str = BenchOptions.padded_attention  # auto | masked | rowwise (runtime/attention.py)
     quantize: str = BenchOptions.quantize  # none | int8 | int4 (runtime/quantize.py)
-    threads: int | None = None  # CPU threads (evotok_cli/threads.py); None: the default rule
+    threads: int | None = None  # CPU threads (evotok_cli/base/threads.py); None: the default rule
     on_batch: Callable[[Run, int, int], None] | None = None  # (run, items done, items to do) per batch
     on_note: Callable[[str], None] | None = None  # one-line remarks (protocol quirks hit, resumed counts)
     on_pass: Callable[[Run, int, int, int, int], None] | None = None  # (run, pass, batch rows, items done, to do)
@@ -115,7 +115,7 @@ def resolve_data(entries: list[str], tasks: list[Task]) -> dict[str, Path]:
 def plan(request: BenchRequest, tasks: list[Task], model: Path) -> list[Run]:
     """Every run to do (task x decoder x swept values), each with a validated decoder and settings."""
     from evotok_cli.decoding import registry
-    from evotok_cli.generation import split_options
+    from evotok_cli.jobs.generation import split_options
 
     decoders = list(dict.fromkeys(request.decoders))
     fields = {d: {f.name for f in dataclasses.fields(registry.get(d).Config)} for d in decoders}
@@ -151,7 +151,7 @@ def check_keys(sweeps: list[tuple[str, list[str]]], options: dict[str, Any], fie
 def make_run(task: Task, decoder_name: str, options: dict[str, Any], overrides: dict[str, Any],
              chosen: dict[str, str], request: BenchRequest, model: Path) -> Run:
     """One run: settings = task defaults < flags < swept values; decoder options = --opt < swept values."""
-    from evotok_cli.generation import check_settings, make_decoder
+    from evotok_cli.jobs.generation import check_settings, make_decoder
 
     swept_options = {k: v for k, v in chosen.items() if k not in GEN_KEYS}
     decoder = make_decoder(decoder_name, {**options, **swept_options}, where="--sweep" if swept_options else "--opt")

@@ -26,16 +26,16 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from evotok_cli.base.errors import CheckpointError, ConfigError
+from evotok_cli.base.files import output_dir
+from evotok_cli.base.locks import acquire_dir
 from evotok_cli.bench import samples
 from evotok_cli.bench.config import DEFAULT_DECODER
 from evotok_cli.bench.endpoint import Client, Server, completion, connect
 from evotok_cli.bench.plan import BenchRequest, Run, plan, resolve_data
 from evotok_cli.bench.runner import check_not_outputs, checked_tasks, finished, record, render
 from evotok_cli.bench.tasks.base import Doc, Task
-from evotok_cli.config import checked_model_folder
-from evotok_cli.errors import CheckpointError, ConfigError
-from evotok_cli.files import output_dir
-from evotok_cli.locks import acquire_dir
+from evotok_cli.jobs.config import checked_model_folder
 
 SERVER_DECODER = "server"  # the decoder of a plain server's runs: whatever it does
 

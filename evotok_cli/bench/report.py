@@ -12,8 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from evotok_cli.errors import ConfigError, DataError
-from evotok_cli.files import atomic_write_bytes, atomic_write_text, output_file, read_text
+from evotok_cli.base.errors import ConfigError, DataError
+from evotok_cli.base.files import atomic_write_bytes, atomic_write_text, output_file, read_text
 
 SCHEMA = "evotok.bench/1"
 

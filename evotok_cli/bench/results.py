@@ -72,8 +72,8 @@ def build_document(request: Any, runs: list[Any], loaded: dict[str, Any], model:
                    model_info: dict[str, Any] | None = None) -> dict[str, Any]:
     """The results document of a finished bench run (every process's samples merged); `model_info` is the
     "model" section of a run that loaded no model (bench --endpoint: the server and its /v1/models)."""
+    from evotok_cli.base.provenance import jsonable, versions
     from evotok_cli.bench.sweep import parse_sweeps
-    from evotok_cli.provenance import jsonable, versions
     from evotok_cli.runtime.device import describe_runtime
 
     rows = []
@@ -187,7 +187,7 @@ def now() -> str:
 def write_atomic(path: Path, document: dict[str, Any]) -> None:
     """Write via a temporary file and a rename (`files.atomic_write_text`), so a reader never sees half a
     results file and a full disk leaves the previous one whole."""
-    from evotok_cli.files import atomic_write_text
+    from evotok_cli.base.files import atomic_write_text
 
     atomic_write_text(path, json.dumps(document, indent=2, ensure_ascii=False) + "\n")
 

@@ -18,13 +18,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from evotok_cli.base.errors import CheckpointError, ConfigError
+from evotok_cli.base.files import not_an_input, output_dir
+from evotok_cli.base.locks import acquire_dir
 from evotok_cli.bench import samples
 from evotok_cli.bench.plan import BenchRequest, Run, plan, resolve_data
 from evotok_cli.bench.tasks.base import Doc, Task
-from evotok_cli.config import checked_model_folder as model_path
-from evotok_cli.errors import CheckpointError, ConfigError
-from evotok_cli.files import not_an_input, output_dir
-from evotok_cli.locks import acquire_dir
+from evotok_cli.jobs.config import checked_model_folder as model_path
 
 
 # -- running -----------------------------------------------------------------------------------------
@@ -75,7 +75,7 @@ def _run_locked(request: BenchRequest, tasks: list[Task]) -> dict[str, Any] | No
         for line in loaded[t.name].notes:
             note(f"{t.name}: {line}")
     try:
-        from evotok_cli.threads import apply as apply_threads
+        from evotok_cli.base.threads import apply as apply_threads
 
         request.threads = apply_threads(request.threads).threads  # recorded in results.json's config
         model = _load_model(request, folder, group)
@@ -136,7 +136,7 @@ def _load_model(request: BenchRequest, folder: Path, group: Any) -> Any:
 
 def render(task: Task, docs: list[Doc], model: Any) -> dict[int, Any]:
     """doc_id -> Prompt (the rendered string and its token ids)."""
-    from evotok_cli.prompts import Prompt
+    from evotok_cli.runtime.prompts import Prompt
     from evotok_cli.runtime.tokenizer import encode
 
     prompts = {}
@@ -186,7 +186,7 @@ def finished(run: Run, out: Path, prompts: dict[int, Any]) -> set[int]:
 def execute(run: Run, docs: list[Doc], prompts: dict[int, Any], model: Any, request: BenchRequest,
             group: Any, note: Callable[[str], None]) -> None:
     """Generate and score this process's share of the run's items that no sample file holds yet."""
-    from evotok_cli.generation import generate
+    from evotok_cli.jobs.generation import generate
 
     done = finished(run, request.out, prompts)
     todo = [d for d in group.shard(docs) if d.doc_id not in done]
@@ -234,7 +234,7 @@ def _execute_release_stream(run: Run, todo: list[Doc], done: set[int], prompts: 
     items in order (each process its own share, every process with the same seed), so the items are one
     sequential job and their samples are written when it ends. A partial run cannot resume: the stream
     would have to be replayed through the finished items."""
-    from evotok_cli.generation import generate
+    from evotok_cli.jobs.generation import generate
 
     if done:
         raise ConfigError(f"{run.name}: rng=reference replays one random stream from the first item, so a "

@@ -15,9 +15,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from evotok_cli.errors import DataError
-from evotok_cli.files import read_text
-from evotok_cli.provenance import jsonable
+from evotok_cli.base.errors import DataError
+from evotok_cli.base.files import read_text
+from evotok_cli.base.provenance import jsonable
 
 SCHEMA = "evotok.bench.sample/1"
 

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from evotok_cli.base.errors import ConfigError, DataError
+from evotok_cli.base.files import input_file, read_text
 from evotok_cli.bench.results import accuracy
 from evotok_cli.bench.samples import json_type
-from evotok_cli.errors import ConfigError, DataError
-from evotok_cli.files import input_file, read_text
 
 SCHEMA = "evotok.bench.score/1"
 _OFFICIAL = re.compile(r"(.+)_\d+_generations\.json")

@@ -3,7 +3,7 @@ results.json records (results)."""
 
 from __future__ import annotations
 
-from evotok_cli.errors import ConfigError
+from evotok_cli.base.errors import ConfigError
 
 
 def parse_sweeps(entries: list[str]) -> list[tuple[str, list[str]]]:

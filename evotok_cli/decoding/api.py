@@ -15,9 +15,9 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Protocol, get_args, get_origin, runtime_checkable
 
-from evotok_cli.errors import ConfigError
-from evotok_cli.options import option as _declare
-from evotok_cli.values import Bounds
+from evotok_cli.base.errors import ConfigError
+from evotok_cli.base.options import option as _declare
+from evotok_cli.base.values import Bounds
 
 
 def option(default: Any, help: str, *, min: float | None = None, max: float | str | None = None,

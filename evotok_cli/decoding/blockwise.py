@@ -25,12 +25,12 @@ from typing import Any, ClassVar
 
 import torch
 
+from evotok_cli.base.errors import ConfigError
 from evotok_cli.decoding.api import FinalPrefix, GenerationRequest, GenerationResult, RowResult, StepEvent, row_seed
 from evotok_cli.decoding.canvas import Canvas, build_canvas
 from evotok_cli.decoding.engine import ForwardPass, HostRead, Program, Update, drive, shifted_listener
 from evotok_cli.decoding.logprobs import recorder_for
 from evotok_cli.decoding.schedule import block_layout, release_draws, transfer_schedule
-from evotok_cli.errors import ConfigError
 
 
 def check_reference_rng(config: Any, where: str) -> None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from evotok_cli.errors import ConfigError
+from evotok_cli.base.errors import ConfigError
 
 
 @dataclass

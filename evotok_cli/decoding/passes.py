@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
+from evotok_cli.base.errors import ConfigError
 from evotok_cli.decoding.api import GenerationResult
-from evotok_cli.errors import ConfigError
 
 Program = Generator["ForwardPass | HostRead", Any, GenerationResult]
 

@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
+from evotok_cli.base.errors import ConfigError
 from evotok_cli.decoding.api import Sampling
-from evotok_cli.errors import ConfigError
 
 
 @dataclass(frozen=True)

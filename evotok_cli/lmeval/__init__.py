@@ -8,4 +8,6 @@
   find it).
 
 This package module imports nothing, so the estimator stays usable where lm-eval is not installed.
+
+Layer 6, apps: may import training, jobs, decoding, runtime, base and the other apps (never round a loop).
 """

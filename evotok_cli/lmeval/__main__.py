@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import sys
 
-from evotok_cli.errors import EvotokError
+from evotok_cli.base.errors import EvotokError
 
 
 def register() -> None:

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from evotok_cli.errors import ConfigError
+from evotok_cli.base.errors import ConfigError
 
 
 def check_mc(mc_num: int, mc_batch_size: int, where: str = "--model_args") -> None:

@@ -12,7 +12,7 @@ that before running lm-eval's command line (docs/lm-eval.md).
   device naming CUDA on a machine without it falls back to `auto`, as lm-eval's `hf` model does.
 - `generate_until`: the context (already chat-templated by lm-eval under `--apply_chat_template`,
   through `apply_chat_template` below) is encoded by the tokenizer's default call, as `evotok bench`
-  encodes its prompts, and decoded by `evotok_cli.generation.generate` (the step engine). A request's
+  encodes its prompts, and decoded by `evotok_cli.jobs.generation.generate` (the step engine). A request's
   `max_gen_toks` becomes the gen length, rounded up to a multiple of `block_length`, with the steps per
   block of model_args kept (gen_length=256, steps=128 and max_gen_toks=100 decode 128 tokens in 64
   steps); without it the model_args' gen_length applies. The answer is cut at the first `until` string.
@@ -35,7 +35,7 @@ import os
 from collections import defaultdict
 from typing import Any
 
-from evotok_cli.errors import CheckpointError, ConfigError
+from evotok_cli.base.errors import CheckpointError, ConfigError
 
 try:
     from lm_eval.api.model import LM
@@ -92,7 +92,7 @@ class EvotokLM(LM):
         return cls(**merged)
 
     def _check_settings(self) -> None:
-        from evotok_cli.generation import check_settings
+        from evotok_cli.jobs.generation import check_settings
         from evotok_cli.lmeval.loglik import check_mc
         from evotok_cli.runtime.attention import PADDED_MODES
         from evotok_cli.runtime.lora import LORA_MODES
@@ -109,14 +109,14 @@ class EvotokLM(LM):
                                   fix=f"e.g. {key}=auto")
         if s.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {s.batch_size}", where=WHERE, fix="e.g. batch_size=8")
-        from evotok_cli.threads import check_threads
+        from evotok_cli.base.threads import check_threads
 
         check_threads(s.threads, where=WHERE)
 
     def _load(self) -> Any:
-        from evotok_cli.config import checked_model_folder
+        from evotok_cli.base.threads import apply as apply_threads
+        from evotok_cli.jobs.config import checked_model_folder
         from evotok_cli.runtime.model import load_model
-        from evotok_cli.threads import apply as apply_threads
 
         folder = checked_model_folder(self.settings.model)
         s = self.settings
@@ -175,7 +175,7 @@ class EvotokLM(LM):
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
         from tqdm import tqdm
 
-        from evotok_cli.generation import generate
+        from evotok_cli.jobs.generation import generate
 
         jobs = self._generation_jobs(requests)
         groups: dict[tuple[int, int], list[dict[str, Any]]] = defaultdict(list)
@@ -202,8 +202,8 @@ class EvotokLM(LM):
 
     def _generation_jobs(self, requests: list[Any]) -> list[dict[str, Any]]:
         """Encode every request and check it fits the model before anything is generated."""
-        from evotok_cli.generation import check_settings
-        from evotok_cli.prompts import Prompt
+        from evotok_cli.jobs.generation import check_settings
+        from evotok_cli.runtime.prompts import Prompt
         from evotok_cli.runtime.tokenizer import encode
 
         repeats: dict[tuple[Any, Any, Any], int] = defaultdict(int)

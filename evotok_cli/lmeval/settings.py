@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from evotok_cli.errors import ConfigError
+from evotok_cli.base.errors import ConfigError
 
 log = logging.getLogger("evotok_cli.lmeval.model")  # the logger name users already configure
 
@@ -38,7 +38,7 @@ class EvalSettings:
     lora_mode: str = "auto"  # a bf16 merge would round a small adapter away: `generate`'s default
     padded_attention: str = "auto"
     quantize: str = "none"  # none | int8 | int4, as `generate --quantize` (runtime/quantize.py)
-    threads: int | None = None  # CPU threads, as `generate --threads` (evotok_cli/threads.py); None: the default
+    threads: int | None = None  # CPU threads, as `generate --threads` (evotok_cli/base/threads.py); None: the default
     mc_num: int = 128
     mc_batch_size: int = 32
     stop_at_eos: bool = True
@@ -88,7 +88,7 @@ def parse_model_args(args: dict[str, Any]) -> tuple[EvalSettings, dict[str, Any]
         raise ConfigError("batch_size=auto is not supported", where=WHERE, fix="give a number, e.g. batch_size=8")
     ours = {k: coerce(k, v) for k, v in args.items() if k in SETTING_TYPES}
     if "seed" in ours:
-        from evotok_cli.options import check_seed
+        from evotok_cli.base.options import check_seed
 
         check_seed(ours["seed"], where=WHERE)
     options = {k: v for k, v in args.items() if k not in SETTING_TYPES}
@@ -98,7 +98,7 @@ def parse_model_args(args: dict[str, Any]) -> tuple[EvalSettings, dict[str, Any]
 def check_options(decoder_name: str, options: dict[str, Any]) -> Any:
     """The decoder with its options; an unknown key is named with the closest setting or option."""
     from evotok_cli.decoding import registry
-    from evotok_cli.generation import make_decoder
+    from evotok_cli.jobs.generation import make_decoder
 
     fields = [f.name for f in dataclasses.fields(registry.get(decoder_name, where=WHERE).Config)]
     for key in options:

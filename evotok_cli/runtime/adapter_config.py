@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from evotok_cli.errors import CheckpointError
+from evotok_cli.base.errors import CheckpointError
 from evotok_cli.runtime import checkpoint
 
 ADAPTER_CONFIG = "adapter_config.json"

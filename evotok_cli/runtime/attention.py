@@ -45,7 +45,7 @@ PADDED_MODES = ("auto", "masked", "rowwise")
 
 def check_padded_mode(mode: str) -> str:
     """`--padded-attention`'s one-line error for a mode that is not one of PADDED_MODES."""
-    from evotok_cli.errors import ConfigError
+    from evotok_cli.base.errors import ConfigError
 
     if mode not in PADDED_MODES:
         raise ConfigError(f"unknown padded attention mode {mode!r}", where="--padded-attention",

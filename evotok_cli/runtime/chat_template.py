@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from evotok_cli.errors import CheckpointError, ConfigError
+from evotok_cli.base.errors import CheckpointError, ConfigError
 
 BUDGET_S = 2.0  # a real template renders a long conversation in milliseconds
 TEMPLATE_FILE = "chat_template.jinja"

@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
-from evotok_cli.errors import CheckpointError, DataError
-from evotok_cli.files import input_dir, read_text
-from evotok_cli.options import DuplicateKey, line_of_repeat, unique_keys
+from evotok_cli.base.errors import CheckpointError, DataError
+from evotok_cli.base.files import input_dir, read_text
+from evotok_cli.base.options import DuplicateKey, line_of_repeat, unique_keys
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

@@ -40,7 +40,7 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from evotok_cli.errors import ConfigError, EvotokError
+from evotok_cli.base.errors import ConfigError, EvotokError
 
 if TYPE_CHECKING:
     import torch

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from evotok_cli.errors import ConfigError
+from evotok_cli.base.errors import ConfigError
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}

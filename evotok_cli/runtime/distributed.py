@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from evotok_cli.errors import ConfigError
+from evotok_cli.base.errors import ConfigError
 
 BARRIER_TIMEOUT = timedelta(hours=24)  # bench: ranks finish at different times on long evaluations
 TRAIN_TIMEOUT_MINUTES = 30.0  # finetune: ranks meet every step, so a longer wait means a hung job

@@ -15,7 +15,7 @@ import os
 import re
 from pathlib import Path
 
-from evotok_cli.errors import CheckpointError, ConfigError
+from evotok_cli.base.errors import CheckpointError, ConfigError
 
 ALLOW = ["*.safetensors", "*.json", "tokenizer.model", "*.tiktoken", "merges.txt", "vocab.txt", "*.jinja",
          "README.md"]

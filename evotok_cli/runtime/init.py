@@ -12,10 +12,10 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
-from evotok_cli.errors import ConfigError
-from evotok_cli.files import input_dir, output_dir, read_text
-from evotok_cli.locks import LOCK_NAME, hold_dir
-from evotok_cli.options import check_seed
+from evotok_cli.base.errors import ConfigError
+from evotok_cli.base.files import input_dir, output_dir, read_text
+from evotok_cli.base.locks import LOCK_NAME, hold_dir
+from evotok_cli.base.options import check_seed
 from evotok_cli.runtime.architectures.llada import LLaDAConfig, LLaDAModelLM
 from evotok_cli.runtime.device import host_available_bytes
 from evotok_cli.runtime.tokenizer import load_tokenizer

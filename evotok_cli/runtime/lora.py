@@ -32,8 +32,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from evotok_cli.errors import CheckpointError, ConfigError
-from evotok_cli.files import input_dir
+from evotok_cli.base.errors import CheckpointError, ConfigError
+from evotok_cli.base.files import input_dir
 from evotok_cli.runtime import checkpoint
 from evotok_cli.runtime.adapter_config import ADAPTER_CONFIG, pattern_value, read_adapter_config, target_names
 from evotok_cli.runtime.lora_precision import (  # noqa: F401 (LoRALinear, delta_summary: re-exported)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from evotok_cli.errors import CheckpointError, ConfigError
+from evotok_cli.base.errors import CheckpointError, ConfigError
 from evotok_cli.runtime import checkpoint
 from evotok_cli.runtime import tokenizer as tok
 from evotok_cli.runtime.architectures import Family, detect_family

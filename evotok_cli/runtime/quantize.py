@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from evotok_cli.errors import ConfigError
+from evotok_cli.base.errors import ConfigError
 from evotok_cli.runtime.lora_precision import LoRALinear
 
 MODES = ("none", "int8", "int4")

@@ -24,7 +24,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from evotok_cli.errors import CheckpointError
+from evotok_cli.base.errors import CheckpointError
 from evotok_cli.runtime.checkpoint import read_json
 
 # Small JSON files transformers reads beside tokenizer.json: checked first, so that a damaged one is named

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from evotok_cli.files import atomic_write_text
+from evotok_cli.base.files import atomic_write_text
 from evotok_cli.runtime.checkpoint import INDEX_FILE, SINGLE_FILE, save_safetensors
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")

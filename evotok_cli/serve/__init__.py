@@ -6,4 +6,6 @@ One model, loaded once; one `BackgroundEngine` decodes the rows of every request
 (SSE chunks), `responses` (OpenAI response objects and logprobs), `tokenize` (vLLM's /tokenize and
 /detokenize), `metrics`, `page` (GET /), `app` (routes), `server`
 (socket, uvicorn, signals) and `cli` (the command).
+
+Layer 6, apps: may import training, jobs, decoding, runtime, base and the other apps (never round a loop).
 """

@@ -8,8 +8,8 @@ from typing import Any
 
 import typer
 
-from evotok_cli.errors import ConfigError
-from evotok_cli.options import from_flags, with_options
+from evotok_cli.base.errors import ConfigError
+from evotok_cli.base.options import from_flags, with_options
 from evotok_cli.serve.config import ServeOptions, check, limits
 
 
@@ -60,7 +60,7 @@ def serve(**options: Any) -> None:
 
 
 def _announce(service: Any, opts: ServeOptions, where: str) -> None:
-    from evotok_cli.console import stderr
+    from evotok_cli.base.console import stderr
 
     err = stderr()
     served = service.served
@@ -74,9 +74,9 @@ def _announce(service: Any, opts: ServeOptions, where: str) -> None:
 
 def _prepare(opts: ServeOptions) -> tuple[Path, dict]:
     """Every check that needs no weights, before the port is bound: decoder, folder, its defaults, device."""
-    from evotok_cli.config import generate_defaults, model_folder
-    from evotok_cli.files import input_dir
-    from evotok_cli.generation import check_settings, make_decoder
+    from evotok_cli.base.files import input_dir
+    from evotok_cli.jobs.config import generate_defaults, model_folder
+    from evotok_cli.jobs.generation import check_settings, make_decoder
     from evotok_cli.runtime.checkpoint import model_dir
     from evotok_cli.runtime.device import resolve_device, resolve_dtype
 
@@ -88,7 +88,7 @@ def _prepare(opts: ServeOptions) -> tuple[Path, dict]:
     check_settings(dec, gen_length=defaults["gen_length"], block_length=defaults["block_length"],
                    steps=defaults["steps"], temperature=defaults["temperature"])
     resolve_dtype(opts.dtype, resolve_device(opts.device))
-    from evotok_cli.threads import apply as apply_threads
+    from evotok_cli.base.threads import apply as apply_threads
 
     apply_threads(opts.threads)  # before the port is bound and the model loads
     return folder, defaults
@@ -116,5 +116,5 @@ def _start(folder: Path, defaults: dict, opts: ServeOptions, guard: Any) -> tupl
 
 
 def register(app: typer.Typer) -> None:
-    """Add `evotok serve` to the main app (called from evotok_cli/cli.py)."""
+    """Add `evotok serve` to the main app (called from evotok_cli/cli/app.py)."""
     app.command("serve")(serve)

@@ -11,9 +11,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from evotok_cli.config import GenerateOptions
-from evotok_cli.errors import ConfigError
-from evotok_cli.options import flag, like, option, shown
+from evotok_cli.base.errors import ConfigError
+from evotok_cli.base.options import flag, like, option, shown
+from evotok_cli.jobs.config import GenerateOptions
 
 
 @dataclass
@@ -69,7 +69,7 @@ class ServeOptions:
 
 def check(opts: ServeOptions) -> None:
     """The options' one-line errors that need no model folder, in the order the command has always checked."""
-    from evotok_cli.files import check_text
+    from evotok_cli.base.files import check_text
     from evotok_cli.runtime.attention import check_padded_mode
     from evotok_cli.runtime.lora import check_lora_mode
     from evotok_cli.runtime.quantize import check_quantize

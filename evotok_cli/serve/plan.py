@@ -15,9 +15,9 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any
 
+from evotok_cli.base.errors import ConfigError, EvotokError
 from evotok_cli.decoding.api import GenerationRequest, settings_used
-from evotok_cli.errors import ConfigError, EvotokError
-from evotok_cli.prompts import Prompt, encode_prompts
+from evotok_cli.runtime.prompts import Prompt, encode_prompts
 from evotok_cli.serve.schema import ApiError, CompletionFields, bad
 
 # where a library error points (a generate flag) -> the request field that set it
@@ -62,7 +62,7 @@ class Served:
         the same option parsing on a class found at start; an unknown name takes the registry's path and
         its one-line error."""
         from evotok_cli.decoding.api import parse_options
-        from evotok_cli.generation import make_decoder
+        from evotok_cli.jobs.generation import make_decoder
 
         cls = self.classes.get(name)
         if cls is None:
@@ -98,9 +98,9 @@ def api_error(exc: EvotokError, fallback: str | None = None) -> ApiError:
 
 
 def make_plan(fields: CompletionFields, served: Served) -> Plan:
-    from evotok_cli.canvas_plan import block_constraint, plan_canvas
     from evotok_cli.decoding.api import check_model_options
-    from evotok_cli.generation import check_settings, derive_seed
+    from evotok_cli.jobs.canvas_plan import block_constraint, plan_canvas
+    from evotok_cli.jobs.generation import check_settings, derive_seed
 
     name = fields.decoder or served.decoder
     d = served.defaults
@@ -153,7 +153,7 @@ def make_plan(fields: CompletionFields, served: Served) -> Plan:
 def request_seed(fields: CompletionFields, defaults: dict[str, Any], temperature: float) -> int:
     """The request's seed; sampling without one draws a fresh seed (reported in the answer) so that two
     unseeded requests differ, as OpenAI's do; greedy decoding keeps the default, which it never reads."""
-    from evotok_cli.generation import fresh_seed
+    from evotok_cli.jobs.generation import fresh_seed
 
     if fields.seed is not None:
         return fields.seed

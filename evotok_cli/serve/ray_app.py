@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from evotok_cli.errors import CheckpointError, ConfigError
+from evotok_cli.base.errors import CheckpointError, ConfigError
 from evotok_cli.serve.ray_metrics import MetricsBoard, merge_metrics
 
 APP_NAME = "evotok"
@@ -178,8 +178,8 @@ def make_deployment(folder: Path, defaults: dict, opts: Any, start: Any) -> Any:
         def __init__(self, folder: Path, defaults: dict, opts: Any, start: Any):
             import ray
 
+            from evotok_cli.base.threads import apply as apply_threads
             from evotok_cli.serve.config import limits
-            from evotok_cli.threads import apply as apply_threads
 
             apply_threads(opts.threads)
             self.service, app = start(folder, defaults, opts, limits(opts))
@@ -236,7 +236,7 @@ def run(folder: Path, defaults: dict, opts: Any, start: Any) -> None:
     import ray
     from ray import serve
 
-    from evotok_cli.console import stderr
+    from evotok_cli.base.console import stderr
 
     port = opts.port or free_port(opts.host)
     _check_port(opts.host, port)
@@ -267,7 +267,7 @@ def run(folder: Path, defaults: dict, opts: Any, start: Any) -> None:
             _wait_running(stopping)
         except Exception as exc:  # noqa: BLE001 - a replica that cannot start: one line
             why = _bounded_status() or str(exc)
-            why = why.removeprefix("evotok_cli.errors.")
+            why = why.removeprefix("evotok_cli.base.errors.")
             raise CheckpointError(f"the replicas did not start ({' '.join(why.split())[:600]})",
                                   where=str(folder), fix="check the model loads with `evotok generate -m FOLDER`") \
                 from None

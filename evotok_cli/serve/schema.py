@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from evotok_cli.prompts import Prompt
+from evotok_cli.runtime.prompts import Prompt
 from evotok_cli.serve.body import (  # noqa: F401 (ApiError, bad, MAX_BODY_BYTES: re-exported)
     MAX_BODY_BYTES,
     ApiError,

@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from evotok_cli.errors import ConfigError
+from evotok_cli.base.errors import ConfigError
 from evotok_cli.serve.guard import Limits
 from evotok_cli.serve.sessions import Service
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from evotok_cli.decoding.engine import BackgroundEngine, Engine, Job, default_tokens_in_flight, make_jobs
-from evotok_cli.generation import row_result
+from evotok_cli.jobs.generation import row_result
 from evotok_cli.serve.metrics import Metrics
 from evotok_cli.serve.offload import Offload
 from evotok_cli.serve.plan import Plan, Served

@@ -19,9 +19,9 @@ import traceback
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from evotok_cli.base.errors import EvotokError
 from evotok_cli.decoding.api import FinalPrefix
-from evotok_cli.errors import EvotokError
-from evotok_cli.generation import row_result
+from evotok_cli.jobs.generation import row_result
 from evotok_cli.serve.responses import Logprobs, Reply, cut_at_stop, finish, usage
 from evotok_cli.serve.schema import ApiError, CompletionFields
 from evotok_cli.serve.sessions import Service, Session

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from evotok_cli.prompts import Prompt
+from evotok_cli.runtime.prompts import Prompt
 from evotok_cli.serve.plan import Served, encode
 from evotok_cli.serve.schema import CompletionFields, Fields, bad, check_model, messages_of, text_prompt
 

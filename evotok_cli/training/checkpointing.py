@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from evotok_cli.errors import CheckpointError, DataError
-from evotok_cli.files import disk_error, read_text
+from evotok_cli.base.errors import CheckpointError, DataError
+from evotok_cli.base.files import disk_error, read_text
 from evotok_cli.runtime.checkpoint import save_safetensors
 
 PREFIX = "checkpoint-"

@@ -8,8 +8,8 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from evotok_cli.errors import EvotokError
-from evotok_cli.options import merged, yaml_defaults
+from evotok_cli.base.errors import EvotokError
+from evotok_cli.base.options import merged, yaml_defaults
 from evotok_cli.training.config import TrainConfig
 
 COMMAND_ONLY = {"json": False}  # --config keys that are the command's, not the run's
@@ -17,7 +17,7 @@ COMMAND_ONLY = {"json": False}  # --config keys that are the command's, not the 
 
 def train_config(data: Path, flags: dict[str, Any], config: Path | None) -> tuple[TrainConfig, Any]:
     """The run's TrainConfig (not yet validated: the Trainer does it) and the merged settings."""
-    from evotok_cli.config import Settings, model_folder
+    from evotok_cli.jobs.config import Settings, model_folder
 
     defaults, kinds = yaml_defaults(TrainConfig)
     settings = Settings({**defaults, **COMMAND_ONLY}, config, command="finetune", types=kinds)
@@ -33,8 +33,8 @@ def train_config(data: Path, flags: dict[str, Any], config: Path | None) -> tupl
 def run(data: Path, flags: dict[str, Any], *, resume: bool, config: Path | None, as_json: bool | None) -> None:
     """Train; print the summary (JSON with --json) on rank 0. A signal exits 130 / 143 after a checkpoint.
     The --out folder is locked for the whole run: a second finetune into it is refused (`locks`)."""
-    from evotok_cli.files import output_dir
-    from evotok_cli.locks import hold_dir
+    from evotok_cli.base.files import output_dir
+    from evotok_cli.base.locks import hold_dir
     from evotok_cli.training import runs
 
     cfg, settings = train_config(data, flags, config)
@@ -44,8 +44,8 @@ def run(data: Path, flags: dict[str, Any], *, resume: bool, config: Path | None,
 
 
 def _train(cfg: TrainConfig, settings: Any, *, resume: bool, as_json: bool | None) -> None:
-    from evotok_cli.console import stderr
-    from evotok_cli.threads import apply as apply_threads
+    from evotok_cli.base.console import stderr
+    from evotok_cli.base.threads import apply as apply_threads
     from evotok_cli.training.progress import TrainProgress
     from evotok_cli.training.trainer import StopRequested, Trainer
 

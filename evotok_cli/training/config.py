@@ -10,9 +10,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
-from evotok_cli.errors import ConfigError
-from evotok_cli.options import check_bounds, flag, option, seed_option
-from evotok_cli.threads import THREADS_HELP
+from evotok_cli.base.errors import ConfigError
+from evotok_cli.base.options import check_bounds, flag, option, seed_option
+from evotok_cli.base.threads import THREADS_HELP
 
 OBJECTIVES = ("cts", "sft", "d2f")
 QUANTIZE_MODES = ("none", "int8", "int4")  # runtime/quantize.py's MODES, without importing torch here
@@ -114,7 +114,7 @@ class TrainConfig:
         tokens). A folder that cannot be read is the loader's to report."""
         import warnings
 
-        from evotok_cli.errors import EvotokError
+        from evotok_cli.base.errors import EvotokError
         from evotok_cli.runtime.model import read_family_config
 
         try:

@@ -73,7 +73,7 @@ def plan_batch(batch: Batch, settings: CTSSettings, mask_id: int, rng: random.Ra
     if K * per_pass >= length:
         length = K * per_pass + 1
     if length > N:
-        from evotok_cli.errors import DataError
+        from evotok_cli.base.errors import DataError
         raise DataError(f"a batch has only {N - max(prompt_lengths)} response tokens, CTS needs {length}",
                         where="--min-response",
                         fix=f"skip short examples with --min-response {K * per_pass + 1} or more")

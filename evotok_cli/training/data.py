@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from evotok_cli.errors import ConfigError, DataError
-from evotok_cli.files import read_text
+from evotok_cli.base.errors import ConfigError, DataError
+from evotok_cli.base.files import read_text
 from evotok_cli.runtime import tokenizer as tok
 
 EVOTOKEN_SYSTEM_PROMPT = (

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from evotok_cli.files import atomic_open, atomic_write_text
+from evotok_cli.base.files import atomic_open, atomic_write_text
 
 NAME = "loss_log.jsonl"
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from evotok_cli.errors import ConfigError
+from evotok_cli.base.errors import ConfigError
 
 FULL_BYTES_PER_PARAM = 16  # fp32 weight + fp32 gradient + AdamW exp_avg + exp_avg_sq
 LOAD_BYTES_PER_PARAM = 4  # every process loads the whole fp32 model before FSDP shards it

@@ -25,8 +25,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from evotok_cli.errors import CheckpointError, ConfigError, DataError
-from evotok_cli.files import read_text
+from evotok_cli.base.errors import CheckpointError, ConfigError, DataError
+from evotok_cli.base.files import read_text
 from evotok_cli.training import checkpointing
 
 RUN_FILES = ("checkpoints", "training_args.json", "loss_log.jsonl", "adapter_model.safetensors",
@@ -198,7 +198,7 @@ def history_entry(step: int, changes: dict[str, list[Any]]) -> dict[str, Any]:
 def check_inputs(out: Path, inputs: dict[str, Any]) -> None:
     """The data and config files are not files the run writes into --out (`--out` beside the data is
     fine; `loss_log.jsonl` as the data is not)."""
-    from evotok_cli.files import not_an_input
+    from evotok_cli.base.files import not_an_input
 
     for name in WRITTEN:
         not_an_input(out / name, "--out", {flag: path for flag, path in inputs.items() if path is not None})

@@ -72,7 +72,7 @@ class Generator:
         while len(out) < n:
             attempts += 1
             if attempts > 20 * n + 10000:
-                from evotok_cli.errors import ConfigError
+                from evotok_cli.base.errors import ConfigError
                 raise ConfigError(f"{self.name} has fewer than {n} distinct {split} problems", where="--n",
                                   fix="ask for fewer problems")
             p = self.sample(rng)
@@ -296,8 +296,8 @@ def write_training_data(names: list[str], *, split: str, n: int, seed: int, out,
     (with `cuts`, each problem is followed by its cut copies: see `training_lines`)."""
     import json
 
-    from evotok_cli.errors import ConfigError
-    from evotok_cli.files import atomic_open, output_file
+    from evotok_cli.base.errors import ConfigError
+    from evotok_cli.base.files import atomic_open, output_file
 
     unknown = [t for t in names if t not in GENERATORS]
     if unknown:

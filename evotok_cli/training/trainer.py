@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from evotok_cli.errors import ConfigError
-from evotok_cli.files import atomic_write_text, input_file, output_dir
+from evotok_cli.base.errors import ConfigError
+from evotok_cli.base.files import atomic_write_text, input_file, output_dir
 from evotok_cli.training import checkpointing, losslog, objective_step, optim, parallel, runs
 from evotok_cli.training.config import OBJECTIVES, TrainConfig
 from evotok_cli.training.data import Example, load_examples

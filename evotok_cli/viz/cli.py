@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from evotok_cli.errors import EvotokError
+from evotok_cli.base.errors import EvotokError
 
 
 def trace(
@@ -34,12 +34,12 @@ def trace(
       evotok generate -p $'Sudoku 4x4 (0 = blank):\\n0012|0230|4320|0103' -d evotoken --trace run.jsonl
       evotok trace run.jsonl --html run.html --png run.png
     """
-    from evotok_cli.console import stderr
+    from evotok_cli.base.console import stderr
     from evotok_cli.viz.trace import read_trace
 
     if html is None and png is None:
         raise EvotokError("nothing to draw", where="evotok trace", fix="pass --html OUT.html and/or --png OUT.png")
-    from evotok_cli.files import not_an_input, output_file, same_file
+    from evotok_cli.base.files import not_an_input, output_file, same_file
 
     for path, flag in ((html, "--html"), (png, "--png")):
         if path is not None:
@@ -68,7 +68,7 @@ def _token_text(model: str | None, mask_id: int):
 
     if model is None:
         return TokenText(None, mask_id)
-    from evotok_cli.errors import CheckpointError
+    from evotok_cli.base.errors import CheckpointError
     from evotok_cli.runtime.tokenizer import load_tokenizer
 
     folder = Path(model).expanduser()
@@ -81,5 +81,5 @@ def _token_text(model: str | None, mask_id: int):
 
 
 def register(app: typer.Typer) -> None:
-    """Add `evotok trace` to the main app (called from evotok_cli/cli.py)."""
+    """Add `evotok trace` to the main app (called from evotok_cli/cli/app.py)."""
     app.command("trace")(trace)

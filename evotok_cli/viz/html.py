@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from evotok_cli.files import atomic_write_text
+from evotok_cli.base.files import atomic_write_text
 from evotok_cli.viz.style import (
     BLOCK_COLOURS,
     BLOCK_LABELS,

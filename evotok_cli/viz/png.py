@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from evotok_cli.errors import EvotokError
-from evotok_cli.files import atomic_open
+from evotok_cli.base.errors import EvotokError
+from evotok_cli.base.files import atomic_open
 from evotok_cli.viz.style import (
     BLOCK_COLOURS,
     BLOCK_LABELS,

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from evotok_cli.base.errors import DataError
+from evotok_cli.base.files import read_text
+from evotok_cli.base.values import Bounds
 from evotok_cli.decoding.api import TRACE_BLOCK_KEYS, TRACE_BLOCK_STATES, TRACE_SCHEMA, StepEvent
-from evotok_cli.errors import DataError
-from evotok_cli.files import read_text
-from evotok_cli.values import Bounds
 from evotok_cli.viz.style import STATES
 
 SCHEMA = TRACE_SCHEMA  # the schema is declared once, beside StepEvent: decoding/api.py

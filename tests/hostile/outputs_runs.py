@@ -13,7 +13,7 @@ import shutil
 import socket
 from collections.abc import Callable
 
-from evotok_cli import locks
+from evotok_cli.base import locks
 from tests.hostile import Case, Ctx, both, write
 from tests.hostile.finetune import DATA, RUN, data_file, ft, trained, unfinished
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar
 
+from evotok_cli.base.errors import ConfigError
 from evotok_cli.bench.parsers import countdown_correct, countdown_expression, last_boxed, parse_number_answer
 from evotok_cli.bench.tasks.base import Doc, GenDefaults, Loaded, Task
-from evotok_cli.errors import ConfigError
 from evotok_cli.training.synthetic import GENERATORS, PREFILL
 
 PROTOCOL = "evotok-synthetic/1"

@@ -15,10 +15,10 @@ import threading
 from pathlib import Path
 from typing import Any, ClassVar
 
+from evotok_cli.base.errors import DataError
 from evotok_cli.bench import parsers
 from evotok_cli.bench.data import task_records
 from evotok_cli.bench.tasks.base import Doc, GenDefaults, Loaded, Task
-from evotok_cli.errors import DataError
 
 PROTOCOL = "evotoken-d1"
 

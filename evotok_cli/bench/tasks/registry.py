@@ -11,7 +11,7 @@ import importlib
 from importlib import metadata
 from typing import Any
 
-from evotok_cli.errors import ConfigError
+from evotok_cli.base.errors import ConfigError
 
 GROUP = "evotok.tasks"
 _REQUIRED = ("name", "load", "render", "score", "defaults")

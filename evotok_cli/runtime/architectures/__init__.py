@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from evotok_cli.errors import CheckpointError
+from evotok_cli.base.errors import CheckpointError
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
-from evotok_cli.errors import CheckpointError
+from evotok_cli.base.errors import CheckpointError
 from evotok_cli.runtime import architectures as arch
 from evotok_cli.runtime.architectures.family import FamilyConfig, FamilyModel, FamilySpec
 

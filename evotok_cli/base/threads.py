@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from evotok_cli.errors import ConfigError
+from evotok_cli.base.errors import ConfigError
 
 ENV = "EVOTOK_THREADS"
 MAX_DEFAULT = 8  # more threads rarely pay on the small matrices of one decode step; --threads N goes higher

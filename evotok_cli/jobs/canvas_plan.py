@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from evotok_cli.errors import ConfigError
+from evotok_cli.base.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -12,11 +12,11 @@ from typing import Any
 import typer
 
 from evotok_cli import __version__
-from evotok_cli.chat import ChatOptions
-from evotok_cli.config import GenerateOptions
-from evotok_cli.console import stderr
-from evotok_cli.errors import EvotokError
-from evotok_cli.options import with_options
+from evotok_cli.base.console import stderr
+from evotok_cli.base.errors import EvotokError
+from evotok_cli.base.options import with_options
+from evotok_cli.cli.chat import ChatOptions
+from evotok_cli.jobs.config import GenerateOptions
 from evotok_cli.training.config import TrainConfig  # every finetune option, declared once (light: no torch)
 
 app = typer.Typer(
@@ -46,7 +46,7 @@ def root(
     """
 
 
-from evotok_cli.inspect_commands import register as _register_inspect  # noqa: E402 (info, download, decoders)
+from evotok_cli.cli.inspect import register as _register_inspect  # noqa: E402 (info, download, decoders)
 
 _register_inspect(app)
 
@@ -72,7 +72,7 @@ def generate(
 
       evotok generate --model ./LLaDA-8B-Instruct --adapter ./EvoToken-LoRA -d evotoken -p "..." --json
     """
-    from evotok_cli import generate_command
+    from evotok_cli.cli import generate as generate_command
 
     generate_command.run(options, config=config, as_json=as_json)
 
@@ -94,7 +94,7 @@ def chat(**options: Any) -> None:
 
       evotok generate --prompts-file chat.jsonl   # replays a --log transcript, turn by turn
     """
-    from evotok_cli.chat import run
+    from evotok_cli.cli.chat import run
 
     code = run(options, out=typer.echo)
     if code:
@@ -182,9 +182,9 @@ def data(
 
     Example: evotok data sudoku4 arith countdown3 --n 1000 --out train.jsonl
     """
-    from evotok_cli.files import output_file
-    from evotok_cli.locks import hold_file
-    from evotok_cli.options import check_seed
+    from evotok_cli.base.files import output_file
+    from evotok_cli.base.locks import hold_file
+    from evotok_cli.base.options import check_seed
     from evotok_cli.training.synthetic import write_training_data
 
     check_seed(seed)
@@ -247,7 +247,7 @@ def _run() -> None:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     except OSError as exc:  # a full disk or read-only remount in a writer without its own handling
-        from evotok_cli.files import disk_error
+        from evotok_cli.base.files import disk_error
 
         error = disk_error(exc)
         if error is None:

@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 
+from evotok_cli.base.errors import ConfigError
 from evotok_cli.decoding.api import (
     FinalPrefix,
     GenerationRequest,
@@ -53,7 +54,6 @@ from evotok_cli.decoding.engine import ForwardPass, HostRead, Program, drive
 from evotok_cli.decoding.evolution import Commit, as_decoded, evolve
 from evotok_cli.decoding.logprobs import LogprobRecorder, recorder_for
 from evotok_cli.decoding.soft import input_states, one_hot_slots
-from evotok_cli.errors import ConfigError
 
 PREFERRED_BLOCK_SIZE = 64  # published D2F-LLaDA GSM8K
 

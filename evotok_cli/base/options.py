@@ -17,8 +17,8 @@ import typing
 from collections.abc import Callable
 from typing import Any, TypeVar, get_args, get_origin
 
-from evotok_cli.errors import ConfigError
-from evotok_cli.values import Bounds, format_default
+from evotok_cli.base.errors import ConfigError
+from evotok_cli.base.values import Bounds, format_default
 
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")

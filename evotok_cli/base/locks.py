@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from evotok_cli.errors import ConfigError
+from evotok_cli.base.errors import ConfigError
 
 LOCK_NAME = ".evotok.lock"  # inside an output folder
 

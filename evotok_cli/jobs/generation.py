@@ -12,7 +12,8 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, TextIO
 
-from evotok_cli.canvas_plan import cut_answer
+from evotok_cli.base.errors import ConfigError
+from evotok_cli.base.files import atomic_open
 from evotok_cli.decoding import registry
 from evotok_cli.decoding.api import (
     TRACE_SCHEMA,
@@ -23,10 +24,9 @@ from evotok_cli.decoding.api import (
     parse_options,
     settings_used,
 )
-from evotok_cli.errors import ConfigError
-from evotok_cli.files import atomic_open
-from evotok_cli.prompts import Prompt
+from evotok_cli.jobs.canvas_plan import cut_answer
 from evotok_cli.runtime.device import synchronize
+from evotok_cli.runtime.prompts import Prompt
 
 
 def make_decoder(name: str, options: dict[str, Any], *, where: str = "--opt") -> Any:

@@ -24,7 +24,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TextIO
 
-from evotok_cli.errors import ConfigError, DataError, EvotokError
+from evotok_cli.base.errors import ConfigError, DataError, EvotokError
 
 MAX_INPUT_BYTES = 1 << 30  # no input we read whole is this large; /proc-like files report no size at all
 NO_ROOM = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is exceeded",

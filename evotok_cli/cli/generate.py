@@ -11,18 +11,25 @@ from typing import Any
 
 import typer
 
-from evotok_cli.config import GENERATE_DEFAULTS, GENERATE_TYPES, SHORTHANDS, GenerateOptions, Settings, model_folder
-from evotok_cli.console import stderr
-from evotok_cli.errors import EvotokError
-from evotok_cli.options import merged
+from evotok_cli.base.console import stderr
+from evotok_cli.base.errors import EvotokError
+from evotok_cli.base.options import merged
+from evotok_cli.jobs.config import (
+    GENERATE_DEFAULTS,
+    GENERATE_TYPES,
+    SHORTHANDS,
+    GenerateOptions,
+    Settings,
+    model_folder,
+)
 
 SAMPLING_FILTERS = ("top_k", "top_p", "min_p")  # filters of the sampled distribution (decoding.api.Sampling)
 
 
 def run(flags: dict[str, Any], *, config: Path | None, as_json: bool | None) -> None:
     """Generate for every prompt the flags give; the answers to stdout, a summary line to stderr."""
-    from evotok_cli.config import generate_defaults
-    from evotok_cli.generation import check_settings, make_decoder
+    from evotok_cli.jobs.config import generate_defaults
+    from evotok_cli.jobs.generation import check_settings, make_decoder
 
     settings = Settings(GENERATE_DEFAULTS, config, command="generate", types=GENERATE_TYPES)
     prompts = _prompts(flags)
@@ -34,11 +41,11 @@ def run(flags: dict[str, Any], *, config: Path | None, as_json: bool | None) -> 
     check_settings(dec, gen_length=values["gen_length"], block_length=values["block_length"], steps=values["steps"],
                    temperature=values["temperature"], **{k: values[k] for k in SAMPLING_FILTERS})
     _check_outputs(values, {"--prompts-file": flags["prompts_file"], "--config": config})
-    from evotok_cli.threads import apply as apply_threads
+    from evotok_cli.base.threads import apply as apply_threads
 
     values["threads"] = apply_threads(values["threads"]).threads  # before the load: torch reads it once per op
     lm = _load(model_path, values)
-    from evotok_cli.prompts import encode_prompts
+    from evotok_cli.runtime.prompts import encode_prompts
 
     encode_prompts(prompts, lm.tokenizer, chat=values["chat_template"], vocab_size=lm.vocab_size,
                    system=values["system"], prefill=values["prefill"], mask_id=lm.mask_id)
@@ -56,8 +63,8 @@ def run(flags: dict[str, Any], *, config: Path | None, as_json: bool | None) -> 
 
 def _prompts(flags: dict[str, Any]) -> list[Any]:
     """--prompt texts, then --prompt-ids, then the --prompts-file lines; none at all is an error."""
-    from evotok_cli.files import check_text
-    from evotok_cli.prompts import Prompt, parse_ids, read_prompts_file
+    from evotok_cli.base.files import check_text
+    from evotok_cli.runtime.prompts import Prompt, parse_ids, read_prompts_file
 
     prompts = [Prompt(check_text(t, "--prompt")) for t in flags["prompt"] or []]
     prompts += [Prompt(None, ids=parse_ids(t, "--prompt-ids")) for t in flags["prompt_ids"] or []]
@@ -71,7 +78,7 @@ def _prompts(flags: dict[str, Any]) -> list[Any]:
 
 def _decoder_options(settings: Settings, flags: dict[str, Any]) -> dict[str, Any]:
     """The YAML `decoder:` section < the shorthand flags (--threshold, --remasking) < --opt key=value."""
-    from evotok_cli.config import parse_opts
+    from evotok_cli.jobs.config import parse_opts
 
     options = dict(settings.decoder_options)
     for key in SHORTHANDS:
@@ -85,7 +92,7 @@ def _decoder_options(settings: Settings, flags: dict[str, Any]) -> dict[str, Any
 def _check_outputs(values: dict[str, Any], inputs: dict[str, Any]) -> None:
     """Texts that must be UTF-8 and the trace file we will write (never one of the files we read), before
     the model loads."""
-    from evotok_cli.files import check_text, not_an_input, output_file
+    from evotok_cli.base.files import check_text, not_an_input, output_file
 
     for key in ("system", "prefill"):
         if values[key] is not None:
@@ -109,7 +116,7 @@ def _load(model_path: Path, values: dict[str, Any]) -> Any:
 
 def _decode(lm: Any, decoder_name: str, dec: Any, prompts: list[Any], values: dict[str, Any], *,
             show: bool) -> tuple[list[dict[str, Any]], float]:
-    from evotok_cli.generation import generate
+    from evotok_cli.jobs.generation import generate
     from evotok_cli.viz.live import LiveCanvas
 
     err = stderr()
@@ -127,8 +134,8 @@ def params(lm: Any, dec: Any, values: dict[str, Any]) -> dict[str, Any]:
     """The settings of the run as --json reports them: the generation settings the decoder reads, the
     options as given, the device, dtype, compile, LoRA and padded-attention modes as the model was loaded,
     the runtime and the package versions."""
+    from evotok_cli.base.provenance import jsonable, versions
     from evotok_cli.decoding.api import settings_used
-    from evotok_cli.provenance import jsonable, versions
     from evotok_cli.runtime.device import describe_runtime
 
     used = settings_used(dec)
@@ -156,7 +163,7 @@ class PassProgress:
     of the prompts and at least every 30 s."""
 
     def __init__(self, console: Any, enabled: bool, prompts: int):
-        from evotok_cli.console import PlainProgress
+        from evotok_cli.base.console import PlainProgress
 
         self.console, self.bar, self.task, self.done = console, None, None, 0
         self.terminal = enabled and console.is_terminal

@@ -13,13 +13,13 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
+from evotok_cli.base.errors import ConfigError
+from evotok_cli.base.files import read_text
+from evotok_cli.base.options import option, seed_option, yaml_defaults
+from evotok_cli.base.threads import THREADS_HELP
 from evotok_cli.decoding.api import CommitOptions
-from evotok_cli.errors import ConfigError
-from evotok_cli.files import read_text
-from evotok_cli.options import option, seed_option, yaml_defaults
 from evotok_cli.runtime.compile import HELP as COMPILE_HELP
 from evotok_cli.runtime.compile import compile_level
-from evotok_cli.threads import THREADS_HELP
 
 MODEL_HELP = ("checkpoint folder (Hugging Face layout), or a hub id org/name in the local Hugging Face cache "
               "(`evotok download org/name` fetches one); default: the bundled model")

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from evotok_cli.config import GenerateOptions
-from evotok_cli.errors import ConfigError, EvotokError
-from evotok_cli.options import Cli, like, option
+from evotok_cli.base.errors import ConfigError, EvotokError
+from evotok_cli.base.options import Cli, like, option
+from evotok_cli.jobs.config import GenerateOptions
 
 GEN_SETTINGS = ("gen_length", "block_length", "steps", "temperature", "seed")  # what /opt may set besides options
 HELP = """commands:
@@ -63,7 +63,7 @@ class Chat:
 
     def __init__(self, lm: Any, decoder_name: str, options: dict[str, Any], settings: dict[str, Any], *,
                  system: str | None, prefill: str, show: bool, log: Path | None, err: Any):
-        from evotok_cli.generation import make_decoder
+        from evotok_cli.jobs.generation import make_decoder
 
         self.lm, self.decoder_name, self.options, self.settings = lm, decoder_name, dict(options), dict(settings)
         self.decoder = make_decoder(decoder_name, self.options)
@@ -75,9 +75,9 @@ class Chat:
 
     def turn(self, text: str) -> str:
         """Decode the answer to `text` after the history; on an error the history is left as it was."""
-        from evotok_cli.files import check_text
-        from evotok_cli.generation import check_settings, generate
-        from evotok_cli.prompts import Prompt, encode_prompts
+        from evotok_cli.base.files import check_text
+        from evotok_cli.jobs.generation import check_settings, generate
+        from evotok_cli.runtime.prompts import Prompt, encode_prompts
         from evotok_cli.viz.live import LiveCanvas
 
         check_text(text, "chat")
@@ -102,7 +102,7 @@ class Chat:
         return answer
 
     def _append_log(self, messages: list[dict[str, str]], answer: str, result: dict[str, Any]) -> None:
-        from evotok_cli.provenance import jsonable
+        from evotok_cli.base.provenance import jsonable
 
         line = {"messages": messages, "answer": answer, "decoder": self.decoder_name,
                 "options": jsonable(vars(self.decoder.config)), "settings": {**self.settings, "prefill": self.prefill},
@@ -112,7 +112,7 @@ class Chat:
 
     def command(self, line: str) -> bool:
         """Handle one `/` line; False ends the chat."""
-        from evotok_cli.generation import make_decoder
+        from evotok_cli.jobs.generation import make_decoder
 
         name, _, arg = line[1:].strip().partition(" ")
         arg = arg.strip()
@@ -142,8 +142,8 @@ class Chat:
 
     def _set_option(self, arg: str) -> None:
         """/opt KEY=VALUE: a generation setting (checked against the decoder) or a decoder option."""
-        from evotok_cli.config import parse_opts
-        from evotok_cli.generation import check_settings, make_decoder
+        from evotok_cli.jobs.config import parse_opts
+        from evotok_cli.jobs.generation import check_settings, make_decoder
 
         if "=" not in arg:
             raise ConfigError(f"{arg!r} is not KEY=VALUE", where="/opt", fix="e.g. /opt steps=32 or /opt alpha=0.7")
@@ -157,7 +157,7 @@ class Chat:
                     raise ConfigError(f"{key} must be {'a number' if kind is float else 'a whole number'}, got "
                                       f"{value!r}", where="/opt", fix=f"e.g. /opt {key}=32") from None
                 if key == "seed":
-                    from evotok_cli.options import check_seed
+                    from evotok_cli.base.options import check_seed
 
                     check_seed(number, where="/opt")
                 trial = {**self.settings, key: number}
@@ -170,7 +170,7 @@ class Chat:
         self.err.print(f"[dim]{arg.strip()}[/dim]", highlight=False)
 
     def save(self, where: str) -> None:
-        from evotok_cli.files import atomic_write_text, output_file
+        from evotok_cli.base.files import atomic_write_text, output_file
 
         if not where:
             raise ConfigError("no file named", where="/save", fix="e.g. /save chat.json")
@@ -184,16 +184,16 @@ class Chat:
 def run(flags: dict[str, Any], *, stdin: TextIO | None = None, out: Callable[[str], None] = print) -> int:
     """The chat loop: read lines until /quit or end of input; returns the exit code (2 when a turn failed
     and input came from a pipe or file, so a script notices)."""
-    from evotok_cli.config import Settings, generate_defaults, model_folder, parse_opts
-    from evotok_cli.console import stderr
-    from evotok_cli.files import check_text, output_file
-    from evotok_cli.generation import make_decoder
-    from evotok_cli.options import merged, yaml_defaults
+    from evotok_cli.base.console import stderr
+    from evotok_cli.base.files import check_text, output_file
+    from evotok_cli.base.options import merged, yaml_defaults
+    from evotok_cli.base.threads import apply as apply_threads
+    from evotok_cli.jobs.config import Settings, generate_defaults, model_folder, parse_opts
+    from evotok_cli.jobs.generation import make_decoder
     from evotok_cli.runtime.attention import check_padded_mode
     from evotok_cli.runtime.lora import check_lora_mode
     from evotok_cli.runtime.model import load_model
     from evotok_cli.runtime.quantize import check_quantize
-    from evotok_cli.threads import apply as apply_threads
 
     stdin = stdin or sys.stdin
     defaults, kinds = yaml_defaults(ChatOptions)

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from evotok_cli.errors import ConfigError, DataError
-from evotok_cli.files import check_text, read_stdin_text, read_text
+from evotok_cli.base.errors import ConfigError, DataError
+from evotok_cli.base.files import check_text, read_stdin_text, read_text
 from evotok_cli.runtime import tokenizer as tok
 
 

@@ -7,9 +7,9 @@ import json
 
 import typer
 
-from evotok_cli.config import MODEL_HELP, model_folder
-from evotok_cli.console import stderr
-from evotok_cli.errors import EvotokError
+from evotok_cli.base.console import stderr
+from evotok_cli.base.errors import EvotokError
+from evotok_cli.jobs.config import MODEL_HELP, model_folder
 
 
 def register(app: typer.Typer) -> None:
@@ -55,7 +55,7 @@ def info(
         elif key == "weight_bytes":
             value = bytes_summary(value)
         table.add_row(key, str(value))
-    from evotok_cli.console import console
+    from evotok_cli.base.console import console
     console().print(table)
 
 
@@ -63,8 +63,8 @@ def _system_info(as_json: bool) -> None:
     """`evotok info --system`: what the compute commands will use on this machine, and why."""
     import torch
 
+    from evotok_cli.base.threads import system_facts
     from evotok_cli.runtime.device import describe_runtime
-    from evotok_cli.threads import system_facts
 
     facts = {"cpu": describe_runtime(torch.device("cpu"), torch.float32)["device_name"], **system_facts()}
     if as_json:
@@ -126,7 +126,7 @@ def decoders(
             table.add_column(col)
         for r in rows:
             table.add_row(r["name"], r["type"], str(r["default"]), r["range"], r["help"])
-        from evotok_cli.console import console
+        from evotok_cli.base.console import console
         console().print(table)
         return
     entries = registry.discover()
@@ -144,5 +144,5 @@ def decoders(
         if e.shadowed:
             status += f" (also registered by {', '.join(e.shadowed)}, which is not used)"
         table.add_row(e.name, e.package, e.version, status)
-    from evotok_cli.console import console
+    from evotok_cli.base.console import console
     console().print(table)

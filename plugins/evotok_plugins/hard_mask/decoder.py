@@ -17,12 +17,12 @@ from typing import Literal
 
 import torch
 
+from evotok_cli.base.errors import ConfigError
 from evotok_cli.decoding.api import option, remasking_option, threshold_option
 from evotok_cli.decoding.blockwise import BlockwiseDecoder, check_reference_rng
 from evotok_cli.decoding.canvas import Canvas
 from evotok_cli.decoding.engine import ForwardPass
 from evotok_cli.decoding.schedule import llada_rows, llada_step
-from evotok_cli.errors import ConfigError
 
 
 @dataclass

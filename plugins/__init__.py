@@ -1,1 +1,0 @@
-"""evotok's built-in decoders; each registers through the `evotok.decoders` entry-point group."""
