@@ -57,6 +57,14 @@ class Canvas:
         return self.x[:, self.gen_start:]
 
 
+def widen(part: torch.Tensor, like: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """`part`, a bool mask over columns [lo, hi), placed in an all-False mask of `like`'s (B, L) shape:
+    decoders update a window of columns, but report what they committed and revised over the canvas."""
+    out = torch.zeros_like(like, dtype=torch.bool)
+    out[:, lo:hi] = part
+    return out
+
+
 def build_canvas(prompts: list[list[int]], gen_length: int, *, mask_id: int, pad_id: int, max_length: int,
                  device: torch.device) -> Canvas:
     if not prompts:

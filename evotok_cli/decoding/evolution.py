@@ -48,6 +48,7 @@ from typing import Literal
 
 import torch
 
+from evotok_cli.decoding.canvas import widen
 from evotok_cli.decoding.schedule import (
     Randomness,
     ReleaseDraws,
@@ -122,7 +123,7 @@ def evolve(logits: torch.Tensor, tokens: torch.Tensor, confidence: torch.Tensor,
         changed = better & (x0 != xw)
         xw.copy_(torch.where(better, x0, xw))
         cw.copy_(torch.where(better, stored, cw))
-    committed, revised = _widen(chosen, x, lo, hi), _widen(changed, x, lo, hi)
+    committed, revised = widen(chosen, x, lo, hi), widen(changed, x, lo, hi)
     if top is None:
         return Evolution(x, c, committed, revised, None, None)
     ids, weights = _soft_inputs(top, x, mask_id, alpha)
@@ -198,13 +199,6 @@ def _commit(conf0: torch.Tensor, eligible: torch.Tensor, commit: Commit) -> torc
     chosen = select_transfer(conf0, eligible, commit.counts, commit.threshold, strict=commit.strict,
                              at_least_one=commit.at_least_one, columns=commit.columns)
     return chosen.reshape(shape)
-
-
-def _widen(part: torch.Tensor, like: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-    """A window's bool mask placed over all columns."""
-    out = torch.zeros_like(like, dtype=torch.bool)
-    out[:, lo:hi] = part
-    return out
 
 
 def _soft_inputs(top: Top, tokens: torch.Tensor, mask_id: int,

@@ -23,7 +23,7 @@ import torch
 
 from evotok_cli.decoding.api import option, remasking_option, threshold_option
 from evotok_cli.decoding.blockwise import BlockwiseDecoder, check_reference_rng
-from evotok_cli.decoding.canvas import Canvas
+from evotok_cli.decoding.canvas import Canvas, widen
 from evotok_cli.decoding.engine import Update
 from evotok_cli.decoding.evolution import Commit, as_decoded, evolve
 from evotok_cli.decoding.schedule import llada_rows, llada_step
@@ -91,7 +91,7 @@ class EvoTokenDecoder(BlockwiseDecoder):
                                 active=active, generator=generator, temperature=temperature,
                                 remasking=cfg.remasking, threshold=cfg.threshold,
                                 exact=cfg.cache == "none" and cfg.threshold is None, columns=block.ranked_columns(a))
-            return _full(canvas, chosen, a, b), torch.zeros_like(canvas.x, dtype=torch.bool)
+            return widen(chosen, canvas.x, a, b), torch.zeros_like(canvas.x, dtype=torch.bool)
         s, e = max(a, block.start), min(b, block.end)  # only block columns can be committed or revised
         live = active[:, None]  # a row whose block is full is [Decode]: it neither commits nor revises
         step = evolve(logits, canvas.x[:, a:b], state.confidence[:, a:b], mask_id=model.mask_id,
@@ -111,7 +111,7 @@ class EvoTokenDecoder(BlockwiseDecoder):
         state.weights[:, a:b] = torch.where(keep, weights.to(state.weights.dtype), state.weights[:, a:b])
         self._freeze_before(state, canvas, a, rows=active)  # [Decode] also left of the columns fed this pass
         state.soft = True
-        return _full(canvas, step.committed, a, b), _full(canvas, step.revised, a, b)
+        return widen(step.committed, canvas.x, a, b), widen(step.revised, canvas.x, a, b)
 
     def update_program(self, model, state, canvas, logits, cols, block, counts, active, generator, temperature,
                        masks=True):
@@ -129,7 +129,7 @@ class EvoTokenDecoder(BlockwiseDecoder):
                                                   generator, temperature)
             if not masks:
                 return None, None
-            return _full(canvas, chosen, a, b), torch.zeros_like(canvas.x, dtype=torch.bool)
+            return widen(chosen, canvas.x, a, b), torch.zeros_like(canvas.x, dtype=torch.bool)
         s, e = max(a, block.start), min(b, block.end)
         window, frozen = (s - a, e - a), block.start - a
         *_, committed, revised = yield Update(
@@ -142,7 +142,7 @@ class EvoTokenDecoder(BlockwiseDecoder):
         # no `_freeze_before(a)` as `update` does: columns left of the window are [Decode] already (the prompt,
         # and in cache modes the blocks `end_block` froze), so it would write what is there
         state.soft = True
-        return (_full(canvas, committed, a, b), _full(canvas, revised, a, b)) if masks else (None, None)
+        return (widen(committed, canvas.x, a, b), widen(revised, canvas.x, a, b)) if masks else (None, None)
 
     def end_block(self, model, state, canvas, block):
         if self.cache_mode != "none":  # the next block's cached prefix must hold the final tokens
@@ -195,9 +195,3 @@ def _evolve_rows(logits, tokens, confidence, ids, weights, *, mask_id, config, t
     keep = live[..., None]  # finished rows keep their soft inputs
     return (step.tokens, step.confidence, torch.where(keep, new_ids, ids),
             torch.where(keep, new_weights.to(weights.dtype), weights), step.committed, step.revised)
-
-
-def _full(canvas: Canvas, part: torch.Tensor, a: int, b: int) -> torch.Tensor:
-    out = torch.zeros_like(canvas.x, dtype=torch.bool)
-    out[:, a:b] = part
-    return out

@@ -20,7 +20,7 @@ import torch
 from evotok_cli.base.errors import ConfigError
 from evotok_cli.decoding.api import option, remasking_option, threshold_option
 from evotok_cli.decoding.blockwise import BlockwiseDecoder, check_reference_rng
-from evotok_cli.decoding.canvas import Canvas
+from evotok_cli.decoding.canvas import Canvas, widen
 from evotok_cli.decoding.engine import ForwardPass
 from evotok_cli.decoding.schedule import llada_rows, llada_step
 
@@ -88,8 +88,7 @@ class HardMaskDecoder(BlockwiseDecoder):
                             threshold=cfg.threshold, exact=cfg.cache == "none" and cfg.threshold is None,
                             logits_eos_inf=cfg.logits_eos_inf, confidence_eos_eot_inf=cfg.confidence_eos_eot_inf,
                             columns=block.ranked_columns(a))
-        committed = torch.zeros_like(canvas.x, dtype=torch.bool)
-        committed[:, a:b] = chosen
+        committed = widen(chosen, canvas.x, a, b)
         return committed, torch.zeros_like(committed)
 
     def update_program(self, model, state, canvas, logits, cols, block, counts, active, generator, temperature,
@@ -106,8 +105,7 @@ class HardMaskDecoder(BlockwiseDecoder):
                                               confidence_eos_eot_inf=cfg.confidence_eos_eot_inf)
         if not masks:
             return None, None
-        committed = torch.zeros_like(canvas.x, dtype=torch.bool)
-        committed[:, a:b] = chosen
+        committed = widen(chosen, canvas.x, a, b)
         return committed, torch.zeros_like(committed)
 
     def confidences(self, state, canvas, row):
