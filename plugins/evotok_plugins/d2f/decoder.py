@@ -181,75 +181,108 @@ class D2FDecoder:
 
     # -- one row ---------------------------------------------------------------------------------
     def _decode_row(self, model, x, prompt_len, budget, request, generator,
-                    row) -> Generator[ForwardPass, torch.Tensor, RowRun]:
+                    row) -> Generator[ForwardPass | HostRead, Any, RowRun]:
+        """One row's pipeline. Per iteration: the blocks' states (steps 1-3), one forward (step 4), the
+        EvoToken rule over the active blocks (step 5), the pass's one host read, then what listeners hear."""
         cfg = self.config
         run = RowRun(x=x, prompt=PipelineBlock(0, prompt_len, state="to_cache", full=True),
                      size=self.block_size(budget), logprobs=recorder_for(request, 1, x.shape[1], model))
-        cache = x.shape[1] if cfg.cache else None  # the engine's KV slot for this row, this long
         conf = torch.zeros(x.shape, dtype=torch.float64, device=x.device)
         soft_ids, soft_w = one_hot_slots(x, cfg.k_soft, model.dtype)
         max_blocks = budget // run.size
+        tracing = request.trace and request.on_event is not None
         final = 0  # generated positions before this are final: the blocks before the first active one
         while True:
-            self._retire(run)
-            self._maybe_add(run, max_blocks, model.mask_id)
-            self._activate(run)
-            active = [b for b in run.blocks if b.state == "active"]
+            active = self._schedule(run, max_blocks, model.mask_id)
             if not active:
                 break
-            chain = [run.prompt, *run.blocks]
-            first = next(b for b in chain if b.state != "in_cache") if cfg.cache else run.prompt
-            lo, hi = first.start, run.blocks[-1].end
-            tracing = request.trace and request.on_event is not None
             states = self._trace_states(run, soft_ids, soft_w, model.mask_id, prompt_len) if tracing else None
-            inputs = self._inputs(model, run, soft_ids, soft_w, lo, hi)
-            a = active[0].start
-            shift = int(model.shifted_logits)
-            first_out = max(lo, a - shift)
-            mask = block_causal_mask(chain, lo, hi, x.device)
-            out = (yield ForwardPass(inputs, position_ids=None, attention_mask=mask, kv_length=cache, kv_memory=row,
-                                     start=lo, logits_slice=(first_out - lo, hi - lo)))[0]  # (hi - first_out, V)
-            run.nfe += 1
-            logits = self._align(out, a, first_out, hi, shift, run)
-            for b in chain:
-                if b.state == "to_cache" and cfg.cache:
-                    b.state = "in_cache"
-            if shift:  # keep the output before the first uncached position: the next pass needs it
-                next_lo = next((b.start for b in chain if b.state != "in_cache"), hi)
-                if first_out <= next_lo - 1 < hi:
-                    run.last_output = out[next_lo - 1 - first_out]
-            step = self._decode_blocks(model, run, active, logits, a, conf, soft_ids, soft_w, request.sampling,
-                                       generator)
-            # the pass's one read: masks left per active block and whether an EOS was committed (the engine
-            # reads it with the other rows' reads of the next step)
-            masked = (x[0, a:active[-1].end] == model.mask_id).view(len(active), run.size).sum(-1)
-            eos = ((step.tokens == model.eos_id) & step.committed).any()
-            streamed = [x[0, prompt_len:]] if request.on_final is not None else []  # in the same one read
-            values = yield HostRead(torch.cat([masked, eos.long()[None], *streamed]))
-            left, stop, tokens = values[:len(active)], values[len(active)], values[len(active) + 1:]
-            for b, n in zip(active, left):
-                b.masks_left, b.predicted = n, True
-            run.eos = run.eos or bool(stop)
+            logits = yield from self._forward(model, run, active, soft_ids, soft_w, row)
+            step = self._decode_blocks(model, run, active, logits, active[0].start, conf, soft_ids, soft_w,
+                                       request.sampling, generator)
+            tokens = yield from self._read_back(model, run, active, step, prompt_len,
+                                                streaming=request.on_final is not None)
             if request.on_pass is not None:
                 request.on_pass(run.nfe)
             if states is not None:
-                request.on_event(StepEvent(
-                    step=run.nfe, row=row, block=(active[0].start - prompt_len, active[-1].end - prompt_len),
-                    states=states[0], tokens=x[0, prompt_len:].tolist(),
-                    confidence=[float(v) if v > 0 else None for v in conf[0, prompt_len:].tolist()],
-                    committed=[a + i - prompt_len for i in step.committed[0].nonzero().flatten().tolist()],
-                    revised=[a + i - prompt_len for i in step.revised[0].nonzero().flatten().tolist()],
-                    candidates=states[1], blocks=[b.describe(prompt_len) for b in run.blocks]))
+                request.on_event(self._event(run, row, active, prompt_len, states, conf, step))
             if request.on_final is not None:
-                end = final
-                for b in run.blocks:  # blocks leave `active` in order
-                    if b.state == "active":
-                        break
-                    end = b.end - prompt_len
-                if end > final:  # what a trace's `blocks` would say final, without building the trace
-                    final = end
-                    request.on_final(FinalPrefix(row=row, tokens=tokens, end=end))
+                final = self._announce_final(request, run, row, tokens, prompt_len, final)
         return run
+
+    def _schedule(self, run: RowRun, max_blocks: int, mask_id: int) -> list[PipelineBlock]:
+        """Steps 1-3: retire finished blocks, maybe add one, activate; the blocks this pass decodes."""
+        self._retire(run)
+        self._maybe_add(run, max_blocks, mask_id)
+        self._activate(run)
+        return [b for b in run.blocks if b.state == "active"]
+
+    def _forward(self, model, run, active, soft_ids, soft_w, row) -> Generator[ForwardPass, torch.Tensor, torch.Tensor]:
+        """Step 4: one block-causal forward from the first block not yet cached to the end, which writes the
+        `to_cache` blocks into the row's KV slot; the logits of the active blocks' positions [a, hi)."""
+        cfg = self.config
+        chain = [run.prompt, *run.blocks]
+        first = next(b for b in chain if b.state != "in_cache") if cfg.cache else run.prompt
+        lo, hi = first.start, run.blocks[-1].end
+        inputs = self._inputs(model, run, soft_ids, soft_w, lo, hi)
+        a = active[0].start
+        shift = int(model.shifted_logits)
+        first_out = max(lo, a - shift)
+        mask = block_causal_mask(chain, lo, hi, run.x.device)
+        cache = run.x.shape[1] if cfg.cache else None  # the engine's KV slot for this row, this long
+        out = (yield ForwardPass(inputs, position_ids=None, attention_mask=mask, kv_length=cache, kv_memory=row,
+                                 start=lo, logits_slice=(first_out - lo, hi - lo)))[0]  # (hi - first_out, V)
+        run.nfe += 1
+        logits = self._align(out, a, first_out, hi, shift, run)
+        for b in chain:
+            if b.state == "to_cache" and cfg.cache:
+                b.state = "in_cache"
+        if shift:  # keep the output before the first uncached position: the next pass needs it
+            next_lo = next((b.start for b in chain if b.state != "in_cache"), hi)
+            if first_out <= next_lo - 1 < hi:
+                run.last_output = out[next_lo - 1 - first_out]
+        return logits
+
+    @staticmethod
+    def _read_back(model, run, active, step, prompt_len, *, streaming: bool) -> Generator[HostRead, list, list]:
+        """The pass's one read (the engine makes it with the other rows' reads of the next step): masks left
+        per active block, whether an EOS was committed (it stops new blocks) and, when streaming, the row's
+        generated tokens, which it returns."""
+        x, a = run.x, active[0].start
+        masked = (x[0, a:active[-1].end] == model.mask_id).view(len(active), run.size).sum(-1)
+        eos = ((step.tokens == model.eos_id) & step.committed).any()
+        streamed = [x[0, prompt_len:]] if streaming else []
+        values = yield HostRead(torch.cat([masked, eos.long()[None], *streamed]))
+        left, stop, tokens = values[:len(active)], values[len(active)], values[len(active) + 1:]
+        for b, n in zip(active, left):
+            b.masks_left, b.predicted = n, True
+        run.eos = run.eos or bool(stop)
+        return tokens
+
+    @staticmethod
+    def _event(run, row, active, prompt_len, states, conf, step) -> StepEvent:
+        """The trace of the pass, in generated positions."""
+        a = active[0].start
+        return StepEvent(
+            step=run.nfe, row=row, block=(a - prompt_len, active[-1].end - prompt_len),
+            states=states[0], tokens=run.x[0, prompt_len:].tolist(),
+            confidence=[float(v) if v > 0 else None for v in conf[0, prompt_len:].tolist()],
+            committed=[a + i - prompt_len for i in step.committed[0].nonzero().flatten().tolist()],
+            revised=[a + i - prompt_len for i in step.revised[0].nonzero().flatten().tolist()],
+            candidates=states[1], blocks=[b.describe(prompt_len) for b in run.blocks])
+
+    @staticmethod
+    def _announce_final(request, run, row, tokens, prompt_len, final) -> int:
+        """Tell `request.on_final` when blocks have left `active` (in order) since the last pass: what a
+        trace's `blocks` would say final, without building the trace. Returns the new final end."""
+        end = final
+        for b in run.blocks:
+            if b.state == "active":
+                break
+            end = b.end - prompt_len
+        if end > final:
+            request.on_final(FinalPrefix(row=row, tokens=tokens, end=end))
+        return max(end, final)
 
     @staticmethod
     def _align(out, a, first_out, hi, shift, run) -> torch.Tensor:
