@@ -172,7 +172,7 @@ def test_finetune_flag_reaches_the_model(tmp_path, tiny_llada):
                                       objective="sft", activation_checkpointing=flag, lora_r=2),
                           log=lambda m: None)
         trainer.setup()
-        assert trainer.base_net.activation_checkpointing is bool(flag)  # None on the CPU: off
+        assert trainer.transformer.activation_checkpointing is bool(flag)  # None on the CPU: off
 
 
 # -- FSDP on CUDA ---------------------------------------------------------------------------------------
@@ -183,10 +183,10 @@ def test_fsdp_mixed_precision_only_on_cuda(monkeypatch, tiny_llada, tmp_path, de
     seen = []
     monkeypatch.setattr(fsdp, "fully_shard", lambda module, **kw: seen.append(kw.get("mp_policy")))
     trainer = Trainer(TrainConfig(data="d", model=str(tiny_llada), out=str(tmp_path)), log=lambda m: None)
-    trainer.base_net = load_model(tiny_llada, load_tokenizer=False).net
+    trainer.transformer = load_model(tiny_llada, load_tokenizer=False).net
     trainer.device = torch.device(device, 0) if device == "cuda" else torch.device("cpu")
     trainer._shard()
-    assert len(seen) == len(trainer.base_net.shard_units()) + 1
+    assert len(seen) == len(trainer.transformer.shard_units()) + 1
     if device == "cpu":
         assert seen == [None] * len(seen)
     else:
@@ -211,7 +211,7 @@ def test_full_export_is_sharded_and_bf16_when_large(tmp_path, tiny_llada, monkey
     assert len(shards) > 1 and set(index["weight_map"].values()) == set(shards)
     assert not (out / "model.safetensors").exists()
     reloaded = load_model(out, dtype="float32", load_tokenizer=False)
-    trained = trainer.base_net.state_dict()
+    trained = trainer.transformer.state_dict()
     for name, tensor in reloaded.net.state_dict().items():
         assert torch.equal(tensor, trained[name].to(torch.bfloat16).float()), name
 

@@ -16,12 +16,16 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from evotok_cli.decoding.evolution import evolve
 from evotok_cli.training.objectives import Batch
+
+if TYPE_CHECKING:
+    from evotok_cli.runtime.model import DiffusionModel
 
 
 @dataclass
@@ -109,13 +113,15 @@ def _soft_state(logits: torch.Tensor, x: torch.Tensor, conf: torch.Tensor, start
     return step.soft_ids, step.soft_weights
 
 
-def cts_step(net: torch.nn.Module, lm, batch: Batch, settings: CTSSettings, *, rng: random.Random,
-             scale: float = 1.0, rows: slice = slice(None)) -> tuple[torch.Tensor, list[float]]:
+def cts_step(trainable: torch.nn.Module, model: DiffusionModel, batch: Batch, settings: CTSSettings, *,
+             rng: random.Random, scale: float = 1.0, rows: slice = slice(None)) -> tuple[torch.Tensor, list[float]]:
     """Run the K unrolled passes, backpropagating each (times `scale`); return the mean loss and the
     per-pass losses. Data parallel: the plan and the alphas are drawn for the whole (global) batch, this
-    process unrolls `rows`, and its losses are its share of the global means."""
-    base = lm.net  # LoRA layers live inside the base modules: calling it trains the adapter
-    mask_id = lm.mask_id
+    process unrolls `rows`, and its losses are its share of the global means. The passes call the
+    transformer directly: LoRA layers live inside its modules, so the adapter trains all the same
+    (`trainable` is in the signature so that every objective takes the same arguments)."""
+    transformer = model.net
+    mask_id = model.mask_id
     plan = plan_batch(batch, settings, mask_id, rng)
     K = settings.trajectory_steps
     global_batch = batch.ids.shape[0]
@@ -131,8 +137,8 @@ def cts_step(net: torch.nn.Module, lm, batch: Batch, settings: CTSSettings, *, r
     losses: list[float] = []
     for j in range(K):
         # pass 0 feeds hard ids ([MASK] included); later passes the soft state of the previous one
-        fed = {"input_ids": x} if soft is None else {"soft_inputs": (soft[0], soft[1].to(lm.dtype))}
-        logits = base(**fed)
+        fed = {"input_ids": x} if soft is None else {"soft_inputs": (soft[0], soft[1].to(model.dtype))}
+        logits = transformer(**fed)
         # cross-entropy averaged over the global batch's B * L supervised positions
         loss = F.cross_entropy(logits[supervised].float(), targets, reduction="sum") / (global_batch * plan.length)
         (loss * scale / K).backward()

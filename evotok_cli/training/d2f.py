@@ -12,10 +12,14 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from evotok_cli.training.objectives import Batch
+
+if TYPE_CHECKING:
+    from evotok_cli.runtime.model import DiffusionModel
 
 
 @dataclass
@@ -50,20 +54,23 @@ def mask_by_block(batch: Batch, settings: D2FSettings, mask_id: int, generator: 
     return ids.masked_fill(masked, mask_id), masked, ratio
 
 
-def d2f_step(net: torch.nn.Module, lm, batch: Batch, settings: D2FSettings, *, generator: torch.Generator,
-             scale: float = 1.0, rows: slice = slice(None)) -> tuple[torch.Tensor, list[float]]:
-    """One distillation step on `rows` of the (global) batch; the loss is this process's share."""
-    base = lm.net
-    noisy, masked, ratio = mask_by_block(batch, settings, lm.mask_id, generator)
+def d2f_step(trainable: torch.nn.Module, model: DiffusionModel, batch: Batch, settings: D2FSettings, *,
+             generator: torch.Generator, scale: float = 1.0, rows: slice = slice(None)
+             ) -> tuple[torch.Tensor, list[float]]:
+    """One distillation step on `rows` of the (global) batch; the loss is this process's share. Both
+    forwards call the transformer directly; the teacher's runs with the adapter switched off through
+    `trainable` (peft's wrapper, which holds the switch)."""
+    transformer = model.net
+    noisy, masked, ratio = mask_by_block(batch, settings, model.mask_id, generator)
     global_batch = noisy.shape[0]
     noisy, masked, ratio = noisy[rows], masked[rows], ratio[rows]
     response = batch.response_mask[rows]
-    disable = getattr(net, "disable_adapter", None)
+    disable = getattr(trainable, "disable_adapter", None)
     teacher_ctx = disable() if disable is not None else nullcontext()
     with torch.no_grad(), teacher_ctx:
-        teacher = torch.log_softmax(base(noisy)[masked].float(), dim=-1)
+        teacher = torch.log_softmax(transformer(noisy)[masked].float(), dim=-1)
     attention = block_causal(batch.prompt_lengths[rows].tolist(), noisy.shape[1], settings.block_size, noisy.device)
-    student = torch.log_softmax(base(noisy, attention_mask=attention)[masked].float(), dim=-1)
+    student = torch.log_softmax(transformer(noisy, attention_mask=attention)[masked].float(), dim=-1)
     # KL(teacher || student): the soft cross-entropy minus the teacher's entropy (same gradient, but 0
     # means "distilled", which makes the logged loss readable)
     per_token = (teacher.exp() * (teacher - student)).sum(-1) / ratio[masked]

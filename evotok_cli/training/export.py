@@ -25,23 +25,23 @@ def export_run(trainer: Any) -> dict[str, Any]:
     cfg = trainer.cfg
     if cfg.full:
         dtype = trainer._export_dtype()
-        state = parallel.gathered(trainer.group, trainer.base_net.state_dict(), dtype)
+        state = parallel.gathered(trainer.group, trainer.transformer.state_dict(), dtype)
     else:
         from peft import get_peft_model_state_dict
         state = parallel.gathered(trainer.group,
-                                  get_peft_model_state_dict(trainer.net, save_embedding_layers=False))
+                                  get_peft_model_state_dict(trainer.trainable, save_embedding_layers=False))
     if not trainer.group.is_main:
         return {}
     if cfg.full:
         total = sum(t.numel() * t.element_size() for t in state.values())
-        save_model(None, trainer.lm.config.to_hf(), trainer.out, state=state, dtype=dtype,
+        save_model(None, trainer.model.config.to_hf(), trainer.out, state=state, dtype=dtype,
                    shard_bytes=EXPORT_SHARD_BYTES if total > EXPORT_SHARD_BYTES else None)
-        copy_tokenizer(trainer.lm.path, trainer.out)
+        copy_tokenizer(trainer.model.path, trainer.out)
         kind = "model"
     else:
         from evotok_cli.runtime.checkpoint import save_safetensors
-        peft_cfg = trainer.net.peft_config["default"]
-        peft_cfg.base_model_name_or_path = str(trainer.lm.path)
+        peft_cfg = trainer.trainable.peft_config["default"]
+        peft_cfg.base_model_name_or_path = str(trainer.model.path)
         save_safetensors(state, trainer.out / "adapter_model.safetensors")
         with tempfile.TemporaryDirectory(dir=trainer.out, prefix=".adapter-config-") as tmp:  # whole or not at all
             peft_cfg.save_pretrained(tmp)

@@ -38,9 +38,10 @@ def model_size(path: str) -> ModelSize:
     from evotok_cli.runtime.model import build_model, read_family_config
 
     family, config = read_family_config(checkpoint.model_dir(path))
-    net = build_model(family, config, device=torch.device("cpu"), dtype=torch.float32)
-    embedding = next(m for m in net.modules() if isinstance(m, torch.nn.Embedding))
-    return ModelSize(params=sum(p.numel() for p in net.parameters()), layers=len(net.shard_units()),
+    transformer = build_model(family, config, device=torch.device("cpu"), dtype=torch.float32)
+    embedding = next(m for m in transformer.modules() if isinstance(m, torch.nn.Embedding))
+    return ModelSize(params=sum(p.numel() for p in transformer.parameters()),
+                     layers=len(transformer.shard_units()),
                      hidden=embedding.embedding_dim)
 
 
@@ -94,8 +95,9 @@ def frozen_bytes(path: str) -> dict[str, int]:
     folder = checkpoint.model_dir(path)
     family, config = read_family_config(folder)
     shapes = checkpoint.tensor_shapes(checkpoint.find_weights(folder))
-    net = build_model(family, config, device=torch.device("cpu"), dtype=torch.float32)  # meta: free
-    return planned_bytes({n: (shape, "BF16") for n, (shape, _, _) in shapes.items()}, set(quantized_names(net)))
+    transformer = build_model(family, config, device=torch.device("cpu"), dtype=torch.float32)  # meta: free
+    return planned_bytes({n: (shape, "BF16") for n, (shape, _, _) in shapes.items()},
+                         set(quantized_names(transformer)))
 
 
 def check_frozen(need: dict[str, int], mode: str, free: int, *, device: str) -> None:

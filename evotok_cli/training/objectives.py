@@ -1,5 +1,6 @@
-"""Training objectives. Each takes the model, a collated batch and the objective's random generator,
-and returns the loss (plus per-pass losses for logging).
+"""Training objectives. Each takes the trainable module (cts and d2f also the runtime model: see the
+names in `trainer`), a collated batch and the objective's random generator, and returns the loss (plus
+per-pass losses for logging).
 
 - `sft`: LLaDA's masked-diffusion SFT loss (spec 6.1's training note), the paper's FT-baseline and our
   pretraining objective for the bundled model.
@@ -54,7 +55,7 @@ def collate(examples: list[Example], *, pad_id: int, response_length: int | None
     return Batch(ids, torch.tensor([len(ex.prompt_ids) for ex in examples], dtype=torch.long))
 
 
-def sft_loss(net: torch.nn.Module, batch: Batch, *, mask_id: int, generator: torch.Generator,
+def sft_loss(trainable: torch.nn.Module, batch: Batch, *, mask_id: int, generator: torch.Generator,
              eps: float = 1e-3, rows: slice = slice(None)) -> tuple[torch.Tensor, list[float]]:
     """t ~ U(0, 1) per sequence, p = (1 - eps) t + eps; each response token masked with probability p;
     cross-entropy on masked tokens weighted by 1/p, normalised per sequence by its answer length
@@ -70,7 +71,7 @@ def sft_loss(net: torch.nn.Module, batch: Batch, *, mask_id: int, generator: tor
     response = batch.response_mask[rows]
     masked = (torch.rand((B, N), generator=generator, device=device)[rows] < p_mask) & response
     local = ids[rows]
-    logits = net(local.masked_fill(masked, mask_id))  # (b, N, V)
+    logits = trainable(local.masked_fill(masked, mask_id))  # (b, N, V)
     token_loss = F.cross_entropy(logits[masked].float(), local[masked], reduction="none") / p_mask[masked]
     answer_length = response.sum(dim=1, keepdim=True).expand_as(masked)[masked].float()
     loss = (token_loss / answer_length).sum() / B

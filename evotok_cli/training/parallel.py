@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 
-def shard(base_net: Any, device: torch.device) -> None:
+def shard(transformer: Any, device: torch.device) -> None:
     """FSDP2: each transformer block is one unit, gathered for its forward and backward. On a GPU the
     gathered weights are bf16 (half the traffic and memory of fp32) while the shards the optimiser
     updates stay fp32, and gradients are reduced in fp32 so that summing over processes loses nothing."""
@@ -18,9 +18,9 @@ def shard(base_net: Any, device: torch.device) -> None:
     options = {}
     if device.type == "cuda":
         options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    for unit in base_net.shard_units():
+    for unit in transformer.shard_units():
         fully_shard(unit, **options)
-    fully_shard(base_net, **options)
+    fully_shard(transformer, **options)
 
 
 def sync(group: Any, params: dict[str, torch.nn.Parameter], *, sharded: bool, loss: float, parts: list[float],

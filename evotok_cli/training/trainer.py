@@ -6,6 +6,12 @@ needed to continue bit-for-bit; SIGINT/SIGTERM save one before exiting. `preflig
 and the output folder before the model loads (see `runs`: one run per folder). The options are declared
 in `config`; the loss log, the optimiser and the multi-process pieces live in `losslog`, `optim` and
 `parallel`.
+
+Three objects, one name each, here and in every training module: `model` is evotok's runtime
+`DiffusionModel` (tokenizer, ids, config, device); `transformer` is the bare network inside it
+(`model.net`: what FSDP shards and a --full run exports); `trainable` is the module the optimiser trains,
+the transformer wrapped by peft for LoRA, or the transformer itself with --full. peft puts its layers
+inside the transformer's modules, so a forward through either trains the adapter.
 """
 
 from __future__ import annotations
@@ -92,17 +98,17 @@ class Trainer:
         self.group = distributed.from_environment(device=cfg.device, timeout=distributed.timeout_from(cfg.pg_timeout))
         if not self.group.is_main:
             self.log = lambda message: None
-        self.net = self._load_model(self.group.device(cfg.device))
+        self.trainable = self._load_model(self.group.device(cfg.device))
         self.sharded = False
         if self.fsdp_requested:
             if self.group.world > 1:
                 self._shard()
             else:
                 self.log("fsdp: one process holds the whole model; nothing to shard")
-        self.params = {n: p for n, p in self.net.named_parameters() if p.requires_grad}
+        self.params = {n: p for n, p in self.trainable.named_parameters() if p.requires_grad}
         self.param_names = list(self.params)
         self.examples, self.stats = load_examples(
-            cfg.data, self.lm.tokenizer, eot_id=self.lm.eot_id, max_length=cfg.max_length,
+            cfg.data, self.model.tokenizer, eot_id=self.model.eot_id, max_length=cfg.max_length,
             min_response=cfg.min_response, skip_invalid=cfg.skip_invalid)
         self.log(f"data: {self.stats.summary()}")
         self._check_cts_window()
@@ -117,7 +123,7 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
 
     def _load_model(self, device: str) -> torch.nn.Module:
-        """The model to train (the base net, wrapped in LoRA unless --full), after the memory plan."""
+        """The trainable module (the transformer, wrapped in LoRA unless --full), after the memory plan."""
         from evotok_cli.runtime.model import load_model
 
         cfg = self.cfg
@@ -131,37 +137,36 @@ class Trainer:
         # adapter in fp32 (peft's default); full fine-tuning and the CPU keep fp32 weights
         frozen_bf16 = not cfg.full and gpu
         # --quantize (QLoRA): the frozen base's block linears in int8/int4 (runtime/quantize.py), LoRA beside them
-        self.lm = load_model(cfg.model, adapter=cfg.adapter, device=device,
-                             dtype="bfloat16" if frozen_bf16 else "float32", quantize=cfg.quantize)
-        self.device = self.lm.device
+        self.model = load_model(cfg.model, adapter=cfg.adapter, device=device,
+                                dtype="bfloat16" if frozen_bf16 else "float32", quantize=cfg.quantize)
+        self.device = self.model.device
+        transformer = self.transformer = self.model.net
         if cfg.quantize != "none":
             from evotok_cli.runtime.quantize import quantized_names
-            count = len(quantized_names(self.lm.net))
+            count = len(quantized_names(transformer))
             self.log(f"QLoRA: the frozen base's {count} block linear layers in {cfg.quantize}")
-        if self.lm.shifted_logits:
-            raise ConfigError(f"finetune does not support {self.lm.family.name} models yet: their logits are shifted "
-                              "by one position and the objectives assume unshifted ones", where=cfg.model,
+        if self.model.shifted_logits:
+            raise ConfigError(f"finetune does not support {self.model.family.name} models yet: their logits are "
+                              "shifted by one position and the objectives assume unshifted ones", where=cfg.model,
                               fix="fine-tune a LLaDA-family checkpoint")
-        net = self.lm.net
-        net.requires_grad_(cfg.full)
-        net.activation_checkpointing = self.checkpointing
+        transformer.requires_grad_(cfg.full)
+        transformer.activation_checkpointing = self.checkpointing
         self.log(f"activation checkpointing: {'on' if self.checkpointing else 'off'}")
-        self.base_net = net
-        return net if cfg.full else self._with_lora(net)
+        return transformer if cfg.full else self._with_lora(transformer)
 
-    def _with_lora(self, net: torch.nn.Module) -> torch.nn.Module:
-        """`net` wrapped by peft with --lora-targets, each of which must name a linear layer."""
+    def _with_lora(self, transformer: torch.nn.Module) -> torch.nn.Module:
+        """`transformer` wrapped by peft with --lora-targets, each of which must name a linear layer."""
         from peft import LoraConfig, get_peft_model
 
         cfg = self.cfg
-        names = {n.rsplit(".", 1)[-1] for n, m in net.named_modules() if isinstance(m, torch.nn.Linear)}
+        names = {n.rsplit(".", 1)[-1] for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)}
         unknown = [t for t in cfg.lora_targets if t not in names]
         if unknown:
             raise ConfigError(f"LoRA target {unknown[0]!r} is not a linear layer of this model",
                               where="--lora-targets", fix=f"choose from {', '.join(sorted(names))}")
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                           target_modules=list(cfg.lora_targets), bias="none")
-        return get_peft_model(net, lora)
+        return get_peft_model(transformer, lora)
 
     @property
     def fsdp_requested(self) -> bool:
@@ -173,7 +178,7 @@ class Trainer:
         return self.group.world if self.fsdp_requested else 1
 
     def _shard(self) -> None:
-        parallel.shard(self.base_net, self.device)
+        parallel.shard(self.transformer, self.device)
         self.sharded = True
 
     @property
@@ -194,7 +199,7 @@ class Trainer:
 
     def objective(self) -> Callable[[Batch], tuple[torch.Tensor, list[float]]]:
         """A function batch -> (loss already backpropagated per pass, per-pass losses): see the objectives."""
-        return objective_step.step_function(self.cfg, self.net, self.lm, rows=self.rows, scale=self.grad_scale,
+        return objective_step.step_function(self.cfg, self.trainable, self.model, rows=self.rows, scale=self.grad_scale,
                                             noise=self.noise, rng=self.py_random)
 
     # -- data order ------------------------------------------------------------------------------
@@ -278,7 +283,7 @@ class Trainer:
         {} on the processes other than rank 0. A signal ends it with StopRequested after a checkpoint."""
         self._begin(resume)
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        self.net.train()
+        self.trainable.train()
         objective = self.objective()
         clock = {"start": time.perf_counter(), "tokens": 0}
         try:
@@ -295,7 +300,7 @@ class Trainer:
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
-        self.net.eval()
+        self.trainable.eval()
         summary = self.export()
         self.group.barrier()
         self.group.close()
@@ -329,7 +334,7 @@ class Trainer:
         loss_sum = 0.0
         for _ in range(cfg.grad_accum):
             examples = self.micro_batch(self.micro)
-            batch = collate(examples, pad_id=self.lm.eos_id, response_length=cfg.response_length,
+            batch = collate(examples, pad_id=self.model.eos_id, response_length=cfg.response_length,
                             extra_pad=(0.5, 10) if cfg.objective == "cts" else None,
                             rng=self.py_random).to(self.device)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
