@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from evotok_cli.base.errors import ConfigError
-from evotok_cli.base.options import like, option, seed_option
+from evotok_cli.base.options import option, seed_option
 from evotok_cli.bench.batching import SHOWN as BATCH_SHOWN
-from evotok_cli.jobs.config import GenerateOptions
+from evotok_cli.jobs.config import loads_model
 
 DEFAULT_DECODER = "hard-mask"
 PER_TASK = "per task: "  # a default that the task's protocol decides
@@ -46,8 +46,10 @@ def _data(value: Any, where: str | None) -> list[str]:
 
 
 @dataclass
+@loads_model()
 class BenchOptions:
-    """The options of `evotok bench TASK ...` but --config and --json, in --help's order."""
+    """The options of `evotok bench TASK ...` but --config and --json, in --help's order; the model-loading
+    ones, last, are `evotok generate`'s (`loads_model`)."""
 
     tasks: list[str] = option([], cli=False, read=_names("tasks"))  # the command's TASK arguments
     decoders: list[str] = option([DEFAULT_DECODER], "decoder to compare (repeatable)", flags=("--decoder", "-d"),
@@ -86,13 +88,6 @@ class BenchOptions:
                                  shown=None)
     concurrency: int = option(8, "requests in flight at once against --endpoint", min=1, max=1024,
                               what="--concurrency", example=8)
-    # the model-loading options are `evotok generate`'s, declared there
-    device: str = like(GenerateOptions, "device")
-    threads: int | None = like(GenerateOptions, "threads")
-    dtype: str = like(GenerateOptions, "dtype")
-    lora_mode: str = like(GenerateOptions, "lora_mode")
-    compile: bool = like(GenerateOptions, "compile")
-    padded_attention: str = like(GenerateOptions, "padded_attention")
-    quantize: str = like(GenerateOptions, "quantize")
+
 
 COMMAND_ONLY = {"json": False}  # --config keys that are the command's, not the run's

@@ -21,7 +21,7 @@ from typing import Any, TextIO
 
 from evotok_cli.base.errors import ConfigError, EvotokError
 from evotok_cli.base.options import Cli, like, option
-from evotok_cli.jobs.config import GenerateOptions
+from evotok_cli.jobs.config import GenerateOptions, loads_model
 
 GEN_SETTINGS = ("gen_length", "block_length", "steps", "temperature", "seed")  # what /opt may set besides options
 HELP = """commands:
@@ -33,8 +33,10 @@ HELP = """commands:
 
 
 @dataclass
+@loads_model(before="show", leave_out=("compile",))
 class ChatOptions:
-    """`evotok chat`'s options: `evotok generate`'s model and decoding options, and the transcript log."""
+    """`evotok chat`'s options: `evotok generate`'s model and decoding options (those of how the model loads,
+    but --compile, before --show: `loads_model`), and the transcript log."""
 
     model: str | None = like(GenerateOptions, "model")
     adapter: str | None = like(GenerateOptions, "adapter")
@@ -47,12 +49,6 @@ class ChatOptions:
     seed: int = like(GenerateOptions, "seed")
     system: str | None = like(GenerateOptions, "system")
     prefill: str = like(GenerateOptions, "prefill")
-    device: str = like(GenerateOptions, "device")
-    threads: int | None = like(GenerateOptions, "threads")
-    dtype: str = like(GenerateOptions, "dtype")
-    lora_mode: str = like(GenerateOptions, "lora_mode")
-    padded_attention: str = like(GenerateOptions, "padded_attention")
-    quantize: str = like(GenerateOptions, "quantize")
     show: bool = option(False, "watch the canvas evolve on stderr while each answer decodes", yaml=False)
     log: str | None = option(None, "append each turn to this JSONL file ({\"messages\": [...], \"answer\", ...}; "
                              "`evotok generate --prompts-file FILE` replays it)", cli=Cli(type=Path))

@@ -9,13 +9,14 @@ YAML `decoder:` section, overridden by `--opt key=value`.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from evotok_cli.base.errors import ConfigError
 from evotok_cli.base.files import read_text
-from evotok_cli.base.options import option, seed_option, yaml_defaults
+from evotok_cli.base.options import like, option, seed_option, yaml_defaults
 from evotok_cli.base.threads import THREADS_HELP
 from evotok_cli.decoding.api import CommitOptions
 from evotok_cli.runtime.compile import HELP as COMPILE_HELP
@@ -99,6 +100,26 @@ class GenerateOptions:
     batch_size: int = option(8, "prompts decoded together", envvar=_env("batch_size"))
     trace: str | None = option(None, "write every forward pass's token states to this JSONL file", cli_type=Path)
     show: bool = option(False, "watch the canvas evolve live on stderr, states in colour", yaml=False)
+
+
+# how the model loads: `GenerateOptions`' own, in the order the other commands' --help lists them
+LOADING = ("device", "threads", "dtype", "lora_mode", "compile", "padded_attention", "quantize")
+
+
+def loads_model(*, before: str | None = None, leave_out: tuple[str, ...] = ()) -> Callable[[type], type]:
+    """Give another command's options class (decorated under its `@dataclass`) `GenerateOptions`' model-loading
+    options, in `LOADING`'s order: after its own fields, or before its field `before`. Declared once here, a
+    help line or default changed in `GenerateOptions` changes in every command that loads a model."""
+    def add(cls: type) -> type:
+        hints = get_type_hints(GenerateOptions)
+        names = [name for name in LOADING if name not in leave_out]
+        own = list(cls.__dict__.get("__annotations__", {}).items())
+        at = [name for name, _ in own].index(before) if before is not None else len(own)
+        cls.__annotations__ = dict(own[:at] + [(name, hints[name]) for name in names] + own[at:])
+        for name in names:
+            setattr(cls, name, like(GenerateOptions, name))
+        return cls
+    return add
 
 
 # `evotok generate`'s built-in defaults and the types of those that are None, as its --config file is checked

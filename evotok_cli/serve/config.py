@@ -13,12 +13,14 @@ from typing import Any
 
 from evotok_cli.base.errors import ConfigError
 from evotok_cli.base.options import flag, like, option, shown
-from evotok_cli.jobs.config import GenerateOptions
+from evotok_cli.jobs.config import GenerateOptions, loads_model
 
 
 @dataclass
+@loads_model()
 class ServeOptions:
-    """The options of `evotok serve`, in --help's order. It has no --config: a flag left unset is the default."""
+    """The options of `evotok serve`, in --help's order (the model-loading ones, last, are `evotok generate`'s:
+    `loads_model`). It has no --config: a flag left unset is the default."""
 
     model: str | None = like(GenerateOptions, "model")
     adapter: str | None = like(GenerateOptions, "adapter")
@@ -58,13 +60,6 @@ class ServeOptions:
     max_replicas: int | None = option(None, "upper bound of autoscaling", shown=None)
     target_ongoing_requests: float | None = option(None, "autoscaling's target of requests per replica",
                                                    shown="--max-rows")
-    device: str = like(GenerateOptions, "device")
-    threads: int | None = like(GenerateOptions, "threads")
-    dtype: str = like(GenerateOptions, "dtype")
-    lora_mode: str = like(GenerateOptions, "lora_mode")
-    compile: bool = like(GenerateOptions, "compile")
-    padded_attention: str = like(GenerateOptions, "padded_attention")
-    quantize: str = like(GenerateOptions, "quantize")
 
 
 def check(opts: ServeOptions) -> None:
