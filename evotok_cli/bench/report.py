@@ -18,6 +18,16 @@ from evotok_cli.base.files import atomic_write_bytes, atomic_write_text, output_
 SCHEMA = "evotok.bench/1"
 
 
+def read_json(file: Path, what: str, *, unreadable: str, fix: str) -> Any:
+    """A JSON file's document, or one DataError line naming `what` the file is: unreadable (the fix
+    `unreadable`) or not JSON (`fix`)."""
+    text = read_text(file, what=what, fix=unreadable)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{what} is not JSON ({exc.msg}, line {exc.lineno})", where=str(file), fix=fix) from None
+
+
 def load_results(paths: list[Path]) -> list[tuple[Path, dict[str, Any]]]:
     documents = []
     for path in paths:
@@ -26,12 +36,8 @@ def load_results(paths: list[Path]) -> list[tuple[Path, dict[str, Any]]]:
         if p.is_dir() and not file.is_file():
             raise DataError("no results.json in the folder", where=str(p),
                             fix="pass a bench --out folder or its results.json")
-        text = read_text(file, what="results file", fix="pass a bench --out folder or its results.json")
-        try:
-            document = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"results file is not JSON ({exc.msg}, line {exc.lineno})", where=str(file),
-                            fix="pass a results.json written by evotok bench") from None
+        document = read_json(file, "results file", unreadable="pass a bench --out folder or its results.json",
+                             fix="pass a results.json written by evotok bench")
         if not isinstance(document, dict) or document.get("schema") != SCHEMA:
             raise DataError(f"not a results file of schema {SCHEMA}", where=str(file), fix="pass a bench results.json")
         check_document(document, str(file))

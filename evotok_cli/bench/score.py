@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from evotok_cli.base.errors import ConfigError, DataError
-from evotok_cli.base.files import input_file, read_text
+from evotok_cli.base.files import input_file
+from evotok_cli.bench.report import read_json
 from evotok_cli.bench.results import accuracy
 from evotok_cli.bench.samples import json_type
 
@@ -89,12 +90,8 @@ def _score_official(path: Path, task_name: str | None, setups: dict[tuple[str, s
         raise ConfigError("cannot tell the task from the file name", where=str(path),
                           fix="pass --task gsm8k|math500|svamp|countdown")
     task = _load_task(name, str(path))
-    text = read_text(path, what="generations file", fix="pass a UTF-8 JSON file")
-    try:
-        document = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"generations file is not JSON ({exc.msg}, line {exc.lineno})", where=str(path),
-                        fix="pass the JSON file the official evaluation wrote") from None
+    document = read_json(path, "generations file", unreadable="pass a UTF-8 JSON file",
+                         fix="pass the JSON file the official evaluation wrote")
     items = document.get("generations") if isinstance(document, dict) else None
     if not isinstance(items, list):
         raise DataError('no "generations" list', where=str(path),
