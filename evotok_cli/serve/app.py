@@ -18,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from evotok_cli.serve.asgi import HttpMiddleware
 from evotok_cli.serve.guard import Guard, Limits
 from evotok_cli.serve.metrics import CONTENT_TYPE
 from evotok_cli.serve.page import CSP, render_page
@@ -42,22 +43,34 @@ def create_app(service: Service, *, api_key: str | None, decoders: list[str], st
     """The ASGI application: FastAPI's routes inside the access log. `strict` refuses unknown request
     fields (400) instead of ignoring them; `allowed_origins` turns CORS on for those origins ("*": any);
     `limits` are what `guard.Guard` checks before any route runs."""
-
-    @contextlib.asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        service.loop = asyncio.get_running_loop()
-        yield
-        await asyncio.to_thread(service.stop, 10.0)
-
-    api = FastAPI(title="evotok serve", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
-    served = service.served
+    api = FastAPI(title="evotok serve", docs_url=None, redoc_url=None, openapi_url=None,
+                  lifespan=lifespan(service))
     if allowed_origins:
         from starlette.middleware.cors import CORSMiddleware
 
         api.add_middleware(CORSMiddleware, allow_origins=allowed_origins, allow_methods=["GET", "POST", "HEAD"],
                            allow_headers=["*"], expose_headers=["Warning"],
                            max_age=600)
+    authorize = authorizer(api_key)
+    add_status_routes(api, service, decoders, authorize)
+    add_tokenizer_routes(api, service, authorize, strict)
+    add_openai_routes(api, service, authorize, strict)
+    add_error_handlers(api)
+    return AccessLog(Guard(api, limits or Limits()), service)  # Limits(): any Host (in-process tests)
 
+
+def lifespan(service: Service) -> Callable[[FastAPI], contextlib.AbstractAsyncContextManager[None]]:
+    """The service learns the event loop at start-up (its engine thread posts there) and stops at shutdown."""
+    @contextlib.asynccontextmanager
+    async def span(_: FastAPI) -> AsyncIterator[None]:
+        service.loop = asyncio.get_running_loop()
+        yield
+        await asyncio.to_thread(service.stop, 10.0)
+    return span
+
+
+def authorizer(api_key: str | None) -> Callable[[Request], None]:
+    """The check of `Authorization: Bearer KEY` on the routes that need it (none without --api-key)."""
     def authorize(request: Request) -> None:
         if api_key is None:
             return
@@ -65,6 +78,13 @@ def create_app(service: Service, *, api_key: str | None, decoders: list[str], st
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
             raise ApiError(401, "missing or incorrect API key (send the header Authorization: Bearer KEY)",
                            code="invalid_api_key")
+    return authorize
+
+
+def add_status_routes(api: FastAPI, service: Service, decoders: list[str],
+                      authorize: Callable[[Request], None]) -> None:
+    """GET / (the live page), /health, /metrics and /version: what the server is and how it is doing."""
+    served = service.served
 
     @api.get("/")
     async def page() -> HTMLResponse:
@@ -89,28 +109,41 @@ def create_app(service: Service, *, api_key: str | None, decoders: list[str], st
 
         return JSONResponse({"version": __version__})
 
-    async def off_loop(request: Request, answer: Callable[[Any], tuple[dict[str, Any], list[str]]]) -> Response:
-        """A tokenizer endpoint's whole work in a worker thread, with a completion request's time budget
-        (`service.prepare`): parsing, the chat template, the tokenizer, and the JSON of an answer that can
-        hold millions of ids. Any of them on the event loop would stall /health and SIGTERM for seconds."""
-        authorize(request)
-        raw, deadline = await read_body(request), service.deadline()
 
-        def work() -> tuple[Response, list[str]]:
-            body, ignored = answer(parse_json(raw))
-            return Response(render(body), media_type="application/json"), ignored  # rendered here, in slices
-
-        reply, ignored = await service.prepare(work, deadline)
-        reply.headers.update(ignored_fields(ignored, request))
-        return reply
+def add_tokenizer_routes(api: FastAPI, service: Service, authorize: Callable[[Request], None],
+                         strict: bool) -> None:
+    """vLLM's POST /tokenize and /detokenize."""
+    served = service.served
 
     @api.post("/tokenize")
     async def tokenize_route(request: Request) -> Response:
-        return await off_loop(request, lambda body: tokenize(body, served, strict=strict))
+        return await off_loop(service, request, authorize, lambda body: tokenize(body, served, strict=strict))
 
     @api.post("/detokenize")
     async def detokenize_route(request: Request) -> Response:
-        return await off_loop(request, lambda body: detokenize(body, served, strict=strict))
+        return await off_loop(service, request, authorize, lambda body: detokenize(body, served, strict=strict))
+
+
+async def off_loop(service: Service, request: Request, authorize: Callable[[Request], None],
+                   answer: Callable[[Any], tuple[dict[str, Any], list[str]]]) -> Response:
+    """A tokenizer endpoint's whole work in a worker thread, with a completion request's time budget
+    (`service.prepare`): parsing, the chat template, the tokenizer, and the JSON of an answer that can
+    hold millions of ids. Any of them on the event loop would stall /health and SIGTERM for seconds."""
+    authorize(request)
+    raw, deadline = await read_body(request), service.deadline()
+
+    def work() -> tuple[Response, list[str]]:
+        body, ignored = answer(parse_json(raw))
+        return Response(render(body), media_type="application/json"), ignored  # rendered here, in slices
+
+    reply, ignored = await service.prepare(work, deadline)
+    reply.headers.update(ignored_fields(ignored, request))
+    return reply
+
+
+def add_openai_routes(api: FastAPI, service: Service, authorize: Callable[[Request], None], strict: bool) -> None:
+    """OpenAI's /v1/models (and one model by id), /v1/completions and /v1/chat/completions."""
+    served = service.served
 
     @api.get("/v1/models")
     async def models(request: Request) -> JSONResponse:
@@ -131,6 +164,10 @@ def create_app(service: Service, *, api_key: str | None, decoders: list[str], st
     async def chat_completions(request: Request) -> Response:
         return await complete(service, request, chat=True, authorize=authorize, strict=strict)
 
+
+def add_error_handlers(api: FastAPI) -> None:
+    """Every error as an OpenAI error object: ours as raised, Starlette's 404/405 named, anything else a
+    bare 500 (its traceback goes to the log, never to the client)."""
     @api.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
@@ -145,8 +182,6 @@ def create_app(service: Service, *, api_key: str | None, decoders: list[str], st
     async def server_error(_: Request, exc: Exception) -> JSONResponse:
         body = ApiError(500, "internal server error", code="internal_error", type="server_error").body()
         return JSONResponse(body, status_code=500)
-
-    return AccessLog(Guard(api, limits or Limits()), service)  # Limits(): any Host (in-process tests)
 
 
 def model_card(service: Service) -> dict[str, Any]:
@@ -262,17 +297,15 @@ async def disconnected(request: Request) -> None:
         pass
 
 
-class AccessLog:
+class AccessLog(HttpMiddleware):
     """One stderr line per request (client, method, path, status, seconds, note) and the request counters;
     also the last stop for an unexpected exception: logged with its traceback here, never sent."""
 
     def __init__(self, app: Any, service: Service):
-        self.app, self.service = app, service
+        super().__init__(app)
+        self.service = service
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def http(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         start, status = time.monotonic(), [0]
         scope.setdefault("state", {})
 

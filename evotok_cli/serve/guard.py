@@ -24,6 +24,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from evotok_cli.serve.asgi import HttpMiddleware
 from evotok_cli.serve.schema import MAX_BODY_BYTES, ApiError
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
@@ -96,16 +97,14 @@ def refusal(status: int, message: str, code: str) -> ApiError:
     return ApiError(status, message, code=code, headers={"Connection": "close"})
 
 
-class Guard:
+class Guard(HttpMiddleware):
     """The checks of the module docstring, then the app with the body already read."""
 
     def __init__(self, app: Any, limits: Limits):
-        self.app, self.limits = app, limits
+        super().__init__(app)
+        self.limits = limits
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def http(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         headers = _headers(scope["headers"])
         try:
             self.check_head(scope, headers)

@@ -92,55 +92,65 @@ def run(app: Any, sock: socket.socket, service: Service, *, grace: float, limits
                             timeout_keep_alive=min(5.0, limits.read_timeout),  # type: ignore[arg-type]
                             h11_max_incomplete_event_size=MAX_HEAD_BYTES)
 
-    class Server(uvicorn.Server):
-        stopping = False
-        closer: asyncio.Future | None = None
+    class Server(Draining, uvicorn.Server):
+        pass
 
-        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-            asyncio.get_running_loop().set_exception_handler(AcceptErrors())
-            await super().startup(sockets=sockets)
+    Server(config, service, grace).run(sockets=[sock])
 
-        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-            """uvicorn's shutdown, then the application's even after a second signal: uvicorn skips it then
-            (force_exit), and asyncio would cancel the lifespan mid-wait at exit, a CancelledError traceback.
-            The jobs are cancelled by then, so the engine thread ends at once."""
-            await super().shutdown(sockets=sockets)
-            if self.force_exit and not self.lifespan.shutdown_event.is_set():
-                await self.lifespan.shutdown()
 
-        @contextlib.contextmanager
-        def capture_signals(self) -> Iterator[None]:
-            """Our handlers instead of uvicorn's, which would re-raise the signal after shutdown."""
-            previous = {sig: signal.signal(sig, self.on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-            try:
-                yield
-            finally:
-                for sig, handler in previous.items():
-                    signal.signal(sig, handler)
+class Draining:
+    """evotok's shutdown, mixed into `uvicorn.Server` ahead of it (by `run`, which imports uvicorn only when
+    a server starts): the signal handlers, the drain, and the application's shutdown after a second signal."""
 
-        def on_signal(self, sig: int, frame: Any) -> None:
-            loop = service.loop
-            if self.stopping or loop is None:  # the second signal (or one before start-up): stop now
-                if loop is not None:
-                    loop.call_soon_threadsafe(service.cancel_all, "shutdown")
-                self.force_exit = self.stopping
-                self.should_exit = True
-                return
-            self.stopping = True
-            loop.call_soon_threadsafe(self.drain, sig == signal.SIGTERM)
+    def __init__(self, config: Any, service: Service, grace: float):
+        super().__init__(config)
+        self.service, self.grace = service, grace
+        self.stopping = False
+        self.closer: asyncio.Future | None = None
 
-        def drain(self, linger: bool) -> None:
-            """Answer new requests 503 with the listener open; close it after the grace period (`linger`) or
-            once no request is in flight, whichever comes first otherwise."""
-            service.drain(grace)
-            deadline = time.monotonic() + grace
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        asyncio.get_running_loop().set_exception_handler(AcceptErrors())
+        await super().startup(sockets=sockets)
 
-            async def close() -> None:
-                while time.monotonic() < deadline and (linger or service.sessions):
-                    await asyncio.sleep(0.05)
-                service.cancel_all("shutdown")
-                self.should_exit = True
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """uvicorn's shutdown, then the application's even after a second signal: uvicorn skips it then
+        (force_exit), and asyncio would cancel the lifespan mid-wait at exit, a CancelledError traceback.
+        The jobs are cancelled by then, so the engine thread ends at once."""
+        await super().shutdown(sockets=sockets)
+        if self.force_exit and not self.lifespan.shutdown_event.is_set():
+            await self.lifespan.shutdown()
 
-            self.closer = asyncio.ensure_future(close())
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """Our handlers instead of uvicorn's, which would re-raise the signal after shutdown."""
+        previous = {sig: signal.signal(sig, self.on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
-    Server(config).run(sockets=[sock])
+    def on_signal(self, sig: int, frame: Any) -> None:
+        loop = self.service.loop
+        if self.stopping or loop is None:  # the second signal (or one before start-up): stop now
+            if loop is not None:
+                loop.call_soon_threadsafe(self.service.cancel_all, "shutdown")
+            self.force_exit = self.stopping
+            self.should_exit = True
+            return
+        self.stopping = True
+        loop.call_soon_threadsafe(self.drain, sig == signal.SIGTERM)
+
+    def drain(self, linger: bool) -> None:
+        """Answer new requests 503 with the listener open; close it after the grace period (`linger`) or
+        once no request is in flight, whichever comes first otherwise."""
+        self.service.drain(self.grace)
+        deadline = time.monotonic() + self.grace
+
+        async def close() -> None:
+            while time.monotonic() < deadline and (linger or self.service.sessions):
+                await asyncio.sleep(0.05)
+            self.service.cancel_all("shutdown")
+            self.should_exit = True
+
+        self.closer = asyncio.ensure_future(close())

@@ -16,7 +16,7 @@ import json
 import sys
 import time
 import traceback
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 from evotok_cli.base.errors import EvotokError
@@ -111,64 +111,93 @@ def evolve(event: Any, pieces: Pieces) -> dict[str, Any]:
             "candidates": candidates, "blocks": event.blocks}
 
 
+class Answers:
+    """The chunks of one streamed request's answers, and what they have sent so far: each row's text, its
+    result once its job is done, and whether any text went out yet (the time-to-first-text metric)."""
+
+    def __init__(self, service: Service, session: Session, fields: CompletionFields, reply: Reply,
+                 arrival: float):
+        self.service, self.fields, self.reply, self.arrival = service, fields, reply, arrival
+        self.model, self.plan = service.served.model, session.plan
+        self.texts = [RowText(self.model, fields.stop, self.plan.max_tokens) for _ in self.plan.rows]
+        self.firsts = {job.id: first for first, job in session.jobs}
+        self.pieces = Pieces(self.model) if fields.stream_mode == "evolve" else None
+        self.logprobs = Logprobs(self.plan.top_logprobs) if self.plan.logprobs else None
+        self.results: dict[int, dict[str, Any]] = {}
+        self.reasons: list[str] = []
+        self.texting = False
+
+    @property
+    def complete(self) -> bool:
+        return len(self.results) >= len(self.plan.rows)
+
+    def text_sent(self, delta: str) -> None:
+        if delta and not self.texting:
+            self.texting = True
+            self.service.metrics.first_text.observe(time.perf_counter() - self.arrival)
+
+    def roles(self) -> str:
+        """A chat stream's first chunk: every choice's `role`."""
+        return sse(self.reply.chunk([self.reply.delta(i, "", role=True) for i in range(len(self.plan.rows))]))
+
+    def step(self, event: Any) -> str | None:
+        """The chunk of one pass of one row (a StepEvent or FinalPrefix): its new final text, and in an evolve
+        stream its canvas; None when there is nothing to send."""
+        delta = self.texts[event.row].advance(event.tokens, final_end(event))
+        self.text_sent(delta)
+        if self.pieces is not None:
+            return sse(self.reply.chunk([self.reply.delta(event.row, delta)], evotok=evolve(event, self.pieces)))
+        return sse(self.reply.chunk([self.reply.delta(event.row, delta)])) if delta else None
+
+    def finished(self, job: Any) -> Iterator[str]:
+        """The last chunk of each row of a job that finished: the rest of its text and its finish_reason."""
+        first = self.firsts[job.id]
+        for offset, row in enumerate(job.result.rows):
+            i = first + offset
+            self.results[i] = result = row_result(self.model, self.plan.rows[i], row, job.seconds,
+                                                  max_tokens=self.plan.max_tokens)
+            self.service.metrics.completion_tokens += result["tokens"]
+            text, reason = finish(result, self.fields.stop)
+            self.reasons.append(reason)
+            rest = self.texts[i].finish(text)
+            self.text_sent(rest or "end")  # an empty answer's first text is its end
+            logprobs = self.logprobs(self.reply.chat, result, text) if self.logprobs else None
+            yield sse(self.reply.chunk([self.reply.delta(i, rest, reason, logprobs=logprobs)]))
+
+    def closing(self) -> Iterator[str]:
+        """Once every row has finished: the request's metrics, and the usage chunk when it was asked for."""
+        self.service.metrics.prompt_tokens += self.plan.prompt_tokens
+        self.service.metrics.answered(time.perf_counter() - self.arrival, self.reasons)
+        if self.fields.include_usage:
+            ordered = [self.results[i] for i in sorted(self.results)]
+            yield sse(self.reply.chunk([], usage=usage(self.plan.prompt_tokens, ordered)))
+
+
 async def chunks(service: Service, session: Session, fields: CompletionFields, reply: Reply, deadline: float,
                  note: Callable[[str], None], *, arrival: float | None = None) -> AsyncIterator[str]:
     """The SSE body of one streamed request; cancelling it (a client gone) cancels the session's jobs."""
-    model = service.served.model
-    plan = session.plan
     arrival = time.perf_counter() if arrival is None else arrival
-    texts = [RowText(model, fields.stop, plan.max_tokens) for _ in plan.rows]
-    firsts = {job.id: first for first, job in session.jobs}
-    pieces = Pieces(model) if fields.stream_mode == "evolve" else None
-    logprobs = Logprobs(plan.top_logprobs) if plan.logprobs else None
-    results: dict[int, dict[str, Any]] = {}
-    reasons: list[str] = []
-    first_text = [False]
-
-    def text_sent(delta: str) -> None:
-        if delta and not first_text[0]:
-            first_text[0] = True
-            service.metrics.first_text.observe(time.perf_counter() - arrival)
-
+    answers = Answers(service, session, fields, reply, arrival)
     try:
         if reply.chat:
-            yield sse(reply.chunk([reply.delta(i, "", role=True) for i in range(len(plan.rows))]))
-        while len(results) < len(plan.rows):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise asyncio.TimeoutError
-            kind, item = await asyncio.wait_for(session.queue.get(), timeout=remaining)
+            yield answers.roles()
+        while not answers.complete:
+            kind, item = await next_item(session, deadline)
             if kind == "step":
-                delta = texts[item.row].advance(item.tokens, final_end(item))
-                text_sent(delta)
-                if pieces is not None:
-                    yield sse(reply.chunk([reply.delta(item.row, delta)], evotok=evolve(item, pieces)))
-                elif delta:
-                    yield sse(reply.chunk([reply.delta(item.row, delta)]))
+                chunk = answers.step(item)
+                if chunk is not None:
+                    yield chunk
                 continue
             failure = failure_of(item, session)
             if failure is not None:
                 note(failure.code or "error")
                 yield sse(failure.body())
                 break
-            first = firsts[item.id]
-            for offset, row in enumerate(item.result.rows):
-                i = first + offset
-                results[i] = row_result(model, plan.rows[i], row, item.seconds, max_tokens=plan.max_tokens)
-                service.metrics.completion_tokens += results[i]["tokens"]
-                text, reason = finish(results[i], fields.stop)
-                reasons.append(reason)
-                rest = texts[i].finish(text)
-                text_sent(rest or "end")  # an empty answer's first text is its end
-                yield sse(reply.chunk([reply.delta(i, rest, reason,
-                                                   logprobs=logprobs(reply.chat, results[i], text) if logprobs
-                                                   else None)]))
+            for chunk in answers.finished(item):
+                yield chunk
         else:
-            service.metrics.prompt_tokens += plan.prompt_tokens
-            service.metrics.answered(time.perf_counter() - arrival, reasons)
-            if fields.include_usage:
-                ordered = [results[i] for i in sorted(results)]
-                yield sse(reply.chunk([], usage=usage(plan.prompt_tokens, ordered)))
+            for chunk in answers.closing():
+                yield chunk
         yield DONE
     except asyncio.TimeoutError:
         service.cancel(session, "timeout")
@@ -181,6 +210,14 @@ async def chunks(service: Service, session: Session, fields: CompletionFields, r
     finally:
         service.close(session, "disconnect")
         service.metrics.queued(session, arrival)
+
+
+async def next_item(session: Session, deadline: float) -> tuple[str, Any]:
+    """The session's next ("step", event) or ("done", job); asyncio.TimeoutError once `deadline` has passed."""
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise asyncio.TimeoutError
+    return await asyncio.wait_for(session.queue.get(), timeout=remaining)
 
 
 def timeout_error(seconds: float) -> ApiError:
