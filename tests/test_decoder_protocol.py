@@ -60,7 +60,7 @@ def test_a_generate_only_decoder_runs_whole_in_cohorts(tiny_model):
     plain = GenerateOnly(inner)
     jobs = make_jobs(tiny_model, plain, _request(), cohort=2)
     assert [first for first, _ in jobs] == [0, 2, 4]
-    assert all(job.program is None and job.closed is not None for _, job in jobs)
+    assert all(job.program is None and job.run_whole is not None for _, job in jobs)
     engine = Engine(tiny_model, max_rows=8)
     for _, job in jobs:
         engine.submit(job)
@@ -89,7 +89,7 @@ def test_a_program_decoder_without_split_gets_cohorts_of_programs(tiny_model):
     assert isinstance(decoder, ProgramDecoder) and not splits_rows(decoder, _request())
     jobs = make_jobs(tiny_model, decoder, _request(), cohort=3)
     assert [(first, job.rows) for first, job in jobs] == [(0, 3), (3, 2)]
-    assert all(job.program is not None and job.closed is None for _, job in jobs)
+    assert all(job.program is not None and job.run_whole is None for _, job in jobs)
     engine = Engine(tiny_model, max_rows=8)
     for _, job in jobs:
         engine.submit(job)

@@ -78,24 +78,25 @@ class BlockwiseDecoder:
         return block.start, block.end
 
     def update(self, model: Any, state: Any, canvas: Canvas, logits: torch.Tensor, cols: tuple[int, int],
-               block: Block, counts: list[int], active: torch.Tensor, generator: torch.Generator | None,
+               block: Block, counts: list[int], open_rows: torch.Tensor, generator: torch.Generator | None,
                temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Apply one pass; return (committed, revised) bool masks over the canvas. `temperature` is the
-        request's `Sampling` (a float that carries top_k / top_p / min_p): handed on to `gumbel_candidates`,
-        it samples the filtered distribution."""
+        """Apply one pass; return (committed, revised) bool masks over the canvas. `open_rows`: (B,) bool,
+        the rows whose block still holds a [MASK]. `temperature` is the request's `Sampling` (a float that
+        carries top_k / top_p / min_p): handed on to `gumbel_candidates`, it samples the filtered
+        distribution."""
         raise NotImplementedError
 
     def update_program(self, model: Any, state: Any, canvas: Canvas, logits: torch.Tensor, cols: tuple[int, int],
-                       block: Block, counts: list[int], active: torch.Tensor | None, generator: Any,
+                       block: Block, counts: list[int], open_rows: torch.Tensor | None, generator: Any,
                        temperature: float, masks: bool = True) -> Any:
         """The update as a step of the program (`yield from`): a decoder may yield an `engine.Update` here,
         so that the rows of every program with its options update in ONE call per engine step (hard-mask
         and evotoken do: host work per step then does not grow with the rows). The default runs `update`
-        on this program's rows, as before. `active` None: not computed yet (computed here when needed).
+        on this program's rows, as before. `open_rows` None: not computed yet (computed here when needed).
         `masks` False: the caller needs no (committed, revised) masks, (None, None) will do."""
-        if active is None:
-            active = self.block_active(model, canvas, block)
-        return self.update(model, state, canvas, logits, cols, block, counts, active, generator, temperature)
+        if open_rows is None:
+            open_rows = self.open_rows(model, canvas, block)
+        return self.update(model, state, canvas, logits, cols, block, counts, open_rows, generator, temperature)
         yield  # a generator: the default yields nothing
 
     def group_key(self, model: Any, temperature: float) -> tuple:
@@ -125,8 +126,8 @@ class BlockwiseDecoder:
         return chosen
 
     @staticmethod
-    def block_active(model: Any, canvas: Canvas, block: Block) -> torch.Tensor:
-        """(B,) bool: rows whose block still holds a [MASK]."""
+    def open_rows(model: Any, canvas: Canvas, block: Block) -> torch.Tensor:
+        """(B,) bool, on the device: rows whose block still holds a [MASK]."""
         return (canvas.x[:, block.start:block.end] == model.mask_id).any(dim=1)
 
     def end_block(self, model: Any, state: Any, canvas: Canvas, block: Block) -> None:
@@ -181,9 +182,9 @@ class BlockwiseDecoder:
     # The release runs every scheduled pass of a block, also after the block is full (LLaDA's `generate`
     # does; EvoToken's loop stops): with rng=reference those passes' draws are made and discarded.
     release_runs_every_step: ClassVar[bool] = False
-    # Without a threshold, `update` commits exactly counts[b] [MASK]s of every live row (hard-mask and
+    # Without a threshold, `update` commits exactly counts[b] [MASK]s of every open row (hard-mask and
     # evotoken do: LLaDA's schedule never asks for more than a row holds): the loop then tracks what is
-    # left on the host (`_live`). False (the safe default for other decoders) reads it back every pass.
+    # left on the host (`_takes_pass`). False (the safe default for other decoders) reads it back every pass.
     exact_schedule: ClassVar[bool] = False
     # `request.on_final` gets a `FinalPrefix` at each block boundary (before a block, every position is
     # final): a streamed answer needs no per-pass trace. A decoder without it is traced instead.
@@ -248,37 +249,37 @@ class BlockwiseDecoder:
             schedule = transfer_schedule(layout.block_length, layout.steps_per_block)
             step = 0
             while True:
-                active = None  # computed only where needed: a grouped update finds it in its own rows
-                live = self._live(canvas.batch, schedule, step, first=index == 0 and step == 0)
-                if live is None:  # rows finish at passes of their own: the engine reads it with the others
-                    active = self.block_active(model, canvas, block)
-                    live = yield HostRead(active)
-                if not any(live) or (self.threshold is None and step >= len(schedule)):
+                open_rows = None  # computed only where needed: a grouped update finds it in its own rows
+                takes_pass = self._takes_pass(canvas.batch, schedule, step, first=index == 0 and step == 0)
+                if takes_pass is None:  # rows finish at passes of their own: the engine reads it with the others
+                    open_rows = self.open_rows(model, canvas, block)
+                    takes_pass = yield HostRead(open_rows)
+                if not any(takes_pass) or (self.threshold is None and step >= len(schedule)):
                     if self.reference_rng and self.release_runs_every_step:
                         for _ in range(step, len(schedule)):  # passes the release runs on a full block
                             self._draws(model, generator, canvas, request)
                     break
                 tracing = request.trace and request.on_event is not None
                 traced = self._describe(model, state, canvas) if tracing else None
-                if traced is not None and active is None:
-                    active = self.block_active(model, canvas, block)
+                if traced is not None and open_rows is None:
+                    open_rows = self.open_rows(model, canvas, block)
                 lo, hi = self.feed_range(canvas, block, step == 0)
                 block.fed = (lo, hi)
                 forward_pass, cols = self.forward(model, state, canvas, block, lo, hi, cache)
                 logits = yield forward_pass
-                counts = [schedule[step] if a else 0 for a in live] if self.threshold is None else []
+                counts = [schedule[step] if t else 0 for t in takes_pass] if self.threshold is None else []
                 draws = self._draws(model, generator, canvas, request)
                 randomness = draws.cols(*cols) if self.reference_rng else draws
                 committed, revised = yield from self.update_program(
-                    model, state, canvas, logits, cols, block, counts, active, randomness, sampling,
+                    model, state, canvas, logits, cols, block, counts, open_rows, randomness, sampling,
                     masks=recorder is not None or traced is not None)
                 if recorder is not None:
                     a, b = cols
                     recorder.record(logits, a, (committed | revised)[:, a:b], canvas.x[:, a:b], model.mask_id)
                 nfe += 1
-                row_nfe = [n + a for n, a in zip(row_nfe, live)]
+                row_nfe = [n + t for n, t in zip(row_nfe, takes_pass)]
                 if traced is not None:
-                    self._emit(request, state, canvas, block, traced, row_nfe, active, committed, revised)
+                    self._emit(request, state, canvas, block, traced, row_nfe, open_rows, committed, revised)
                 if request.on_pass is not None:
                     request.on_pass(nfe)
                 step += 1
@@ -293,13 +294,14 @@ class BlockwiseDecoder:
                 for b in range(canvas.batch)]
         return GenerationResult(rows=rows, nfe=nfe, seconds=time.perf_counter() - t0)
 
-    def _live(self, rows: int, schedule: list[int], step: int, first: bool = False) -> list[bool] | None:
-        """Which rows still hold a [MASK] in the block, or None when the device must say (`active` is read
-        back: the one read of a pass, which the engine makes for all rows of a step together). With a
+    def _takes_pass(self, rows: int, schedule: list[int], step: int, first: bool = False) -> list[bool] | None:
+        """On the host, which rows take the next pass (they still hold a [MASK] in the block: they get the
+        schedule's count and it counts in their NFE), or None when the device must say (`open_rows` is
+        read back: the one read of a pass, which the engine makes for all rows of a step together). With a
         threshold rows finish at passes of their own. Without one, a decoder whose update commits exactly
-        `counts[b]` [MASK]s of each live row (`exact_schedule`) leaves sum(schedule[step:]) of them in every
+        `counts[b]` [MASK]s of each open row (`exact_schedule`) leaves sum(schedule[step:]) of them in every
         row, so the host knows without asking the device, and never waits for it between passes. Before
-        the first pass every generated position is [MASK]: every row is live."""
+        the first pass every generated position is [MASK]: every row takes it."""
         if self.threshold is None and self.exact_schedule:
             return [sum(schedule[step:]) > 0] * rows
         if first:
@@ -310,9 +312,9 @@ class BlockwiseDecoder:
     def _describe(self, model, state, canvas):
         return [self.describe_inputs(model, state, canvas, b) for b in range(canvas.batch)]
 
-    def _emit(self, request, state, canvas, block, traced, row_nfe, active, committed, revised):
+    def _emit(self, request, state, canvas, block, traced, row_nfe, open_rows, committed, revised):
         g0 = canvas.gen_start
-        for b in active.nonzero().flatten().tolist():
+        for b in open_rows.nonzero().flatten().tolist():
             states, candidates = traced[b]
             request.on_event(StepEvent(
                 step=row_nfe[b], row=b, block=(block.start - g0, block.end - g0), states=states,

@@ -1,5 +1,5 @@
-"""How a request becomes engine jobs (`make_jobs`: one per row for a program decoder, closed cohorts for
-a generate-only plugin) and how a batch is decoded in an engine of its own (`decode_together`)."""
+"""How a request becomes engine jobs (`make_jobs`: one per row for a program decoder, cohorts run whole
+for a generate-only plugin) and how a batch is decoded in an engine of its own (`decode_together`)."""
 from __future__ import annotations
 
 import time
@@ -17,8 +17,8 @@ def make_jobs(model: Any, decoder: Any, request: Any, *, cohort: int) -> list[tu
     turn. A decoder with `program` and `split(request)` true (every built-in decoder, cached or not) gets
     one job per row: its own random stream and KV slots, sharing each step's forward with anything; with
     `split` false, cohorts of up to `cohort` consecutive rows (their passes share the forward too). A
-    decoder with only `generate` (an older third-party plugin) gets closed jobs of up to `cohort` rows,
-    each decoded whole when its turn comes.
+    decoder with only `generate` (an older third-party plugin) gets jobs of up to `cohort` rows that
+    run whole (`Job.run_whole`: its `generate` in one go) when their turn comes.
     """
     from dataclasses import replace
 
@@ -43,7 +43,7 @@ def make_jobs(model: Any, decoder: Any, request: Any, *, cohort: int) -> list[tu
             job = Job(decoder.program(model, part), rows=len(part.prompts), tokens=tokens(part.prompts))
         else:
             job = Job(None, rows=len(part.prompts), tokens=tokens(part.prompts),
-                      closed=lambda p=part: decoder.generate(model, p))
+                      run_whole=lambda p=part: decoder.generate(model, p))
         jobs.append((first, job))
     return jobs
 

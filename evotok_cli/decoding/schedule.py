@@ -285,14 +285,15 @@ def _top_ranked(scores: torch.Tensor, n: int, columns: tuple[int, int] | None) -
 
 
 def llada_step(model: Any, logits: torch.Tensor, window: torch.Tensor, confidence: torch.Tensor, *,
-               counts: list[int], active: torch.Tensor, generator: Randomness, temperature: float,
+               counts: list[int], open_rows: torch.Tensor, generator: Randomness, temperature: float,
                remasking: str = "low_confidence", threshold: float | None = None, exact: bool = True,
                logits_eos_inf: bool = False, confidence_eos_eot_inf: bool = False,
                columns: tuple[int, int] | list[tuple[int, int] | None] | None = None) -> torch.Tensor:
     """LLaDA's low-confidence remasking step over one block: candidates, their confidence, and the
     committed [MASK] positions, written into `window` (B, n) and `confidence` (B, n) in place (they are
     views of the caller's canvas). `exact`: the softmax in the logits' dtype, as LLaDA's `generate`
-    computes it; otherwise in float64 (Fast-dLLM). Returns the bool mask of committed positions."""
+    computes it; otherwise in float64 (Fast-dLLM). `open_rows` (B,): the rows whose block still holds a
+    [MASK] (only they commit). Returns the bool mask of committed positions."""
     if logits_eos_inf:
         logits = logits.clone()
         logits[..., model.eos_id] = float("-inf")
@@ -306,7 +307,7 @@ def llada_step(model: Any, logits: torch.Tensor, window: torch.Tensor, confidenc
         for token in model.stop_ids:
             stop |= x0 == token
         conf = conf.masked_fill(stop, float("-inf"))
-    eligible = (window == model.mask_id) & active[:, None]
+    eligible = (window == model.mask_id) & open_rows[:, None]
     chosen = select_transfer(conf, eligible, counts, threshold, columns=columns)
     # torch.where, not boolean indexing: the same values, without the read-back of a nonzero() per read and
     # per write (four per pass); `window` and `confidence` are views of the caller's canvas, written in place
@@ -320,12 +321,13 @@ def llada_rows(logits: torch.Tensor, window: torch.Tensor, confidence: torch.Ten
                temperature: float, remasking: str = "low_confidence", threshold: float | None = None,
                exact: bool = True, logits_eos_inf: bool = False,
                confidence_eos_eot_inf: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`llada_step` over rows of many programs at once (an `engine.Update`: hard-mask's and plain evotoken's
-    grouped update), pure: returns (window, confidence, committed) after the step. `window` is the block
-    (B, n), so a row is active while its window holds a [MASK]; `generators` and `columns` are per row."""
+    """`llada_step` over rows of many programs at once (an `engine.Update`: hard-mask's grouped update, and
+    evotoken's when it `reduces_to_llada`), pure: returns (window, confidence, committed) after the step.
+    `window` is the block (B, n), so a row is open while its window holds a [MASK]; `generators` and
+    `columns` are per row."""
     window, confidence = window.clone(), confidence.clone()
-    active = (window == model.mask_id).any(dim=1)
-    chosen = llada_step(model, logits, window, confidence, counts=counts, active=active, generator=generators,
+    open_rows = (window == model.mask_id).any(dim=1)
+    chosen = llada_step(model, logits, window, confidence, counts=counts, open_rows=open_rows, generator=generators,
                         temperature=temperature, remasking=remasking, threshold=threshold, exact=exact,
                         logits_eos_inf=logits_eos_inf, confidence_eos_eot_inf=confidence_eos_eot_inf, columns=columns)
     return window, confidence, chosen

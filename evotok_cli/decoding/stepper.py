@@ -27,7 +27,7 @@ class Job:
     rows: int
     tokens: int = 0
     on_done: Callable[[Job], None] | None = None
-    closed: Callable[[], GenerationResult] | None = None  # a decoder without a program: run it whole
+    run_whole: Callable[[], GenerationResult] | None = None  # a decoder without a program: its `generate`, in one go
     id: int = field(default_factory=lambda: next(_ids))
     pending: ForwardPass | HostRead | None = None
     result: GenerationResult | None = None
@@ -149,9 +149,9 @@ class Engine:
         if not self.live:
             return False
         for job in list(self.live):
-            if job.closed is not None:  # no program: decode it whole now
+            if job.run_whole is not None:  # no program: decode it whole now
                 try:
-                    self._finish(job, result=job.closed())
+                    self._finish(job, result=job.run_whole())
                 except Exception as exc:
                     self._finish(job, error=exc)
             elif job.pending is None:

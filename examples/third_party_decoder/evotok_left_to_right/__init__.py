@@ -24,12 +24,12 @@ class LeftToRightDecoder(BlockwiseDecoder):
     name = "left-to-right"
     Config = LeftToRightConfig
 
-    def update(self, model, state, canvas, logits, cols, block, counts, active, generator, temperature):
+    def update(self, model, state, canvas, logits, cols, block, counts, open_rows, generator, temperature):
         a, b = cols
         window = canvas.x[:, a:b]
         x0 = gumbel_candidates(logits, temperature, generator, exclude=model.mask_id)
         chosen = torch.zeros_like(window, dtype=torch.bool)
-        for row in active.nonzero().flatten().tolist():
+        for row in open_rows.nonzero().flatten().tolist():  # rows whose block holds a [MASK]
             masked = (window[row] == model.mask_id).nonzero().flatten()
             chosen[row, masked[: max(counts[row], self.config.tokens_per_step)]] = True
         window[chosen] = x0[chosen]

@@ -52,7 +52,7 @@ class EvoTokenConfig:
         check_reference_rng(self, where)
 
     @property
-    def plain(self) -> bool:
+    def reduces_to_llada(self) -> bool:
         """All three states off: nothing of EvoToken is left, the step is LLaDA's low-confidence remasking."""
         return not (self.soft_mask or self.soft_decoded or self.revise)
 
@@ -73,27 +73,27 @@ class EvoTokenDecoder(BlockwiseDecoder):
         return EvoTokenState(canvas, self.config.k_soft, model.dtype)
 
     def logits_range(self, canvas, lo, hi, block):
-        if self.config.plain:  # no soft states to rebuild: only the block's candidates are needed
+        if self.config.reduces_to_llada:  # no soft states to rebuild: only the block's candidates are needed
             return block.start, block.end
         # soft states are rebuilt for every fed generated position (future blocks included, Q3)
         return max(lo, canvas.gen_start), hi
 
     def inputs(self, model, state, canvas, lo, hi, block):
-        if not state.soft or self.config.plain:
+        if not state.soft or self.config.reduces_to_llada:
             return {"input_ids": canvas.x[:, lo:hi]}
         return {"soft_inputs": (state.ids[:, lo:hi], state.weights[:, lo:hi])}
 
-    def update(self, model, state, canvas, logits, cols, block, counts, active, generator, temperature):
+    def update(self, model, state, canvas, logits, cols, block, counts, open_rows, generator, temperature):
         cfg = self.config
         a, b = cols
-        if cfg.plain:  # LLaDA's step exactly (its confidences: LLaDA's softmax, or Fast-dLLM's with a cache)
+        if cfg.reduces_to_llada:  # LLaDA's step exactly (its confidences: LLaDA's softmax, or Fast-dLLM's with a cache)
             chosen = llada_step(model, logits, canvas.x[:, a:b], state.confidence[:, a:b], counts=counts,
-                                active=active, generator=generator, temperature=temperature,
+                                open_rows=open_rows, generator=generator, temperature=temperature,
                                 remasking=cfg.remasking, threshold=cfg.threshold,
                                 exact=cfg.cache == "none" and cfg.threshold is None, columns=block.ranked_columns(a))
             return widen(chosen, canvas.x, a, b), torch.zeros_like(canvas.x, dtype=torch.bool)
         s, e = max(a, block.start), min(b, block.end)  # only block columns can be committed or revised
-        live = active[:, None]  # a row whose block is full is [Decode]: it neither commits nor revises
+        live = open_rows[:, None]  # a row whose block is full is [Decode]: it neither commits nor revises
         step = evolve(logits, canvas.x[:, a:b], state.confidence[:, a:b], mask_id=model.mask_id,
                       candidates="evotoken", temperature=temperature, generator=generator, remasking=cfg.remasking,
                       window=(s - a, e - a), commit=Commit(counts=counts, threshold=cfg.threshold,
@@ -109,22 +109,22 @@ class EvoTokenDecoder(BlockwiseDecoder):
         keep = live[..., None]  # finished rows keep their soft inputs
         state.ids[:, a:b] = torch.where(keep, ids, state.ids[:, a:b])
         state.weights[:, a:b] = torch.where(keep, weights.to(state.weights.dtype), state.weights[:, a:b])
-        self._freeze_before(state, canvas, a, rows=active)  # [Decode] also left of the columns fed this pass
+        self._freeze_before(state, canvas, a, rows=open_rows)  # [Decode] also left of the columns fed this pass
         state.soft = True
         return widen(step.committed, canvas.x, a, b), widen(step.revised, canvas.x, a, b)
 
-    def update_program(self, model, state, canvas, logits, cols, block, counts, active, generator, temperature,
+    def update_program(self, model, state, canvas, logits, cols, block, counts, open_rows, generator, temperature,
                        masks=True):
         """`update` as one grouped call for the rows of every evotoken program with these options whose
         window has the same shape and block offset this step (`engine.Update`); rng=reference: alone."""
         if self.reference_rng:
-            return (yield from super().update_program(model, state, canvas, logits, cols, block, counts, active,
+            return (yield from super().update_program(model, state, canvas, logits, cols, block, counts, open_rows,
                                                       generator, temperature, masks))
         cfg = self.config
         a, b = cols
         rows = canvas.batch
         generators = [generator] * rows
-        if cfg.plain:
+        if cfg.reduces_to_llada:
             chosen = yield from self.llada_update(llada_rows, model, state, canvas, logits, cols, block, counts,
                                                   generator, temperature)
             if not masks:

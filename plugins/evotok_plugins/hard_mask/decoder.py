@@ -80,23 +80,23 @@ class HardMaskDecoder(BlockwiseDecoder):
                            logits_slice=(block.start - shift - lo, block.end - shift - lo),
                            combine=guide), (block.start, block.end)
 
-    def update(self, model, state, canvas, logits, cols, block, counts, active, generator, temperature):
+    def update(self, model, state, canvas, logits, cols, block, counts, open_rows, generator, temperature):
         cfg = self.config
         a, b = cols
-        chosen = llada_step(model, logits, canvas.x[:, a:b], state.confidence[:, a:b], counts=counts, active=active,
-                            generator=generator, temperature=temperature, remasking=cfg.remasking,
+        chosen = llada_step(model, logits, canvas.x[:, a:b], state.confidence[:, a:b], counts=counts,
+                            open_rows=open_rows, generator=generator, temperature=temperature, remasking=cfg.remasking,
                             threshold=cfg.threshold, exact=cfg.cache == "none" and cfg.threshold is None,
                             logits_eos_inf=cfg.logits_eos_inf, confidence_eos_eot_inf=cfg.confidence_eos_eot_inf,
                             columns=block.ranked_columns(a))
         committed = widen(chosen, canvas.x, a, b)
         return committed, torch.zeros_like(committed)
 
-    def update_program(self, model, state, canvas, logits, cols, block, counts, active, generator, temperature,
+    def update_program(self, model, state, canvas, logits, cols, block, counts, open_rows, generator, temperature,
                        masks=True):
         """`update` as one grouped call for the rows of every hard-mask program with these options that
         updates the same block shape this step (`engine.Update`); rng=reference draws per pass: alone."""
         if self.reference_rng:
-            return (yield from super().update_program(model, state, canvas, logits, cols, block, counts, active,
+            return (yield from super().update_program(model, state, canvas, logits, cols, block, counts, open_rows,
                                                       generator, temperature, masks))
         cfg = self.config
         a, b = cols
