@@ -11,16 +11,7 @@ from pathlib import Path
 
 from evotok_cli.base.errors import EvotokError
 from evotok_cli.base.files import atomic_open
-from evotok_cli.viz.style import (
-    BLOCK_COLOURS,
-    BLOCK_LABELS,
-    PAPER_NAMES,
-    REVISED_COLOUR,
-    STATE_COLOURS,
-    STATES,
-    TEXT_COLOURS,
-    block_kind,
-)
+from evotok_cli.viz import style
 from evotok_cli.viz.tokens import TokenText
 from evotok_cli.viz.trace import PromptTrace, Trace
 
@@ -58,13 +49,13 @@ def draw(plt, trace: Trace, prompt: PromptTrace, text: TokenText):
 
     steps, n = len(prompt.steps), prompt.positions
     labelled = n <= LABEL_MAX_POSITIONS and steps <= LABEL_MAX_STEPS
-    codes = np.array([[STATES.index(s) for s in step.states] for step in prompt.steps])  # (steps, n)
+    codes = np.array([[style.STATES.index(s) for s in step.states] for step in prompt.steps])  # (steps, n)
     cell = CELL_INCHES if labelled else SMALL_CELL_INCHES
     width = min(MAX_INCHES[0], max(6.0, 1.5 + n * cell[0]))
     height = min(MAX_INCHES[1], max(3.0, 1.8 + steps * cell[1]))
     fig, ax = plt.subplots(figsize=(width, height))
-    ax.imshow(codes, cmap=ListedColormap([STATE_COLOURS[s] for s in STATES]), vmin=-0.5, vmax=len(STATES) - 0.5,
-              aspect="auto", interpolation="nearest")
+    ax.imshow(codes, cmap=ListedColormap([style.STATE_COLOURS[s] for s in style.STATES]), vmin=-0.5,
+              vmax=len(style.STATES) - 0.5, aspect="auto", interpolation="nearest")
 
     fade = np.zeros((steps, n, 4))  # white veil over cells outside the current block
     for row, step in enumerate(prompt.steps):
@@ -74,15 +65,16 @@ def draw(plt, trace: Trace, prompt: PromptTrace, text: TokenText):
 
     for row, step in enumerate(prompt.steps):
         for pos in step.revised:
-            ax.add_patch(Rectangle((pos - 0.5, row - 0.5), 1, 1, fill=False, edgecolor=REVISED_COLOUR, linewidth=1.6))
+            ax.add_patch(Rectangle((pos - 0.5, row - 0.5), 1, 1, fill=False, edgecolor=style.REVISED_COLOUR,
+                                   linewidth=1.6))
 
     pipeline = [(row, b) for row, step in enumerate(prompt.steps) for b in step.blocks or []]
     if pipeline:
         segments, colours, styles = [], [], []
         for row, b in pipeline:
-            kind = block_kind(b.state, b.fully_activated)
+            kind = style.block_kind(b.state, b.fully_activated)
             segments.append([(b.start - 0.5, row + 0.42), (b.end - 0.5, row + 0.42)])
-            colours.append(to_rgba(BLOCK_COLOURS[kind]))
+            colours.append(to_rgba(style.BLOCK_COLOURS[kind]))
             styles.append("--" if kind == "semi" else "-")
         ax.add_collection(LineCollection(segments, colors=colours, linestyles=styles, linewidths=1.8))
 
@@ -109,7 +101,7 @@ def _label_cells(ax, trace: Trace, prompt: PromptTrace, text: TokenText, size: i
             if token == trace.mask_id:
                 continue
             ax.text(pos, row, text.label(token)[:5], ha="center", va="center", fontsize=size,
-                    color=TEXT_COLOURS[step.states[pos]], fontweight="bold" if pos in committed else "normal",
+                    color=style.TEXT_COLOURS[step.states[pos]], fontweight="bold" if pos in committed else "normal",
                     family="monospace")
 
 
@@ -117,13 +109,14 @@ def _legend(pipeline: bool) -> list:
     """The four states, revisions, the veil outside the block and, for d2f traces, the block kinds."""
     from matplotlib.patches import Patch
 
-    handles = [Patch(facecolor=STATE_COLOURS[s], edgecolor="#666", label=PAPER_NAMES[s]) for s in STATES]
-    handles += [Patch(facecolor="none", edgecolor=REVISED_COLOUR, linewidth=1.6, label="revised"),
+    handles = [Patch(facecolor=style.STATE_COLOURS[s], edgecolor="#666", label=style.PAPER_NAMES[s])
+               for s in style.STATES]
+    handles += [Patch(facecolor="none", edgecolor=style.REVISED_COLOUR, linewidth=1.6, label="revised"),
                 Patch(facecolor="#f3f3f3", edgecolor="#666", label="outside current block")]
     if pipeline:
         from matplotlib.lines import Line2D
-        handles += [Line2D([], [], color=BLOCK_COLOURS[k], linestyle="--" if k == "semi" else "-", linewidth=1.8,
-                           label=f"d2f: {label}") for k, label in BLOCK_LABELS.items()]
+        handles += [Line2D([], [], color=style.BLOCK_COLOURS[k], linestyle="--" if k == "semi" else "-", linewidth=1.8,
+                           label=f"d2f: {label}") for k, label in style.BLOCK_LABELS.items()]
     return handles
 
 
