@@ -65,7 +65,7 @@ def _request(**kw) -> GenerationRequest:
 # committed tokens and confidences with torch.where, not boolean indexing (whose nonzero() would be a
 # read-back per read and per write), and `select_transfer` ranks with a top-k per row of a Python count.
 # Without a threshold neither reads the canvas back to know whether a block is done
-# (`BlockwiseDecoder._live`). Per generation: one `.tolist()` of the finished tokens.
+# (`BlockwiseDecoder._takes_pass`). Per generation: one `.tolist()` of the finished tokens.
 BOUNDS = {"hard-mask": 0, "evotoken": 0}
 
 
