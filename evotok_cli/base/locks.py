@@ -20,7 +20,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager, suppress
 from pathlib import Path
 
 from evotok_cli.base.errors import ConfigError
@@ -41,9 +41,14 @@ class Lock:
             os.unlink(self.path)  # before the unlock: a waiting opener then sees a stale inode and retries
         os.close(self.fd)
         self.fd = -1
-        for folder in self.made:  # deepest first; a folder the run filled stays
-            with suppress(OSError):
-                folder.rmdir()
+        _remove_empty(self.made)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders made for a lock, deepest first; a folder the run filled stays."""
+    for folder in folders:
+        with suppress(OSError):
+            folder.rmdir()
 
 
 def _rank_zero() -> bool:
@@ -115,19 +120,23 @@ def acquire(lock: Path, output: Path, flag: str, made: list[Path] | None = None)
     return Lock(lock, fd, made)
 
 
+def _acquire_making(lock: Path, output: Path, flag: str) -> Lock:
+    """`acquire`, after making the lock's folder and its missing parents; a run that cannot take the
+    lock leaves no folder behind."""
+    made = _make_parents(lock.parent, flag)
+    try:
+        return acquire(lock, output, flag, made)
+    except BaseException:
+        _remove_empty(made)
+        raise
+
+
 def acquire_dir(folder: str | Path, flag: str) -> Lock | None:
     """The lock of an output folder (made if missing); None on a torchrun rank other than 0."""
     if not _rank_zero():
         return None
     folder = Path(folder).expanduser().resolve()  # two spellings of one folder share one lock
-    made = _make_parents(folder, flag)
-    try:
-        return acquire(folder / LOCK_NAME, folder, flag, made)
-    except BaseException:
-        for p in made:
-            with suppress(OSError):
-                p.rmdir()
-        raise
+    return _acquire_making(folder / LOCK_NAME, folder, flag)
 
 
 def acquire_file(path: str | Path, flag: str) -> Lock | None:
@@ -135,19 +144,12 @@ def acquire_file(path: str | Path, flag: str) -> Lock | None:
     if not _rank_zero():
         return None
     path = Path(path).expanduser().resolve()
-    made = _make_parents(path.parent, flag)
-    try:
-        return acquire(path.parent / f".{path.name}.lock", path, flag, made)
-    except BaseException:
-        for p in made:
-            with suppress(OSError):
-                p.rmdir()
-        raise
+    return _acquire_making(path.parent / f".{path.name}.lock", path, flag)
 
 
 @contextmanager
-def hold_dir(folder: str | Path, flag: str) -> Iterator[None]:
-    lock = acquire_dir(folder, flag)
+def _held(lock: Lock | None) -> Iterator[None]:
+    """Release `lock` however the `with` block ends (None: a rank that holds no lock)."""
     try:
         yield
     finally:
@@ -155,11 +157,11 @@ def hold_dir(folder: str | Path, flag: str) -> Iterator[None]:
             lock.release()
 
 
-@contextmanager
-def hold_file(path: str | Path, flag: str) -> Iterator[None]:
-    lock = acquire_file(path, flag)
-    try:
-        yield
-    finally:
-        if lock is not None:
-            lock.release()
+def hold_dir(folder: str | Path, flag: str) -> AbstractContextManager[None]:
+    """`acquire_dir` for the length of a `with` block."""
+    return _held(acquire_dir(folder, flag))
+
+
+def hold_file(path: str | Path, flag: str) -> AbstractContextManager[None]:
+    """`acquire_file` for the length of a `with` block."""
+    return _held(acquire_file(path, flag))

@@ -7,6 +7,7 @@ folder holds is the task's business: it names sub-folders and file patterns to l
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from pathlib import Path
@@ -137,12 +138,18 @@ def _as_record(item: Any, where: str) -> Record:
     return item
 
 
-def _parquet(path: Path) -> list[Record]:
+def _imported(module: str, needs: str, *, where: str | Path, fix: str) -> Any:
+    """`module`, one of the bench extra's packages (imported only when a task reads such data), or one
+    line saying what `needs` it."""
     try:
-        import pyarrow.parquet as pq
+        return importlib.import_module(module)
     except ImportError:
-        raise DataError("reading parquet needs pyarrow", where=str(path),
-                        fix="pip install 'evotok[bench]' (datasets brings pyarrow), or convert to .jsonl") from None
+        raise DataError(needs, where=str(where), fix=fix) from None
+
+
+def _parquet(path: Path) -> list[Record]:
+    pq = _imported("pyarrow.parquet", "reading parquet needs pyarrow", where=path,
+                   fix="pip install 'evotok[bench]' (datasets brings pyarrow), or convert to .jsonl")
     try:
         return pq.read_table(path).to_pylist()
     except Exception as exc:  # pyarrow raises its own error types
@@ -150,11 +157,8 @@ def _parquet(path: Path) -> list[Record]:
 
 
 def _saved_dataset(folder: Path) -> list[Record]:
-    try:
-        import datasets
-    except ImportError:
-        raise DataError("reading a saved dataset folder needs `datasets`", where=str(folder),
-                        fix="pip install 'evotok[bench]'") from None
+    datasets = _imported("datasets", "reading a saved dataset folder needs `datasets`", where=folder,
+                         fix="pip install 'evotok[bench]'")
     try:
         loaded = datasets.load_from_disk(str(folder))
     except Exception as exc:
@@ -198,11 +202,8 @@ def hub_records(task: DataSource) -> tuple[list[Record], str]:
         raise DataError(f"cannot load the Hugging Face dataset {shown}: the hub is not reachable from here",
                         where=f"evotok bench {task.name}",
                         fix=f"{fix}; or set HF_HUB_OFFLINE=1 to use a copy in the Hugging Face cache")
-    try:
-        import datasets
-    except ImportError:
-        raise DataError(f"loading {shown} needs the `datasets` package", where=f"evotok bench {task.name}",
-                        fix=f"pip install 'evotok[bench]', or {fix}") from None
+    datasets = _imported("datasets", f"loading {shown} needs the `datasets` package", where=f"evotok bench {task.name}",
+                         fix=f"pip install 'evotok[bench]', or {fix}")
     try:
         loaded = datasets.load_dataset(path, config, split=split)
     except Exception as exc:

@@ -23,6 +23,12 @@ from evotok_cli.runtime.device import resolve_device, resolve_dtype
 from evotok_cli.runtime.lora import AdapterReport, LoRAPair, check_lora_mode, merge_adapter, resolve_adapter
 
 
+def _from_config(key: str) -> property:
+    """A read-only value of the model's config.json under the name decoders use (`mask_token_id` is
+    `mask_id`); an int."""
+    return property(lambda self: getattr(self.config, key))
+
+
 @dataclass
 class DiffusionModel:
     net: nn.Module
@@ -40,13 +46,10 @@ class DiffusionModel:
     logits_checked: bool = field(default=False, repr=False)  # see `_check_finite`
 
     # -- the protocol decoders use ---------------------------------------------------------------
-    @property
-    def mask_id(self) -> int:
-        return self.config.mask_token_id
-
-    @property
-    def eos_id(self) -> int:
-        return self.config.eos_token_id
+    mask_id = _from_config("mask_token_id")
+    eos_id = _from_config("eos_token_id")
+    max_length = _from_config("max_sequence_length")
+    vocab_size = _from_config("vocab_size")
 
     @property
     def stop_ids(self) -> tuple[int, ...]:
@@ -56,14 +59,6 @@ class DiffusionModel:
     @property
     def shifted_logits(self) -> bool:
         return bool(getattr(self.net, "shifted_logits", False))
-
-    @property
-    def max_length(self) -> int:
-        return self.config.max_sequence_length
-
-    @property
-    def vocab_size(self) -> int:
-        return self.config.vocab_size
 
     @property
     def compiled(self) -> bool | str:
