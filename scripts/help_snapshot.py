@@ -1,19 +1,24 @@
-"""Save `evotok <command> --help` for every command and subcommand, or compare against a saved snapshot.
+"""Save what a refactor must not change, or compare against a saved snapshot: `evotok <command> --help` for
+every command and subcommand, and the tokens `evotok generate --json` decodes over a matrix of decoders, cache
+modes, temperatures and seeds on the bundled model.
 
-Why: the option declarations are refactored from time to time (issue 29); the CLI's help text is a user-facing
-contract, so a refactor must leave every help page byte-identical. Usage:
+Why: the code is refactored from time to time (issue 29); the CLI's help text is a user-facing contract and the
+decoded tokens are the faithfulness contract, so a refactor must leave every help page byte-identical and every
+token, text and NFE equal. Usage:
 
-    python scripts/help_snapshot.py save /tmp/help-before
+    python scripts/help_snapshot.py save /tmp/before
     ... refactor ...
-    python scripts/help_snapshot.py diff /tmp/help-before     # exit 1 and a unified diff if anything changed
+    python scripts/help_snapshot.py diff /tmp/before     # exit 1 and a unified diff if anything changed
 
-Each page is produced by the real console entry point in a subprocess with COLUMNS=120, as a user sees it.
+Each page is produced by the real console entry point in a subprocess with COLUMNS=120, as a user sees it;
+each decode is `python -m evotok_cli generate` in a subprocess (fp32, CPU, one thread: deterministic).
 """
 
 from __future__ import annotations
 
 import argparse
 import difflib
+import json
 import os
 import subprocess
 import sys
@@ -48,6 +53,31 @@ def help_text(path: tuple[str, ...]) -> str:
     return done.stdout + (f"\n[stderr]\n{done.stderr}" if done.stderr else "") + f"\n[exit {done.returncode}]\n"
 
 
+PROMPTS = ("2+3=", "Sort 3 1 2:", "Solve the 4x4 sudoku: 1 . . 4 / . 4 1 . / . 1 4 . / 4 . . 1")
+DECODES = [(decoder, cache, temperature, seed)
+           for decoder, caches in (("hard-mask", ("none", "prefix", "dual")), ("evotoken", ("none", "prefix", "dual")),
+                                   ("d2f", (None,)))
+           for cache in caches for temperature, seed in ((0.0, 0), (0.7, 3))]
+TOKENS = "tokens.json"
+
+
+def decode(decoder: str, cache: str | None, temperature: float, seed: int) -> list[dict[str, Any]]:
+    """token_ids, text and NFE of each prompt, as `evotok generate --json` prints them (timings left out)."""
+    argv = [sys.executable, "-m", "evotok_cli", "generate", "--decoder", decoder, "--temperature", str(temperature),
+            "--seed", str(seed), "--threads", "1", "--json"]
+    argv += [arg for prompt in PROMPTS for arg in ("--prompt", prompt)]
+    argv += ["--opt", f"cache={cache}"] if cache else []
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(argv[2:])} failed:\n{done.stderr}")
+    return [{key: row[key] for key in ("token_ids", "text", "nfe")} for row in json.loads(done.stdout)["results"]]
+
+
+def tokens() -> dict[str, list[dict[str, Any]]]:
+    return {f"{decoder} cache={cache} T={temperature} seed={seed}": decode(decoder, cache, temperature, seed)
+            for decoder, cache, temperature, seed in DECODES}
+
+
 def file_name(path: tuple[str, ...]) -> str:
     return "_".join(("evotok", *path)) + ".txt"
 
@@ -60,7 +90,8 @@ def save(folder: Path) -> int:
             print(f"evotok {' '.join(path)} --help failed:\n{text}", file=sys.stderr)
             return 1
         (folder / file_name(path)).write_text(text)
-    print(f"saved {len(list(folder.glob('*.txt')))} help pages into {folder}")
+    (folder / TOKENS).write_text(json.dumps(tokens(), indent=1))
+    print(f"saved {len(list(folder.glob('*.txt')))} help pages and {len(DECODES)} decodes into {folder}")
     return 0
 
 
@@ -79,7 +110,15 @@ def diff(folder: Path) -> int:
             sys.stdout.writelines(difflib.unified_diff(old.splitlines(True), new.splitlines(True),
                                                        f"before/{name}", f"after/{name}"))
     print(f"{len(now)} help pages, {changed} changed")
-    return 1 if changed else 0
+    decodes = 0
+    if (folder / TOKENS).is_file():
+        old, new = json.loads((folder / TOKENS).read_text()), tokens()
+        for case in sorted(old.keys() | new.keys()):
+            if old.get(case) != new.get(case):
+                decodes += 1
+                print(f"decode changed: {case}\n  before: {old.get(case)}\n  after:  {new.get(case)}")
+        print(f"{len(new)} decodes ({len(PROMPTS)} prompts each), {decodes} changed")
+    return 1 if changed or decodes else 0
 
 
 def main() -> int:

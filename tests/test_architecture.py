@@ -218,3 +218,30 @@ def test_the_checker_finds_a_planted_upward_import():
     assert graph["evotok_cli.training.trainer"] == {"evotok_cli.runtime.model", "evotok_cli.training.data"}
     assert graph["evotok_plugins.d2f.decoder"] == {"evotok_plugins.hard_mask.decoder"}
     assert cycles(graph) == [["evotok_cli.runtime.model", "evotok_cli.training.data", "evotok_cli.training.trainer"]]
+
+
+MAX_FILE_LINES, MAX_FUNCTION_LINES = 400, 60  # issue 29: a module or function a reader takes in at once
+
+
+def oversized(files: dict[str, str]) -> list[str]:
+    """Modules over MAX_FILE_LINES lines and functions over MAX_FUNCTION_LINES (decorators not counted)."""
+    found = []
+    for path, source in files.items():
+        if source.count("\n") > MAX_FILE_LINES:
+            found.append(f"{path}: {source.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(source, filename=path)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    found.append(f"{path}:{node.lineno} {node.name}: {length} lines")
+    return found
+
+
+def test_no_module_or_function_is_too_long_to_read_at_once():
+    assert not oversized(source_files()), "\n".join(oversized(source_files()))
+
+
+def test_the_length_check_finds_a_planted_long_function():
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
+    assert oversized({"m.py": f"def ok():\n    pass\n\n\ndef long():\n{body}\n"}) == [f"m.py:5 long: {MAX_FUNCTION_LINES + 1} lines"]
+    assert oversized({"big.py": "x = 1\n" * (MAX_FILE_LINES + 1)}) == [f"big.py: {MAX_FILE_LINES + 1} lines"]
