@@ -26,8 +26,10 @@ output saved from the pass that cached it is used (exact: block-causal outputs n
 
 [MASK] is never a candidate (a trained model never predicts it; allowing it could stall a block).
 
-Batches are decoded one row after another (each row's pipeline differs): at temperature 0 per-row results
-are those of single runs, and throughput is that of batch size 1.
+Each row is a program of its own (each row's pipeline differs): in the step engine the rows share one
+forward per step, and step 5 runs once per step for the active blocks of every row with the same options
+and block size (a grouped `Update`, blocks.py); each row's tokens and NFE are those of decoding it alone.
+`generate` decodes a request's rows one after another.
 """
 
 from __future__ import annotations
@@ -50,10 +52,11 @@ from evotok_cli.decoding.api import (
     row_seed,
 )
 from evotok_cli.decoding.canvas import build_canvas
-from evotok_cli.decoding.engine import ForwardPass, HostRead, Program, drive
-from evotok_cli.decoding.evolution import Commit, as_decoded, evolve
+from evotok_cli.decoding.engine import ForwardPass, HostRead, Program, Update, drive
+from evotok_cli.decoding.evolution import as_decoded
 from evotok_cli.decoding.logprobs import LogprobRecorder, recorder_for
 from evotok_cli.decoding.soft import input_states, one_hot_slots
+from evotok_plugins.d2f.blocks import BlockStep, decode_blocks
 
 PREFERRED_BLOCK_SIZE = 64  # published D2F-LLaDA GSM8K
 
@@ -198,8 +201,8 @@ class D2FDecoder:
                 break
             states = self._trace_states(run, soft_ids, soft_w, model.mask_id, prompt_len) if tracing else None
             logits = yield from self._forward(model, run, active, soft_ids, soft_w, row)
-            step = self._decode_blocks(model, run, active, logits, active[0].start, conf, soft_ids, soft_w,
-                                       request.sampling, generator)
+            step = yield from self._decode_blocks(model, run, active, logits, conf, soft_ids, soft_w,
+                                                  request.sampling, generator)
             tokens = yield from self._read_back(model, run, active, step, prompt_len,
                                                 streaming=request.on_final is not None)
             if request.on_pass is not None:
@@ -327,28 +330,25 @@ class D2FDecoder:
     def _is_soft(b: PipelineBlock) -> bool:
         return b.state == "active" and b.predicted and b.masks_left > 0
 
-    def _decode_blocks(self, model, run, active, logits, a, conf, soft_ids, soft_w, temperature, generator) -> Any:
-        """One pass of the EvoToken rule over the active blocks (consecutive, `run.size` columns each), with
-        D2F's arguments: candidates from model-dtype probabilities, commits over skip_threshold per block
-        (the best one if none in a fully activated block), and in soft mode revisions and soft inputs."""
-        cfg = self.config
-        x = run.x[0]
-        hi = active[-1].end
-        masked = x[a:hi] == model.mask_id
-        # a complete block is [Decode]: nothing to commit, no more revisions
-        live = masked.view(-1, run.size).any(-1, keepdim=True).expand(-1, run.size).reshape(1, -1)
-        full = torch.tensor([b.full for b in active], device=x.device)
-        step = evolve(logits[None, : hi - a], x[None, a:hi], conf[:, a:hi], mask_id=model.mask_id,
-                      candidates="d2f", temperature=temperature, generator=generator,
-                      commit=Commit(threshold=cfg.skip_threshold, strict=True, at_least_one=full,
-                                    group=run.size),
-                      live=live, revise=cfg.soft, k=cfg.k_soft if cfg.soft else None, alpha=cfg.alpha)
-        x[a:hi], conf[:, a:hi] = step.tokens[0], step.confidence
+    def _decode_blocks(self, model, run, active, logits, conf, soft_ids, soft_w, temperature,
+                       generator) -> Generator[Update, Any, BlockStep]:
+        """Step 5: the EvoToken rule over the active blocks with D2F's arguments, as one grouped `Update` (the
+        engine runs it once per step for the blocks of every row with these options: blocks.py); the
+        logprobs of what it decided, when asked."""
+        step = yield from decode_blocks(model, self.config, self.group_key(model, temperature), run, active, logits,
+                                        conf, soft_ids, soft_w, temperature, generator)
         if run.logprobs is not None:
+            a, hi = active[0].start, active[-1].end
             run.logprobs.record(logits[None, : hi - a], a, step.committed | step.revised, step.tokens, model.mask_id)
-        if cfg.soft:
-            soft_ids[:, a:hi], soft_w[:, a:hi] = step.soft_ids, step.soft_weights.to(soft_w.dtype)
         return step  # EOS (not end-of-turn) among its commits stops new blocks: the caller reads it
+
+    def group_key(self, model, temperature) -> tuple:
+        """What rows updated in one call must share besides their shapes: the model, the options, the sampling
+        (its filters included)."""
+        key = self.__dict__.get("_group_key")
+        if key is None:
+            key = self.__dict__["_group_key"] = (type(self), repr(self.config))
+        return (id(model), *key, repr(temperature))
 
     def _trace_states(self, run, soft_ids, soft_w, mask_id, prompt_len):
         gen = run.x[0, prompt_len:]
