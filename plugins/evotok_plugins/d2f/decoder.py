@@ -184,9 +184,10 @@ class D2FDecoder:
 
     # -- one row ---------------------------------------------------------------------------------
     def _decode_row(self, model, x, prompt_len, budget, request, generator,
-                    row) -> Generator[ForwardPass | HostRead, Any, RowRun]:
+                    row) -> Generator[ForwardPass | HostRead | Update, Any, RowRun]:
         """One row's pipeline. Per iteration: the blocks' states (steps 1-3), one forward (step 4), the
-        EvoToken rule over the active blocks (step 5), the pass's one host read, then what listeners hear."""
+        EvoToken rule over the active blocks (step 5: one grouped `Update` with other rows' blocks), the pass's
+        one host read, then what listeners hear."""
         cfg = self.config
         run = RowRun(x=x, prompt=PipelineBlock(0, prompt_len, state="to_cache", full=True),
                      size=self.block_size(budget), logprobs=recorder_for(request, 1, x.shape[1], model))
