@@ -98,16 +98,22 @@ def test_rows_with_different_block_counts_share_the_call(tiny_model, monkeypatch
     _assert_solo(tiny_model, decoder, PROMPTS, early + late, 0.9)
 
 
-def test_other_options_are_another_group(tiny_model, monkeypatch):
-    """Rows whose options change the outcome (here the block size) update in a call of their own."""
+def test_groups_follow_what_step_5_reads(tiny_model, monkeypatch):
+    """Rows whose block size differs (the stacked shape) or whose skip_threshold differs update in calls of
+    their own; rows that differ only in the pipeline's thresholds (what blocks exist, not how a block
+    decodes) share one."""
     calls = _counting(monkeypatch)
-    engine = Engine(tiny_model, max_rows=4)
-    fours, twos = make_decoder("d2f", {"block_size": "4"}), make_decoder("d2f", {"block_size": "2"})
-    jobs4 = _submit(engine, tiny_model, fours, PROMPTS[:2], 0.0)
-    jobs2 = _submit(engine, tiny_model, twos, PROMPTS[2:4], 0.0)
+    engine = Engine(tiny_model, max_rows=8)
+    decoders = [make_decoder("d2f", {"block_size": "4"}), make_decoder("d2f", {"block_size": "4",
+                                                                             "block_add_threshold": "0.5"}),
+                make_decoder("d2f", {"block_size": "2"}), make_decoder("d2f", {"block_size": "4",
+                                                                             "skip_threshold": "0.5"})]
+    jobs = [_submit(engine, tiny_model, d, PROMPTS[2 * i:2 * i + 2], 0.0) for i, d in enumerate(decoders[:3])]
+    jobs.append(_submit(engine, tiny_model, decoders[3], PROMPTS[:2], 0.0))
     engine.step()
-    assert [len(c) for c in calls] == [2, 2]  # the first step: two groups of two rows
+    assert sorted(len(c) for c in calls) == [2, 2, 4]  # the first step: three groups, the first two rows' one
     engine.run()
     monkeypatch.undo()
-    _assert_solo(tiny_model, fours, PROMPTS[:2], jobs4, 0.0)
-    _assert_solo(tiny_model, twos, PROMPTS[2:4], jobs2, 0.0, first_seed=0)
+    for i, (decoder, group) in enumerate(zip(decoders, jobs)):
+        prompts = PROMPTS[2 * i:2 * i + 2] if i < 3 else PROMPTS[:2]
+        _assert_solo(tiny_model, decoder, prompts, group, 0.0)

@@ -39,7 +39,8 @@ def d2f_blocks(logits: torch.Tensor, tokens: torch.Tensor, confidence: torch.Ten
     the single best one where the block is fully activated (`full`, one per block); in soft mode decoded
     positions are revised. A complete block is [Decode]: it neither commits nor revises. `generators` (one
     per block, a row's blocks sharing its own) draw each block's Gumbel noise in order, which on the CPU is
-    the stream one draw over the row's blocks together would take."""
+    the stream one draw over the row's blocks together would take. Of `config` only skip_threshold, soft,
+    k_soft and alpha are read: `D2FDecoder.group_key` names them."""
     live = (tokens == mask_id).any(dim=1, keepdim=True)  # (n, 1): blocks holding a [MASK] before the pass
     step = evolve(logits, tokens, confidence, mask_id=mask_id, candidates="d2f", temperature=temperature,
                   generator=generators,

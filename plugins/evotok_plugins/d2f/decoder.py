@@ -344,12 +344,11 @@ class D2FDecoder:
         return step  # EOS (not end-of-turn) among its commits stops new blocks: the caller reads it
 
     def group_key(self, model, temperature) -> tuple:
-        """What rows updated in one call must share besides their shapes: the model, the options, the sampling
-        (its filters included)."""
-        key = self.__dict__.get("_group_key")
-        if key is None:
-            key = self.__dict__["_group_key"] = (type(self), repr(self.config))
-        return (id(model), *key, repr(temperature))
+        """What rows updated in one call must share besides their shapes (the block size): the model, the
+        options step 5 reads (`blocks.d2f_blocks`; the pipeline's thresholds, budget and cache do not change
+        it, so rows that differ only there share the call) and the sampling, its filters included."""
+        cfg = self.config
+        return (id(model), cfg.skip_threshold, cfg.soft, cfg.k_soft, cfg.alpha, repr(temperature))
 
     def _trace_states(self, run, soft_ids, soft_w, mask_id, prompt_len):
         gen = run.x[0, prompt_len:]
