@@ -205,12 +205,13 @@ class BlockwiseDecoder:
         semantics), so the rows are one program that holds one live row at a time."""
         return self.reference_rng
 
-    @torch.no_grad()
     def program(self, model: Any, request: GenerationRequest) -> Program:
         """The block loop as a program: yields each forward pass, receives its logits. One random stream per
         program: a row decoded alone (how the engine and `generate` run every row) draws from its own seed;
         a cohort program of several rows (a library caller's) shares its first row's; rng=reference runs
-        the rows in turn on the first row's stream."""
+        the rows in turn on the first row's stream. Not wrapped in `torch.no_grad()`: that wrapper enters and
+        leaves the mode at every resumption (four times per row per engine step); its drivers (`Engine.step`,
+        `drive`) run it under no_grad instead."""
         seed = row_seed(request, 0)
         generator = None if seed is None else torch.Generator(device=model.device).manual_seed(seed)
         if not self.reference_rng or len(request.prompts) == 1:

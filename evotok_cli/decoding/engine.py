@@ -40,6 +40,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from evotok_cli.decoding.api import GenerationResult
 from evotok_cli.decoding.jobs import decode_together, make_jobs, shifted_listener
 from evotok_cli.decoding.passes import ForwardPass, HostRead, Program, Update, read_all, run_updates
@@ -51,6 +53,7 @@ __all__ = ["CPU_TOKENS_IN_FLIGHT", "BackgroundEngine", "Engine", "ForwardPass", 
            "read_all", "run_paged", "run_pass", "run_rows", "run_updates", "shifted_listener"]
 
 
+@torch.no_grad()  # what the program runs too (a program's own tensor work never needs autograd)
 def drive(model: Any, program: Program) -> GenerationResult:
     """Run one program to its end, alone (its KV slots in a pool of its own)."""
     pool, owner = make_pool(model), object()

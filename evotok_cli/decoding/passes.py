@@ -5,7 +5,7 @@ loop so that a plugin's program depends on these types alone (see decoding/engin
 from __future__ import annotations
 
 from collections.abc import Callable, Generator, Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -143,3 +143,52 @@ def _shaped(values: list[Any], shape: list[int]) -> Any:
         return values
     step = len(values) // shape[0] if shape[0] else 0
     return [_shaped(values[i * step:(i + 1) * step], shape[1:]) for i in range(shape[0])]
+
+
+def kept_copies(passes: list[ForwardPass]) -> list[ForwardPass]:
+    """The passes with their inputs copied (what the engine keeps to rebuild a preempted job's KV slots: a
+    program may reuse its tensors in place), made for the step's passes together (`_copied_all`)."""
+    names = [list(p.inputs) for p in passes]
+    parts = [[*(p.inputs[k] for k in keys), p.position_ids, p.attention_mask] for p, keys in zip(passes, names)]
+    copies = iter(_copied_all([v for values in parts for v in values]))
+    kept = []
+    for p, keys, values in zip(passes, names, parts):
+        got = [next(copies) for _ in values]
+        kept.append(replace(p, inputs=dict(zip(keys, got[:-2])), position_ids=got[-2], attention_mask=got[-1],
+                            combine=None))
+    return kept
+
+
+def _copied_all(values: list[Any]) -> list[Any]:
+    """Copies of `values` (tensors, tuples of them, anything else as is): the tensors of one dtype and device
+    are copied by ONE concatenation and handed back as views of it, so a step's copies cost a few calls
+    however many rows it ran (each view keeps its step's buffer alive until its job's log drops it)."""
+    flat: list[torch.Tensor] = []
+
+    def collect(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            flat.append(value)
+        elif isinstance(value, tuple):
+            for v in value:
+                collect(v)
+
+    for value in values:
+        collect(value)
+    kinds: dict[tuple, list[int]] = {}
+    for i, t in enumerate(flat):
+        kinds.setdefault((t.dtype, t.device), []).append(i)
+    copies: list[torch.Tensor] = [None] * len(flat)  # type: ignore[list-item]
+    for at in kinds.values():
+        pieces = torch.cat([flat[i].reshape(-1) for i in at]).split([flat[i].numel() for i in at])
+        for i, piece in zip(at, pieces):
+            copies[i] = piece.view(flat[i].shape)
+    filled = iter(copies)
+
+    def rebuild(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return next(filled)
+        if isinstance(value, tuple):
+            return tuple(rebuild(v) for v in value)
+        return value
+
+    return [rebuild(v) for v in values]

@@ -257,13 +257,8 @@ def select_transfer(confidence: torch.Tensor, eligible: torch.Tensor, counts: li
     for n, rows in by_count.items():
         part = scores if len(rows) == scores.shape[0] else scores[rows]
         ranked = [per_row[b] for b in rows]
-        if len(set(ranked)) == 1:
-            picked = _top_ranked(part, n, ranked[0])
-        else:  # one top-k per ranked width (a program's rows share one); no read-back to find ties
-            picked = torch.zeros_like(part, dtype=torch.bool)
-            for cols in dict.fromkeys(ranked):
-                at = [i for i, c in enumerate(ranked) if c == cols]
-                picked[at] = _top_ranked(part[at], n, cols)
+        # one top-k per ranked width (a program's rows share one); no read-back to find ties
+        picked = _top_ranked(part, n, ranked[0]) if len(set(ranked)) == 1 else _top_ranked_widths(part, n, ranked)
         if len(rows) == scores.shape[0]:
             chosen = picked
         else:
@@ -282,6 +277,33 @@ def _top_ranked(scores: torch.Tensor, n: int, columns: tuple[int, int] | None) -
         scores = wide
     picked = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, torch.topk(scores, k=n, dim=1).indices, True)
     return picked[:, offset:offset + narrow]
+
+
+def _top_ranked_widths(scores: torch.Tensor, n: int, ranked: list[tuple[int, int] | None]) -> torch.Tensor:
+    """`_top_ranked` for rows with columns of their own (a grouped update over programs of several canvas
+    lengths): one top-k call per distinct width, as alone, but the rows are widened, marked and cut back
+    in a few calls for all of them (not six small tensors per width: host work that grew with the rows).
+    Each top-k sees exactly the row `_top_ranked` builds (its width, -inf but for the row's columns at its
+    offset), so its ties break the same way."""
+    rows, narrow = scores.shape
+    spans = [(0, narrow) if c is None else c for c in ranked]
+    order = sorted(range(rows), key=lambda i: spans[i][1])  # rows of one width side by side: one slice each
+    widest = max(width for _, width in spans)
+    device = scores.device
+    offsets = torch.tensor([spans[i][0] for i in order], dtype=torch.long).to(device, non_blocking=True)
+    at = offsets[:, None] + torch.arange(narrow, device=device)  # (rows, narrow) columns of each row
+    perm = torch.tensor(order, dtype=torch.long).to(device, non_blocking=True)
+    wide = scores.new_full((rows, widest), float("-inf")).scatter_(1, at, scores.index_select(0, perm))
+    top, first = [], 0
+    while first < rows:
+        width = spans[order[first]][1]
+        last = first
+        while last < rows and spans[order[last]][1] == width:
+            last += 1
+        top.append(torch.topk(wide[first:last, :width], k=n, dim=1).indices)
+        first = last
+    marked = torch.zeros((rows, widest), dtype=torch.bool, device=device).scatter_(1, torch.cat(top), True)
+    return torch.empty_like(scores, dtype=torch.bool).index_copy_(0, perm, marked.gather(1, at))
 
 
 def llada_step(model: Any, logits: torch.Tensor, window: torch.Tensor, confidence: torch.Tensor, *,

@@ -8,13 +8,13 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from evotok_cli.decoding.api import GenerationResult
-from evotok_cli.decoding.passes import ForwardPass, HostRead, Program, Update, read_all, run_updates
+from evotok_cli.decoding.passes import ForwardPass, HostRead, Program, Update, kept_copies, read_all, run_updates
 from evotok_cli.decoding.rows import make_pool, run_pass, run_rows
 
 
@@ -171,6 +171,7 @@ class Engine:
             except Exception as exc:
                 results.append((j, None, exc))
             self.passes += 1
+        ran = []
         for job, logits, error in results:
             if error is not None:
                 self._finish(job, error=error)
@@ -179,8 +180,10 @@ class Engine:
             elif job.replay:  # a pass run again to rebuild its slots: its logits were had before
                 job.replay.pop(0)
             else:
-                self._remember(job, job.pending)
-                self._advance(job, logits)
+                ran.append((job, logits))
+        self._remember(ran)  # before any program runs on: its pass's inputs are as they were fed
+        for job, logits in ran:
+            self._advance(job, logits)
         self._update()
         self.steps += 1
         return True
@@ -257,17 +260,18 @@ class Engine:
             return self._run_shared(jobs[:half]) + self._run_shared(jobs[half:])
 
     # -- preemption by recompute -----------------------------------------------------------------
-    def _remember(self, job: Job, p: ForwardPass) -> None:
-        """Keep a cached pass that ran (its inputs copied: a program may reuse its tensors in place), so that
-        the job's slots can be rebuilt. A pass that feeds the whole canvas writes every slot position from
-        its own inputs alone: the passes before it (or before a new `kv_memory`) are no longer needed."""
-        if p.kv_length is None or p.cache is not None:
-            return
-        if job.log and job.log[-1].kv_memory != p.kv_memory:
-            job.log = []
-        kept = replace(p, inputs={k: _copied(v) for k, v in p.inputs.items()}, position_ids=_copied(p.position_ids),
-                       attention_mask=_copied(p.attention_mask), combine=None)
-        job.log = [kept] if p.start == 0 and p.length >= p.kv_length else [*job.log, kept]
+    def _remember(self, ran: list[tuple[Job, torch.Tensor]]) -> None:
+        """Keep the cached passes that ran (their inputs copied: a program may reuse its tensors in place), so
+        that each job's slots can be rebuilt. A pass that feeds the whole canvas writes every slot position
+        from its own inputs alone: the passes before it (or before a new `kv_memory`) are no longer needed.
+        The step's copies are made together (`_copied_all`: one copy per kind of tensor, not one per row and
+        input)."""
+        jobs = [job for job, _ in ran if job.pending.kv_length is not None and job.pending.cache is None]
+        for job, kept in zip(jobs, kept_copies([job.pending for job in jobs])):
+            if job.log and job.log[-1].kv_memory != kept.kv_memory:
+                job.log = []
+            whole = kept.start == 0 and kept.length >= kept.kv_length
+            job.log = [kept] if whole else [*job.log, kept]
 
     def _preempt(self, job: Job) -> None:
         """Drop a live job's KV slots and put it back at the front of the queue. Diffusion rows are
@@ -314,14 +318,6 @@ def default_tokens_in_flight(model: Any, fraction: float = 0.8) -> int:
     free, _ = torch.cuda.mem_get_info(device)
     per_token = 2 * model.new_cache(1, 1).nbytes
     return max(1, int(free * fraction) // per_token)
-
-
-def _copied(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.clone()
-    if isinstance(value, tuple):
-        return tuple(_copied(v) for v in value)
-    return value
 
 
 def _out_of_memory(exc: BaseException) -> bool:
