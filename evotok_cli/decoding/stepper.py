@@ -263,15 +263,15 @@ class Engine:
     def _remember(self, ran: list[tuple[Job, torch.Tensor]]) -> None:
         """Keep the cached passes that ran (their inputs copied: a program may reuse its tensors in place), so
         that each job's slots can be rebuilt. A pass that feeds the whole canvas writes every slot position
-        from its own inputs alone: the passes before it (or before a new `kv_memory`) are no longer needed.
-        The step's copies are made together (`_copied_all`: one copy per kind of tensor, not one per row and
-        input)."""
+        from its own inputs alone: the passes before it (or before a new `kv_memory`) are no longer needed."""
         jobs = [job for job, _ in ran if job.pending.kv_length is not None and job.pending.cache is None]
         for job, kept in zip(jobs, kept_copies([job.pending for job in jobs])):
             if job.log and job.log[-1].kv_memory != kept.kv_memory:
                 job.log = []
-            whole = kept.start == 0 and kept.length >= kept.kv_length
-            job.log = [kept] if whole else [*job.log, kept]
+            if kept.start == 0 and kept.length >= kept.kv_length:  # whole: the earlier passes are not needed
+                job.log = [kept]
+            else:
+                job.log.append(kept)  # `_admit` replays a copy of the list
 
     def _preempt(self, job: Job) -> None:
         """Drop a live job's KV slots and put it back at the front of the queue. Diffusion rows are
