@@ -64,10 +64,11 @@ TOKENS = "tokens.json"
 def decode(decoder: str, cache: str | None, temperature: float, seed: int) -> list[dict[str, Any]]:
     """token_ids, text and NFE of each prompt, as `evotok generate --json` prints them (timings left out)."""
     argv = [sys.executable, "-m", "evotok_cli", "generate", "--decoder", decoder, "--temperature", str(temperature),
-            "--seed", str(seed), "--threads", "1", "--json"]
+            "--seed", str(seed), "--threads", "1", "--device", "cpu", "--dtype", "float32", "--json"]
     argv += [arg for prompt in PROMPTS for arg in ("--prompt", prompt)]
     argv += ["--opt", f"cache={cache}"] if cache else []
-    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    env = {key: value for key, value in os.environ.items() if not key.startswith("EVOTOK_")}  # the defaults only
+    done = subprocess.run(argv, capture_output=True, text=True, check=False, env=env)
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(argv[2:])} failed:\n{done.stderr}")
     return [{key: row[key] for key in ("token_ids", "text", "nfe")} for row in json.loads(done.stdout)["results"]]

@@ -173,3 +173,21 @@ def test_the_package_find_reaches_every_package_folder():
             parts = source.parent.relative_to(ROOT / top).parts
             on_disk.add(".".join((name, *parts)))
     assert found == on_disk
+
+
+def test_entry_points_of_installs_from_before_the_layer_folders_still_load():
+    """An editable install made before the move names `evotok_plugins.d2f:D2FDecoder` and `evotok_cli.cli:main`
+    until it is reinstalled: both still resolve, to the classes and function the new entry points name."""
+    from importlib import metadata
+
+    from evotok_cli.cli.app import main
+    from evotok_plugins.d2f.decoder import D2FDecoder
+    from evotok_plugins.evotoken.decoder import EvoTokenDecoder
+    from evotok_plugins.hard_mask.decoder import HardMaskDecoder
+
+    old = {"evotok_plugins.d2f:D2FDecoder": D2FDecoder, "evotok_plugins.evotoken:EvoTokenDecoder": EvoTokenDecoder,
+           "evotok_plugins.hard_mask:HardMaskDecoder": HardMaskDecoder, "evotok_cli.cli:main": main}
+    for value, target in old.items():
+        assert metadata.EntryPoint("old", value, "evotok.decoders").load() is target
+    with pytest.raises(AttributeError):
+        metadata.EntryPoint("old", "evotok_plugins.d2f:NoSuchDecoder", "evotok.decoders").load()

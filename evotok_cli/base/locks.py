@@ -20,7 +20,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager, suppress
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from evotok_cli.base.errors import ConfigError
@@ -157,11 +157,15 @@ def _held(lock: Lock | None) -> Iterator[None]:
             lock.release()
 
 
-def hold_dir(folder: str | Path, flag: str) -> AbstractContextManager[None]:
-    """`acquire_dir` for the length of a `with` block."""
-    return _held(acquire_dir(folder, flag))
+@contextmanager
+def hold_dir(folder: str | Path, flag: str) -> Iterator[None]:
+    """`acquire_dir` for the length of a `with` block (taken when the block is entered)."""
+    with _held(acquire_dir(folder, flag)):
+        yield
 
 
-def hold_file(path: str | Path, flag: str) -> AbstractContextManager[None]:
-    """`acquire_file` for the length of a `with` block."""
-    return _held(acquire_file(path, flag))
+@contextmanager
+def hold_file(path: str | Path, flag: str) -> Iterator[None]:
+    """`acquire_file` for the length of a `with` block (taken when the block is entered)."""
+    with _held(acquire_file(path, flag)):
+        yield

@@ -101,13 +101,11 @@ class BlockwiseDecoder:
 
     def group_key(self, model: Any, temperature: float) -> tuple:
         """What a grouped update's rows must share besides their shapes: the model, the options and the
-        sampling (its filters included)."""
-        last = self.__dict__.get("_last_group")  # every pass of every row asks: the repr()s once per sampling
-        if last is not None and last[0] is model and last[1] is temperature:
-            return last[2]
-        key = (id(model), type(self), repr(self.config), repr(temperature))
-        self.__dict__["_last_group"] = (model, temperature, key)
-        return key
+        sampling (its filters included). The options' repr is kept: every pass of every row asks."""
+        key = self.__dict__.get("_group_key")
+        if key is None:
+            key = self.__dict__["_group_key"] = (type(self), repr(self.config))
+        return (id(model), *key, repr(temperature))
 
     def llada_update(self, fn: Any, model: Any, state: Any, canvas: Canvas, logits: torch.Tensor,
                      cols: tuple[int, int], block: Block, counts: list[int], generator: Any, temperature: float,

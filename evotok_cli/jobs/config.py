@@ -9,6 +9,7 @@ YAML `decoder:` section, overridden by `--opt key=value`.
 from __future__ import annotations
 
 import difflib
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -113,7 +114,7 @@ def loads_model(*, before: str | None = None, leave_out: tuple[str, ...] = ()) -
     def add(cls: type) -> type:
         hints = get_type_hints(GenerateOptions)
         names = [name for name in LOADING if name not in leave_out]
-        own = list(cls.__dict__.get("__annotations__", {}).items())
+        own = list(inspect.get_annotations(cls).items())
         at = [name for name, _ in own].index(before) if before is not None else len(own)
         cls.__annotations__ = dict(own[:at] + [(name, hints[name]) for name in names] + own[at:])
         for name in names:

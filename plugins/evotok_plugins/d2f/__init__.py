@@ -1,4 +1,5 @@
-"""d2f: Discrete Diffusion Forcing's pipelined blockwise decoding (spec 6.4), with an exact KV cache.
+"""d2f: pipelined blockwise decoding with an exact KV cache (code: decoder.py, blocks.py)."""
 
-The decoder class is in `decoder.py` (the entry point names it); this package holds no code.
-"""
+from .. import moved_to_decoder
+
+__getattr__ = moved_to_decoder(__name__, "D2FDecoder")

@@ -1,4 +1,5 @@
-"""evotoken: progressive token evolution (EvoToken-DLM), faithful to the release's `generate_soft_token`.
+"""evotoken: progressive token evolution (EvoToken-DLM); the class is in decoder.py."""
 
-The decoder class is in `decoder.py` (the entry point names it); this package holds no code.
-"""
+from .. import moved_to_decoder
+
+__getattr__ = moved_to_decoder(__name__, "EvoTokenDecoder")

@@ -1,4 +1,5 @@
-"""hard-mask: LLaDA's low-confidence remasking decoder (the MDLM baseline of every table).
+"""hard-mask: LLaDA's low-confidence remasking decoder; the class is in decoder.py."""
 
-The decoder class is in `decoder.py` (the entry point names it); this package holds no code.
-"""
+from .. import moved_to_decoder
+
+__getattr__ = moved_to_decoder(__name__, "HardMaskDecoder")
