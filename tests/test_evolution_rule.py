@@ -124,12 +124,12 @@ def test_inputs_are_left_as_they_were():
 @pytest.fixture
 def calls(monkeypatch):
     """Route every user's `evolve` through a counter; each must import the shared function itself."""
-    import evotok_plugins.d2f.decoder
+    import evotok_plugins.d2f.blocks
     import evotok_plugins.evotoken.decoder
     from evotok_cli.training import cts
 
     seen: dict[str, int] = {}
-    for name, module in (("evotoken", evotok_plugins.evotoken.decoder), ("d2f", evotok_plugins.d2f.decoder), ("cts", cts)):
+    for name, module in (("evotoken", evotok_plugins.evotoken.decoder), ("d2f", evotok_plugins.d2f.blocks), ("cts", cts)):
         assert module.evolve is evolution.evolve, name
 
         def counting(*args, _name=name, **kw):
