@@ -5,7 +5,7 @@ loop so that a plugin's program depends on these types alone (see decoding/engin
 from __future__ import annotations
 
 from collections.abc import Callable, Generator, Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -147,16 +147,9 @@ def _shaped(values: list[Any], shape: list[int]) -> Any:
 
 def kept_copies(passes: list[ForwardPass]) -> list[ForwardPass]:
     """The passes with their inputs copied (what the engine keeps to rebuild a preempted job's KV slots: a
-    program may reuse its tensors in place). One clone per tensor: on the CPU cheaper than one concatenation
-    cut back into views (a view costs more than a small clone), on a GPU about even."""
-    kept = []
-    for p in passes:
-        copy = object.__new__(type(p))  # `replace` without __init__'s checks (p passed them): per row per step
-        copy.__dict__.update(p.__dict__, inputs={k: _copied(v) for k, v in p.inputs.items()},
-                             position_ids=_copied(p.position_ids), attention_mask=_copied(p.attention_mask),
-                             combine=None)
-        kept.append(copy)
-    return kept
+    program may reuse its tensors in place)."""
+    return [replace(p, inputs={k: _copied(v) for k, v in p.inputs.items()}, position_ids=_copied(p.position_ids),
+                    attention_mask=_copied(p.attention_mask), combine=None) for p in passes]
 
 
 def _copied(value: Any) -> Any:

@@ -8,6 +8,7 @@ Each function mirrors one step of the reference code (LLaDA `generate`, Fast-dLL
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import groupby
 from typing import Any
 
 import torch
@@ -295,13 +296,10 @@ def _top_ranked_widths(scores: torch.Tensor, n: int, ranked: list[tuple[int, int
     perm = torch.tensor(order, dtype=torch.long).to(device, non_blocking=True)
     wide = scores.new_full((rows, widest), float("-inf")).scatter_(1, at, scores.index_select(0, perm))
     top, first = [], 0
-    while first < rows:
-        width = spans[order[first]][1]
-        last = first
-        while last < rows and spans[order[last]][1] == width:
-            last += 1
-        top.append(torch.topk(wide[first:last, :width], k=n, dim=1).indices)
-        first = last
+    for width, members in groupby(spans[i][1] for i in order):
+        count = len(list(members))
+        top.append(torch.topk(wide[first:first + count, :width], k=n, dim=1).indices)
+        first += count
     marked = torch.zeros((rows, widest), dtype=torch.bool, device=device).scatter_(1, torch.cat(top), True)
     return torch.empty_like(scores, dtype=torch.bool).index_copy_(0, perm, marked.gather(1, at))
 

@@ -56,7 +56,8 @@ from evotok_cli.decoding.engine import ForwardPass, HostRead, Program, Update, d
 from evotok_cli.decoding.evolution import as_decoded
 from evotok_cli.decoding.logprobs import LogprobRecorder, recorder_for
 from evotok_cli.decoding.soft import input_states, one_hot_slots
-from evotok_plugins.d2f.blocks import BlockStep, decode_blocks
+
+from .blocks import BlockStep, decode_blocks
 
 PREFERRED_BLOCK_SIZE = 64  # published D2F-LLaDA GSM8K
 
