@@ -40,7 +40,7 @@ def test_a_budget_lowered_mid_run_preempts_and_tokens_stay_as_alone(tiny_model, 
     """Every job admitted, three steps run (slots written mid-block), then the budget is cut to one
     canvas: the youngest jobs are preempted and requeued, and finish later from recomputed slots."""
     decoder = make_decoder(name, options)
-    engine = Engine(tiny_model, max_rows=8, max_tokens=10_000)
+    engine = Engine(tiny_model, max_rows=8, max_tokens=10_000, merge_rows=False)  # jobs of their own
     jobs = [engine.submit(_job(tiny_model, decoder, p, seed=i)) for i, p in enumerate(PROMPTS)]
     for _ in range(3):
         engine.step()
@@ -59,7 +59,7 @@ def test_a_row_out_of_memory_alone_preempts_others_rather_than_failing(tiny_mode
     engine drops other jobs' slots (youngest first), lowers its budget to what fit, and every job ends
     with its own tokens."""
     decoder = make_decoder(name, options)
-    engine = Engine(tiny_model, max_rows=8)
+    engine = Engine(tiny_model, max_rows=8, merge_rows=False)  # jobs of their own
     jobs = [engine.submit(_job(tiny_model, decoder, p, seed=i)) for i, p in enumerate(PROMPTS)]
     original = tiny_model.net.forward
 
@@ -80,7 +80,7 @@ def test_a_row_out_of_memory_alone_preempts_others_rather_than_failing(tiny_mode
 
 def test_a_row_out_of_memory_with_nobody_to_preempt_fails_alone(tiny_model):
     decoder = make_decoder("hard-mask", {"cache": "dual"})
-    engine = Engine(tiny_model, max_rows=8)
+    engine = Engine(tiny_model, max_rows=8, merge_rows=False)  # jobs of their own
     job = engine.submit(_job(tiny_model, decoder, PROMPTS[0], seed=0))
 
     def no_memory(*args, **kwargs):

@@ -20,6 +20,7 @@ model then starts one position earlier so that output exists (spec 7.2).
 from __future__ import annotations
 
 import time
+from collections.abc import Hashable
 from dataclasses import replace
 from typing import Any, ClassVar
 
@@ -119,7 +120,8 @@ class BlockwiseDecoder:
         rows = canvas.batch
         _, _, chosen = yield Update(
             fn, self.group_key(model, temperature), (logits, canvas.x[:, a:b], state.confidence[:, a:b]),
-            rows={"counts": counts, "generators": [generator] * rows, "columns": [block.ranked_columns(a)] * rows},
+            rows={"counts": counts, "generators": per_row(generator, rows),
+                  "columns": [block.ranked_columns(a)] * rows},
             shared={"model": model, "temperature": temperature, "remasking": cfg.remasking,
                     "threshold": cfg.threshold, "exact": cfg.cache == "none" and cfg.threshold is None, **flags},
             into={0: 1, 1: 2})
@@ -205,15 +207,32 @@ class BlockwiseDecoder:
         semantics), so the rows are one program that holds one live row at a time."""
         return self.reference_rng
 
-    def program(self, model: Any, request: GenerationRequest) -> Program:
+    # hard-mask and evotoken: rows of several requests may decode as ONE program with a random stream per row
+    # (`merge_key`); the update then receives a list of generators (`per_row`), one per row.
+    merges_rows: ClassVar[bool] = False
+
+    def merge_key(self, model: Any, request: GenerationRequest) -> Hashable | None:
+        """What a one-row request must share with others for the engine to decode their rows as one program
+        (`program(row_streams=True)`: the rows step in lockstep, each row drawing from its own seed, so each
+        decodes what it decodes alone), or None when it must run alone: a decoder that does not say it can
+        (`merges_rows`), rng=reference, and a threshold (rows would finish blocks at passes of their own)."""
+        if not self.merges_rows or self.reference_rng or self.threshold is not None or not self.exact_schedule:
+            return None
+        r = request
+        return (id(model), type(self), repr(self.config), r.gen_length, r.block_length, r.steps, repr(r.sampling),
+                r.trace and r.on_event is not None, r.logprobs, row_seed(r, 0) is None)
+
+    def program(self, model: Any, request: GenerationRequest, *, row_streams: bool = False) -> Program:
         """The block loop as a program: yields each forward pass, receives its logits. One random stream per
         program: a row decoded alone (how the engine and `generate` run every row) draws from its own seed;
         a cohort program of several rows (a library caller's) shares its first row's; rng=reference runs
         the rows in turn on the first row's stream. Not wrapped in `torch.no_grad()`: that wrapper enters and
         leaves the mode at every resumption (four times per row per engine step); its drivers (`Engine.step`,
         `drive`) run it under no_grad instead."""
-        seed = row_seed(request, 0)
-        generator = None if seed is None else torch.Generator(device=model.device).manual_seed(seed)
+        if row_streams:  # a merged program (`merge_key`): every row its own stream, as when decoded alone
+            generators = [_generator(model, row_seed(request, i)) for i in range(len(request.prompts))]
+            return (yield from self._block_loop(model, request, generators))
+        generator = _generator(model, row_seed(request, 0))
         if not self.reference_rng or len(request.prompts) == 1:
             return (yield from self._block_loop(model, request, generator))
         t0, rows, nfe = time.perf_counter(), [], 0
@@ -323,3 +342,12 @@ class BlockwiseDecoder:
                 committed=[int(i) - g0 for i in committed[b].nonzero().flatten().tolist()],
                 revised=[int(i) - g0 for i in revised[b].nonzero().flatten().tolist()],
                 candidates=candidates))
+
+
+def _generator(model: Any, seed: int | None) -> torch.Generator | None:
+    return None if seed is None else torch.Generator(device=model.device).manual_seed(seed)
+
+
+def per_row(generator: Any, rows: int) -> list[Any]:
+    """One random stream per row for a grouped update: a merged program's own list, or its one generator."""
+    return generator if isinstance(generator, list) else [generator] * rows

@@ -21,7 +21,10 @@ one pool tensor per layer written and read through index tensors with one masked
 compiled forward, whose graphs then never depend on the mix of rows: sizes come in buckets). The LM head
 runs only at the positions each row asks for (a per-row gather). Each program then updates from its own
 logits with its own random generator: every row is a program of its own (`make_jobs`), so every row has
-its own stream. The built-in decoders ask for that update as an `Update`: the engine runs the step's
+its own stream; rows of several requests admitted in the same step with the same decoder, options and
+shape are merged into ONE program over a left-padded canvas that keeps a stream per row
+(decoding/merging.py), so that the programs' Python per step grows with those groups, not the rows.
+The built-in decoders ask for that update as an `Update`: the engine runs the step's
 requests of every group of rows that share a decoder, options and window shape as ONE call on stacked
 tensors (the function the row alone runs; per-row generators and counts as lists), and writes each row's
 results back in one call, so that the decoders' host work per step grows with the groups, not the rows.
@@ -43,10 +46,11 @@ from typing import Any
 import torch
 
 from evotok_cli.decoding.api import GenerationResult
+from evotok_cli.decoding.background import BackgroundEngine
 from evotok_cli.decoding.jobs import decode_together, make_jobs, shifted_listener
 from evotok_cli.decoding.passes import ForwardPass, HostRead, Program, Update, read_all, run_updates
 from evotok_cli.decoding.rows import make_pool, run_paged, run_pass, run_rows
-from evotok_cli.decoding.stepper import CPU_TOKENS_IN_FLIGHT, BackgroundEngine, Engine, Job, default_tokens_in_flight
+from evotok_cli.decoding.stepper import CPU_TOKENS_IN_FLIGHT, Engine, Job, default_tokens_in_flight
 
 __all__ = ["CPU_TOKENS_IN_FLIGHT", "BackgroundEngine", "Engine", "ForwardPass", "HostRead", "Job", "Program",
            "Update", "decode_together", "default_tokens_in_flight", "drive", "make_jobs", "make_pool",

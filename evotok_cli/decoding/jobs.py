@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from evotok_cli.decoding.api import GenerationResult
+from evotok_cli.decoding.merging import mergeable
 from evotok_cli.decoding.stepper import Engine, Job
 
 
@@ -15,7 +16,8 @@ def make_jobs(model: Any, decoder: Any, request: Any, *, cohort: int) -> list[tu
 
     A decoder whose `sequential(request)` is true (rng=reference) gets one job that decodes the rows in
     turn. A decoder with `program` and `split(request)` true (every built-in decoder, cached or not) gets
-    one job per row: its own random stream and KV slots, sharing each step's forward with anything; with
+    one job per row: its own random stream and KV slots, sharing each step's forward with anything (and,
+    when its decoder gives a `merge_key`, merged by the engine with rows admitted beside it); with
     `split` false, cohorts of up to `cohort` consecutive rows (their passes share the forward too). A
     decoder with only `generate` (an older third-party plugin) gets jobs of up to `cohort` rows that
     run whole (`Job.run_whole`: its `generate` in one go) when their turn comes.
@@ -40,7 +42,8 @@ def make_jobs(model: Any, decoder: Any, request: Any, *, cohort: int) -> list[tu
                        seed=None, on_event=shifted_listener(request.on_event, first),
                        on_final=shifted_listener(request.on_final, first))
         if isinstance(decoder, ProgramDecoder):
-            job = Job(decoder.program(model, part), rows=len(part.prompts), tokens=tokens(part.prompts))
+            job = Job(decoder.program(model, part), rows=len(part.prompts), tokens=tokens(part.prompts),
+                      merge=mergeable(model, decoder, part) if per_row else None)
         else:
             job = Job(None, rows=len(part.prompts), tokens=tokens(part.prompts),
                       run_whole=lambda p=part: decoder.generate(model, p))

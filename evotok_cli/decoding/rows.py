@@ -62,32 +62,53 @@ def run_rows(model: Any, items: list[tuple[Hashable, ForwardPass]], pool: KVPool
     if len(items) == 1 and items[0][1].kv_length is None and not items[0][1].pad_offsets:
         return [run_pass(model, items[0][1])]  # alone and uncached: the plain forward
     embeds = _embed_all(model, [p for _, p in items])  # (B_p, L_p, D) each
+    drops = [_padding_fed(p, e.shape[1]) for (_, p), e in zip(items, embeds)]
     # packed end to end in one batch row, not left-padded to the longest: padding would cost every linear
-    # layer its share of padding columns (guidance's full-canvas pairs of mixed lengths: 1.4x the work)
-    x = torch.cat([e.reshape(-1, e.shape[-1]) for e in embeds])[None]  # (1, N, D)
-    positions = torch.cat([(p.position_ids if p.position_ids is not None else
-                            torch.arange(p.start, p.start + e.shape[1], device=x.device).expand(e.shape[0], -1))
-                           .reshape(-1) for (_, p), e in zip(items, embeds)])[None]  # (1, N)
+    # layer its share of padding columns (guidance's full-canvas pairs of mixed lengths: 1.4x the work); a
+    # padded canvas's own padding columns are left out too (a merged program's rows: decoding/merging.py)
+    x = torch.cat([_packed(e, drop) for e, drop in zip(embeds, drops)])[None]  # (1, N, D)
+    positions = torch.cat([_packed(p.position_ids if p.position_ids is not None else
+                                   torch.arange(p.start, p.start + e.shape[1], device=x.device).expand(e.shape[0], -1),
+                                   drop) for (_, p), e, drop in zip(items, embeds, drops)])[None]  # (1, N)
     spans, starts, slots, masks, key_pads, index, counts = [], [], [], [], [], [], []
     at = 0
-    for (owner, p), e in zip(items, embeds):
-        rows, fed = e.shape[0], e.shape[1]
+    for (owner, p), e, drop in zip(items, embeds, drops):
+        rows, length = e.shape[0], e.shape[1]
         a, b = p.logits_slice
         for i in range(rows):
-            spans.append((at, at + fed))
-            starts.append(p.start)
+            skip = drop[i] if drop else 0  # padding columns at the window's start, not fed
+            spans.append((at, at + length - skip))
+            starts.append(p.start + skip)
             slots.append(None if p.kv_length is None else pool.slot(owner, i, p.kv_length, p.kv_memory))
             mask = p.attention_mask
             masks.append(None if mask is None else mask[i if mask.shape[0] > 1 else 0][None])
             key_pads.append(p.pad_offsets[i] if p.pad_offsets else 0)
-            index.extend(range(at + a, at + b))
-            at += fed
+            index.extend(range(at + a - skip, at + b - skip))
+            at += length - skip
         counts.append((rows, b - a))
     batch = RowBatch(spans, starts, slots, masks, key_pads)
     gather = torch.tensor(index, dtype=torch.long).to(x.device, non_blocking=True)
     logits = model(inputs_embeds=x, position_ids=positions, cache=batch, start=_common_start(items),
                    logits_slice=gather)[0]  # (N, V)
     return _split_logits(items, counts, logits)
+
+
+def _padding_fed(p: ForwardPass, length: int) -> list[int] | None:
+    """How many padding columns each row of a padded pass has at the start of its window [start, start +
+    length), when they can be left out of the forward: not under an attention mask (it is indexed by the
+    fed columns), and never a column whose logits the pass asks for."""
+    if not p.pad_offsets or p.attention_mask is not None:
+        return None
+    drop = [min(max(pad - p.start, 0), length) for pad in p.pad_offsets]
+    return drop if any(drop) and max(drop) <= p.logits_slice[0] else None
+
+
+def _packed(t: torch.Tensor, drop: list[int] | None) -> torch.Tensor:
+    """A pass's (B, L, ...) rows end to end, (sum of the fed columns, ...): row i from column drop[i] on."""
+    if drop is None:
+        return t.reshape(-1, *t.shape[2:])
+    keep = torch.arange(t.shape[1], device=t.device)[None] >= torch.tensor(drop, device=t.device)[:, None]
+    return t[keep]
 
 
 def _common_start(items: list[tuple[Hashable, ForwardPass]]) -> int:

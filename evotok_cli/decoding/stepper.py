@@ -1,6 +1,6 @@
-"""The step engine's loop: `Job` (one program and its rows), `Engine` (admits jobs within the row and token
-budgets, runs each step's passes as one forward, the step's updates and host reads, preempts when memory
-runs out) and `BackgroundEngine` (the same loop in a thread, for a server). decoding/engine.py tells why."""
+"""The step engine's loop: `Job` (one program and its rows) and `Engine` (admits jobs within the row and token
+budgets, merges rows admitted together into one program, runs each step's passes as one forward, the step's
+updates and host reads, preempts when memory runs out). decoding/engine.py tells why."""
 from __future__ import annotations
 
 import itertools
@@ -13,7 +13,9 @@ from typing import Any
 
 import torch
 
+from evotok_cli.decoding import merging
 from evotok_cli.decoding.api import GenerationResult
+from evotok_cli.decoding.merging import Mergeable
 from evotok_cli.decoding.passes import ForwardPass, HostRead, Program, Update, kept_copies, read_all, run_updates
 from evotok_cli.decoding.rows import make_pool, run_pass, run_rows
 
@@ -39,6 +41,8 @@ class Job:
     log: list[ForwardPass] = field(default_factory=list)  # its cached passes since its slots were last fed whole
     replay: list[ForwardPass] = field(default_factory=list)  # preempted: passes to run again before `pending`
     preempted: bool = False  # waits in the queue without its KV slots
+    merge: Mergeable | None = None  # a one-row job that may decode in one program with others (decoding/merging.py)
+    members: list[Job] = field(default_factory=list)  # a merged program's jobs, one per row, in row order
 
     @property
     def seconds(self) -> float:
@@ -57,10 +61,11 @@ class Engine:
     """Live jobs and a queue. `step()` advances every live job by one pass; single-threaded by design:
     one thread calls `step`, any thread may `submit` and `cancel`."""
 
-    def __init__(self, model: Any, max_rows: int = 8, max_tokens: int | None = None):
+    def __init__(self, model: Any, max_rows: int = 8, max_tokens: int | None = None, *, merge_rows: bool = True):
         if max_rows < 1:
             raise ValueError("max_rows must be >= 1")
         self.model, self.max_rows, self.max_tokens = model, max_rows, max_tokens
+        self.merge_rows = merge_rows  # rows admitted together decode as one program (decoding/merging.py)
         self.queue: deque[Job] = deque()
         self.live: list[Job] = []
         self.lock = threading.Lock()
@@ -92,6 +97,7 @@ class Engine:
         return not self.live and not self.queue
 
     def _admit(self) -> None:
+        admitted = []
         with self.lock:
             while self.queue and (not self.live or self._fits(self.queue[0])):
                 job = self.queue.popleft()
@@ -99,6 +105,47 @@ class Engine:
                 if job.preempted:  # its slots are rebuilt first, from every cached pass it ran (`_preempt`)
                     job.replay, job.preempted = list(job.log), False
                 self.live.append(job)
+                admitted.append(job)
+        for jobs in merging.groups(admitted) if self.merge_rows else []:
+            self._merge(jobs)
+
+    def _merge(self, jobs: list[Job]) -> None:
+        """Replace fresh one-row jobs admitted together by ONE job whose program decodes their rows
+        (decoding/merging.py tells why and why it is exact); not when its padded canvas breaks the budget."""
+        parts = [j.merge for j in jobs]
+        tokens = merging.canvas_tokens(parts)
+        if self.max_tokens is not None and self.live_tokens - sum(j.tokens for j in jobs) + tokens > self.max_tokens:
+            return
+        group = Job(merging.merged_program(parts), rows=len(jobs), tokens=tokens, members=jobs)
+        group.admitted = time.perf_counter()
+        self.live[self.live.index(jobs[0])] = group
+        for job in jobs:
+            job.program.close()
+            job.program = None
+            if job is not jobs[0]:
+                self.live.remove(job)
+
+    def _fail(self, job: Job, error: BaseException) -> None:
+        """A job's program or pass failed. A merged job's rows run again each as a program of its own (from
+        the start, first in the queue): a row's bad input (a prompt too long...) then fails that row alone."""
+        if not job.members:
+            return self._finish(job, error=error)
+        members, job.members = job.members, []
+        self._finish(job, error=error)
+        with self.lock:
+            for member in reversed([m for m in members if not m.done.is_set()]):
+                part = member.merge
+                member.program, member.merge = part.decoder.program(part.model, part.request), None
+                self.queue.appendleft(member)
+
+    def _drop_cancelled_members(self) -> None:
+        """A merged row whose request was cancelled is answered at once (its row decodes on with the others,
+        unread); when every row of a merged job is, the job is cancelled."""
+        for group in [j for j in [*self.live, *self.queue] if j.members]:
+            for member in group.members:
+                if member.cancelled and not member.done.is_set():
+                    self._finish(member)
+            group.cancelled = group.cancelled or all(m.done.is_set() for m in group.members)
 
     def _fits(self, job: Job) -> bool:
         """Room for `job` beside the live ones: rows, and tokens in flight when there is a budget (a job
@@ -121,6 +168,9 @@ class Engine:
         job.done.set()
         if job.on_done is not None:
             job.on_done(job)
+        for i, member in enumerate(job.members):  # a merged job: each row's job gets its row
+            if not member.done.is_set():
+                self._finish(member, result=None if result is None else merging.row_result(result, i), error=error)
 
     def _advance(self, job: Job, value: Any) -> None:
         """Send a job its logits or host values (None to start it) and keep its next request, or finish it."""
@@ -129,12 +179,13 @@ class Engine:
         except StopIteration as done:
             self._finish(job, result=done.value)
         except Exception as exc:  # the job fails, the engine and every other job go on
-            self._finish(job, error=exc)
+            self._fail(job, exc)
 
     # -- the loop --------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self) -> bool:
         """One step; False when there was nothing to do."""
+        self._drop_cancelled_members()
         for job in [j for j in self.live if j.cancelled]:
             self._finish(job)
         with self.lock:
@@ -174,7 +225,7 @@ class Engine:
         ran = []
         for job, logits, error in results:
             if error is not None:
-                self._finish(job, error=error)
+                self._fail(job, error)
             elif logits is None:  # preempted before its pass ran: it runs when it is admitted again
                 continue
             elif job.replay:  # a pass run again to rebuild its slots: its logits were had before
@@ -211,7 +262,7 @@ class Engine:
         try:
             return job.pending.run()
         except Exception as exc:
-            self._finish(job, error=exc)
+            self._fail(job, exc)
             return None
 
     def _read(self) -> None:
@@ -223,7 +274,7 @@ class Engine:
             values = read_all([j.pending.tensor for j in reading])
         except Exception as exc:
             for j in reading:
-                self._finish(j, error=exc)
+                self._fail(j, exc)
             return
         for j, value in zip(reading, values):
             self._advance(j, value)
@@ -322,51 +373,3 @@ def default_tokens_in_flight(model: Any, fraction: float = 0.8) -> int:
 
 def _out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
-
-
-
-class BackgroundEngine:
-    """An engine stepping in a thread of its own, for a server: any thread submits or cancels jobs; the
-    loop sleeps while there is nothing to do. Job callbacks (`on_done`, the request's `on_event`) run in
-    the engine's thread: hand their data to your own thread (e.g. `loop.call_soon_threadsafe`)."""
-
-    def __init__(self, engine: Engine, *, on_step: Callable[[Engine], None] | None = None):
-        self.engine, self.on_step = engine, on_step
-        self.wake = threading.Condition()
-        self.stopping = False
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._loop, name="evotok-engine", daemon=True)
-        self.thread.start()
-
-    def submit(self, job: Job) -> Job:
-        self.engine.submit(job)
-        with self.wake:
-            self.wake.notify()
-        return job
-
-    def _loop(self) -> None:
-        while True:
-            with self.wake:
-                while self.engine.idle() and not self.stopping:
-                    self.wake.wait(timeout=0.5)
-                if self.stopping and self.engine.idle():
-                    return
-            try:
-                self.engine.step()
-            except BaseException as exc:  # a bug in the loop itself: fail every job rather than hang them
-                self.error = exc
-                for job in [*self.engine.live, *self.engine.queue]:
-                    self.engine._finish(job, error=exc)
-                self.engine.queue.clear()
-                return
-            if self.on_step is not None:
-                self.on_step(self.engine)
-
-    def stop(self, timeout: float | None = None) -> bool:
-        """Finish what is live and queued (cancel jobs first to drop them), then end the thread; True if
-        it ended within `timeout`."""
-        with self.wake:
-            self.stopping = True
-            self.wake.notify()
-        self.thread.join(timeout)
-        return not self.thread.is_alive()

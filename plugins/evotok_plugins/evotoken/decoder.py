@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 
 from evotok_cli.decoding.api import option, remasking_option, threshold_option
-from evotok_cli.decoding.blockwise import BlockwiseDecoder, check_reference_rng
+from evotok_cli.decoding.blockwise import BlockwiseDecoder, check_reference_rng, per_row
 from evotok_cli.decoding.canvas import Canvas, widen
 from evotok_cli.decoding.engine import Update
 from evotok_cli.decoding.evolution import Commit, as_decoded, evolve
@@ -67,6 +67,7 @@ class EvoTokenState:
 class EvoTokenDecoder(BlockwiseDecoder):
     name = "evotoken"
     Config = EvoTokenConfig
+    merges_rows = True  # its grouped update takes a random stream per row (`per_row`)
     exact_schedule = True  # evolve's commit (and llada_step) take exactly counts[b]: no read-back per pass
 
     def start(self, model, canvas, request):
@@ -123,7 +124,7 @@ class EvoTokenDecoder(BlockwiseDecoder):
         cfg = self.config
         a, b = cols
         rows = canvas.batch
-        generators = [generator] * rows
+        generators = per_row(generator, rows)
         if cfg.reduces_to_llada:
             chosen = yield from self.llada_update(llada_rows, model, state, canvas, logits, cols, block, counts,
                                                   generator, temperature)

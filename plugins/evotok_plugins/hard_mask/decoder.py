@@ -54,6 +54,7 @@ class HardMaskDecoder(BlockwiseDecoder):
     name = "hard-mask"
     Config = HardMaskConfig
     release_runs_every_step = True  # LLaDA's `generate` runs every scheduled step of a block
+    merges_rows = True  # its grouped update takes a random stream per row (`per_row`)
     exact_schedule = True  # llada_step commits exactly counts[b] per live row: no read-back per pass
 
     def start(self, model, canvas, request):

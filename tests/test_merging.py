@@ -1,0 +1,172 @@
+"""Rows of several requests admitted together decode as ONE program (decoding/merging.py), and each row
+still decodes exactly what it decodes alone: tokens, NFE, log-probabilities, its stream events."""
+
+from __future__ import annotations
+
+import pytest
+
+from evotok_cli.decoding.api import GenerationRequest
+from evotok_cli.decoding.engine import Engine, make_jobs
+from evotok_cli.jobs.generation import make_decoder
+
+PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13, 14], [20], [30, 31, 32, 33], [40, 41]]
+SETTINGS = {"gen_length": 8, "block_length": 4, "steps": 8}
+
+
+def _request(prompt, seed, temperature=0.0, **extra):
+    return GenerationRequest(prompts=[prompt], temperature=temperature, seeds=[seed], **SETTINGS, **extra)
+
+
+def _solo(model, decoder, prompt, seed, temperature=0.0, **extra):
+    return decoder.generate(model, _request(prompt, seed, temperature, **extra)).rows[0]
+
+
+def _submit(engine, model, decoder, requests):
+    return [engine.submit(job) for r in requests for _, job in make_jobs(model, decoder, r, cohort=1)]
+
+
+@pytest.mark.parametrize("name, options", [
+    ("hard-mask", {}), ("hard-mask", {"cache": "prefix"}), ("hard-mask", {"cache": "dual"}),
+    ("hard-mask", {"cfg_scale": "1.5"}), ("evotoken", {}), ("evotoken", {"cache": "prefix"}),
+    ("evotoken", {"cache": "dual"}), ("evotoken", {"soft_mask": "false", "soft_decoded": "false", "revise": "false"}),
+])
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_rows_admitted_together_are_one_program_and_each_decodes_as_alone(tiny_model, name, options, temperature):
+    decoder = make_decoder(name, options)
+    engine = Engine(tiny_model, max_rows=len(PROMPTS))
+    jobs = _submit(engine, tiny_model, decoder, [_request(p, seed=i, temperature=temperature, logprobs=2)
+                                                 for i, p in enumerate(PROMPTS)])
+    engine.step()
+    assert len(engine.live) == 1 and engine.live[0].members == jobs  # one program for the five rows
+    engine.run()
+    for i, (prompt, job) in enumerate(zip(PROMPTS, jobs)):
+        assert job.error is None and len(job.result.rows) == 1
+        alone = _solo(tiny_model, decoder, prompt, i, temperature, logprobs=2)
+        row = job.result.rows[0]
+        assert row.token_ids == alone.token_ids and row.nfe == alone.nfe
+        assert row.logprobs == alone.logprobs
+
+
+def test_the_shared_forward_feeds_no_padding_column(tiny_model, monkeypatch):
+    """A merged program's canvas is left-padded to its longest prompt; the forward sees each row's own
+    columns only (what the row alone feeds)."""
+    decoder = make_decoder("hard-mask", {})
+    engine = Engine(tiny_model, max_rows=len(PROMPTS))
+    fed = []
+    original = tiny_model.net.forward
+
+    def counting(*args, **kwargs):
+        fed.append(kwargs["inputs_embeds"].shape[1])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(tiny_model.net, "forward", counting)
+    _submit(engine, tiny_model, decoder, [_request(p, seed=0) for p in PROMPTS])
+    engine.run()
+    assert fed and set(fed) == {sum(len(p) + SETTINGS["gen_length"] for p in PROMPTS)}
+
+
+@pytest.mark.parametrize("different", [
+    {"threshold": "0.9"},  # rows finish blocks at passes of their own
+    {"rng": "reference"},  # the release's stream: one program decodes its rows in turn
+])
+def test_requests_that_cannot_step_in_lockstep_are_not_merged(tiny_model, different):
+    decoder = make_decoder("hard-mask", different)
+    engine = Engine(tiny_model, max_rows=len(PROMPTS))
+    jobs = _submit(engine, tiny_model, decoder, [_request(p, seed=i) for i, p in enumerate(PROMPTS[:3])])
+    engine.step()
+    assert not any(j.members for j in engine.live)
+    engine.run()
+    for i, (prompt, job) in enumerate(zip(PROMPTS, jobs)):
+        assert job.result.rows[0].token_ids == _solo(tiny_model, decoder, prompt, i).token_ids
+
+
+def test_only_requests_with_the_same_settings_merge(tiny_model):
+    decoder, other = make_decoder("evotoken", {}), make_decoder("evotoken", {"alpha": "0.5"})
+    engine = Engine(tiny_model, max_rows=8)
+    same = _submit(engine, tiny_model, decoder, [_request(p, seed=0) for p in PROMPTS[:2]])
+    longer = _submit(engine, tiny_model, decoder, [GenerationRequest(prompts=[PROMPTS[2]], seeds=[0],
+                                                                     gen_length=12, block_length=4, steps=12)])
+    options = _submit(engine, tiny_model, other, [_request(PROMPTS[3], seed=0)])
+    engine.step()
+    merged = [j for j in engine.live if j.members]
+    assert len(engine.live) == 3 and len(merged) == 1 and merged[0].members == same
+    engine.run()
+    assert longer[0].result.rows[0].token_ids == decoder.generate(tiny_model, GenerationRequest(
+        prompts=[PROMPTS[2]], seeds=[0], gen_length=12, block_length=4, steps=12)).rows[0].token_ids
+    assert options[0].result.rows[0].token_ids == _solo(tiny_model, other, PROMPTS[3], 0).token_ids
+
+
+def test_a_cancelled_row_is_answered_at_once_and_the_others_go_on(tiny_model):
+    decoder = make_decoder("evotoken", {"cache": "dual"})
+    engine = Engine(tiny_model, max_rows=len(PROMPTS))
+    jobs = _submit(engine, tiny_model, decoder, [_request(p, seed=i) for i, p in enumerate(PROMPTS)])
+    engine.step()
+    jobs[1].cancel()
+    engine.step()
+    assert jobs[1].done.is_set() and jobs[1].result is None and jobs[1].error is None
+    engine.run()
+    for i in (0, 2, 3, 4):
+        assert jobs[i].result.rows[0].token_ids == _solo(tiny_model, decoder, PROMPTS[i], i).token_ids
+
+
+def test_when_every_row_is_cancelled_the_merged_program_stops(tiny_model):
+    decoder = make_decoder("hard-mask", {})
+    engine = Engine(tiny_model, max_rows=len(PROMPTS))
+    jobs = _submit(engine, tiny_model, decoder, [_request(p, seed=0) for p in PROMPTS])
+    engine.step()
+    for job in jobs:
+        job.cancel()
+    engine.step()
+    assert engine.idle() and all(j.done.is_set() and j.result is None for j in jobs)
+
+
+def test_a_failing_row_fails_alone_and_the_others_decode_as_alone(tiny_model):
+    """A prompt too long for the model fails when the merged canvas is built: the rows run again each as
+    a program of its own, so only that row gets the error."""
+    decoder = make_decoder("evotoken", {})
+    engine = Engine(tiny_model, max_rows=4)
+    jobs = _submit(engine, tiny_model, decoder, [_request(PROMPTS[0], 0), _request([5] * 300, 1),
+                                                 _request(PROMPTS[1], 2)])
+    engine.run()
+    assert "exceeds the model's maximum" in str(jobs[1].error)
+    for job, prompt, seed in ((jobs[0], PROMPTS[0], 0), (jobs[2], PROMPTS[1], 2)):
+        assert job.error is None and job.result.rows[0].token_ids == _solo(tiny_model, decoder, prompt, seed).token_ids
+
+
+def test_each_row_streams_its_own_events(tiny_model):
+    """Final prefixes and traced passes reach each row's own request as its row 0, as when decoded alone."""
+    decoder = make_decoder("evotoken", {})
+
+    def listened(prompt, seed):
+        finals, events = [], []
+        request = _request(prompt, seed, trace=True, on_event=events.append, on_final=finals.append)
+        return request, finals, events
+
+    engine = Engine(tiny_model, max_rows=3)
+    heard = [listened(p, i) for i, p in enumerate(PROMPTS[:3])]
+    _submit(engine, tiny_model, decoder, [r for r, _, _ in heard])
+    engine.step()
+    assert engine.live[0].members
+    engine.run()
+    for i, (prompt, (_, finals, events)) in enumerate(zip(PROMPTS, heard)):
+        request, alone_finals, alone_events = listened(prompt, i)
+        decoder.generate(tiny_model, request)
+        assert finals == alone_finals and len(finals) == 1  # two blocks: one boundary before the last
+        assert [(e.row, e.step, e.tokens, e.committed) for e in events] == \
+               [(e.row, e.step, e.tokens, e.committed) for e in alone_events]
+
+
+def test_a_merged_program_preempted_mid_run_decodes_as_alone(tiny_model):
+    """Out of budget, the merged job (all its rows) loses its slots and is recomputed from its canvas."""
+    decoder = make_decoder("hard-mask", {"cache": "dual"})
+    engine = Engine(tiny_model, max_rows=8, max_tokens=10_000)
+    merged = _submit(engine, tiny_model, decoder, [_request(p, seed=i) for i, p in enumerate(PROMPTS[:3])])
+    engine.step()
+    other = _submit(engine, tiny_model, decoder, [_request(PROMPTS[3], seed=3)])  # joins a step later: alone
+    for _ in range(3):
+        engine.step()
+    engine.max_tokens = 1
+    engine.run()
+    assert engine.preemptions >= 1
+    for i, job in enumerate([*merged, *other]):
+        assert job.result.rows[0].token_ids == _solo(tiny_model, decoder, PROMPTS[i], i).token_ids
