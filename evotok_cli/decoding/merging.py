@@ -18,12 +18,11 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, replace
 from inspect import GEN_CREATED, getgeneratorstate
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from evotok_cli.decoding.api import GenerationRequest, GenerationResult, row_seed
 
-if TYPE_CHECKING:
-    from evotok_cli.decoding.stepper import Job
+Job = Any  # decoding/stepper.py's Job (which imports this module)
 
 
 @dataclass(frozen=True)
