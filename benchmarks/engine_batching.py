@@ -13,6 +13,12 @@ request (one `make_jobs` call per request), and the engine steps until all are d
 `--scan 8,64` also runs each mode at those request counts and reports host ms per step at each (target:
 64 rows at most 1.5x the host time of 8).
 
+On a CPU "host ms" also holds the decoders' tensor maths (a GPU runs it as kernels the host only launches),
+which grows with the rows whatever the engine does. `--count` therefore runs each case once more and counts
+what the host itself does between forwards, per step: torch operations dispatched (each one kernel launch
+on a GPU) and Python function calls. Those two do not depend on the device. `--no-merge` runs the engine
+with `merge_rows=False` (each row a program of its own), for a same-sitting comparison.
+
 It runs against the current engine and against an older checkout: the forward is counted by wrapping
 `model.net.forward`, and only `Engine(model, max_rows)`, `Engine.step`, `make_jobs` and
 `GenerationRequest` are used. For a "before" number, copy this file into a worktree of the old commit
@@ -41,6 +47,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -82,11 +89,28 @@ def make_prompts(lm, count: int, lo: int, hi: int, seed: int) -> list[list[int]]
     return prompts
 
 
+class HostCounter(TorchDispatchMode):
+    """Counts torch operations and Python calls outside the network's forward (`paused` inside it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.calls, self.paused = 0, 0, False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.paused:
+            self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+    def profile(self, frame, event, arg):
+        if event == "call" and not self.paused:
+            self.calls += 1
+
+
 class ForwardClock:
     """Counts and times the network's forwards (synchronised on CUDA, so their device time is theirs)."""
 
-    def __init__(self, lm):
-        self.lm, self.calls, self.seconds = lm, 0, 0.0
+    def __init__(self, lm, counter: HostCounter | None = None):
+        self.lm, self.calls, self.seconds, self.counter = lm, 0, 0.0, counter
         self.original = lm.net.forward
 
     def __enter__(self):
@@ -96,7 +120,11 @@ class ForwardClock:
             if cuda:
                 torch.cuda.synchronize(self.lm.device)
             t0 = time.perf_counter()
+            if self.counter is not None:
+                self.counter.paused = True
             out = self.original(*args, **kwargs)
+            if self.counter is not None:
+                self.counter.paused = False
             if cuda:
                 torch.cuda.synchronize(self.lm.device)
             self.seconds += time.perf_counter() - t0
@@ -110,13 +138,14 @@ class ForwardClock:
         del self.lm.net.forward
 
 
-def run_mode(lm, name: str, requests: int, args) -> dict:
+def run_mode(lm, name: str, requests: int, args, counter: HostCounter | None = None) -> dict:
     decoder_name, options = MODES[name]
     if decoder_name == "d2f":  # its pipeline blocks the size of the others' blocks (older checkouts: 64)
         options = {"block_size": args.block_length, **options}
     decoder = make_decoder(decoder_name, {k: str(v) for k, v in options.items()})
     prompts = make_prompts(lm, requests, args.min_prompt, args.max_prompt, args.seed)
-    engine = Engine(lm, max_rows=4 * requests)  # room for every request at once (guidance: 2 rows each)
+    # room for every request at once (guidance: 2 rows each)
+    engine = Engine(lm, max_rows=4 * requests, **({"merge_rows": False} if args.no_merge else {}))
     jobs = []
     for i, prompt in enumerate(prompts):  # one request per prompt, as the server submits them
         request = GenerationRequest(prompts=[prompt], gen_length=args.gen_length, block_length=args.block_length,
@@ -124,10 +153,17 @@ def run_mode(lm, name: str, requests: int, args) -> dict:
         jobs += [job for _, job in make_jobs(lm, decoder, request, cohort=1)]
     for job in jobs:
         engine.submit(job)
-    with ForwardClock(lm) as clock:
+    with ForwardClock(lm, counter) as clock:
         t0 = time.perf_counter()
-        while engine.step():
-            pass
+        if counter is not None:
+            sys.setprofile(counter.profile)
+            with counter:
+                while engine.step():
+                    pass
+            sys.setprofile(None)
+        else:
+            while engine.step():
+                pass
         if lm.device.type == "cuda":
             torch.cuda.synchronize(lm.device)
         wall = time.perf_counter() - t0
@@ -135,6 +171,8 @@ def run_mode(lm, name: str, requests: int, args) -> dict:
     if errors:
         raise SystemExit(f"{name}: {errors[0]}")
     steps = max(engine.steps, 1)  # steps that ran a forward (a step that only read finished rows back is not one)
+    if counter is not None:
+        return {"ops_per_step": round(counter.ops / steps, 1), "py_calls_per_step": round(counter.calls / steps, 1)}
     return {"mode": name, "requests": requests, "steps": steps, "forwards": clock.calls,
             "forwards_per_step": round(clock.calls / steps, 3),
             "host_ms_per_step": round(1000 * (wall - clock.seconds) / steps, 3),
@@ -147,12 +185,18 @@ def markdown(rows: list[dict], meta: dict) -> str:
              f"`{meta['command']}`", "",
              f"gen {meta['gen_length']} / block {meta['block_length']} / steps {meta['steps']}, prompts "
              f"{meta['min_prompt']}..{meta['max_prompt']} tokens, temperature {meta['temperature']}, one request "
-             "per prompt, all submitted at once.", "",
+             "per prompt, all submitted at once" + (" (`--no-merge`: each row a program of its own)."
+                                                    if meta.get("no_merge") else "."), "",
              "| mode | requests | steps | forwards / step | host ms / step | forward ms / step | tokens/s |",
              "|---|---|---|---|---|---|---|"]
+    counted = any("ops_per_step" in r for r in rows)
+    if counted:
+        lines[-2] += " host torch ops / step | host Python calls / step |"
+        lines[-1] += "---|---|"
     for r in rows:
         lines.append(f"| {r['mode']} | {r['requests']} | {r['steps']} | {r['forwards_per_step']:.2f} | "
-                     f"{r['host_ms_per_step']:.2f} | {r['forward_ms_per_step']:.2f} | {r['tokens_per_s']:.1f} |")
+                     f"{r['host_ms_per_step']:.2f} | {r['forward_ms_per_step']:.2f} | {r['tokens_per_s']:.1f} |"
+                     + (f" {r.get('ops_per_step', '')} | {r.get('py_calls_per_step', '')} |" if counted else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -167,6 +211,8 @@ def main() -> None:
         p.add_argument(flag, type=int, default=default)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--scan", default="", help="also these request counts per mode, e.g. 8,64 (host ms per step)")
+    p.add_argument("--count", action="store_true", help="also count host torch ops and Python calls per step")
+    p.add_argument("--no-merge", action="store_true", help="each row a program of its own (Engine merge_rows=False)")
     p.add_argument("--tag", default="", help="appended to the results' file names")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = p.parse_args()
@@ -184,12 +230,15 @@ def main() -> None:
     for name in names:
         for n in counts:
             rows.append(run_mode(lm, name, n, args))
+            if args.count:
+                rows[-1].update(run_mode(lm, name, n, args, HostCounter()))
             print(json.dumps(rows[-1]), flush=True)
     device = torch.cuda.get_device_name(lm.device) if lm.device.type == "cuda" else platform.processor() or "cpu"
     meta = {"command": " ".join(shlex.quote(a) for a in ["python", *sys.argv]), "device": device,
             "torch": torch.__version__, "threads": torch.get_num_threads(), "gen_length": args.gen_length,
             "block_length": args.block_length, "steps": args.steps, "min_prompt": args.min_prompt,
             "max_prompt": args.max_prompt, "temperature": args.temperature, "model": folder.name,
+            "no_merge": args.no_merge,
             "date": time.strftime("%Y-%m-%d")}
     args.out.mkdir(parents=True, exist_ok=True)
     name = f"engine_batching-{'cuda' if lm.device.type == 'cuda' else 'cpu'}{'-' + args.tag if args.tag else ''}"

@@ -132,8 +132,8 @@ def test_every_decoder_keeps_its_contract(tiny_model, data):
                        for p in prompts)
             continue
         if isinstance(cache, RowBatch):  # the engine's rows packed end to end: a span is a canvas (after its padding)
-            rows = [fed[0, a + pad:b] for (a, b), first, pad in zip(cache.spans, cache.starts, cache.key_pads)
-                    if first == 0]
+            rows = [fed[0, a + pad - first:b] for (a, b), first, pad in zip(cache.spans, cache.starts, cache.key_pads)
+                    if first <= pad]  # fed from the row's first real column on (padding columns are not fed)
         else:  # a left-padded batch
             rows = [fed[b, longest - len(p):] for b, p in enumerate(prompts)]
         assert len(rows) == len(prompts)

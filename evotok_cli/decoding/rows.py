@@ -63,13 +63,14 @@ def run_rows(model: Any, items: list[tuple[Hashable, ForwardPass]], pool: KVPool
         return [run_pass(model, items[0][1])]  # alone and uncached: the plain forward
     embeds = _embed_all(model, [p for _, p in items])  # (B_p, L_p, D) each
     drops = [_padding_fed(p, e.shape[1]) for (_, p), e in zip(items, embeds)]
+    keeps = [None if drop is None else _kept_columns(drop, e.shape[1], e.device) for e, drop in zip(embeds, drops)]
     # packed end to end in one batch row, not left-padded to the longest: padding would cost every linear
     # layer its share of padding columns (guidance's full-canvas pairs of mixed lengths: 1.4x the work); a
     # padded canvas's own padding columns are left out too (a merged program's rows: decoding/merging.py)
-    x = torch.cat([_packed(e, drop) for e, drop in zip(embeds, drops)])[None]  # (1, N, D)
+    x = torch.cat([_packed(e, keep) for e, keep in zip(embeds, keeps)])[None]  # (1, N, D)
     positions = torch.cat([_packed(p.position_ids if p.position_ids is not None else
                                    torch.arange(p.start, p.start + e.shape[1], device=x.device).expand(e.shape[0], -1),
-                                   drop) for (_, p), e, drop in zip(items, embeds, drops)])[None]  # (1, N)
+                                   keep) for (_, p), e, keep in zip(items, embeds, keeps)])[None]  # (1, N)
     spans, starts, slots, masks, key_pads, index, counts = [], [], [], [], [], [], []
     at = 0
     for (owner, p), e, drop in zip(items, embeds, drops):
@@ -103,12 +104,17 @@ def _padding_fed(p: ForwardPass, length: int) -> list[int] | None:
     return drop if any(drop) and max(drop) <= p.logits_slice[0] else None
 
 
-def _packed(t: torch.Tensor, drop: list[int] | None) -> torch.Tensor:
-    """A pass's (B, L, ...) rows end to end, (sum of the fed columns, ...): row i from column drop[i] on."""
-    if drop is None:
-        return t.reshape(-1, *t.shape[2:])
-    keep = torch.arange(t.shape[1], device=t.device)[None] >= torch.tensor(drop, device=t.device)[:, None]
-    return t[keep]
+def _kept_columns(drop: list[int], length: int, device: Any) -> torch.Tensor:
+    """The flat index of a (B, length) window's columns from drop[i] on in row i, made on the host (a bool
+    mask would make the host wait for the device)."""
+    keep = torch.tensor([i * length + c for i, skip in enumerate(drop) for c in range(skip, length)])
+    return keep.to(device, non_blocking=True)
+
+
+def _packed(t: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """A pass's (B, L, ...) rows end to end, (fed columns, ...): every column, or the `keep` ones."""
+    flat = t.reshape(-1, *t.shape[2:])
+    return flat if keep is None else flat.index_select(0, keep)
 
 
 def _common_start(items: list[tuple[Hashable, ForwardPass]]) -> int:
