@@ -20,12 +20,18 @@ measurement: the children import DIR's `evotok_cli` and its `plugins/` as `evoto
 Targets (issue 16): throughput at concurrency 16 >= 0.9x offline batch-16 throughput; p99 latency at
 concurrency 16 <= 2x the offline time of one batch of 16 (the offline wall time / number of batches).
 Both processes get the same thread count (--threads, default 1: the machine is shared).
+
+The load generator runs on the same cores as the server, which the offline run has to itself: it must
+cost next to nothing. Its clients connect before the clock starts and speak HTTP/1.1 keep-alive with
+http.client (`--client stdlib`); `--client httpx`, the client this script used before, costs the server's
+engine thread a share of a core on 2 cores (each run reports the generator's own CPU seconds).
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import http.client
 import json
 import os
 import platform
@@ -37,6 +43,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,49 +148,78 @@ def start_server(args, log: Path) -> tuple[subprocess.Popen, str]:
     raise SystemExit(f"the server did not start:\n{log.read_text()}")
 
 
-def load(url: str, questions: list[str], concurrency: int, limit_s: float, fields: dict | None = None) -> dict:
-    """`concurrency` closed-loop clients over `questions`; latency per request, tokens/s over the wall."""
+def load(url: str, questions: list[str], concurrency: int, limit_s: float, fields: dict | None = None,
+         client: str = "stdlib") -> dict:
+    """`concurrency` closed-loop clients over `questions`; latency per request, tokens/s over the wall. The
+    clock starts once every client has its connection (`connect`), all at once."""
     todo = list(enumerate(questions))
     lock = threading.Lock()
     latencies, tokens, texts, errors = [], [0], {}, []
     stop_at = time.monotonic() + limit_s
+    start = threading.Barrier(concurrency + 1)
 
-    def client() -> None:
-        with httpx.Client(timeout=limit_s) as http:
-            while time.monotonic() < stop_at:
-                with lock:
-                    if not todo:
-                        return
-                    i, q = todo.pop(0)
-                t0 = time.perf_counter()
-                r = http.post(url + "/v1/chat/completions",
-                              json={"messages": [{"role": "user", "content": q}], "temperature": 0, **(fields or {})})
-                seconds = time.perf_counter() - t0
-                with lock:
-                    if r.status_code != 200:
-                        errors.append(f"{r.status_code} {r.text[:200]}")
-                        continue
-                    body = r.json()
-                    latencies.append(seconds)
-                    tokens[0] += body["usage"]["completion_tokens"]
-                    texts[i] = body["choices"][0]["message"]["content"]
+    def run(post: Callable[[dict], tuple[int, str]]) -> None:
+        start.wait()
+        while time.monotonic() < stop_at:
+            with lock:
+                if not todo:
+                    return
+                i, q = todo.pop(0)
+            t0 = time.perf_counter()
+            status, text = post({"messages": [{"role": "user", "content": q}], "temperature": 0, **(fields or {})})
+            seconds = time.perf_counter() - t0
+            with lock:
+                if status != 200:
+                    errors.append(f"{status} {text[:200]}")
+                    continue
+                body = json.loads(text)
+                latencies.append(seconds)
+                tokens[0] += body["usage"]["completion_tokens"]
+                texts[i] = body["choices"][0]["message"]["content"]
 
-    threads = [threading.Thread(target=client) for _ in range(concurrency)]
-    t0 = time.perf_counter()
+    posts = [connect(url, client, limit_s) for _ in range(concurrency)]
+    threads = [threading.Thread(target=run, args=(post,)) for post in posts]
     for t in threads:
         t.start()
+    start.wait()
+    t0, cpu = time.perf_counter(), time.process_time()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu
     return {"concurrency": concurrency, "requests": len(latencies), "errors": errors, "wall_s": round(wall, 3),
+            "client_cpu_s": round(cpu, 3),
             "tokens": tokens[0], "tokens_per_s": round(tokens[0] / wall, 2),
             "latencies": latencies, "texts": [texts.get(i) for i in range(len(questions))]}
+
+
+def connect(url: str, client: str, limit_s: float) -> Callable[[dict], tuple[int, str]]:
+    """One client's keep-alive connection, made before the clock starts: a function that posts a chat
+    request and returns (status, body). "stdlib" (http.client) costs the load generator ~0.1 ms of CPU per
+    request; "httpx" (the client before issue 25's fix of this script) ~20 ms, taken from the same 2 cores
+    as the server, which the offline run never has to share."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    path, head = "/v1/chat/completions", {"Content-Type": "application/json"}
+    if client == "httpx":
+        session = httpx.Client(timeout=limit_s)
+
+        def post_httpx(body: dict) -> tuple[int, str]:
+            r = session.post(url + path, json=body)
+            return r.status_code, r.text
+        return post_httpx
+    conn = http.client.HTTPConnection(host, int(port), timeout=limit_s)
+    conn.connect()
+
+    def post(body: dict) -> tuple[int, str]:
+        conn.request("POST", path, json.dumps(body), head)
+        r = conn.getresponse()
+        return r.status, r.read().decode()
+    return post
 
 
 def level(url: str, questions: list[str], concurrency: int, args, work: Path) -> dict:
     """Server and offline runs alternated --repeats times, so that both meet the same neighbours on a
     shared machine; throughput over the summed walls, latency percentiles over every request."""
-    runs = [(load(url, questions, concurrency, args.limit_s, request_fields(args)),
+    runs = [(load(url, questions, concurrency, args.limit_s, request_fields(args), args.client),
              offline(questions, concurrency, args, work))
             for _ in range(args.repeats)]
     served, alone = [r[0] for r in runs], [r[1] for r in runs]
@@ -194,7 +230,8 @@ def level(url: str, questions: list[str], concurrency: int, args, work: Path) ->
     server = {"concurrency": concurrency, "requests": sum(r["requests"] for r in served),
               "errors": [e for r in served for e in r["errors"]], "wall_s": round(s_wall, 3), "tokens": s_tokens,
               "tokens_per_s": round(s_tokens / s_wall, 2), "p50_s": round(percentile(latencies, 50), 3),
-              "p99_s": round(percentile(latencies, 99), 3), "runs_tokens_per_s": [r["tokens_per_s"] for r in served]}
+              "p99_s": round(percentile(latencies, 99), 3), "runs_tokens_per_s": [r["tokens_per_s"] for r in served],
+              "client_cpu_s": round(sum(r["client_cpu_s"] for r in served), 3)}
     offline_ = {"batch_size": concurrency, "prompts": len(questions), "wall_s": round(o_wall, 3), "tokens": o_tokens,
                 "tokens_per_s": round(o_tokens / o_wall, 2), "batch_time_s": round(o_wall / batches, 3),
                 "runs_tokens_per_s": [r["tokens_per_s"] for r in alone], "command": alone[0]["command"]}
@@ -237,6 +274,7 @@ def markdown(report: dict) -> str:
              f"Model: bundled evotok-tiny, chat requests at temperature 0, server `--max-rows {report['max_rows']}`, "
              f"{report['threads']} torch thread(s) per process, device {report['device']}, {report['machine']}; "
              f"decoder {report.get('decoder') or 'default'}, cache {report.get('cache', 'none')}, "
+             f"load generator {report.get('client', 'httpx')} (its CPU: {cpu_note(report)}), "
              f"code at {report.get('git')}.", "",
              "| concurrency | requests | server tok/s (runs) | offline tok/s, batch N (runs) | ratio | p50 s | p99 s "
              "| offline batch time s | p99 / batch time | texts equal |",
@@ -254,6 +292,12 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def cpu_note(report: dict) -> str:
+    """The load generator's CPU seconds over the server's wall seconds, per level."""
+    return ", ".join(f"{s.get('client_cpu_s', '?')} s in {s['wall_s']} s at c{s['concurrency']}"
+                     for s in (r["server"] for r in report["levels"]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--levels", default="1,4,16,64", help="client concurrencies")
@@ -268,6 +312,8 @@ def main() -> None:
     parser.add_argument("--decoder", default=None, help="decoder of every request and of generate [server default]")
     parser.add_argument("--cache", default="none", choices=["none", "prefix", "dual"],
                         help="the decoder's KV cache option (hard-mask, evotoken)")
+    parser.add_argument("--client", default="stdlib", choices=["stdlib", "httpx"],
+                        help="the load generator's HTTP client (httpx: as before issue 25, ~200x its CPU)")
     parser.add_argument("--checkout", type=Path, default=None,
                         help="run another checkout's server and generate (a 'before' number)")
     args = parser.parse_args()
@@ -277,7 +323,7 @@ def main() -> None:
         work = Path(tmp)
         proc, url = start_server(args, work / "server.log")
         try:
-            load(url, questions[:2], 1, args.limit_s, request_fields(args))  # warm-up
+            load(url, questions[:2], 1, args.limit_s, request_fields(args), args.client)  # warm-up
             rows = [level(url, questions[:share(c, args)], c, args, work) for c in levels]
         finally:
             proc.send_signal(signal.SIGTERM)
@@ -288,7 +334,7 @@ def main() -> None:
         "command": "python benchmarks/serve_load.py " + " ".join(sys.argv[1:]),
         "machine": f"{platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}",
         "device": args.device, "threads": args.threads, "max_rows": args.max_rows, "server_exit_code": code,
-        "decoder": args.decoder, "cache": args.cache,
+        "decoder": args.decoder, "cache": args.cache, "client": args.client,
         "checkout": None if args.checkout is None else str(args.checkout),
         "git": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               cwd=args.checkout or ROOT).stdout.strip(),
