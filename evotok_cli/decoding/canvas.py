@@ -77,13 +77,9 @@ def build_canvas(prompts: list[list[int]], gen_length: int, *, mask_id: int, pad
         raise ConfigError(
             f"prompt ({longest} tokens) + gen length ({gen_length}) = {total} exceeds the model's maximum {max_length}",
             where="--gen-length", fix="shorten the prompt or lower --gen-length")
-    B = len(prompts)
-    x = torch.full((B, total), mask_id, dtype=torch.long)
-    real = torch.ones((B, total), dtype=torch.bool)
-    for b, p in enumerate(prompts):
-        pad = longest - len(p)
-        x[b, :pad] = pad_id
-        real[b, :pad] = False
-        x[b, pad:longest] = torch.tensor(p, dtype=torch.long)
+    # one tensor from the padded lists, not a few operations per row (a merged program has many rows)
+    x = torch.tensor([[pad_id] * (longest - len(p)) + list(p) + [mask_id] * gen_length for p in prompts],
+                     dtype=torch.long)
+    real = torch.tensor([[False] * (longest - len(p)) + [True] * (len(p) + gen_length) for p in prompts])
     positions = (real.long().cumsum(dim=1) - 1).clamp(min=0)
     return Canvas(x.to(device), real.to(device), positions.to(device), longest, [len(p) for p in prompts])

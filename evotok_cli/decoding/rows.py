@@ -80,7 +80,7 @@ def run_rows(model: Any, items: list[tuple[Hashable, ForwardPass]], pool: KVPool
             skip = drop[i] if drop else 0  # padding columns at the window's start, not fed
             spans.append((at, at + length - skip))
             starts.append(p.start + skip)
-            slots.append(None if p.kv_length is None else pool.slot(owner, i, p.kv_length, p.kv_memory))
+            slots.append(None if p.kv_length is None else pool.slot(owner, i, p.kv_length, p.kv_memory, rows))
             mask = p.attention_mask
             masks.append(None if mask is None else mask[i if mask.shape[0] > 1 else 0][None])
             key_pads.append(p.pad_offsets[i] if p.pad_offsets else 0)

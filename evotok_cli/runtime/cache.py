@@ -53,6 +53,27 @@ class KVCache:
         return self.k[layer][:, :, :span], self.v[layer][:, :, :span]
 
 
+class CacheRow:
+    """Row `row` of a batched `KVCache`, used as a batch-1 cache: the rows of a merged program (several
+    requests' rows as one program) get their slots in ONE allocation per layer instead of one per row."""
+
+    def __init__(self, cache: KVCache, row: int):
+        self.cache, self.row, self.capacity, self.filled = cache, row, cache.capacity, 0
+
+    span_after = KVCache.span_after
+
+    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end, r = start + k.shape[2], self.row
+        if end > self.capacity:
+            raise ValueError(f"KV cache holds {self.capacity} positions, asked to write up to {end}")
+        keys, values = self.cache.k[layer], self.cache.v[layer]
+        keys[r, :, start:end], values[r, :, start:end] = k[0], v[0]
+        span = self.span_after(start, k.shape[2])
+        if layer == len(self.cache.k) - 1:
+            self.filled = span
+        return keys[r:r + 1, :, :span], values[r:r + 1, :, :span]
+
+
 class KVPool:
     """The engine's K/V memory: one batch-1 `KVCache` per row of an owner (a job), made on the row's first
     cached pass and dropped when the owner leaves, or when it names a new memory (`memory`: a program that
@@ -64,13 +85,19 @@ class KVPool:
         self.slots: dict[tuple[Hashable, int], KVCache] = {}
         self.memory: dict[Hashable, Hashable] = {}  # owner -> the memory its slots hold
 
-    def slot(self, owner: Hashable, row: int, length: int, memory: Hashable = 0) -> KVCache:
+    def slot(self, owner: Hashable, row: int, length: int, memory: Hashable = 0, rows: int = 1) -> KVCache | CacheRow:
+        """Row `row`'s slot of `owner`'s canvas (`rows`: how many rows the owner has; a new owner of several
+        gets all of them in one allocation)."""
         if self.memory.get(owner, memory) != memory:
             self.free(owner)
         self.memory[owner] = memory
         key = (owner, row)
         cache = self.slots.get(key)
         if cache is None or cache.capacity != length:
+            if rows > 1 and not any((owner, r) in self.slots for r in range(rows)):
+                batched = self.new_cache(rows, length)
+                self.slots.update({(owner, r): CacheRow(batched, r) for r in range(rows)})
+                return self.slots[key]
             cache = self.slots[key] = self.new_cache(1, length)
         return cache
 
@@ -97,7 +124,7 @@ class RowBatch:
 
     spans: list[tuple[int, int]]
     starts: list[int]
-    slots: list[KVCache | None]
+    slots: list[KVCache | CacheRow | None]
     masks: list[torch.Tensor | None]
     key_pads: list[int]
 
