@@ -22,9 +22,11 @@ concurrency 16 <= 2x the offline time of one batch of 16 (the offline wall time 
 Both processes get the same thread count (--threads, default 1: the machine is shared).
 
 The load generator runs on the same cores as the server, which the offline run has to itself: it must
-cost next to nothing. Its clients connect before the clock starts and speak HTTP/1.1 keep-alive with
-http.client (`--client stdlib`); `--client httpx`, the client this script used before, costs the server's
-engine thread a share of a core on 2 cores (each run reports the generator's own CPU seconds).
+cost next to nothing. Its clients connect before the clock starts, all start at once, and speak HTTP/1.1
+keep-alive with http.client (`--client stdlib`: ~0.6 ms of CPU per request on 2 cores; `--client httpx`
+~1.7 ms); each run reports the generator's CPU seconds. Until issue 25 each run built its 16 httpx clients
+inside the timed window, 0.44 s of CPU (each loads the CA bundle) in a ~2 s run of d2f at c16: the ratio
+read 0.74-0.84 where this generator reads 0.90-0.94 for the same server.
 """
 
 from __future__ import annotations
@@ -193,10 +195,8 @@ def load(url: str, questions: list[str], concurrency: int, limit_s: float, field
 
 
 def connect(url: str, client: str, limit_s: float) -> Callable[[dict], tuple[int, str]]:
-    """One client's keep-alive connection, made before the clock starts: a function that posts a chat
-    request and returns (status, body). "stdlib" (http.client) costs the load generator ~0.1 ms of CPU per
-    request; "httpx" (the client before issue 25's fix of this script) ~20 ms, taken from the same 2 cores
-    as the server, which the offline run never has to share."""
+    """One client's keep-alive connection, made before the clock starts (building an httpx client costs
+    ~27 ms of CPU): a function that posts a chat request and returns (status, body)."""
     host, port = url.removeprefix("http://").rsplit(":", 1)
     path, head = "/v1/chat/completions", {"Content-Type": "application/json"}
     if client == "httpx":
@@ -313,7 +313,7 @@ def main() -> None:
     parser.add_argument("--cache", default="none", choices=["none", "prefix", "dual"],
                         help="the decoder's KV cache option (hard-mask, evotoken)")
     parser.add_argument("--client", default="stdlib", choices=["stdlib", "httpx"],
-                        help="the load generator's HTTP client (httpx: as before issue 25, ~200x its CPU)")
+                        help="the load generator's HTTP client (httpx: ~3x the CPU per request)")
     parser.add_argument("--checkout", type=Path, default=None,
                         help="run another checkout's server and generate (a 'before' number)")
     args = parser.parse_args()
