@@ -16,7 +16,9 @@ request (one `make_jobs` call per request), and the engine steps until all are d
 On a CPU "host ms" also holds the decoders' tensor maths (a GPU runs it as kernels the host only launches),
 which grows with the rows whatever the engine does. `--count` therefore runs each case once more and counts
 what the host itself does between forwards, per step: torch operations dispatched (each one kernel launch
-on a GPU) and Python function calls. Those two do not depend on the device. `--no-merge` runs the engine
+on a GPU) and Python function calls (those two do not depend on the device), and the milliseconds spent
+inside those operations (on a CPU, the maths; the counting run itself is slower, so read that column
+against the same run's other rows, not against "host ms"). `--no-merge` runs the engine
 with `merge_rows=False` (each row a program of its own), for a same-sitting comparison.
 
 It runs against the current engine and against an older checkout: the forward is counted by wrapping
@@ -94,12 +96,16 @@ class HostCounter(TorchDispatchMode):
 
     def __init__(self):
         super().__init__()
-        self.ops, self.calls, self.paused = 0, 0, False
+        self.ops, self.calls, self.paused, self.op_seconds = 0, 0, False, 0.0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not self.paused:
-            self.ops += 1
-        return func(*args, **(kwargs or {}))
+        if self.paused:
+            return func(*args, **(kwargs or {}))
+        self.ops += 1
+        t0 = time.perf_counter()
+        out = func(*args, **(kwargs or {}))
+        self.op_seconds += time.perf_counter() - t0
+        return out
 
     def profile(self, frame, event, arg):
         if event == "call" and not self.paused:
@@ -172,7 +178,8 @@ def run_mode(lm, name: str, requests: int, args, counter: HostCounter | None = N
         raise SystemExit(f"{name}: {errors[0]}")
     steps = max(engine.steps, 1)  # steps that ran a forward (a step that only read finished rows back is not one)
     if counter is not None:
-        return {"ops_per_step": round(counter.ops / steps, 1), "py_calls_per_step": round(counter.calls / steps, 1)}
+        return {"ops_per_step": round(counter.ops / steps, 1), "py_calls_per_step": round(counter.calls / steps, 1),
+                "op_ms_per_step": round(1000 * counter.op_seconds / steps, 3)}
     return {"mode": name, "requests": requests, "steps": steps, "forwards": clock.calls,
             "forwards_per_step": round(clock.calls / steps, 3),
             "host_ms_per_step": round(1000 * (wall - clock.seconds) / steps, 3),
@@ -191,12 +198,13 @@ def markdown(rows: list[dict], meta: dict) -> str:
              "|---|---|---|---|---|---|---|"]
     counted = any("ops_per_step" in r for r in rows)
     if counted:
-        lines[-2] += " host torch ops / step | host Python calls / step |"
-        lines[-1] += "---|---|"
+        lines[-2] += " host torch ops / step | host Python calls / step | host ms in torch ops / step |"
+        lines[-1] += "---|---|---|"
     for r in rows:
         lines.append(f"| {r['mode']} | {r['requests']} | {r['steps']} | {r['forwards_per_step']:.2f} | "
                      f"{r['host_ms_per_step']:.2f} | {r['forward_ms_per_step']:.2f} | {r['tokens_per_s']:.1f} |"
-                     + (f" {r.get('ops_per_step', '')} | {r.get('py_calls_per_step', '')} |" if counted else ""))
+                     + (f" {r.get('ops_per_step', '')} | {r.get('py_calls_per_step', '')} | "
+                        f"{r.get('op_ms_per_step', '')} |" if counted else ""))
     return "\n".join(lines) + "\n"
 
 

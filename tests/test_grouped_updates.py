@@ -110,7 +110,7 @@ def test_a_failing_grouped_update_fails_its_own_row_only(tiny_model, monkeypatch
         return original(logits, window, confidence, **kwargs)
 
     monkeypatch.setattr(module, "llada_rows", fragile)
-    engine = Engine(tiny_model, max_rows=4)
+    engine = Engine(tiny_model, max_rows=4, merge_rows=False)  # programs of their own (merged rows fail together)
     jobs = [engine.submit(job) for i, p in enumerate(PROMPTS[:4]) for _, job in make_jobs(
         tiny_model, decoder, GenerationRequest(prompts=[p], seeds=[i], **SETTINGS), cohort=1)]
     engine.run()

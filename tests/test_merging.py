@@ -156,17 +156,91 @@ def test_each_row_streams_its_own_events(tiny_model):
                [(e.row, e.step, e.tokens, e.committed) for e in alone_events]
 
 
-def test_a_merged_program_preempted_mid_run_decodes_as_alone(tiny_model):
-    """Out of budget, the merged job (all its rows) loses its slots and is recomputed from its canvas."""
-    decoder = make_decoder("hard-mask", {"cache": "dual"})
+@pytest.mark.parametrize("name, options", [("hard-mask", {"cache": "dual"}), ("evotoken", {"cache": "dual"})])
+def test_a_merged_program_preempted_mid_run_decodes_as_alone(tiny_model, monkeypatch, name, options):
+    """Out of budget, the merged job (all its rows, the youngest job) loses its slots and is recomputed
+    from its canvas."""
+    decoder = make_decoder(name, options)
     engine = Engine(tiny_model, max_rows=8, max_tokens=10_000)
-    merged = _submit(engine, tiny_model, decoder, [_request(p, seed=i) for i, p in enumerate(PROMPTS[:3])])
+    other = _submit(engine, tiny_model, decoder, [_request(PROMPTS[3], seed=3)])  # admitted first, alone
     engine.step()
-    other = _submit(engine, tiny_model, decoder, [_request(PROMPTS[3], seed=3)])  # joins a step later: alone
+    merged = _submit(engine, tiny_model, decoder, [_request(p, seed=i) for i, p in enumerate(PROMPTS[:3])])
+    preempted = []
+    original = Engine._preempt
+    monkeypatch.setattr(Engine, "_preempt", lambda self, job: (preempted.append(job), original(self, job)))
     for _ in range(3):
         engine.step()
     engine.max_tokens = 1
     engine.run()
-    assert engine.preemptions >= 1
+    assert [job.members for job in preempted][:1] == [merged]  # the merged job itself was preempted
     for i, job in enumerate([*merged, *other]):
         assert job.result.rows[0].token_ids == _solo(tiny_model, decoder, PROMPTS[i], i).token_ids
+
+
+def test_a_failure_after_the_first_forward_fails_every_row_once(tiny_model, monkeypatch):
+    """The rows step together: a forward that fails mid-run fails the group, and no row is rerun (its
+    events would be streamed again)."""
+    decoder = make_decoder("hard-mask", {})
+    engine = Engine(tiny_model, max_rows=4)
+    finals = [[] for _ in PROMPTS[:3]]
+    jobs = _submit(engine, tiny_model, decoder, [_request(p, seed=i, on_final=finals[i].append)
+                                                 for i, p in enumerate(PROMPTS[:3])])
+    original, calls = tiny_model.net.forward, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 6:
+            raise RuntimeError("a failing forward")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(tiny_model.net, "forward", failing)
+    engine.run()
+    assert all("a failing forward" in str(job.error) for job in jobs)
+    assert [len(f) for f in finals] == [1, 1, 1] and len(calls) == 6
+
+
+def test_a_cancelled_row_hears_no_more_events(tiny_model):
+    decoder = make_decoder("evotoken", {})
+    engine = Engine(tiny_model, max_rows=3)
+    passes = [[] for _ in PROMPTS[:3]]
+    jobs = _submit(engine, tiny_model, decoder, [_request(p, seed=i, on_pass=passes[i].append)
+                                                 for i, p in enumerate(PROMPTS[:3])])
+    engine.step()
+    engine.step()
+    jobs[0].cancel()
+    engine.step()
+    heard = len(passes[0])
+    engine.run()
+    assert len(passes[0]) == heard < len(passes[1]) == SETTINGS["steps"]
+
+
+def test_a_subclass_must_opt_in_again_and_an_older_program_signature_is_not_merged(tiny_model):
+    """`merges_rows` counts in the class that sets it: a plugin subclass that overrides hooks runs its rows
+    alone unless it says so; one that opts in with a `program` lacking `row_streams` runs unmerged too."""
+    base = type(make_decoder("hard-mask", {}))
+
+    class Quiet(base):
+        pass
+
+    class Older(base):
+        merges_rows = True
+
+        def program(self, model, request):
+            return super().program(model, request)
+
+    for cls in (Quiet, Older):
+        decoder = cls(make_decoder("hard-mask", {}).config)
+        engine = Engine(tiny_model, max_rows=3)
+        jobs = _submit(engine, tiny_model, decoder, [_request(p, seed=i) for i, p in enumerate(PROMPTS[:3])])
+        engine.step()
+        assert len(engine.live) == 3 and not any(j.members for j in engine.live)
+        engine.run()
+        assert all(j.error is None for j in jobs)
+
+
+def test_an_empty_prompt_fails_alone_as_when_decoded_alone(tiny_model):
+    decoder = make_decoder("hard-mask", {})
+    engine = Engine(tiny_model, max_rows=3)
+    jobs = _submit(engine, tiny_model, decoder, [_request(PROMPTS[0], 0), _request([], 1), _request(PROMPTS[1], 2)])
+    engine.run()
+    assert "a prompt is empty" in str(jobs[1].error) and jobs[0].error is None and jobs[2].error is None

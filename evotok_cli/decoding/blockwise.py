@@ -214,9 +214,12 @@ class BlockwiseDecoder:
     def merge_key(self, model: Any, request: GenerationRequest) -> Hashable | None:
         """What a one-row request must share with others for the engine to decode their rows as one program
         (`program(row_streams=True)`: the rows step in lockstep, each row drawing from its own seed, so each
-        decodes what it decodes alone), or None when it must run alone: a decoder that does not say it can
-        (`merges_rows`), rng=reference, and a threshold (rows would finish blocks at passes of their own)."""
-        if not self.merges_rows or self.reference_rng or self.threshold is not None or not self.exact_schedule:
+        decodes what it decodes alone), or None when it must run alone: a decoder class that does not say it
+        can (`merges_rows` set in the class itself: a subclass that overrides hooks must say so again),
+        rng=reference, a threshold (rows would finish blocks at passes of their own), and a decoder without
+        `exact_schedule`."""
+        if not type(self).__dict__.get("merges_rows", False) or self.reference_rng or self.threshold is not None \
+                or not self.exact_schedule:
             return None
         r = request
         return (id(model), type(self), repr(self.config), r.gen_length, r.block_length, r.steps, repr(r.sampling),

@@ -52,8 +52,8 @@ def make_jobs(model: Any, decoder: Any, request: Any, *, cohort: int) -> list[tu
 
 
 def decode_together(model: Any, decoder: Any, request: Any) -> GenerationResult:
-    """Decode all of `request`'s rows in an engine of their own, each row its own program (own random
-    stream, own KV slots) sharing one forward per step: what `decoder.generate` does for a batch."""
+    """Decode all of `request`'s rows in an engine of their own, each row with its own random stream and KV
+    slots (its own program, or a row of a merged one), sharing one forward per step."""
     engine = Engine(model, max_rows=max(1, len(request.prompts)))
     t0 = time.perf_counter()
     jobs = [engine.submit(job) for _, job in make_jobs(model, decoder, request, cohort=len(request.prompts))]

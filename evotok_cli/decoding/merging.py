@@ -7,17 +7,21 @@ anyway (the same blocks, the same schedule), so the engine admits them as one pr
 left-padded canvas: host work per step then grows with the groups, not the rows.
 
 Why tokens stay exact: a merged program gives every row its own random stream (`program(row_streams=True)`,
-from the row's own seed) and its grouped updates treat rows independently; the shared forward drops each
-row's padding columns (`rows.run_rows`), so a row's forward sees exactly its own positions. A decoder opts
-in through `merge_key` (hard-mask and evotoken: not with rng=reference, nor with a threshold, where rows
-finish blocks at passes of their own). What a merged row gives up: cancelling it alone stops its answer,
-not its compute (its row decodes on with the others and is dropped).
+from the row's own seed) and its grouped updates treat rows independently; with the exact pool (`KVPool`,
+the CPU default, `--padded-attention rowwise`) the shared forward drops each row's padding columns
+(`rows.run_rows`), so a row's forward sees exactly its own positions, bit for bit. The paged pool (the GPU
+default, compiled forwards) already attends rows in one masked call, equal to the row alone up to float
+rounding, merged or not. A decoder opts in through `merge_key` (hard-mask and evotoken: not with
+rng=reference, nor with a threshold, where rows finish blocks at passes of their own). What a merged row
+gives up: cancelling it alone stops its answer and its events, not its compute (its row decodes on with the
+others, unread); a failure after the first forward fails every row of the group.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, replace
 from inspect import GEN_CREATED, getgeneratorstate
+from threading import Event
 from typing import Any
 
 from evotok_cli.decoding.api import GenerationRequest, GenerationResult, row_seed
@@ -36,8 +40,11 @@ class Mergeable:
 
 
 def mergeable(model: Any, decoder: Any, request: GenerationRequest) -> Mergeable | None:
+    """A one-row request's note, or None (no `merge_key`, or an empty prompt: alone it fails, merged it
+    would not)."""
     key_of = getattr(decoder, "merge_key", None)
-    key = key_of(model, request) if key_of is not None and len(request.prompts) == 1 else None
+    single = len(request.prompts) == 1 and len(request.prompts[0]) > 0
+    key = key_of(model, request) if key_of is not None and single else None
     return None if key is None else Mergeable(key, model, decoder, request)
 
 
@@ -56,18 +63,19 @@ def groups(jobs: list[Job]) -> list[list[Job]]:
     return [group for group in by_key.values() if len(group) > 1]
 
 
-def merged_request(parts: list[Mergeable]) -> GenerationRequest:
+def merged_request(parts: list[Mergeable], answered: list[Event]) -> GenerationRequest:
     """One request for the rows of `parts`: their prompts and seeds, and listeners that hand each row's
-    events to its own request as its row 0."""
+    events to its own request as its row 0, until that row is answered (`answered[i]` set: cancelled)."""
     requests = [p.request for p in parts]
     return replace(requests[0], prompts=[r.prompts[0] for r in requests], seeds=[row_seed(r, 0) for r in requests],
-                   seed=None, on_event=_by_row([r.on_event for r in requests]),
-                   on_final=_by_row([r.on_final for r in requests]), on_pass=_to_all([r.on_pass for r in requests]))
+                   seed=None, on_event=_by_row([r.on_event for r in requests], answered),
+                   on_final=_by_row([r.on_final for r in requests], answered),
+                   on_pass=_to_all([r.on_pass for r in requests], answered))
 
 
-def merged_program(parts: list[Mergeable]) -> Any:
+def merged_program(parts: list[Mergeable], answered: list[Event]) -> Any:
     first = parts[0]
-    return first.decoder.program(first.model, merged_request(parts), row_streams=True)
+    return first.decoder.program(first.model, merged_request(parts, answered), row_streams=True)
 
 
 def canvas_tokens(parts: list[Mergeable]) -> int:
@@ -82,19 +90,23 @@ def row_result(result: GenerationResult, row: int) -> GenerationResult:
     return GenerationResult(rows=[own], nfe=own.nfe, seconds=result.seconds)
 
 
-def _by_row(listeners: list[Callable[[Any], None] | None]) -> Callable[[Any], None] | None:
+def _by_row(listeners: list[Callable[[Any], None] | None], answered: list[Event]) -> Callable[[Any], None] | None:
     if not any(listeners):
         return None
 
     def hand_on(event: Any) -> None:
         listener = listeners[event.row]
-        if listener is not None:
+        if listener is not None and not answered[event.row].is_set():
             listener(replace(event, row=0))
     return hand_on
 
 
-def _to_all(listeners: list[Callable[[int], None] | None]) -> Callable[[int], None] | None:
-    live = [f for f in listeners if f is not None]
-    if not live:
+def _to_all(listeners: list[Callable[[int], None] | None], answered: list[Event]) -> Callable[[int], None] | None:
+    if not any(listeners):
         return None
-    return lambda nfe: [f(nfe) for f in live]
+
+    def hand_on(nfe: int) -> None:
+        for listener, done in zip(listeners, answered):
+            if listener is not None and not done.is_set():
+                listener(nfe)
+    return hand_on

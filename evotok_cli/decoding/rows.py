@@ -3,6 +3,7 @@ the K/V pool (`make_pool`: per-row caches, `run_rows`; or one paged pool, `run_p
 when packed together is told in decoding/engine.py."""
 from __future__ import annotations
 
+import functools
 from collections.abc import Hashable
 from typing import Any
 
@@ -106,9 +107,14 @@ def _padding_fed(p: ForwardPass, length: int) -> list[int] | None:
 
 def _kept_columns(drop: list[int], length: int, device: Any) -> torch.Tensor:
     """The flat index of a (B, length) window's columns from drop[i] on in row i, made on the host (a bool
-    mask would make the host wait for the device)."""
-    keep = torch.tensor([i * length + c for i, skip in enumerate(drop) for c in range(skip, length)])
-    return keep.to(device, non_blocking=True)
+    mask would make the host wait for the device), once per padding pattern (a merged program's every
+    full pass has the same)."""
+    return _kept_on_host(tuple(drop), length).to(device, non_blocking=True)
+
+
+@functools.lru_cache(maxsize=256)
+def _kept_on_host(drop: tuple[int, ...], length: int) -> torch.Tensor:
+    return torch.tensor([i * length + c for i, skip in enumerate(drop) for c in range(skip, length)])
 
 
 def _packed(t: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:

@@ -43,6 +43,7 @@ class Job:
     preempted: bool = False  # waits in the queue without its KV slots
     merge: Mergeable | None = None  # a one-row job that may decode in one program with others (decoding/merging.py)
     members: list[Job] = field(default_factory=list)  # a merged program's jobs, one per row, in row order
+    passes: int = 0  # forwards whose logits it received
 
     @property
     def seconds(self) -> float:
@@ -116,7 +117,11 @@ class Engine:
         tokens = merging.canvas_tokens(parts)
         if self.max_tokens is not None and self.live_tokens - sum(j.tokens for j in jobs) + tokens > self.max_tokens:
             return
-        group = Job(merging.merged_program(parts), rows=len(jobs), tokens=tokens, members=jobs)
+        try:
+            program = merging.merged_program(parts, [j.done for j in jobs])
+        except Exception:  # e.g. a plugin's `program` without `row_streams`: the rows run as they came
+            return
+        group = Job(program, rows=len(jobs), tokens=tokens, members=jobs)
         group.admitted = time.perf_counter()
         self.live[self.live.index(jobs[0])] = group
         for job in jobs:
@@ -126,9 +131,11 @@ class Engine:
                 self.live.remove(job)
 
     def _fail(self, job: Job, error: BaseException) -> None:
-        """A job's program or pass failed. A merged job's rows run again each as a program of its own (from
-        the start, first in the queue): a row's bad input (a prompt too long...) then fails that row alone."""
-        if not job.members:
+        """A job's program or pass failed. A merged job that failed before its first forward (a row's bad
+        input: a prompt too long...) runs its rows again each as a program of its own, first in the queue,
+        so that only that row fails; one that failed later fails every row (its rows step together, and a
+        rerun would stream their events again)."""
+        if not job.members or job.passes:
             return self._finish(job, error=error)
         members, job.members = job.members, []
         self._finish(job, error=error)
@@ -140,8 +147,10 @@ class Engine:
 
     def _drop_cancelled_members(self) -> None:
         """A merged row whose request was cancelled is answered at once (its row decodes on with the others,
-        unread); when every row of a merged job is, the job is cancelled."""
-        for group in [j for j in [*self.live, *self.queue] if j.members]:
+        its events no longer sent); when every row of a merged job is, the job is cancelled."""
+        with self.lock:
+            queued = list(self.queue)
+        for group in [j for j in [*self.live, *queued] if j.members]:
             for member in group.members:
                 if member.cancelled and not member.done.is_set():
                     self._finish(member)
@@ -232,6 +241,7 @@ class Engine:
                 job.replay.pop(0)
             else:
                 ran.append((job, logits))
+                job.passes += 1
         self._remember(ran)  # before any program runs on: its pass's inputs are as they were fed
         for job, logits in ran:
             self._advance(job, logits)
