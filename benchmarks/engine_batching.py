@@ -39,6 +39,7 @@ Writes benchmarks/results/engine_batching-<device>[-<tag>].json and .md (`--out`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import platform
@@ -161,15 +162,13 @@ def run_mode(lm, name: str, requests: int, args, counter: HostCounter | None = N
         engine.submit(job)
     with ForwardClock(lm, counter) as clock:
         t0 = time.perf_counter()
-        if counter is not None:
-            sys.setprofile(counter.profile)
-            with counter:
+        with counter if counter is not None else contextlib.nullcontext():
+            sys.setprofile(counter.profile if counter is not None else None)
+            try:
                 while engine.step():
                     pass
-            sys.setprofile(None)
-        else:
-            while engine.step():
-                pass
+            finally:
+                sys.setprofile(None)
         if lm.device.type == "cuda":
             torch.cuda.synchronize(lm.device)
         wall = time.perf_counter() - t0

@@ -222,7 +222,7 @@ class BlockwiseDecoder:
                 or not self.exact_schedule:
             return None
         r = request
-        return (id(model), type(self), repr(self.config), r.gen_length, r.block_length, r.steps, repr(r.sampling),
+        return (*self.group_key(model, r.sampling), r.gen_length, r.block_length, r.steps,
                 r.trace and r.on_event is not None, r.logprobs, row_seed(r, 0) is None)
 
     def program(self, model: Any, request: GenerationRequest, *, row_streams: bool = False) -> Program:

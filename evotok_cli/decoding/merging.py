@@ -1,10 +1,12 @@
 """Rows of several requests decoded as ONE program (the engine merges them when it admits them together).
 
 Why: every program is Python that resumes a few times per engine step, and a row that is a program of its
-own costs the host that much per row per step (about 0.15 ms on a CPU), however well its forward and its
-update are batched. Rows that share a decoder, its options and the request's shape step in lockstep
-anyway (the same blocks, the same schedule), so the engine admits them as one program over a stacked,
-left-padded canvas: host work per step then grows with the groups, not the rows.
+own costs the host that much per row per step, however well its forward and its update are batched (one
+program per row: the host's torch operations and Python calls per step grew 4.3-6.5x from 8 to 64 rows;
+merged, the operations stay the same: `benchmarks/engine_batching.py --count`, results README "session
+12"). Rows that share a decoder, its options and the request's shape step in lockstep anyway (the same
+blocks, the same schedule), so the engine admits them as one program over a stacked, left-padded canvas:
+host work per step then grows with the groups, not the rows.
 
 Why tokens stay exact: a merged program gives every row its own random stream (`program(row_streams=True)`,
 from the row's own seed) and its grouped updates treat rows independently; with the exact pool (`KVPool`,

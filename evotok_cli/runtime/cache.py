@@ -18,6 +18,7 @@ attention reads and writes its own slot, so a row computes exactly what it compu
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
@@ -25,6 +26,8 @@ import torch
 
 
 class KVCache:
+    rows = slice(None)  # the batch rows this cache writes and reads (`row`: one row of a batched cache)
+
     def __init__(self, n_layers: int, batch: int, n_kv_heads: int, length: int, head_dim: int, *,
                  dtype: torch.dtype, device: torch.device | str):
         shape = (batch, n_kv_heads, length, head_dim)  # (B, Hkv, Lmax, D)
@@ -33,9 +36,17 @@ class KVCache:
         self.capacity = length
         self.filled = 0  # positions [0, filled) hold keys/values written by some forward
 
+    def row(self, r: int) -> KVCache:
+        """Row r as a batch-1 cache of its own (its own `filled`) over this cache's memory: the rows of a
+        merged program (several requests' rows as one program) get their slots in ONE allocation per layer
+        instead of one per row."""
+        view = copy.copy(self)
+        view.rows, view.filled = slice(r, r + 1), 0
+        return view
+
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
+        return sum(t[self.rows].numel() * t.element_size() for t in (*self.k, *self.v))
 
     def span_after(self, start: int, length: int) -> int:
         """How many key positions a forward over [start, start + length) attends to."""
@@ -45,33 +56,12 @@ class KVCache:
         end = start + k.shape[2]
         if end > self.capacity:
             raise ValueError(f"KV cache holds {self.capacity} positions, asked to write up to {end}")
-        self.k[layer][:, :, start:end] = k
-        self.v[layer][:, :, start:end] = v
+        self.k[layer][self.rows, :, start:end] = k
+        self.v[layer][self.rows, :, start:end] = v
         span = self.span_after(start, k.shape[2])
         if layer == len(self.k) - 1:
             self.filled = span
-        return self.k[layer][:, :, :span], self.v[layer][:, :, :span]
-
-
-class CacheRow:
-    """Row `row` of a batched `KVCache`, used as a batch-1 cache: the rows of a merged program (several
-    requests' rows as one program) get their slots in ONE allocation per layer instead of one per row."""
-
-    def __init__(self, cache: KVCache, row: int):
-        self.cache, self.row, self.capacity, self.filled = cache, row, cache.capacity, 0
-
-    span_after = KVCache.span_after
-
-    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        end, r = start + k.shape[2], self.row
-        if end > self.capacity:
-            raise ValueError(f"KV cache holds {self.capacity} positions, asked to write up to {end}")
-        keys, values = self.cache.k[layer], self.cache.v[layer]
-        keys[r, :, start:end], values[r, :, start:end] = k[0], v[0]
-        span = self.span_after(start, k.shape[2])
-        if layer == len(self.cache.k) - 1:
-            self.filled = span
-        return keys[r:r + 1, :, :span], values[r:r + 1, :, :span]
+        return self.k[layer][self.rows, :, :span], self.v[layer][self.rows, :, :span]
 
 
 class KVPool:
@@ -85,7 +75,7 @@ class KVPool:
         self.slots: dict[tuple[Hashable, int], KVCache] = {}
         self.memory: dict[Hashable, Hashable] = {}  # owner -> the memory its slots hold
 
-    def slot(self, owner: Hashable, row: int, length: int, memory: Hashable = 0, rows: int = 1) -> KVCache | CacheRow:
+    def slot(self, owner: Hashable, row: int, length: int, memory: Hashable = 0, rows: int = 1) -> KVCache:
         """Row `row`'s slot of `owner`'s canvas (`rows`: how many rows the owner has; a new owner of several
         gets all of them in one allocation)."""
         if self.memory.get(owner, memory) != memory:
@@ -96,7 +86,7 @@ class KVPool:
         if cache is None or cache.capacity != length:
             if rows > 1 and not any((owner, r) in self.slots for r in range(rows)):
                 batched = self.new_cache(rows, length)
-                self.slots.update({(owner, r): CacheRow(batched, r) for r in range(rows)})
+                self.slots.update({(owner, r): batched.row(r) for r in range(rows)})
                 return self.slots[key]
             cache = self.slots[key] = self.new_cache(1, length)
         return cache
@@ -124,7 +114,7 @@ class RowBatch:
 
     spans: list[tuple[int, int]]
     starts: list[int]
-    slots: list[KVCache | CacheRow | None]
+    slots: list[KVCache | None]
     masks: list[torch.Tensor | None]
     key_pads: list[int]
 
