@@ -7,6 +7,7 @@ module level; torch, transformers and datasets load inside the commands.
 
 from __future__ import annotations
 
+import difflib
 import json
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ import typer
 from typer.core import TyperGroup
 
 from evotok_cli.base.console import stderr
+from evotok_cli.base.errors import ConfigError, EvotokError
 from evotok_cli.base.options import with_options
 from evotok_cli.bench.config import BenchOptions
 
@@ -31,6 +33,10 @@ class BenchGroup(TyperGroup):
             ctx.exit(0)
         if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
             args = ["run", *args]
+        if args and args[0] == "run" and "--compile" in args:
+            from evotok_cli.bench.tasks.registry import available
+
+            args = ["run", *compile_before_task(args[1:], set(available()))]
         return super().parse_args(ctx, args)
 
     def format_usage(self, ctx: Any, formatter: Any) -> None:
@@ -47,6 +53,44 @@ class BenchGroup(TyperGroup):
         rows = [r for r in (p.get_help_record(sub) for p in run_command.get_params(sub)) if r]
         with formatter.section("Options of `evotok bench TASK ...` (= `bench run`)"):
             formatter.write_dl(rows)
+
+
+def compile_before_task(args: list[str], tasks: set[str]) -> list[str]:
+    """`bench run`'s arguments with `--compile TASK` read as a bare --compile before the task.
+
+    Why: `--compile` takes an optional level, and the run form takes tasks as its positional arguments, so
+    in `evotok bench --compile sudoku4` the word after the flag could be either. The grammar: a level word
+    (on | max | off, or what EVOTOK_COMPILE accepts) is the flag's value, a task name is a task (the flag
+    bare, i.e. on); a word that is both or neither cannot be read, and is one ConfigError saying how to
+    write it. `--compile=VALUE` and a bare flag before an option or at the end (runtime/compile.py:
+    `bare_flags`) are left as they are; nothing after `--` is touched."""
+    from evotok_cli.runtime.compile import compile_level
+
+    out: list[str] = []
+    for i, arg in enumerate(args):
+        if arg == "--":
+            return out + args[i:]
+        following = args[i + 1] if i + 1 < len(args) else None
+        if arg != "--compile" or following is None or following.startswith("-"):
+            out.append(arg)
+            continue
+        try:
+            compile_level(following)
+            level = True
+        except EvotokError:
+            level = False
+        if level and following in tasks:
+            raise ConfigError(f"{following!r} after --compile is both a level and a task", where="--compile",
+                              fix=f"write --compile={following} for the level, or --compile=on {following} "
+                                  "for the task")
+        if not level and following not in tasks:
+            close = difflib.get_close_matches(following, sorted(tasks), n=1, cutoff=0.6)
+            where = "tasks go before --compile, or after --compile=on; a level is --compile=on|max|off"
+            raise ConfigError(f"expected bool or a level on | max | off, got {following!r}, which is no task "
+                              "either", where="--compile",
+                              fix=(f"did you mean the task {close[0]}? " if close else "") + where)
+        out.append(arg if level else "--compile=on")
+    return out
 
 
 bench_app = typer.Typer(

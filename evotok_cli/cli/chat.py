@@ -33,10 +33,10 @@ HELP = """commands:
 
 
 @dataclass
-@loads_model(before="show", leave_out=("compile",))
+@loads_model(before="show")
 class ChatOptions:
     """`evotok chat`'s options: `evotok generate`'s model and decoding options (those of how the model loads,
-    but --compile, before --show: `loads_model`), and the transcript log."""
+    --compile among them, before --show: `loads_model`), and the transcript log."""
 
     model: str | None = like(GenerateOptions, "model")
     adapter: str | None = like(GenerateOptions, "adapter")
@@ -205,7 +205,7 @@ def run(flags: dict[str, Any], *, stdin: TextIO | None = None, out: Callable[[st
     log = output_file(Path(values["log"]).expanduser(), "--log") if values["log"] else None
     apply_threads(values["threads"])
     lm = load_model(folder, adapter=values["adapter"], device=values["device"], dtype=values["dtype"],
-                    lora_mode=check_lora_mode(values["lora_mode"]),
+                    compile=values["compile"], lora_mode=check_lora_mode(values["lora_mode"]),
                     padded_attention=check_padded_mode(values["padded_attention"]),
                     quantize=check_quantize(values["quantize"]))
     if lm.tokenizer is None:
