@@ -66,11 +66,13 @@ def _assert_solo(model, decoder, prompts, jobs, temperature, first_seed=0):
 @pytest.mark.parametrize("options", [{"block_size": "4"}, {"block_size": "4", "soft": "true"},
                                      {"block_size": "4", "skip_threshold": "0.2", "block_add_threshold": "0.25"}])
 @pytest.mark.parametrize("temperature", [0.0, 0.9])
-def test_rows_update_in_one_call_per_step(tiny_model, tiny_dream_model, monkeypatch, dream, options, temperature):
+@pytest.mark.parametrize("merge", [True, False])  # one merged program (d2f/merged.py), or a program per row
+def test_rows_update_in_one_call_per_step(tiny_model, tiny_dream_model, monkeypatch, dream, options, temperature,
+                                          merge):
     model = tiny_dream_model if dream else tiny_model
     decoder = make_decoder("d2f", options)
     calls = _counting(monkeypatch)
-    engine = Engine(model, max_rows=len(PROMPTS))
+    engine = Engine(model, max_rows=len(PROMPTS), merge_rows=merge)
     jobs = _submit(engine, model, decoder, PROMPTS, temperature)
     engine.run()
     assert len(calls) == engine.steps  # one call per step, not one per row

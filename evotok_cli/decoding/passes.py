@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Generator, Hashable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -14,6 +14,17 @@ from evotok_cli.base.errors import ConfigError
 from evotok_cli.decoding.api import GenerationResult
 
 Program = Generator["ForwardPass | HostRead", Any, GenerationResult]
+
+
+class RowWindow(NamedTuple):
+    """One row's part of a pass whose rows feed windows of their own (`ForwardPass.windows`): the fed
+    columns [lo, hi) and the columns [logits_lo, logits_hi) whose logits it needs, both counted from the
+    pass's `start`. lo == hi: the row sits this pass out."""
+
+    lo: int
+    hi: int
+    logits_lo: int
+    logits_hi: int
 
 
 @dataclass
@@ -25,7 +36,12 @@ class ForwardPass:
     position written so far. None: attention sees the fed positions only. `kv_memory` names the canvas
     the slots hold: a program that decodes several canvases in turn (d2f's rows) starts each on fresh
     slots by naming a new one. `cache` (a cache object the program holds) is the older interface: such a
-    pass runs alone."""
+    pass runs alone.
+
+    windows: rows that feed windows of their own (a merged program's d2f rows, each at its own place in
+    its pipeline): row i feeds only columns windows[i].lo:hi of the inputs and gets the logits of
+    windows[i].logits_lo:logits_hi; the pass's logits are then those of every row end to end, (1, N, V).
+    `attention_mask`'s key axis then counts canvas columns from 0, which the engine cuts for each row."""
 
     inputs: dict[str, Any]  # input_ids=(B, L) or soft_inputs=((B, L, K) ids, (B, L, K) weights)
     position_ids: torch.Tensor | None  # (B, L); None: start + arange(L)
@@ -37,6 +53,7 @@ class ForwardPass:
     combine: Callable[[torch.Tensor], torch.Tensor] | None = None  # e.g. classifier-free guidance's mix
     kv_length: int | None = None
     kv_memory: Hashable = 0
+    windows: list[RowWindow] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.cache, int) and not isinstance(self.cache, bool):  # an older BlockwiseDecoder.forward
@@ -47,13 +64,20 @@ class ForwardPass:
 
     @property
     def rows(self) -> int:
-        ids = self.inputs.get("input_ids")
-        return (ids if ids is not None else self.inputs["soft_inputs"][0]).shape[0]
+        return self._ids.shape[0]
 
     @property
     def length(self) -> int:
+        return self._ids.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self._ids.device
+
+    @property
+    def _ids(self) -> torch.Tensor:
         ids = self.inputs.get("input_ids")
-        return (ids if ids is not None else self.inputs["soft_inputs"][0]).shape[1]
+        return ids if ids is not None else self.inputs["soft_inputs"][0]
 
     @property
     def shareable(self) -> bool:

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from evotok_cli.decoding.passes import ForwardPass
+from evotok_cli.decoding.passes import ForwardPass, RowWindow
 from evotok_cli.runtime.attention import resolved_mode
 from evotok_cli.runtime.cache import KVPool, PagedRows, RowBatch, SlotPool, bucket
 
@@ -21,36 +21,71 @@ def run_pass(model: Any, p: ForwardPass) -> torch.Tensor:
     return p.combine(logits) if p.combine is not None else logits
 
 
-def _embed(model: Any, inputs: dict[str, Any]) -> torch.Tensor:
-    if "soft_inputs" in inputs:
-        return model.embed_soft(*inputs["soft_inputs"])
-    return model.embed(inputs["input_ids"])
+def _windows(p: ForwardPass) -> list[RowWindow]:
+    """Each row's fed columns and logit columns: the pass's own `windows`, else the whole window less a
+    padded row's leading padding columns where they can be left out (`_padding_fed`)."""
+    if p.windows is not None:
+        return p.windows
+    length, (a, b) = p.length, p.logits_slice
+    drop = _padding_fed(p, length)
+    return [RowWindow(drop[i] if drop else 0, length, a, b) for i in range(p.rows)]
 
 
-def _embed_all(model: Any, passes: list[ForwardPass]) -> list[torch.Tensor]:
-    """Every pass's input embeddings (B_p, L_p, D) from ONE embedding call per kind of input (ids; soft
-    inputs of K slots), not one per pass: host work per step that does not grow with the rows. The lookup
-    and the soft mixture are computed position by position, so each pass gets what its own call gives."""
+def _fed(p: ForwardPass, windows: list[RowWindow]) -> torch.Tensor | None:
+    """The flat index of the fed columns of the pass's (B, L) window, or None when every column is fed."""
+    length = p.length
+    if all(w.lo == 0 and w.hi == length for w in windows):
+        return None
+    spans = tuple((w.lo, w.hi) for w in windows)
+    return _fed_on_host(spans, length).to(p.device, non_blocking=True)
+
+
+@functools.lru_cache(maxsize=256)
+def _fed_on_host(spans: tuple[tuple[int, int], ...], length: int) -> torch.Tensor:
+    """Made on the host (a bool mask would make the host wait for the device), once per pattern (a merged
+    program's every full pass has the same)."""
+    return torch.tensor([i * length + c for i, (lo, hi) in enumerate(spans) for c in range(lo, hi)], dtype=torch.long)
+
+
+def _embed_fed(model: Any, passes: list[ForwardPass], feds: list[torch.Tensor | None]) -> list[torch.Tensor]:
+    """Every pass's fed columns' input embeddings (N_p, D), from ONE embedding call per kind of input
+    (ids; soft inputs of K slots), not one per pass: host work per step that does not grow with the rows.
+    Only fed columns are embedded (a soft column costs K lookups). The lookup and the soft mixture are
+    computed position by position, so each pass gets what its own call gives."""
     kinds: dict[Hashable, list[int]] = {}
     for i, p in enumerate(passes):
         soft = p.inputs.get("soft_inputs")
         kinds.setdefault(None if soft is None else (soft[0].shape[-1], soft[1].dtype), []).append(i)
     out: list[torch.Tensor] = [None] * len(passes)  # type: ignore[list-item]
     for kind, at in kinds.items():
-        if len(at) == 1:
-            out[at[0]] = _embed(model, passes[at[0]].inputs)
-            continue
         if kind is None:
-            parts = [passes[i].inputs["input_ids"] for i in at]
-            flat = model.embed(torch.cat([t.reshape(-1) for t in parts])[None])[0]  # (N, D)
+            ids = _joined([_packed(passes[i].inputs["input_ids"], feds[i]) for i in at])
+            flat = model.embed(ids[None])[0]  # (N, D)
         else:
-            parts = [passes[i].inputs["soft_inputs"][0] for i in at]
-            ids = torch.cat([t.reshape(-1, kind[0]) for t in parts])
-            weights = torch.cat([passes[i].inputs["soft_inputs"][1].reshape(-1, kind[0]) for i in at])
+            ids = _joined([_packed(passes[i].inputs["soft_inputs"][0], feds[i]) for i in at])
+            weights = _joined([_packed(passes[i].inputs["soft_inputs"][1], feds[i]) for i in at])
             flat = model.embed_soft(ids[None], weights[None])[0]
-        for i, t, piece in zip(at, parts, flat.split([t.shape[0] * t.shape[1] for t in parts])):
-            out[i] = piece.view(t.shape[0], t.shape[1], -1)
+        sizes = [passes[i].rows * passes[i].length if feds[i] is None else feds[i].numel() for i in at]
+        for i, piece in zip(at, flat.split(sizes)):
+            out[i] = piece
     return out
+
+
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _row_mask(p: ForwardPass, i: int, w: RowWindow, cached: bool) -> tuple[torch.Tensor | None, int, int]:
+    """Row i's mask (1, 1, ., .) and where its (L_i, K_i) part starts in it: the pass's row (or its one shared
+    mask) from (0, 0); for a pass with `windows`, from the row's first fed query and its first key (0 with
+    a slot, else its first fed column). Not cut here: a shared mask costs no tensor operation per row."""
+    mask = p.attention_mask
+    if mask is None:
+        return None, 0, 0
+    own = mask if mask.shape[0] == 1 else mask[i:i + 1]  # (1, 1, ., .)
+    if p.windows is None:
+        return own, 0, 0
+    return own, w.lo, 0 if cached else p.start + w.lo
 
 
 def run_rows(model: Any, items: list[tuple[Hashable, ForwardPass]], pool: KVPool | SlotPool) -> list[torch.Tensor]:
@@ -60,39 +95,50 @@ def run_rows(model: Any, items: list[tuple[Hashable, ForwardPass]], pool: KVPool
     in one masked call per layer (`run_paged`)."""
     if isinstance(pool, SlotPool):
         return run_paged(model, items, pool)
-    if len(items) == 1 and items[0][1].kv_length is None and not items[0][1].pad_offsets:
-        return [run_pass(model, items[0][1])]  # alone and uncached: the plain forward
-    embeds = _embed_all(model, [p for _, p in items])  # (B_p, L_p, D) each
-    drops = [_padding_fed(p, e.shape[1]) for (_, p), e in zip(items, embeds)]
-    keeps = [None if drop is None else _kept_columns(drop, e.shape[1], e.device) for e, drop in zip(embeds, drops)]
+    p0 = items[0][1]
+    if len(items) == 1 and p0.kv_length is None and not p0.pad_offsets and p0.windows is None:
+        return [run_pass(model, p0)]  # alone and uncached: the plain forward
     # packed end to end in one batch row, not left-padded to the longest: padding would cost every linear
     # layer its share of padding columns (guidance's full-canvas pairs of mixed lengths: 1.4x the work); a
-    # padded canvas's own padding columns are left out too (a merged program's rows: decoding/merging.py)
-    x = torch.cat([_packed(e, keep) for e, keep in zip(embeds, keeps)])[None]  # (1, N, D)
+    # padded canvas's own padding columns are left out too (a merged program's rows: decoding/merging.py),
+    # and so are the columns a row of a pass with `windows` does not feed
+    windows = [_windows(p) for _, p in items]
+    feds = [_fed(p, ws) for (_, p), ws in zip(items, windows)]
+    x = torch.cat(_embed_fed(model, [p for _, p in items], feds))[None]  # (1, N, D)
     positions = torch.cat([_packed(p.position_ids if p.position_ids is not None else
-                                   torch.arange(p.start, p.start + e.shape[1], device=x.device).expand(e.shape[0], -1),
-                                   keep) for (_, p), e, keep in zip(items, embeds, keeps)])[None]  # (1, N)
-    spans, starts, slots, masks, key_pads, index, counts = [], [], [], [], [], [], []
+                                   torch.arange(p.start, p.start + p.length, device=x.device).expand(p.rows, -1),
+                                   fed) for (_, p), fed in zip(items, feds)])[None]  # (1, N)
+    spans, starts, slots, masks, mask_at, key_pads, index, counts = [], [], [], [], [], [], [], []
     at = 0
-    for (owner, p), e, drop in zip(items, embeds, drops):
-        rows, length = e.shape[0], e.shape[1]
-        a, b = p.logits_slice
-        for i in range(rows):
-            skip = drop[i] if drop else 0  # padding columns at the window's start, not fed
-            spans.append((at, at + length - skip))
-            starts.append(p.start + skip)
-            slots.append(None if p.kv_length is None else pool.slot(owner, i, p.kv_length, p.kv_memory, rows))
-            mask = p.attention_mask
-            masks.append(None if mask is None else mask[i if mask.shape[0] > 1 else 0][None])
+    for (owner, p), ws in zip(items, windows):
+        for i, w in enumerate(ws):
+            if w.lo == w.hi:
+                continue  # sits this pass out
+            slot = None if p.kv_length is None else pool.slot(owner, i, p.kv_length, p.kv_memory, p.rows)
+            spans.append((at, at + w.hi - w.lo))
+            starts.append(p.start + w.lo)
+            slots.append(slot)
+            mask, q0, k0 = _row_mask(p, i, w, slot is not None)
+            masks.append(mask)
+            mask_at.append((q0, k0))
             key_pads.append(p.pad_offsets[i] if p.pad_offsets else 0)
-            index.extend(range(at + a - skip, at + b - skip))
-            at += length - skip
-        counts.append((rows, b - a))
-    batch = RowBatch(spans, starts, slots, masks, key_pads)
+            index.extend(range(at + w.logits_lo - w.lo, at + w.logits_hi - w.lo))
+            at += w.hi - w.lo
+        counts.append(_logit_counts(p, ws))
+    batch = RowBatch(spans, starts, slots, masks, key_pads, mask_at)
     gather = torch.tensor(index, dtype=torch.long).to(x.device, non_blocking=True)
     logits = model(inputs_embeds=x, position_ids=positions, cache=batch, start=_common_start(items),
                    logits_slice=gather)[0]  # (N, V)
     return _split_logits(items, counts, logits)
+
+
+def _logit_counts(p: ForwardPass, windows: list[RowWindow]) -> tuple[int, int]:
+    """(rows, positions) of the pass's logits: its rows' `logits_slice`, or with `windows` every row's
+    logits end to end as one."""
+    if p.windows is None:
+        a, b = p.logits_slice
+        return p.rows, b - a
+    return 1, sum(w.logits_hi - w.logits_lo for w in windows)
 
 
 def _padding_fed(p: ForwardPass, length: int) -> list[int] | None:
@@ -103,18 +149,6 @@ def _padding_fed(p: ForwardPass, length: int) -> list[int] | None:
         return None
     drop = [min(max(pad - p.start, 0), length) for pad in p.pad_offsets]
     return drop if any(drop) and max(drop) <= p.logits_slice[0] else None
-
-
-def _kept_columns(drop: list[int], length: int, device: Any) -> torch.Tensor:
-    """The flat index of a (B, length) window's columns from drop[i] on in row i, made on the host (a bool
-    mask would make the host wait for the device), once per padding pattern (a merged program's every
-    full pass has the same)."""
-    return _kept_on_host(tuple(drop), length).to(device, non_blocking=True)
-
-
-@functools.lru_cache(maxsize=256)
-def _kept_on_host(drop: tuple[int, ...], length: int) -> torch.Tensor:
-    return torch.tensor([i * length + c for i, skip in enumerate(drop) for c in range(skip, length)])
 
 
 def _packed(t: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
@@ -175,48 +209,48 @@ def _paged_mask(masks: list[tuple], shape: tuple[int, int, int], total: int, dev
 def run_paged(model: Any, items: list[tuple[Hashable, ForwardPass]], pool: SlotPool) -> list[torch.Tensor]:
     """`run_rows` over a `SlotPool`: the same rows, windows and masks as index and mask tensors, with the
     batch, window, key and logit counts rounded up to buckets (dummy rows attend to the scratch slot)."""
-    embeds = _embed_all(model, [p for _, p in items])  # (B_p, L_p, D)
-    total = sum(e.shape[0] for e in embeds)
-    rows, length = bucket(total), bucket(max(e.shape[1] for e in embeds), 8)
-    widest = max(max(p.kv_length or 0, p.start + e.shape[1]) for (_, p), e in zip(items, embeds))
-    new = sum(1 for (owner, p), e in zip(items, embeds) for i in range(e.shape[0])
-              if p.kv_length is None or (owner, i) not in pool.owned)  # rows that need a slot this step
-    pool.reserve(new, max(widest, length))
+    windows = [_windows(p) for _, p in items]
+    embeds = _embed_fed(model, [p for _, p in items], [_fed(p, ws) for (_, p), ws in zip(items, windows)])
+    fed = [(k, i, w) for k, ws in enumerate(windows) for i, w in enumerate(ws) if w.hi > w.lo]
+    total = len(fed)
+    rows, length = bucket(total), bucket(max(w.hi - w.lo for _, _, w in fed), 8)
+    widest = max(max(items[k][1].kv_length or 0, items[k][1].start + w.hi) for k, _, w in fed)
+    new = sum(1 for k, i, _ in fed if items[k][1].kv_length is None or (items[k][0], i) not in pool.owned)
+    pool.reserve(new, max(widest, length))  # rows that need a slot this step
     device = embeds[0].device
     x = embeds[0].new_zeros((rows, length, embeds[0].shape[-1]))
     positions = torch.zeros((rows, length), dtype=torch.long, device=device)  # device to device: no read-back
     write_slot = torch.zeros((rows, length), dtype=torch.long)  # padding columns write into slot 0
     write_pos = torch.arange(length).repeat(rows, 1)
     read_slot = torch.zeros(rows, dtype=torch.long)
-    spans, masks, index, counts, scratch, written = [], [], [], [], [], []
-    r = 0
+    spans, masks, index, scratch, written = [], [], [], [], []
+    taken = [0] * len(items)  # each pass's packed embeddings used so far
     try:
-        for (owner, p), e in zip(items, embeds):
-            fed, (a, b) = e.shape[1], p.logits_slice
-            off = length - fed
-            x[r:r + e.shape[0], off:] = e
-            for i in range(e.shape[0]):
-                if p.kv_length is not None:
-                    slot, _ = pool.slot(owner, i, p.kv_memory)
-                    key0, span = 0, max(pool.filled[slot], p.start + fed)
-                    written.append((slot, span))
-                else:  # keys are the fed positions alone: a slot for this step
-                    slot = pool.scratch()
-                    scratch.append(slot)
-                    key0, span = p.start, p.start + fed
-                kp = p.pad_offsets[i] if p.pad_offsets else 0
-                mask = p.attention_mask
-                masks.append((r + i, off, max(0, kp - p.start), max(key0, kp), key0, span,
-                              None if mask is None else mask[i if mask.shape[0] > 1 else 0]))
-                spans.append(span)
-                write_slot[r + i, off:] = slot
-                write_pos[r + i, off:] = torch.arange(p.start, p.start + fed)
-                read_slot[r + i] = slot
-                positions[r + i, off:] = (p.position_ids[i] if p.position_ids is not None
-                                          else torch.arange(p.start, p.start + fed, device=device))
-                index.extend(range((r + i) * length + off + a, (r + i) * length + off + b))
-            counts.append((e.shape[0], b - a))
-            r += e.shape[0]
+        for r, (k, i, w) in enumerate(fed):
+            (owner, p), n = items[k], w.hi - w.lo
+            off, start = length - n, p.start + w.lo
+            x[r, off:] = embeds[k][taken[k]:taken[k] + n]
+            taken[k] += n
+            if p.kv_length is not None:
+                slot, _ = pool.slot(owner, i, p.kv_memory)
+                key0, span = 0, max(pool.filled[slot], start + n)
+                written.append((slot, span))
+            else:  # keys are the fed positions alone: a slot for this step
+                slot = pool.scratch()
+                scratch.append(slot)
+                key0, span = start, start + n
+            kp = p.pad_offsets[i] if p.pad_offsets else 0
+            mask, q0, k0 = _row_mask(p, i, w, p.kv_length is not None)
+            if mask is not None:  # the row's own (L, K) part, its keys from key0
+                mask = mask[0, :, q0:q0 + n, k0:k0 + span - key0]
+            masks.append((r, off, max(0, kp - start), max(key0, kp), key0, span, mask))
+            spans.append(span)
+            write_slot[r, off:] = slot
+            write_pos[r, off:] = torch.arange(start, start + n)
+            read_slot[r] = slot
+            positions[r, off:] = (p.position_ids[i, w.lo:w.hi] if p.position_ids is not None
+                                  else torch.arange(start, start + n, device=device))
+            index.extend(range(r * length + off + w.logits_lo - w.lo, r * length + off + w.logits_hi - w.lo))
         allowed = _paged_mask(masks, (rows, length, min(bucket(max(spans), 16), pool.columns)), total, device)
         gather = torch.tensor(index + [0] * (bucket(len(index), 8) - len(index)), dtype=torch.long)
         batch = PagedRows(pool.k, pool.v, write_slot.to(device), write_pos.to(device), read_slot.to(device), allowed)
@@ -227,5 +261,4 @@ def run_paged(model: Any, items: list[tuple[Hashable, ForwardPass]], pool: SlotP
             pool.release(slot)
     for slot, span in written:
         pool.filled[slot] = span
-    return _split_logits(items, counts, logits)
-
+    return _split_logits(items, [_logit_counts(p, ws) for (_, p), ws in zip(items, windows)], logits)

@@ -167,7 +167,8 @@ def _row_keys(layer: int, r: int, k: torch.Tensor, v: torch.Tensor, rows: RowBat
     q_skip = max(0, kp - start)  # queries before the row's own padding ends are padding
     k_skip = max(0, kp - key0)
     if mask is not None:
-        mask = mask[:, :, q_skip:, k_skip:]
+        q0, k0 = rows.mask_at[r] if rows.mask_at is not None else (0, 0)
+        mask = mask[:, :, q0 + q_skip:q0 + end - begin, k0 + k_skip:k0 + kr.shape[2]]
     return begin + q_skip, end, kr[:, :, k_skip:], vr[:, :, k_skip:], mask
 
 

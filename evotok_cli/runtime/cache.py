@@ -109,14 +109,16 @@ class RowBatch:
     spans[r] = [begin, end), canvas columns [starts[r], ...) of its own canvas, whose first key_pads[r]
     columns are padding (a padded cohort's canvas), and attend through `slots[r]` (a batch-1 cache: write
     the window, attend to everything written) or, without one, over the fed keys alone; `masks[r]`
-    (1, 1, L_r, K_r) restricts them (d2f's block-causal mask). Each row is attended on its own
-    (`attention.attend_rows`): bit for bit the row alone."""
+    restricts them (d2f's block-causal mask): its (L_r, K_r) part from `mask_at[r]` (query row, key column;
+    default (0, 0)), so that rows cut from one shared mask need no tensor of their own. Each row is attended
+    on its own (`attention.attend_rows`): bit for bit the row alone."""
 
     spans: list[tuple[int, int]]
     starts: list[int]
     slots: list[KVCache | None]
     masks: list[torch.Tensor | None]
     key_pads: list[int]
+    mask_at: list[tuple[int, int]] | None = None
 
 
 def bucket(n: int, floor: int = 2) -> int:

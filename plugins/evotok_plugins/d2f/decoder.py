@@ -29,14 +29,16 @@ output saved from the pass that cached it is used (exact: block-causal outputs n
 Each row is a program of its own (each row's pipeline differs): in the step engine the rows share one
 forward per step, and step 5 runs once per step for the active blocks of every row with the same options
 and block size (a grouped `Update`, blocks.py); each row's tokens and NFE are those of decoding it alone.
-`generate` decodes a request's rows one after another.
+Rows of requests the engine admits together decode as ONE program that keeps a pipeline per row
+(merged.py), so that the host's work per step does not grow with the rows. `generate` decodes a request's
+rows one after another.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Generator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Generator, Hashable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -54,10 +56,14 @@ from evotok_cli.decoding.api import (
 from evotok_cli.decoding.canvas import build_canvas
 from evotok_cli.decoding.engine import ForwardPass, HostRead, Program, Update, drive
 from evotok_cli.decoding.evolution import as_decoded
-from evotok_cli.decoding.logprobs import LogprobRecorder, recorder_for
+from evotok_cli.decoding.logprobs import recorder_for
 from evotok_cli.decoding.soft import input_states, one_hot_slots
 
 from .blocks import BlockStep, decode_blocks
+from .merged import merged_program
+from .pipeline import PipelineBlock, RowRun, block_causal_mask
+
+__all__ = ["D2FConfig", "D2FDecoder", "PipelineBlock", "RowRun", "block_causal_mask", "default_block_size"]
 
 PREFERRED_BLOCK_SIZE = 64  # published D2F-LLaDA GSM8K
 
@@ -85,47 +91,6 @@ class D2FConfig:
     k_soft: int = option(3, "soft mode: top-k candidates per soft input", min=1, max="vocab_size")
     alpha: float = option(0.7, "soft mode: [MASK] weight in Soft([MASK]+V) inputs", min=0.0, max=1.0,
                           max_open=True)
-
-
-@dataclass
-class PipelineBlock:
-    start: int  # canvas columns [start, end)
-    end: int
-    state: str = "active"  # active -> to_cache -> in_cache
-    full: bool = False  # fully activated
-    masks_left: int = 0
-    predicted: bool = False  # has been through a forward pass (soft mode needs a prediction)
-
-    @property
-    def progress(self) -> float:
-        return 1.0 - self.masks_left / (self.end - self.start)
-
-    def describe(self, origin: int) -> dict:
-        return {"start": self.start - origin, "end": self.end - origin, "state": self.state,
-                "fully_activated": self.full, "progress": round(self.progress, 4)}
-
-
-@dataclass
-class RowRun:
-    x: torch.Tensor  # (1, L) canvas
-    prompt: PipelineBlock
-    size: int  # tokens per pipeline block
-    blocks: list[PipelineBlock] = field(default_factory=list)
-    eos: bool = False
-    nfe: int = 0
-    last_output: torch.Tensor | None = None  # shifted logits: output at the last cached position
-    logprobs: LogprobRecorder | None = None  # with request.logprobs
-
-
-def block_causal_mask(blocks: list[PipelineBlock], lo: int, hi: int, device) -> torch.Tensor:
-    """(1, 1, hi - lo, hi) bool: a query in block j sees keys [0, end_j)."""
-    mask = torch.zeros(1, 1, hi - lo, hi, dtype=torch.bool, device=device)
-    for b in blocks:
-        if b.end <= lo or b.start >= hi:
-            continue
-        q0, q1 = max(b.start, lo) - lo, min(b.end, hi) - lo
-        mask[:, :, q0:q1, :b.end] = True
-    return mask
 
 
 class D2FDecoder:
@@ -165,8 +130,26 @@ class D2FDecoder:
         """Each row is a pipeline of its own: one program per row."""
         return True
 
+    merges_rows = True  # one-row requests admitted together decode as one program (merged.py)
+
+    def merge_key(self, model, request: GenerationRequest) -> Hashable | None:
+        """What a one-row request must share with others for the engine to decode their rows as one program
+        (`program(row_streams=True)`, merged.py: each row keeps its own pipeline and random stream, so each
+        decodes what it decodes alone): the model, the options, the budget, the sampling and what the
+        request asks for per pass. None for a subclass that does not set `merges_rows` itself (it may
+        override what the merged program does not call)."""
+        if not type(self).__dict__.get("merges_rows", False):
+            return None
+        r = request
+        return (id(model), repr(self.config), r.gen_length, repr(r.sampling), r.trace and r.on_event is not None,
+                r.logprobs, row_seed(r, 0) is None)
+
     @torch.no_grad()
-    def program(self, model, request: GenerationRequest) -> Program:
+    def program(self, model, request: GenerationRequest, *, row_streams: bool = False) -> Program:
+        """Each row's pipeline in turn (one row at a time: how the engine runs a row alone and how `generate`
+        decodes), or with `row_streams` every row at once as one merged program (merged.py)."""
+        if row_streams:
+            return (yield from merged_program(self, model, request))
         t0 = time.perf_counter()
         budget = self.check_settings(gen_length=request.gen_length)
         rows, nfe = [], 0
@@ -311,8 +294,8 @@ class D2FDecoder:
         last_progress = last.progress if run.blocks else 1.0
         if last_progress >= self.config.block_add_threshold and not run.eos and len(run.blocks) < max_blocks:
             start = last.end
-            run.blocks.append(PipelineBlock(start, start + run.size, masks_left=run.size))
-            run.x[0, start:start + run.size] = mask_id
+            run.blocks.append(PipelineBlock(start, start + run.size, masks_left=run.size))  # still [MASK]: the
+            # canvas is built so and nothing writes past the last block
 
     def _activate(self, run: RowRun) -> None:
         previous_progress = 1.0  # the prompt is complete

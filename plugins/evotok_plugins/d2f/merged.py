@@ -1,0 +1,224 @@
+"""d2f rows of several requests as ONE program (the engine merges one-row requests admitted together:
+evotok_cli/decoding/merging.py).
+
+Why: a d2f row that is a program of its own costs the host its schedule, its forward's inputs and mask,
+its update's slices and its read, every step: host torch operations per step grew 5.3x from 8 to 64 rows
+(results README, session 12). Merged, every row still runs its own pipeline (its blocks, their progress,
+its EOS, its NFE, its own random stream), as decoded alone; what the rows share is the tensor work of a
+step, done once for all of them:
+
+- the canvas is left-padded to the longest prompt, so every row's prompt ends at the same column and block
+  j spans the same columns in every row: one block-causal mask serves all rows;
+- one forward pass whose rows feed windows of their own (`ForwardPass.windows`: each row from its first
+  block not yet cached to its last block; a row that has finished sits the pass out);
+- one grouped update over the active blocks of every row (`blocks.d2f_blocks`, which treats blocks
+  independently), read from and written back into the canvas through one flat index;
+- one host read (masks left per active block, EOS per block, streamed tokens).
+
+What stays per row on the host is integers: the pipeline's schedule (`D2FDecoder._schedule`). Per-row
+tensor work remains only where a request asks for per-row output (log-probabilities, traces).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from evotok_cli.decoding.api import GenerationRequest, GenerationResult, RowResult, row_seed
+from evotok_cli.decoding.canvas import Canvas, build_canvas
+from evotok_cli.decoding.engine import ForwardPass, HostRead, Program, Update
+from evotok_cli.decoding.evolution import as_decoded
+from evotok_cli.decoding.logprobs import recorder_for
+from evotok_cli.decoding.passes import RowWindow
+from evotok_cli.decoding.soft import one_hot_slots
+
+from . import blocks as block_rule
+from .blocks import BlockStep
+from .pipeline import PipelineBlock, RowRun, aligned_block_mask
+
+
+def merged_program(decoder: Any, model: Any, request: GenerationRequest) -> Program:
+    """The request's rows (the merged requests' rows, each with its own seed) decoded together."""
+    t0 = time.perf_counter()
+    budget = decoder.check_settings(gen_length=request.gen_length)
+    canvas = build_canvas(request.prompts, budget, mask_id=model.mask_id, pad_id=model.eos_id,
+                          max_length=model.max_length, device=model.device)
+    size, g0 = decoder.block_size(budget), canvas.gen_start
+    pads = canvas.pad_offsets or [0] * canvas.batch
+    runs = [RowRun(x=canvas.x[r:r + 1], prompt=PipelineBlock(pads[r], g0, state="to_cache", full=True), size=size,
+                   logprobs=recorder_for(request, 1, canvas.length, model)) for r in range(canvas.batch)]
+    generators = [None if (seed := row_seed(request, r)) is None
+                  else torch.Generator(device=model.device).manual_seed(seed) for r in range(canvas.batch)]
+    step = _Step(decoder, model, request, canvas, runs, generators)
+    finals = [0] * canvas.batch
+    while True:
+        actives = [decoder._schedule(run, budget // size, model.mask_id) for run in runs]
+        if not any(actives):
+            break
+        logits = yield from step.forward(actives)
+        outcome = yield from step.update(actives, logits)
+        tokens = yield from step.read_back(actives, outcome)
+        step.per_row(actives, logits, outcome)
+        if request.on_pass is not None:
+            request.on_pass(max(run.nfe for run in runs))
+        if request.on_final is not None:
+            for r, active in enumerate(actives):
+                if active:
+                    finals[r] = decoder._announce_final(request, runs[r], r, tokens[r], g0, finals[r])
+    gen = canvas.generated()
+    gen = yield HostRead(gen.masked_fill(gen == model.mask_id, model.eos_id))  # blocks never added (after EOS)
+    rows = [RowResult(token_ids=gen[r], nfe=run.nfe, logprobs=None if run.logprobs is None else run.logprobs.row(0, g0))
+            for r, run in enumerate(runs)]
+    return GenerationResult(rows=rows, nfe=sum(run.nfe for run in runs), seconds=time.perf_counter() - t0)
+
+
+class _Step:
+    """One iteration's tensor work for every row at once (the steps of `D2FDecoder._decode_row` past the
+    schedule: forward, EvoToken rule, read), over the merged canvas and its per-column state."""
+
+    def __init__(self, decoder: Any, model: Any, request: GenerationRequest, canvas: Canvas, runs: list,
+                 generators: list) -> None:
+        self.decoder, self.cfg, self.model, self.request = decoder, decoder.config, model, request
+        self.canvas, self.runs, self.generators = canvas, runs, generators
+        self.x = canvas.x
+        self.conf = torch.zeros(self.x.shape, dtype=torch.float64, device=self.x.device)
+        self.soft_ids, self.soft_w = one_hot_slots(self.x, self.cfg.k_soft, model.dtype)
+        self.shift = int(model.shifted_logits)
+        self.saved = None  # shifted logits: each row's output at its last cached position, (rows, V)
+        self.tracing = request.trace and request.on_event is not None
+        self.masks: dict[tuple[int, int], torch.Tensor] = {}
+
+    def forward(self, actives: list[list]) -> Any:
+        """Step 4 for every row: one pass, each row fed from its first block not yet cached to its end."""
+        runs, cfg, g0 = self.runs, self.cfg, self.canvas.gen_start
+        spans = {}
+        for r, (run, active) in enumerate(zip(runs, actives)):
+            if active:
+                chain = [run.prompt, *run.blocks]
+                lo = next(b for b in chain if b.state != "in_cache").start if cfg.cache else run.prompt.start
+                spans[r] = (lo, run.blocks[-1].end, max(lo, active[0].start - self.shift))
+        w0, w1 = min(s[0] for s in spans.values()), max(s[1] for s in spans.values())
+        windows = [RowWindow(spans[r][0] - w0, spans[r][1] - w0, spans[r][2] - w0, spans[r][1] - w0) if r in spans
+                   else RowWindow(0, 0, 0, 0) for r in range(len(runs))]
+        self.states = ([self.decoder._trace_states(run, self.soft_ids[r:r + 1], self.soft_w[r:r + 1],
+                                                   self.model.mask_id, g0) if actives[r] else None
+                        for r, run in enumerate(runs)] if self.tracing else None)
+        mask = self.masks.get((w0, w1))
+        if mask is None:
+            mask = self.masks[(w0, w1)] = aligned_block_mask(g0, runs[0].size, w0, w1, self.x.device)
+        out = (yield ForwardPass(self._inputs(w0, w1), position_ids=self.canvas.positions[:, w0:w1],
+                                 pad_offsets=self.canvas.pad_offsets, attention_mask=mask,
+                                 kv_length=self.canvas.length if cfg.cache else None, start=w0,
+                                 logits_slice=(0, 0), windows=windows))[0]  # (N, V): the rows' logits end to end
+        for r in spans:
+            runs[r].nfe += 1
+            if cfg.cache:
+                for b in (runs[r].prompt, *runs[r].blocks):
+                    if b.state == "to_cache":
+                        b.state = "in_cache"
+        return self._aligned(out, spans, actives)
+
+    def _inputs(self, w0: int, w1: int) -> dict:
+        x = self.x[:, w0:w1]
+        if not self.cfg.soft:
+            return {"input_ids": x}
+        hard = [[True] * (w1 - w0) for _ in self.runs]  # fed one-hot unless an unfinished predicted active block
+        for r, run in enumerate(self.runs):
+            for b in run.blocks:
+                if self.decoder._is_soft(b) and b.end > w0 and b.start < w1:
+                    hard[r][max(b.start, w0) - w0:min(b.end, w1) - w0] = [False] * (min(b.end, w1) - max(b.start, w0))
+        where = torch.tensor(hard, dtype=torch.bool).to(self.x.device, non_blocking=True)
+        return {"soft_inputs": as_decoded(self.soft_ids[:, w0:w1], self.soft_w[:, w0:w1], x, where)}
+
+    def _aligned(self, out: torch.Tensor, spans: dict, actives: list[list]) -> torch.Tensor:
+        """The active blocks' logits of every row in row order, (blocks, size, V). Shifted models (Dream):
+        position i reads the output at i - 1, from this pass or, when i - 1 was cached before, the row's
+        saved output (`D2FDecoder._align`); each row then saves its output before its first uncached block."""
+        size = self.runs[0].size
+        if not self.shift:  # each row's logits are exactly its active blocks' positions
+            return out.view(-1, size, out.shape[-1])
+        if self.saved is None:
+            self.saved = out.new_zeros((len(self.runs), out.shape[-1]))
+        index, keep, base = [], [], 0
+        for r, (_, hi, first) in spans.items():
+            a = actives[r][0].start
+            if first < a:
+                index.extend(range(base, base + hi - a))
+            else:  # the saved output first (after the pass's own outputs in the joined tensor)
+                index.extend([out.shape[0] + r, *range(base, base + hi - a - 1)])
+            run = self.runs[r]
+            chain = [run.prompt, *run.blocks]
+            nxt = next((b.start for b in chain if b.state != "in_cache"), hi)
+            if first <= nxt - 1 < hi:
+                keep.append((r, base + nxt - 1 - first))
+            base += hi - first
+        joined = torch.cat([out, self.saved])
+        logits = joined.index_select(0, torch.tensor(index, device=out.device)).view(-1, size, out.shape[-1])
+        if keep:
+            rows, at = zip(*keep)
+            self.saved.index_copy_(0, torch.tensor(rows, device=out.device),
+                                   out.index_select(0, torch.tensor(at, device=out.device)))
+        return logits
+
+    def update(self, actives: list[list], logits: torch.Tensor) -> Any:
+        """Step 5 for every active block of every row: one grouped `Update`, written back in one go."""
+        cfg, model, length, size = self.cfg, self.model, self.canvas.length, self.runs[0].size
+        blocks = [(r, b) for r, active in enumerate(actives) for b in active]
+        flat = torch.tensor([r * length + b.start for r, b in blocks], device=self.x.device)[:, None] \
+            + torch.arange(size, device=self.x.device)  # (blocks, size) into the flattened canvas
+        window = [self.x.view(-1)[flat], self.conf.view(-1)[flat]]
+        if cfg.soft:
+            k = self.soft_ids.shape[-1]
+            window += [self.soft_ids.view(-1, k)[flat], self.soft_w.view(-1, k)[flat]]
+        results = yield Update(
+            block_rule.d2f_blocks, self.decoder.group_key(model, self.request.sampling), (logits, *window),
+            rows={"full": [b.full for _, b in blocks], "generators": [self.generators[r] for r, _ in blocks]},
+            shared={"mask_id": model.mask_id, "config": cfg, "temperature": self.request.sampling})
+        tokens, conf, committed, revised, *soft = results
+        where = flat.reshape(-1)
+        self.x.view(-1).index_copy_(0, where, tokens.reshape(-1))
+        self.conf.view(-1).index_copy_(0, where, conf.reshape(-1))
+        if soft:
+            self.soft_ids.view(-1, k).index_copy_(0, where, soft[0].reshape(-1, k))
+            self.soft_w.view(-1, k).index_copy_(0, where, soft[1].reshape(-1, k))
+        return blocks, tokens, committed, revised
+
+    def per_row(self, actives: list[list], logits: torch.Tensor, outcome: tuple) -> None:
+        """What a row asked for of its own: its log-probabilities, its trace event (after the read: the
+        event's blocks say their progress after the pass)."""
+        if not self.tracing and all(run.logprobs is None for run in self.runs):
+            return
+        blocks, tokens, committed, revised = outcome
+        at, g0 = 0, self.canvas.gen_start
+        for r, active in enumerate(actives):
+            if not active:
+                continue
+            run, n = self.runs[r], len(active)
+            part = BlockStep(tokens[at:at + n].reshape(1, -1), committed[at:at + n].reshape(1, -1),
+                             revised[at:at + n].reshape(1, -1))
+            if run.logprobs is not None:
+                own = logits[at:at + n].reshape(1, -1, logits.shape[-1])
+                run.logprobs.record(own, active[0].start, part.committed | part.revised, part.tokens,
+                                    self.model.mask_id)
+            if self.tracing:
+                self.request.on_event(self.decoder._event(run, r, active, g0, self.states[r],
+                                                          self.conf[r:r + 1], part))
+            at += n
+
+    def read_back(self, actives: list[list], outcome: tuple) -> Any:
+        """The step's one read: masks left per active block, EOS committed per block and, when streaming,
+        every row's generated tokens (returned per row)."""
+        blocks, tokens, committed, _ = outcome
+        model = self.model
+        masked = (tokens == model.mask_id).sum(-1)
+        eos = ((tokens == model.eos_id) & committed).any(-1).long()
+        streamed = [self.canvas.generated().reshape(-1)] if self.request.on_final is not None else []
+        values = yield HostRead(torch.cat([masked, eos, *streamed]))
+        n = len(blocks)
+        for (r, b), left, stop in zip(blocks, values[:n], values[n:2 * n]):
+            b.masks_left, b.predicted = left, True
+            self.runs[r].eos = self.runs[r].eos or bool(stop)
+        width = self.canvas.gen_length
+        return [values[2 * n + r * width:2 * n + (r + 1) * width] for r in range(len(self.runs))]

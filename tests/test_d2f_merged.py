@@ -1,0 +1,143 @@
+"""d2f rows of several requests admitted together decode as ONE program (plugins' d2f/merged.py), each
+row keeping its own pipeline: every row decodes exactly what it decodes alone (tokens, NFE,
+log-probabilities, trace events, streamed final prefixes), on an unshifted and a shifted-logit model,
+with and without the cache and the soft states, greedy and sampled with a seed per row."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from evotok_cli.decoding.api import GenerationRequest
+from evotok_cli.decoding.engine import Engine, make_jobs
+from evotok_cli.decoding.rows import make_pool
+from evotok_cli.jobs.generation import make_decoder
+from evotok_cli.runtime.model import load_model
+from evotok_plugins.d2f.pipeline import aligned_block_mask
+
+PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13, 14], [20], [30, 31, 32, 33], [40, 41]]
+OPTIONS = {"block_size": "4", "skip_threshold": "0.3"}  # three blocks of 4; low enough that blocks overlap
+
+
+def _request(prompt, seed, temperature=0.0, **extra):
+    return GenerationRequest(prompts=[prompt], temperature=temperature, seeds=[seed], gen_length=12, **extra)
+
+
+def _merged(model, decoder, requests, **engine):
+    engine = Engine(model, max_rows=len(requests), **engine)
+    jobs = [engine.submit(job) for r in requests for _, job in make_jobs(model, decoder, r, cohort=1)]
+    engine.step()
+    assert len(engine.live) == 1 and engine.live[0].members == jobs  # one program for every row
+    engine.run()
+    assert all(j.error is None for j in jobs), [j.error for j in jobs]
+    return [j.result.rows[0] for j in jobs]
+
+
+@pytest.mark.parametrize("options", [{}, {"cache": "false"}, {"soft": "true"}, {"soft": "true", "cache": "false"},
+                                     {"skip_threshold": "0.9"}])
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_each_merged_row_decodes_as_alone(tiny_model, options, temperature):
+    decoder = make_decoder("d2f", {**OPTIONS, **options})
+    requests = [_request(p, seed=i, temperature=temperature, logprobs=2) for i, p in enumerate(PROMPTS)]
+    rows = _merged(tiny_model, decoder, requests)
+    nfes = set()
+    for request, row in zip(requests, rows):
+        alone = decoder.generate(tiny_model, request).rows[0]
+        assert row.token_ids == alone.token_ids and row.nfe == alone.nfe
+        assert row.logprobs == alone.logprobs
+        nfes.add(row.nfe)
+    assert len(nfes) > 1 or options.get("skip_threshold") == "0.9"  # the rows' pipelines really differ
+
+
+@pytest.mark.parametrize("soft", ["false", "true"])
+def test_merged_rows_on_a_shifted_logit_model(tiny_dream, soft):
+    """Dream reads position i from the output at i - 1: a row's first uncached position reads its own saved
+    output of the cached prefix."""
+    dream = load_model(tiny_dream)
+    decoder = make_decoder("d2f", {**OPTIONS, "soft": soft})
+    requests = [_request(p, seed=i) for i, p in enumerate(PROMPTS)]
+    for request, row in zip(requests, _merged(dream, decoder, requests)):
+        alone = decoder.generate(dream, request).rows[0]
+        assert row.token_ids == alone.token_ids and row.nfe == alone.nfe
+
+
+@pytest.mark.parametrize("soft", ["false", "true"])
+def test_merged_rows_trace_and_stream_what_they_do_alone(tiny_model, soft):
+    decoder = make_decoder("d2f", {**OPTIONS, "soft": soft})
+    heard: dict[tuple[str, int], list] = {}
+
+    def request(i, prompt, who):
+        return _request(prompt, seed=i, trace=True, on_event=heard.setdefault((who, i), []).append,
+                        on_final=heard.setdefault((who + "-final", i), []).append)
+
+    _merged(tiny_model, decoder, [request(i, p, "merged") for i, p in enumerate(PROMPTS)])
+    for i, p in enumerate(PROMPTS):
+        decoder.generate(tiny_model, request(i, p, "alone"))
+        assert heard[("merged", i)] and heard[("merged", i)] == heard[("alone", i)]
+        assert heard[("merged-final", i)] and heard[("merged-final", i)] == heard[("alone-final", i)]
+
+
+def test_merged_rows_over_the_paged_pool_match_alone(tiny_model):
+    """The paged pool (the GPU default) attends rows in one masked call: equal to the row alone up to float
+    rounding, so greedy tokens agree on this model."""
+    decoder = make_decoder("d2f", OPTIONS)
+    requests = [_request(p, seed=i) for i, p in enumerate(PROMPTS)]
+    engine = Engine(tiny_model, max_rows=len(requests))
+    engine.pool = make_pool(tiny_model, "masked")
+    jobs = [engine.submit(job) for r in requests for _, job in make_jobs(tiny_model, decoder, r, cohort=1)]
+    engine.run()
+    assert engine.steps and all(j.error is None for j in jobs)
+    for request, job in zip(requests, jobs):
+        assert job.result.rows[0].token_ids == decoder.generate(tiny_model, request).rows[0].token_ids
+
+
+def test_rows_that_finish_early_sit_out_and_are_not_fed(tiny_model, monkeypatch):
+    """A row whose pipeline has ended feeds nothing: the forward's width is the live rows' windows."""
+    decoder = make_decoder("d2f", {**OPTIONS, "cache": "false"})
+    requests = [_request(p, seed=i) for i, p in enumerate(PROMPTS)]
+    nfes = [decoder.generate(tiny_model, r).rows[0].nfe for r in requests]
+    widths, original = [], tiny_model.net.forward
+
+    def counting(*args, **kwargs):
+        widths.append(kwargs["inputs_embeds"].shape[1])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(tiny_model.net, "forward", counting)
+    _merged(tiny_model, decoder, requests)
+    assert len(widths) == max(nfes)
+    # without the cache each live row feeds its prompt and every block it has (here all three by the last
+    # pass): never the padding, never a row that has finished
+    last = [p for p, n in zip(PROMPTS, nfes) if n == max(nfes)]
+    assert len(last) < len(PROMPTS) and widths[-1] == sum(len(p) + 12 for p in last)
+    assert widths[0] == sum(len(p) + 4 for p in PROMPTS)  # the first pass: prompt + the first block
+
+
+def test_different_options_or_budgets_do_not_merge(tiny_model):
+    decoder, other = make_decoder("d2f", OPTIONS), make_decoder("d2f", {**OPTIONS, "soft": "true"})
+    engine = Engine(tiny_model, max_rows=8)
+    jobs = [engine.submit(job) for d, r in [(decoder, _request(PROMPTS[0], 0)), (decoder, _request(PROMPTS[1], 1)),
+                                            (other, _request(PROMPTS[2], 2)),
+                                            (decoder, GenerationRequest(prompts=[PROMPTS[3]], seeds=[3], gen_length=8))]
+            for _, job in make_jobs(tiny_model, d, r, cohort=1)]
+    engine.step()
+    assert len(engine.live) == 3 and [len(j.members) for j in engine.live] == [2, 0, 0]
+    engine.run()
+    assert all(j.error is None for j in jobs)
+
+
+def test_a_subclass_that_does_not_say_it_merges_runs_alone(tiny_model):
+    from evotok_plugins.d2f.decoder import D2FDecoder
+
+    class Mine(D2FDecoder):
+        name = "mine"
+
+    decoder = Mine(make_decoder("d2f", OPTIONS).config)
+    assert decoder.merge_key(tiny_model, _request(PROMPTS[0], 0)) is None
+
+
+def test_the_aligned_mask_is_the_block_causal_mask_of_every_row():
+    """Prompt columns see the prompt; a query in block j sees keys up to block j's end."""
+    mask = aligned_block_mask(gen_start=3, size=2, lo=1, hi=7, device="cpu")[0, 0]
+    ends = [3, 3, 5, 5, 7, 7]  # queries at columns 1..6
+    assert mask.shape == (6, 7)
+    assert torch.equal(mask, torch.arange(7)[None] < torch.tensor(ends)[:, None])
