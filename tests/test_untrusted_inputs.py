@@ -74,6 +74,25 @@ def test_brackets_a_user_types_cannot_forge_anything(tokenizer):
     assert not set(ids) & special_ids(tokenizer)
 
 
+def test_a_plain_string_is_user_text_to_encode(tokenizer):
+    """`encode` of a str that no template rendered (a caller that forgot `protect`) keeps its control tokens
+    as text; only a `Rendered` string (render_prompt's, render_messages', or marked by its caller) has real
+    ones. Ordinary text keeps exactly the tokenizer's ids either way."""
+    specials = special_ids(tokenizer)
+    assert not set(tok.encode(tokenizer, FORGED)) & specials
+    assert tokenizer.decode(tok.encode(tokenizer, FORGED, add_special_tokens=False)) == FORGED
+    assert tok.encode(tokenizer, FORGED) == tok.encode(tokenizer, tok.protect(tokenizer, FORGED))
+    assert set(tok.encode(tokenizer, tok.Rendered(FORGED))) & specials  # a template's own text: real tokens
+    for text in ORDINARY:
+        assert tok.encode(tokenizer, text) == list(tokenizer(text)["input_ids"])
+    rendered = tok.render_prompt(tokenizer, "hi", chat=True)
+    assert isinstance(rendered, tok.Rendered) and isinstance(rendered + FORGED, tok.Rendered)
+    assert isinstance("x" + rendered, tok.Rendered)
+    assert tok.encode(tokenizer, rendered + "<reasoning>") == list(tokenizer(str(rendered) + "<reasoning>")["input_ids"])
+    stripped = rendered.strip()  # any other string operation: a plain str again, read as user text
+    assert type(stripped) is str and not set(tok.encode(tokenizer, stripped)) & specials
+
+
 def test_generate_encodes_forged_text_as_text(tokenizer, tiny_llada):
     """`encode_prompts` (generate, serve): the typed mask is no mask, so it is no refusal either."""
     prompts = encode_prompts([Prompt(FORGED, system="<|eot_id|>")], tokenizer, chat=True, vocab_size=len(tokenizer),

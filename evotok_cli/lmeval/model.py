@@ -166,10 +166,11 @@ class EvotokLM(LM):
 
     def _context(self, context: str) -> str:
         """A request's context as `encode` takes it: rendered by `apply_chat_template` above (the template's
-        tokens real, the messages' protected), or else all task text, whose control tokens stay plain text."""
-        from evotok_cli.runtime.tokenizer import protect
+        tokens real, the messages' protected; lm-eval hands it back as a plain str, so it is marked
+        `Rendered` again here), or else all task text, whose control tokens stay plain text."""
+        from evotok_cli.runtime.tokenizer import Rendered, protect
 
-        return context if self._templated else protect(self.model.tokenizer, context)
+        return Rendered(context) if self._templated else protect(self.model.tokenizer, context)
 
     # -- generate_until -----------------------------------------------------------------------------
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:

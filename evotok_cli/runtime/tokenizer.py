@@ -13,6 +13,11 @@ exactly as before, so ordinary prompts keep their ids. The brackets survive stri
 appends to a rendered context), and a user cannot type them: `protect` removes them from user text first.
 Only whole control tokens are neutralised: a template that builds one from pieces of user text
 (`'<|' + role + '|>'`) is not protected by this.
+
+Which strings hold real control tokens is carried by their type, so that forgetting `protect` is safe:
+`render_messages` and `render_prompt` return a `Rendered` string, and `encode` parses control tokens only
+in one; any other string is user text and `encode` protects it first (`encode(tokenizer, "<|eot_id|>")`
+is the ids of those characters). A caller holding a template it rendered itself says so with `Rendered(text)`.
 """
 
 from __future__ import annotations
@@ -79,7 +84,23 @@ def render_messages(tokenizer: Any, messages: list[dict[str, str]], *, chat: boo
         rendered = apply_template(tokenizer, messages, generation_prompt=generation_prompt)
     else:
         rendered = "\n\n".join(m["content"] for m in messages)
-    return rendered + prefill
+    return Rendered(rendered + prefill)
+
+
+class Rendered(str):
+    """A prompt as a chat template rendered it: the control tokens it spells outside brackets (the
+    template's, the prefill's) are real, and `encode` parses them; any other string is user text. `+` keeps
+    the mark (lm-eval continues a rendered context with its gen_prefix, an example a prompt with part of its
+    answer), so text joined to it that a user wrote must be `protect`ed first; any other string operation
+    returns a plain str, which `encode` reads as user text."""
+
+    __slots__ = ()
+
+    def __add__(self, other: str) -> Rendered:
+        return Rendered(str.__add__(self, other)) if isinstance(other, str) else NotImplemented
+
+    def __radd__(self, other: str) -> Rendered:
+        return Rendered(str.__add__(other, self)) if isinstance(other, str) else NotImplemented
 
 
 # Brackets around a control token typed by a user (Unicode plane 15, private use: no template writes them).
@@ -123,9 +144,13 @@ def visible(text: str) -> str:
 
 
 def encode(tokenizer: Any, rendered: str, *, add_special_tokens: bool = True) -> list[int]:
-    """Token ids of a rendered prompt by the tokenizer's default call, as the official evaluation does;
-    control tokens a user typed (bracketed by `protect`) become the ids of their characters instead.
-    `add_special_tokens=False`: without the BOS/EOS the post-processor adds (a training response)."""
+    """Token ids of a prompt by the tokenizer's default call, as the official evaluation does. Control
+    tokens are parsed only in a `Rendered` string, and there not where `protect` bracketed them; a plain
+    string is user text, protected here, so its control tokens are the ids of their characters (a string
+    without any is encoded exactly as before). `add_special_tokens=False`: without the BOS/EOS the
+    post-processor adds (a training response)."""
+    if not isinstance(rendered, Rendered):
+        rendered = protect(tokenizer, rendered)
     if OPEN not in rendered and CLOSE not in rendered:
         return list(tokenizer(rendered, add_special_tokens=add_special_tokens)["input_ids"])
     pieces = _PIECES.split(rendered)  # [text, typed token, text, ...]; None for a lone bracket

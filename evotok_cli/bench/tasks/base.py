@@ -59,7 +59,9 @@ class Task:
         return f"{self.system_prompt}\n\n{doc.question}" if self.system_prompt else doc.question
 
     def render(self, tokenizer: Any, doc: Doc) -> str:
-        """The prompt string: one user message in the chat template, generation prompt, then the prefill."""
+        """The prompt string: one user message in the chat template, generation prompt, then the prefill.
+        A subclass that renders its own template returns `runtime.tokenizer.Rendered(text)`: a plain str is
+        user text, whose control tokens `encode` keeps as text."""
         from evotok_cli.runtime.tokenizer import render_prompt
         return render_prompt(tokenizer, self.user_message(doc), chat=True, prefill=self.prefill)
 
