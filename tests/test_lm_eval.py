@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from evotok_cli.base.errors import ConfigError  # noqa: E402
+from evotok_cli.jobs.canvas_plan import CanvasPlan, cut_answer  # noqa: E402
 from evotok_cli.lmeval.loglik import greedy_reproduces, mc_loglikelihood  # noqa: E402
 from evotok_cli.lmeval.model import EvotokLM  # noqa: E402
 from evotok_cli.lmeval.settings import EvalSettings, cut_at, scaled_settings  # noqa: E402
@@ -171,12 +172,36 @@ def test_max_gen_toks_rounds_up_to_whole_blocks_keeping_steps_per_block():
 
     s = EvalSettings(gen_length=256, block_length=32, steps=128)
     evotoken = make_decoder("evotoken", {})
-    assert scaled_settings(s, evotoken, None) == (256, 128)
-    assert scaled_settings(s, evotoken, 100) == (128, 64)
-    assert scaled_settings(s, evotoken, 512) == (512, 256)
-    assert scaled_settings(s, make_decoder("d2f", {}), 100) == (100, 128)  # d2f reads no blocks or steps
+    assert scaled_settings(s, evotoken, None) == CanvasPlan(256, 32, 128)
+    assert scaled_settings(s, evotoken, 100) == CanvasPlan(128, 32, 64)
+    assert scaled_settings(s, evotoken, 512) == CanvasPlan(512, 32, 256)  # a task's longer length grows the canvas
+    assert scaled_settings(s, evotoken, 300) == CanvasPlan(320, 32, 160)
+    assert scaled_settings(s, make_decoder("d2f", {}), 100) == CanvasPlan(100, 32, 128)  # no blocks or steps read
     with pytest.raises(ConfigError, match="max_gen_toks=0"):
         scaled_settings(s, evotoken, 0)
+
+
+@pytest.mark.parametrize("decoder, options", [("hard-mask", {}), ("evotoken", {}), ("d2f", {"block_size": 32}),
+                                              ("d2f", {"block_size": 64})])
+def test_max_gen_toks_below_gen_length_is_serves_canvas_for_max_tokens(decoder, options):
+    """The same canvas as `evotok serve` plans for max_tokens (canvas_plan.plan_canvas), and one the decoder
+    accepts: d2f with a block_size got max_gen_toks itself before, which it refuses unless a multiple."""
+    from evotok_cli.jobs.canvas_plan import block_constraint, plan_canvas
+    from evotok_cli.jobs.generation import check_settings, make_decoder
+
+    s = EvalSettings(gen_length=256, block_length=32, steps=128)
+    dec = make_decoder(decoder, options)
+    for cap in (1, 20, 32, 33, 100, 128, 200, 255):
+        canvas = scaled_settings(s, dec, cap)
+        assert canvas == plan_canvas(gen_length=256, block_length=32, steps=128, max_tokens=cap,
+                                     block=block_constraint(dec)), cap
+        assert canvas.gen_length >= cap
+        check_settings(dec, gen_length=canvas.gen_length, block_length=canvas.block_length, steps=canvas.steps,
+                       temperature=0.0)
+    grown = scaled_settings(s, dec, 300)
+    check_settings(dec, gen_length=grown.gen_length, block_length=grown.block_length, steps=grown.steps,
+                   temperature=0.0)
+    assert grown.gen_length >= 300
 
 
 def test_cut_at_the_earliest_stop_string():
@@ -210,7 +235,9 @@ def test_generate_until_is_evotok_generate_cut_at_until(tiny_lm):
     prompts = [Prompt(c, ids=encode(tiny_lm.model.tokenizer, c)) for c in contexts]
     direct, _ = generate(tiny_lm.model, "evotoken", tiny_lm.decoder, prompts, gen_length=8, block_length=4,
                          steps=4, temperature=0.0, seed=None, seeds=[0, 1])  # 6 tokens: two blocks of 4
-    assert texts == [tiny_lm.model.decode(r["token_ids"]) for r in direct]
+    stops = tiny_lm.model.stop_ids
+    assert texts == [tiny_lm.model.decode(cut_answer(r["token_ids"], 6, stops)[0]) for r in direct]
+    assert any(cut_answer(r["token_ids"], 6, stops)[1] for r in direct)  # the answer is cut to max_gen_toks
     stop = texts[0][3:5]
     cut = tiny_lm.generate_until([instance("generate_until", (contexts[0], {"until": [stop], "max_gen_toks": 6}))],
                                  disable_tqdm=True)

@@ -13,9 +13,11 @@ that before running lm-eval's command line (docs/lm-eval.md).
 - `generate_until`: the context (already chat-templated by lm-eval under `--apply_chat_template`,
   through `apply_chat_template` below) is encoded by the tokenizer's default call, as `evotok bench`
   encodes its prompts, and decoded by `evotok_cli.jobs.generation.generate` (the step engine). A request's
-  `max_gen_toks` becomes the gen length, rounded up to a multiple of `block_length`, with the steps per
-  block of model_args kept (gen_length=256, steps=128 and max_gen_toks=100 decode 128 tokens in 64
-  steps); without it the model_args' gen_length applies. The answer is cut at the first `until` string.
+  `max_gen_toks` becomes the gen length, rounded up to whole blocks (of `block_length`, or of the decoder's
+  fixed block, d2f's `block_size`), with the steps per block of model_args kept (gen_length=256, steps=128
+  and max_gen_toks=100 decode 128 tokens in 64 steps: below gen_length, `evotok serve`'s canvas for a
+  max_tokens cap); without it the model_args' gen_length applies. The answer is cut to max_gen_toks tokens,
+  as `serve` cuts to max_tokens, then at the first `until` string.
   `stop_at_eos=true` (default) first cuts it at the first EOS / end-of-turn token, special tokens
   dropped (what `evotok generate` prints, and what lm-eval's `hf` model returns); `stop_at_eos=false`
   keeps the whole generated span with special tokens, the text `evotok bench` scores. The task's
@@ -176,15 +178,16 @@ class EvotokLM(LM):
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
         from tqdm import tqdm
 
+        from evotok_cli.jobs.canvas_plan import cut_answer
         from evotok_cli.jobs.generation import generate
 
         jobs = self._generation_jobs(requests)
-        groups: dict[tuple[int, int], list[dict[str, Any]]] = defaultdict(list)
+        groups: dict[tuple[int, int, int], list[dict[str, Any]]] = defaultdict(list)
         for job in jobs:
-            groups[(job["gen_length"], job["steps"])].append(job)
+            groups[(job["gen_length"], job["block_length"], job["steps"])].append(job)
         answers = [""] * len(requests)
         bar = tqdm(total=len(requests), disable=disable_tqdm, desc="evotok generate_until")
-        for (gen_length, steps), members in groups.items():
+        for (gen_length, block_length, steps), members in groups.items():
             shown = [0]
 
             def advance(done: int, _total: int, shown: list[int] = shown) -> None:
@@ -193,11 +196,12 @@ class EvotokLM(LM):
 
             results, _ = generate(
                 self.model, self.settings.decoder, self.decoder, [j["prompt"] for j in members],
-                gen_length=gen_length, block_length=self.settings.block_length, steps=steps,
+                gen_length=gen_length, block_length=block_length, steps=steps,
                 temperature=self.settings.temperature, seed=None, seeds=[j["seed"] for j in members],
                 batch_size=self.settings.batch_size, on_batch=advance)
             for job, result in zip(members, results):
-                answers[job["index"]] = cut_at(self._text(result["token_ids"]), job["until"])
+                ids, _ = cut_answer(result["token_ids"], job["max_gen_toks"], self.model.stop_ids)
+                answers[job["index"]] = cut_at(self._text(ids), job["until"])
         bar.close()
         return answers
 
@@ -212,9 +216,10 @@ class EvotokLM(LM):
         for index, request in enumerate(requests):
             context, kwargs = request.args[0], dict(request.args[1] or {})
             self._warn_sampling(kwargs)
-            gen_length, steps = scaled_settings(self.settings, self.decoder, kwargs.get("max_gen_toks"))
-            check_settings(self.decoder, gen_length=gen_length, block_length=self.settings.block_length,
-                           steps=steps, temperature=self.settings.temperature)
+            canvas = scaled_settings(self.settings, self.decoder, kwargs.get("max_gen_toks"))
+            gen_length = canvas.gen_length
+            check_settings(self.decoder, gen_length=gen_length, block_length=canvas.block_length,
+                           steps=canvas.steps, temperature=self.settings.temperature)
             doc_id = getattr(request, "doc_id", None)
             key = (getattr(request, "task_name", None), doc_id if doc_id is not None else index, request.idx)
             seed = self.settings.seed + key[1] + REPEAT_STRIDE * repeats[key]
@@ -226,7 +231,9 @@ class EvotokLM(LM):
                                   where=str(self.model.path), fix="use a smaller max_gen_toks / gen_length")
             until = kwargs.get("until") or []
             jobs.append({"index": index, "prompt": Prompt(context, ids=ids), "gen_length": gen_length,
-                         "steps": steps, "seed": seed, "until": [until] if isinstance(until, str) else list(until)})
+                         "block_length": canvas.block_length, "steps": canvas.steps, "seed": seed,
+                         "max_gen_toks": kwargs.get("max_gen_toks"),
+                         "until": [until] if isinstance(until, str) else list(until)})
         return jobs
 
     def _warn_sampling(self, kwargs: dict[str, Any]) -> None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from evotok_cli.base.errors import ConfigError
+from evotok_cli.jobs.canvas_plan import CanvasPlan
 
 log = logging.getLogger("evotok_cli.lmeval.model")  # the logger name users already configure
 
@@ -120,21 +121,35 @@ def harness_device(device: str) -> str:
     return str(device)
 
 
-def scaled_settings(settings: EvalSettings, decoder: Any, max_gen_toks: int | None) -> tuple[int, int]:
-    """(gen_length, steps) for a request: max_gen_toks rounded up to whole blocks, steps per block kept."""
-    from evotok_cli.decoding.api import settings_used
+def scaled_settings(settings: EvalSettings, decoder: Any, max_gen_toks: int | None) -> CanvasPlan:
+    """The canvas of a request (gen_length, block_length, steps) for its `max_gen_toks`.
 
+    Below model_args' gen_length it is the canvas `evotok serve` plans for a `max_tokens` cap
+    (jobs/canvas_plan.py: `plan_canvas`): whole blocks of the decoder's `block_constraint` (d2f's
+    block_size) or else of block_length, with the steps per block kept, so a d2f with a block_size gets a
+    budget it accepts. Above it the canvas grows by the same rule: lm-eval's max_gen_toks is the length
+    a task asks for (its `hf` model generates up to it), where a server's max_tokens is only a cap. A
+    decoder that reads neither blocks nor steps and fixes no block (d2f without block_size) gets
+    max_gen_toks as it is. The answer is cut to max_gen_toks tokens afterwards (`cut_answer`)."""
+    from evotok_cli.decoding.api import settings_used
+    from evotok_cli.jobs.canvas_plan import block_constraint, plan_canvas
+
+    defaults = CanvasPlan(settings.gen_length, settings.block_length, settings.steps)
     if max_gen_toks is None:
-        return settings.gen_length, settings.steps
+        return defaults
     if isinstance(max_gen_toks, bool) or not isinstance(max_gen_toks, int) or max_gen_toks < 1:
         raise ConfigError(f"max_gen_toks={max_gen_toks!r} is not a whole number >= 1", where="generation_kwargs",
                           fix="e.g. max_gen_toks: 256")
-    used = settings_used(decoder)
-    if "block_length" not in used and "steps" not in used:
-        return max_gen_toks, settings.steps
-    blocks = -(-max_gen_toks // settings.block_length)
+    used, block = settings_used(decoder), block_constraint(decoder)
+    if "block_length" not in used and "steps" not in used and block is None:
+        return CanvasPlan(max_gen_toks, settings.block_length, settings.steps)
+    if max_gen_toks < settings.gen_length:
+        return plan_canvas(gen_length=settings.gen_length, block_length=settings.block_length, steps=settings.steps,
+                           max_tokens=max_gen_toks, block=block)
+    unit = block or settings.block_length
+    blocks = -(-max_gen_toks // unit)
     per_block = settings.steps // (settings.gen_length // settings.block_length)
-    return blocks * settings.block_length, per_block * blocks
+    return CanvasPlan(blocks * unit, unit, blocks * per_block)
 
 
 def cut_at(text: str, until: list[str]) -> str:
