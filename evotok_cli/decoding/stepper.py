@@ -329,7 +329,8 @@ class Engine:
         for job, kept in zip(jobs, kept_copies([job.pending for job in jobs])):
             if job.log and job.log[-1].kv_memory != kept.kv_memory:
                 job.log = []
-            if kept.start == 0 and kept.length >= kept.kv_length:  # whole: the earlier passes are not needed
+            if kept.start == 0 and kept.length >= kept.kv_length and kept.windows is None:  # whole: the earlier
+                # passes are not needed (a pass with `windows` may leave rows out: never whole)
                 job.log = [kept]
             else:
                 job.log.append(kept)  # `_admit` replays a copy of the list
