@@ -141,3 +141,16 @@ def test_the_aligned_mask_is_the_block_causal_mask_of_every_row():
     ends = [3, 3, 5, 5, 7, 7]  # queries at columns 1..6
     assert mask.shape == (6, 7)
     assert torch.equal(mask, torch.arange(7)[None] < torch.tensor(ends)[:, None])
+
+
+def test_generate_decodes_a_batch_as_one_program_each_row_as_alone(tiny_model, monkeypatch):
+    """The library's `generate` runs a request's rows as one merged program: as many forwards as its
+    slowest row's passes (not the sum), and each row's tokens and NFE are its own alone."""
+    decoder = make_decoder("d2f", OPTIONS)
+    alone = [decoder.generate(tiny_model, _request(p, seed=i, temperature=0.8)).rows[0] for i, p in enumerate(PROMPTS)]
+    calls, original = [], tiny_model.net.forward
+    monkeypatch.setattr(tiny_model.net, "forward", lambda *a, **k: (calls.append(1), original(*a, **k))[1])
+    batch = decoder.generate(tiny_model, GenerationRequest(prompts=PROMPTS, seeds=list(range(len(PROMPTS))),
+                                                           gen_length=12, temperature=0.8))
+    assert [(r.token_ids, r.nfe) for r in batch.rows] == [(r.token_ids, r.nfe) for r in alone]
+    assert len(calls) == max(r.nfe for r in alone) < sum(r.nfe for r in alone)

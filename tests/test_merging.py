@@ -38,6 +38,7 @@ def test_rows_admitted_together_are_one_program_and_each_decodes_as_alone(tiny_m
                                                  for i, p in enumerate(PROMPTS)])
     engine.step()
     assert len(engine.live) == 1 and engine.live[0].members == jobs  # one program for the five rows
+    assert engine.merged_rows == len(PROMPTS)
     engine.run()
     for i, (prompt, job) in enumerate(zip(PROMPTS, jobs)):
         assert job.error is None and len(job.result.rows) == 1

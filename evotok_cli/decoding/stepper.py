@@ -75,6 +75,7 @@ class Engine:
         self.passes = 0  # forwards run (the step's shared forward counts once)
         self.retries = 0  # steps split in two after running out of memory
         self.preemptions = 0  # jobs whose KV slots were dropped and requeued, to be recomputed (`_preempt`)
+        self.merged_rows = 0  # one-row jobs that decoded as rows of a merged program (`_merge`)
 
     # -- jobs ------------------------------------------------------------------------------------
     def submit(self, job: Job) -> Job:
@@ -122,6 +123,7 @@ class Engine:
         except Exception:  # e.g. a plugin's `program` without `row_streams`: the rows run as they came
             return
         group = Job(program, rows=len(jobs), tokens=tokens, members=jobs)
+        self.merged_rows += len(jobs)
         group.admitted = time.perf_counter()
         self.live[self.live.index(jobs[0])] = group
         for job in jobs:
@@ -151,8 +153,11 @@ class Engine:
         with self.lock:
             queued = list(self.queue)
         for group in [j for j in [*self.live, *queued] if j.members]:
-            for member in group.members:
-                if member.cancelled and not member.done.is_set():
+            cancelled = [m for m in group.members if m.cancelled]  # attribute reads: no call per row
+            if not cancelled:
+                continue
+            for member in cancelled:
+                if not member.done.is_set():
                     self._finish(member)
             group.cancelled = group.cancelled or all(m.done.is_set() for m in group.members)
 

@@ -104,6 +104,9 @@ class Metrics:
         metric("evotok_preemptions_total", "counter", "jobs whose KV slots were dropped and requeued, to be "
                "recomputed when admitted again (a step out of memory, or the budget lowered)",
                [("", getattr(engine, "preemptions", 0))])
+        metric("evotok_merged_rows_total", "counter", "requests' rows that decoded as rows of one program with "
+               "others admitted in the same step (same decoder, options and settings)",
+               [("", getattr(engine, "merged_rows", 0))])
         metric("evotok_queue_length", "gauge", "requests waiting for room in the engine", [("", waiting)])
         metric("evotok_requests_in_flight", "gauge", "completion requests whose rows are decoding or waiting",
                [("", in_flight)])

@@ -30,8 +30,8 @@ Each row is a program of its own (each row's pipeline differs): in the step engi
 forward per step, and step 5 runs once per step for the active blocks of every row with the same options
 and block size (a grouped `Update`, blocks.py); each row's tokens and NFE are those of decoding it alone.
 Rows of requests the engine admits together decode as ONE program that keeps a pipeline per row
-(merged.py), so that the host's work per step does not grow with the rows. `generate` decodes a request's
-rows one after another.
+(merged.py), so that the host's work per step does not grow with the rows; `generate` decodes a request's
+rows that way too.
 """
 
 from __future__ import annotations
@@ -123,8 +123,11 @@ class D2FDecoder:
         return self.config.block_size
 
     def generate(self, model, request: GenerationRequest) -> GenerationResult:
-        """Decode the request's rows one after another, alone (the CLI runs `program` in the step engine)."""
-        return drive(model, self.program(model, request))
+        """Decode the request's rows together as one merged program (merged.py: each row decodes what it
+        decodes alone, in one forward per pass for all rows), or one after another for a subclass that does
+        not say it merges (the CLI runs `program` in the step engine)."""
+        together = len(request.prompts) > 1 and type(self).__dict__.get("merges_rows", False)
+        return drive(model, self.program(model, request, row_streams=together))
 
     def split(self, request: GenerationRequest) -> bool:
         """Each row is a pipeline of its own: one program per row."""

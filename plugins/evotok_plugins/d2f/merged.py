@@ -52,9 +52,9 @@ def merged_program(decoder: Any, model: Any, request: GenerationRequest) -> Prog
     generators = [None if (seed := row_seed(request, r)) is None
                   else torch.Generator(device=model.device).manual_seed(seed) for r in range(canvas.batch)]
     step = _Step(decoder, model, request, canvas, runs, generators)
-    finals = [0] * canvas.batch
+    finals, mask_id = [0] * canvas.batch, model.mask_id
     while True:
-        actives = [decoder._schedule(run, budget // size, model.mask_id) for run in runs]
+        actives = [decoder._schedule(run, budget // size, mask_id) for run in runs]
         if not any(actives):
             break
         logits = yield from step.forward(actives)
