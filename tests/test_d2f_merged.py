@@ -154,3 +154,24 @@ def test_generate_decodes_a_batch_as_one_program_each_row_as_alone(tiny_model, m
                                                            gen_length=12, temperature=0.8))
     assert [(r.token_ids, r.nfe) for r in batch.rows] == [(r.token_ids, r.nfe) for r in alone]
     assert len(calls) == max(r.nfe for r in alone) < sum(r.nfe for r in alone)
+
+
+def test_a_merged_row_is_answered_when_its_own_pipeline_ends(tiny_model):
+    """Rows of one merged program end at passes of their own: each is answered then (its tokens and NFE as
+    alone), not when the slowest row ends."""
+    decoder = make_decoder("d2f", OPTIONS)
+    requests = [_request(p, seed=i) for i, p in enumerate(PROMPTS)]
+    engine = Engine(tiny_model, max_rows=len(requests))
+    jobs = [engine.submit(job) for r in requests for _, job in make_jobs(tiny_model, decoder, r, cohort=1)]
+    answered_at = {}
+    while not all(j.done.is_set() for j in jobs):
+        engine.step()
+        answered_at.update({i: engine.steps for i, j in enumerate(jobs) if j.done.is_set() and i not in answered_at})
+    nfes = [j.result.rows[0].nfe for j in jobs]
+    assert len(set(nfes)) > 1 and len(set(answered_at.values())) > 1
+    first = min(range(len(jobs)), key=lambda i: nfes[i])
+    assert answered_at[first] < max(answered_at.values())  # the quickest row did not wait for the slowest
+    for request, job in zip(requests, jobs):
+        alone = decoder.generate(tiny_model, request).rows[0]
+        assert (job.result.rows[0].token_ids, job.result.rows[0].nfe) == (alone.token_ids, alone.nfe)
+        assert job.result.nfe == alone.nfe

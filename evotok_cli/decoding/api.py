@@ -122,6 +122,9 @@ class GenerationRequest:
     top_p: float | None = None
     min_p: float | None = None
     logprobs: int | None = None  # collect each token's log-probability and this many alternatives (`TokenLogprob`)
+    # a program whose rows finish at passes of their own (d2f's merged rows) hands a finished row's result
+    # here at once, (row, its one-row GenerationResult), rather than only with every row's at the end
+    on_row: Callable[[int, GenerationResult], None] | None = None
 
     @property
     def sampling(self) -> Sampling:

@@ -65,19 +65,22 @@ def groups(jobs: list[Job]) -> list[list[Job]]:
     return [group for group in by_key.values() if len(group) > 1]
 
 
-def merged_request(parts: list[Mergeable], answered: list[Event]) -> GenerationRequest:
+def merged_request(parts: list[Mergeable], answered: list[Event],
+                   on_row: Callable[[int, GenerationResult], None] | None = None) -> GenerationRequest:
     """One request for the rows of `parts`: their prompts and seeds, and listeners that hand each row's
-    events to its own request as its row 0, until that row is answered (`answered[i]` set: cancelled)."""
+    events to its own request as its row 0, until that row is answered (`answered[i]` set: cancelled).
+    `on_row`: where a row that finishes before the others is answered (the engine's)."""
     requests = [p.request for p in parts]
     return replace(requests[0], prompts=[r.prompts[0] for r in requests], seeds=[row_seed(r, 0) for r in requests],
                    seed=None, on_event=_by_row([r.on_event for r in requests], answered),
                    on_final=_by_row([r.on_final for r in requests], answered),
-                   on_pass=_to_all([r.on_pass for r in requests], answered))
+                   on_pass=_to_all([r.on_pass for r in requests], answered), on_row=on_row)
 
 
-def merged_program(parts: list[Mergeable], answered: list[Event]) -> Any:
+def merged_program(parts: list[Mergeable], answered: list[Event],
+                   on_row: Callable[[int, GenerationResult], None] | None = None) -> Any:
     first = parts[0]
-    return first.decoder.program(first.model, merged_request(parts, answered), row_streams=True)
+    return first.decoder.program(first.model, merged_request(parts, answered, on_row), row_streams=True)
 
 
 def canvas_tokens(parts: list[Mergeable]) -> int:

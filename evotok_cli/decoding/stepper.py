@@ -118,8 +118,12 @@ class Engine:
         tokens = merging.canvas_tokens(parts)
         if self.max_tokens is not None and self.live_tokens - sum(j.tokens for j in jobs) + tokens > self.max_tokens:
             return
+        def answer_early(row: int, result: GenerationResult) -> None:  # a row done before the others (d2f)
+            if not jobs[row].done.is_set():
+                self._finish(jobs[row], result=result)
+
         try:
-            program = merging.merged_program(parts, [j.done for j in jobs])
+            program = merging.merged_program(parts, [j.done for j in jobs], answer_early)
         except Exception:  # e.g. a plugin's `program` without `row_streams`: the rows run as they came
             return
         group = Job(program, rows=len(jobs), tokens=tokens, members=jobs)

@@ -52,11 +52,18 @@ def merged_program(decoder: Any, model: Any, request: GenerationRequest) -> Prog
     generators = [None if (seed := row_seed(request, r)) is None
                   else torch.Generator(device=model.device).manual_seed(seed) for r in range(canvas.batch)]
     step = _Step(decoder, model, request, canvas, runs, generators)
-    finals, mask_id = [0] * canvas.batch, model.mask_id
+    finals, mask_id, answered = [0] * canvas.batch, model.mask_id, [False] * canvas.batch
     while True:
         actives = [decoder._schedule(run, budget // size, mask_id) for run in runs]
         if not any(actives):
             break
+        ended = [r for r, active in enumerate(actives) if not active and not answered[r]]
+        if ended and request.on_row is not None:  # answered now, not when the slowest row ends
+            tokens = yield HostRead(_generated(canvas, model)[ended])
+            for r, ids in zip(ended, tokens):
+                answered[r] = True
+                request.on_row(r, GenerationResult(rows=[_row_result(runs[r], ids, g0)], nfe=runs[r].nfe,
+                                                   seconds=time.perf_counter() - t0))
         logits = yield from step.forward(actives)
         outcome = yield from step.update(actives, logits)
         tokens = yield from step.read_back(actives, outcome)
@@ -67,11 +74,20 @@ def merged_program(decoder: Any, model: Any, request: GenerationRequest) -> Prog
             for r, active in enumerate(actives):
                 if active:
                     finals[r] = decoder._announce_final(request, runs[r], r, tokens[r], g0, finals[r])
-    gen = canvas.generated()
-    gen = yield HostRead(gen.masked_fill(gen == model.mask_id, model.eos_id))  # blocks never added (after EOS)
-    rows = [RowResult(token_ids=gen[r], nfe=run.nfe, logprobs=None if run.logprobs is None else run.logprobs.row(0, g0))
-            for r, run in enumerate(runs)]
+    gen = yield HostRead(_generated(canvas, model))
+    rows = [_row_result(run, gen[r], g0) for r, run in enumerate(runs)]
     return GenerationResult(rows=rows, nfe=sum(run.nfe for run in runs), seconds=time.perf_counter() - t0)
+
+
+def _generated(canvas: Canvas, model: Any) -> torch.Tensor:
+    """Every row's generated tokens, [MASK] (blocks never added, after an EOS) read as EOS."""
+    gen = canvas.generated()
+    return gen.masked_fill(gen == model.mask_id, model.eos_id)
+
+
+def _row_result(run: Any, token_ids: list[int], gen_start: int) -> RowResult:
+    return RowResult(token_ids=token_ids, nfe=run.nfe,
+                     logprobs=None if run.logprobs is None else run.logprobs.row(0, gen_start))
 
 
 class _Step:
