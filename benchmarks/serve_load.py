@@ -181,6 +181,7 @@ def load(url: str, questions: list[str], concurrency: int, limit_s: float, field
 
     posts = [connect(url, client, limit_s) for _ in range(concurrency)]
     threads = [threading.Thread(target=run, args=(post,)) for post in posts]
+    engine_before = engine_counts(url)
     for t in threads:
         t.start()
     start.wait()
@@ -188,10 +189,26 @@ def load(url: str, questions: list[str], concurrency: int, limit_s: float, field
     for t in threads:
         t.join()
     wall, cpu = time.perf_counter() - t0, time.process_time() - cpu
+    engine = {k: v - engine_before.get(k, 0) for k, v in engine_counts(url).items()}
     return {"concurrency": concurrency, "requests": len(latencies), "errors": errors, "wall_s": round(wall, 3),
-            "client_cpu_s": round(cpu, 3),
+            "client_cpu_s": round(cpu, 3), "engine": engine,
             "tokens": tokens[0], "tokens_per_s": round(tokens[0] / wall, 2),
             "latencies": latencies, "texts": [texts.get(i) for i in range(len(questions))]}
+
+
+ENGINE_METRICS = {"evotok_engine_steps_total": "steps", "evotok_forward_passes_total": "forwards",
+                  "evotok_merged_rows_total": "merged_rows"}
+
+
+def engine_counts(url: str) -> dict[str, float]:
+    """The server's engine counters (`/metrics`; an older server may lack some): read before and after a
+    run, their difference says how many steps the run took and how many of its rows decoded merged."""
+    counts = {}
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in ENGINE_METRICS:
+            counts[ENGINE_METRICS[name]] = float(value)
+    return counts
 
 
 def connect(url: str, client: str, limit_s: float) -> Callable[[dict], tuple[int, str]]:
@@ -231,7 +248,9 @@ def level(url: str, questions: list[str], concurrency: int, args, work: Path) ->
               "errors": [e for r in served for e in r["errors"]], "wall_s": round(s_wall, 3), "tokens": s_tokens,
               "tokens_per_s": round(s_tokens / s_wall, 2), "p50_s": round(percentile(latencies, 50), 3),
               "p99_s": round(percentile(latencies, 99), 3), "runs_tokens_per_s": [r["tokens_per_s"] for r in served],
-              "client_cpu_s": round(sum(r["client_cpu_s"] for r in served), 3)}
+              "client_cpu_s": round(sum(r["client_cpu_s"] for r in served), 3),
+              "engine": {k: sum(r["engine"][k] for r in served) for k in ENGINE_METRICS.values()
+                         if all(k in r["engine"] for r in served)}}
     offline_ = {"batch_size": concurrency, "prompts": len(questions), "wall_s": round(o_wall, 3), "tokens": o_tokens,
                 "tokens_per_s": round(o_tokens / o_wall, 2), "batch_time_s": round(o_wall / batches, 3),
                 "runs_tokens_per_s": [r["tokens_per_s"] for r in alone], "command": alone[0]["command"]}
@@ -277,19 +296,29 @@ def markdown(report: dict) -> str:
              f"load generator {report.get('client', 'httpx')} (its CPU: {cpu_note(report)}), "
              f"code at {report.get('git')}.", "",
              "| concurrency | requests | server tok/s (runs) | offline tok/s, batch N (runs) | ratio | p50 s | p99 s "
-             "| offline batch time s | p99 / batch time | texts equal |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| offline batch time s | p99 / batch time | texts equal | server steps | rows merged |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in report["levels"]:
         s, o = row["server"], row["offline"]
         runs = (f"{s['tokens_per_s']} ({', '.join(map(str, s['runs_tokens_per_s']))})",
                 f"{o['tokens_per_s']} ({', '.join(map(str, o['runs_tokens_per_s']))})")
         lines.append(f"| {s['concurrency']} | {s['requests']} | {runs[0]} | {runs[1]} | "
                      f"{row['throughput_ratio']:.2f} | {s['p50_s']} | {s['p99_s']} | {o['batch_time_s']} | "
-                     f"{row['p99_over_batch_time']:.2f} | {row['texts_equal']} |")
+                     f"{row['p99_over_batch_time']:.2f} | {row['texts_equal']} | {engine_note(s)} |")
     t = report["targets"]
     lines += ["", f"Targets at concurrency 16: throughput >= 0.9x offline: **{t['throughput']}**; "
               f"p99 <= 2x offline batch time: **{t['p99']}**.", "", f"Command: `{report['command']}`", ""]
     return "\n".join(lines)
+
+
+def engine_note(server: dict) -> str:
+    """The server's engine steps and how many of its requests' rows decoded merged (`/metrics`)."""
+    engine = server.get("engine") or {}
+    if "steps" not in engine:
+        return "? | ?"
+    merged = engine.get("merged_rows")
+    rows = "? (no metric)" if merged is None else f"{merged:.0f} of {server['requests']}"
+    return f"{engine['steps']:.0f} | {rows}"
 
 
 def cpu_note(report: dict) -> str:
