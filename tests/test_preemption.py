@@ -92,3 +92,32 @@ def test_a_row_out_of_memory_with_nobody_to_preempt_fails_alone(tiny_model):
     finally:
         del tiny_model.net.forward
     assert isinstance(job.error, torch.OutOfMemoryError) and engine.preemptions == 0
+
+
+@pytest.mark.parametrize("name, options", [*CACHED, ("evotoken", {})])
+def test_a_merged_job_out_of_memory_alone_runs_over_fewer_rows(tiny_model, name, options):
+    """A merged program is one job: when its forward does not fit (here: more than two rows' worth of
+    positions), the engine runs its pass over halves of its rows, halved again while needed, rather than
+    failing every row; each row still decodes what it decodes alone."""
+    decoder = make_decoder(name, options)
+    engine = Engine(tiny_model, max_rows=8)
+    jobs = [engine.submit(_job(tiny_model, decoder, p, seed=i)) for i, p in enumerate(PROMPTS)]
+    limit = 2 * (max(len(p) for p in PROMPTS) + SETTINGS["gen_length"])  # two of the widest rows
+    original, widths = tiny_model.net.forward, []
+
+    def two_rows(*args, **kwargs):
+        width = kwargs["inputs_embeds"].shape[1]
+        if width > limit:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        widths.append(width)
+        return original(*args, **kwargs)
+
+    tiny_model.net.forward = two_rows
+    try:
+        engine.run()
+    finally:
+        del tiny_model.net.forward
+    assert engine.merged_rows == len(PROMPTS) and engine.retries > 0 and engine.preemptions == 0
+    assert all(j.passes == 0 for j in jobs)  # every pass ran in the merged program, none in a row's own rerun
+    assert widths and max(widths) <= limit
+    _assert_as_alone(tiny_model, decoder, jobs)

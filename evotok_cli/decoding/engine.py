@@ -48,9 +48,10 @@ import torch
 from evotok_cli.decoding.api import GenerationResult
 from evotok_cli.decoding.background import BackgroundEngine
 from evotok_cli.decoding.jobs import decode_together, make_jobs, shifted_listener
+from evotok_cli.decoding.memory import CPU_TOKENS_IN_FLIGHT, default_tokens_in_flight
 from evotok_cli.decoding.passes import ForwardPass, HostRead, Program, Update, read_all, run_updates
 from evotok_cli.decoding.rows import make_pool, run_paged, run_pass, run_rows
-from evotok_cli.decoding.stepper import CPU_TOKENS_IN_FLIGHT, Engine, Job, default_tokens_in_flight
+from evotok_cli.decoding.stepper import Engine, Job
 
 __all__ = ["CPU_TOKENS_IN_FLIGHT", "BackgroundEngine", "Engine", "ForwardPass", "HostRead", "Job", "Program",
            "Update", "decode_together", "default_tokens_in_flight", "drive", "make_jobs", "make_pool",

@@ -54,6 +54,7 @@ class ForwardPass:
     kv_length: int | None = None
     kv_memory: Hashable = 0
     windows: list[RowWindow] | None = None
+    first_row: int = 0  # the index of row 0 among the program's rows (its KV slot): a pass split by rows
 
     def __post_init__(self) -> None:
         if isinstance(self.cache, int) and not isinstance(self.cache, bool):  # an older BlockwiseDecoder.forward
@@ -167,6 +168,37 @@ def _shaped(values: list[Any], shape: list[int]) -> Any:
         return values
     step = len(values) // shape[0] if shape[0] else 0
     return [_shaped(values[i * step:(i + 1) * step], shape[1:]) for i in range(shape[0])]
+
+
+def split_rows(p: ForwardPass) -> tuple[ForwardPass, ForwardPass] | None:
+    """The pass as two passes over its first and its last rows (each row is attended on its own, so the
+    halves' logits joined by `join_rows` are the pass's), or None when it cannot be split: one row, paired
+    rows (`combine`: guidance), or a cache object of its own. Why: a merged program is one job, and a step
+    that runs out of memory with it alone is retried over fewer rows rather than failing all of them."""
+    if p.rows < 2 or p.combine is not None or p.cache is not None:
+        return None
+    h = p.rows // 2
+
+    def part(rows: slice, first: int) -> ForwardPass:
+        mask = p.attention_mask
+        return replace(p, inputs={k: _rows_of(v, rows) for k, v in p.inputs.items()},
+                       position_ids=None if p.position_ids is None else p.position_ids[rows],
+                       pad_offsets=None if p.pad_offsets is None else p.pad_offsets[rows],
+                       attention_mask=mask if mask is None or mask.shape[0] == 1 else mask[rows],
+                       windows=None if p.windows is None else p.windows[rows], first_row=p.first_row + first)
+    return part(slice(0, h), 0), part(slice(h, None), h)
+
+
+def join_rows(p: ForwardPass, halves: list[torch.Tensor]) -> torch.Tensor:
+    """The logits of `split_rows`'s two passes as the whole pass's: rows (dim 0), or with `windows` every
+    row's logits end to end (dim 1)."""
+    return torch.cat(halves, dim=1 if p.windows is not None else 0)
+
+
+def _rows_of(value: Any, rows: slice) -> Any:
+    if isinstance(value, tuple):
+        return tuple(_rows_of(v, rows) for v in value)
+    return value[rows] if isinstance(value, torch.Tensor) else value
 
 
 def kept_copies(passes: list[ForwardPass]) -> list[ForwardPass]:

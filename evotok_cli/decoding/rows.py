@@ -114,7 +114,8 @@ def run_rows(model: Any, items: list[tuple[Hashable, ForwardPass]], pool: KVPool
         for i, w in enumerate(ws):
             if w.lo == w.hi:
                 continue  # sits this pass out
-            slot = None if p.kv_length is None else pool.slot(owner, i, p.kv_length, p.kv_memory, p.rows)
+            slot = None if p.kv_length is None else pool.slot(owner, p.first_row + i, p.kv_length, p.kv_memory,
+                                                              p.first_row + p.rows)
             spans.append((at, at + w.hi - w.lo))
             starts.append(p.start + w.lo)
             slots.append(slot)
@@ -215,7 +216,8 @@ def run_paged(model: Any, items: list[tuple[Hashable, ForwardPass]], pool: SlotP
     total = len(fed)
     rows, length = bucket(total), bucket(max(w.hi - w.lo for _, _, w in fed), 8)
     widest = max(max(items[k][1].kv_length or 0, items[k][1].start + w.hi) for k, _, w in fed)
-    new = sum(1 for k, i, _ in fed if items[k][1].kv_length is None or (items[k][0], i) not in pool.owned)
+    new = sum(1 for k, i, _ in fed
+              if items[k][1].kv_length is None or (items[k][0], items[k][1].first_row + i) not in pool.owned)
     pool.reserve(new, max(widest, length))  # rows that need a slot this step
     device = embeds[0].device
     x = embeds[0].new_zeros((rows, length, embeds[0].shape[-1]))
@@ -232,7 +234,7 @@ def run_paged(model: Any, items: list[tuple[Hashable, ForwardPass]], pool: SlotP
             x[r, off:] = embeds[k][taken[k]:taken[k] + n]
             taken[k] += n
             if p.kv_length is not None:
-                slot, _ = pool.slot(owner, i, p.kv_memory)
+                slot, _ = pool.slot(owner, p.first_row + i, p.kv_memory)
                 key0, span = 0, max(pool.filled[slot], start + n)
                 written.append((slot, span))
             else:  # keys are the fed positions alone: a slot for this step

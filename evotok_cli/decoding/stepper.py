@@ -15,9 +15,10 @@ import torch
 
 from evotok_cli.decoding import merging
 from evotok_cli.decoding.api import GenerationResult
+from evotok_cli.decoding.memory import MemoryHandling
 from evotok_cli.decoding.merging import Mergeable
-from evotok_cli.decoding.passes import ForwardPass, HostRead, Program, Update, kept_copies, read_all, run_updates
-from evotok_cli.decoding.rows import make_pool, run_pass, run_rows
+from evotok_cli.decoding.passes import ForwardPass, HostRead, Program, Update, read_all, run_updates
+from evotok_cli.decoding.rows import make_pool, run_pass
 
 
 @dataclass(eq=False)  # a job is itself: `job in live` compares identities, not every field (O(rows) per test)
@@ -58,7 +59,7 @@ class Job:
 _ids = itertools.count()
 
 
-class Engine:
+class Engine(MemoryHandling):
     """Live jobs and a queue. `step()` advances every live job by one pass; single-threaded by design:
     one thread calls `step`, any thread may `submit` and `cancel`."""
 
@@ -298,72 +299,6 @@ class Engine:
         for j, value in zip(reading, values):
             self._advance(j, value)
 
-    def _run_shared(self, jobs: list[Job]) -> list[tuple[Job, torch.Tensor | None, BaseException | None]]:
-        """The step's one forward over `jobs` (a preempted job's next pass is the oldest it must run again).
-        When it fails (out of memory, or one job's pass is bad), it is split in two and each half retried,
-        so that only a job whose own pass fails gets the error; a job that runs out of memory alone first
-        preempts other live jobs holding KV slots (`_preempt`), youngest first. Re-running a pass is
-        harmless: its window's keys and values are written again, the same ones."""
-        jobs = [j for j in jobs if j in self.live]  # one preempted earlier in this step waits (no logits)
-        if not jobs:
-            return []
-        try:
-            self.passes += 1
-            logits = run_rows(self.model, [(j.id, j.replay[0] if j.replay else j.pending) for j in jobs], self.pool)
-            return [(j, lg, None) for j, lg in zip(jobs, logits)]
-        except Exception as exc:
-            if not _out_of_memory(exc):
-                if len(jobs) == 1:
-                    return [(jobs[0], None, exc)]
-            else:
-                self.retries += 1
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                if len(jobs) == 1:
-                    victims = [j for j in self.live if j is not jobs[0] and j.log]
-                    if not victims:
-                        return [(jobs[0], None, exc)]
-                    self._preempt(victims[-1])  # the youngest: it has done the least work
-                    self.max_tokens = max(1, self.live_tokens)  # what did fit: admit no more than that
-                    return self._run_shared(jobs)
-            half = len(jobs) // 2
-            return self._run_shared(jobs[:half]) + self._run_shared(jobs[half:])
-
-    # -- preemption by recompute -----------------------------------------------------------------
-    def _remember(self, ran: list[tuple[Job, torch.Tensor]]) -> None:
-        """Keep the cached passes that ran (their inputs copied: a program may reuse its tensors in place), so
-        that each job's slots can be rebuilt. A pass that feeds the whole canvas writes every slot position
-        from its own inputs alone: the passes before it (or before a new `kv_memory`) are no longer needed."""
-        jobs = [job for job, _ in ran if job.pending.kv_length is not None and job.pending.cache is None]
-        for job, kept in zip(jobs, kept_copies([job.pending for job in jobs])):
-            if job.log and job.log[-1].kv_memory != kept.kv_memory:
-                job.log = []
-            if kept.start == 0 and kept.length >= kept.kv_length and kept.windows is None:  # whole: the earlier
-                # passes are not needed (a pass with `windows` may leave rows out: never whole)
-                job.log = [kept]
-            else:
-                job.log.append(kept)  # `_admit` replays a copy of the list
-
-    def _preempt(self, job: Job) -> None:
-        """Drop a live job's KV slots and put it back at the front of the queue. Diffusion rows are
-        recomputed from their inputs: when it is admitted again, the cached passes it ran since its slots
-        were last fed whole run again first (one per step, sharing the step's forward, their logits
-        dropped), which writes exactly the keys and values it had; then its pending pass runs as if
-        nothing happened. Its tokens and NFE are those of an uninterrupted run; it costs those passes."""
-        self.pool.free(job.id)
-        job.replay, job.preempted = [], True
-        if job in self.live:
-            self.live.remove(job)
-        with self.lock:
-            self.queue.appendleft(job)
-        self.preemptions += 1
-
-    def _preempt_to_budget(self) -> None:
-        """When the live jobs hold more tokens than the budget (it was lowered: by hand, or after running
-        out of memory), preempt the youngest until they fit; one job always keeps running."""
-        while self.max_tokens is not None and len(self.live) > 1 and self.live_tokens > self.max_tokens:
-            self._preempt(self.live[-1])
-
     def run(self, jobs: list[Job] | None = None, on_step: Callable[[Engine], None] | None = None) -> None:
         """Step until `jobs` (default: everything submitted) are done."""
         def finished() -> bool:
@@ -374,22 +309,3 @@ class Engine:
                 break
             if on_step is not None:
                 on_step(self)
-
-
-CPU_TOKENS_IN_FLIGHT = 1 << 16  # canvas positions in flight on a CPU: RAM is rarely what limits it
-
-
-def default_tokens_in_flight(model: Any, fraction: float = 0.8) -> int:
-    """The token budget when none is given: a fixed number on the CPU; on CUDA what `fraction` of the free
-    device memory holds at the bytes a canvas position costs (its K and V in every layer, twice: the
-    pool, and the activations and logits of the step's forward around it)."""
-    device = getattr(model, "device", torch.device("cpu"))
-    if device.type != "cuda":
-        return CPU_TOKENS_IN_FLIGHT
-    free, _ = torch.cuda.mem_get_info(device)
-    per_token = 2 * model.new_cache(1, 1).nbytes
-    return max(1, int(free * fraction) // per_token)
-
-
-def _out_of_memory(exc: BaseException) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
