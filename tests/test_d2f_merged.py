@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from evotok_cli.base.errors import ConfigError
 from evotok_cli.decoding.api import GenerationRequest
 from evotok_cli.decoding.engine import Engine, make_jobs
 from evotok_cli.decoding.rows import make_pool
@@ -175,3 +176,16 @@ def test_a_merged_row_is_answered_when_its_own_pipeline_ends(tiny_model):
         alone = decoder.generate(tiny_model, request).rows[0]
         assert (job.result.rows[0].token_ids, job.result.rows[0].nfe) == (alone.token_ids, alone.nfe)
         assert job.result.nfe == alone.nfe
+
+
+@pytest.mark.parametrize("shifted", [False, True])
+def test_an_empty_prompt_among_others_fails_as_alone(tiny_model, tiny_dream, shifted):
+    """Alone an empty prompt is refused (build_canvas); merged beside a longer one its row would decode from
+    padding alone (Dream: its first position from no output at all). `generate` refuses it the same way."""
+    model = load_model(tiny_dream) if shifted else tiny_model
+    decoder = make_decoder("d2f", OPTIONS)
+    with pytest.raises(ConfigError) as alone:
+        decoder.generate(model, GenerationRequest(prompts=[[]], gen_length=12, seeds=[0]))
+    with pytest.raises(ConfigError) as merged:
+        decoder.generate(model, GenerationRequest(prompts=[[5, 6, 7], []], gen_length=12, seeds=[0, 1]))
+    assert str(merged.value) == str(alone.value)

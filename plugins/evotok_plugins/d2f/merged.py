@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from evotok_cli.base.errors import ConfigError
 from evotok_cli.decoding.api import GenerationRequest, GenerationResult, RowResult, row_seed
 from evotok_cli.decoding.canvas import Canvas, build_canvas
 from evotok_cli.decoding.engine import ForwardPass, HostRead, Program, Update
@@ -43,6 +44,8 @@ def merged_program(decoder: Any, model: Any, request: GenerationRequest) -> Prog
     """The request's rows (the merged requests' rows, each with its own seed) decoded together."""
     t0 = time.perf_counter()
     budget = decoder.check_settings(gen_length=request.gen_length)
+    if any(len(p) == 0 for p in request.prompts):  # alone it fails; padded, it would decode from padding
+        raise ConfigError("a prompt is empty", where="--prompt", fix="give every prompt at least one token")
     canvas = build_canvas(request.prompts, budget, mask_id=model.mask_id, pad_id=model.eos_id,
                           max_length=model.max_length, device=model.device)
     size, g0 = decoder.block_size(budget), canvas.gen_start
