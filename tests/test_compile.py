@@ -98,12 +98,12 @@ def test_a_new_mix_of_rows_makes_no_new_graph(tiny_llada, monkeypatch):
     modes = [("hard-mask", {}), ("hard-mask", {"cache": "dual"}), ("evotoken", {"cache": "prefix"}),
              ("d2f", {"block_size": "4"}), ("evotoken", {})]
 
-    def load(lengths: list[int]) -> None:
+    def load(lengths: list[int], only: int | None = None) -> None:
         engine = Engine(model, max_rows=16)
         assert isinstance(engine.pool, SlotPool)
         jobs = []
         for i, n in enumerate(lengths):
-            name, options = modes[i % len(modes)]
+            name, options = modes[i % len(modes) if only is None else only]
             request = GenerationRequest(prompts=[[5 + j for j in range(n)]], gen_length=8, block_length=4, steps=4,
                                         seeds=[i])
             jobs += [engine.submit(job) for _, job in make_jobs(model, make_decoder(name, options), request, cohort=1)]
@@ -113,11 +113,14 @@ def test_a_new_mix_of_rows_makes_no_new_graph(tiny_llada, monkeypatch):
     try:
         load([3, 9, 5, 12, 7])
         load([2, 6])
+        load([3, 9, 5], only=3)  # d2f rows merged: rows that feed windows of their own
         warm = len(graphs)
         assert warm > 0
         monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
         load([4, 11, 8, 3, 13, 6, 10])
         load([5])
+        load([12, 2, 7, 4, 10], only=3)
+        load([6, 8], only=1)  # hard-mask dual rows merged
         assert len(graphs) == warm
     finally:
         torch._dynamo.reset()
