@@ -89,6 +89,19 @@ def test_evotoken_bf16_cached_batch_equals_single(bf16_model, mode):
         assert row.token_ids == _ours(bf16_model, "evotoken", {"cache": mode}, prompt, (16, 8, 16))
 
 
+@pytest.mark.parametrize("skip", [0.3, 0.6, 0.9])
+@pytest.mark.parametrize("block, gen", [(4, 16), (8, 16), (4, 12)])
+def test_d2f_bf16_equals_the_restated_pipeline(bf16_model, skip, block, gen):
+    """d2f in bf16, cached, against D2F's pipeline restated without a cache on the same bf16 model: the
+    candidates' probabilities in the model's dtype, the skip threshold compared in float32 (as D2F does)."""
+    dec = make_decoder("d2f", {"block_size": str(block), "skip_threshold": str(skip)})
+    for prompt in PROMPTS:
+        ours = dec.generate(bf16_model, GenerationRequest(prompts=[prompt], gen_length=gen)).rows[0]
+        ref, nfe = reference.d2f_generate(bf16_model, prompt, max_new=gen, block_size=block, add=0.7, activate=0.95,
+                                          skip=skip, mask_id=bf16_model.mask_id, eos_id=bf16_model.eos_id)
+        assert (ours.token_ids, ours.nfe) == (ref, nfe)
+
+
 def test_topk_over_the_canvas_breaks_ties_as_the_release():
     """Tied confidences: a top-k over the block slice and over the whole canvas (-inf elsewhere) may pick
     different positions; select_transfer must pick what the canvas-wide one picks."""
