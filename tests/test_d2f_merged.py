@@ -189,3 +189,26 @@ def test_an_empty_prompt_among_others_fails_as_alone(tiny_model, tiny_dream, shi
     with pytest.raises(ConfigError) as merged:
         decoder.generate(model, GenerationRequest(prompts=[[5, 6, 7], []], gen_length=12, seeds=[0, 1]))
     assert str(merged.value) == str(alone.value)
+
+
+def test_a_row_that_ends_is_answered_with_the_pass_read_at_no_step_of_its_own(tiny_model):
+    """A merged row that ends is answered with the group's next pass's one read, not a read of its own (that
+    cost the group an engine step without a forward each time rows ended: the job beside it ran forwards
+    alone). Each row is answered at the step it is without merging, and the engine runs as many forwards."""
+    decoder, beside = make_decoder("d2f", OPTIONS), make_decoder("d2f", {**OPTIONS, "soft": "true"})
+    requests = [_request(p, seed=i, temperature=0.8) for i, p in enumerate(PROMPTS)]
+    seen = []
+    for merge in (True, False):
+        engine = Engine(tiny_model, max_rows=8, merge_rows=merge)
+        for _, job in make_jobs(tiny_model, beside, _request([50, 51], seed=9), cohort=1):
+            engine.submit(job)  # a job that does not merge with the rows and outlives them
+        jobs = [engine.submit(job) for r in requests for _, job in make_jobs(tiny_model, decoder, r, cohort=1)]
+        calls, answered_at = 0, {}
+        while not all(j.done.is_set() for j in jobs):
+            engine.step()
+            calls += 1
+            answered_at.update({i: calls for i, j in enumerate(jobs) if j.done.is_set() and i not in answered_at})
+        assert engine.merged_rows == (len(jobs) if merge else 0)
+        seen.append((answered_at, engine.passes, [(j.result.rows[0].token_ids, j.result.rows[0].nfe) for j in jobs]))
+    assert seen[0] == seen[1]
+    assert len(set(seen[0][0].values())) > 1  # rows ended at steps of their own

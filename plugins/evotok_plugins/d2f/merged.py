@@ -60,16 +60,16 @@ def merged_program(decoder: Any, model: Any, request: GenerationRequest) -> Prog
         actives = [decoder._schedule(run, budget // size, mask_id) for run in runs]
         if not any(actives):
             break
-        ended = [r for r, active in enumerate(actives) if not active and not answered[r]]
-        if ended and request.on_row is not None:  # answered now, not when the slowest row ends
-            tokens = yield HostRead(_generated(canvas, model)[ended])
-            for r, ids in zip(ended, tokens):
-                answered[r] = True
-                request.on_row(r, GenerationResult(rows=[_row_result(runs[r], ids, g0)], nfe=runs[r].nfe,
-                                                   seconds=time.perf_counter() - t0))
+        # rows whose pipeline has ended are answered now, not when the slowest row ends: their tokens come
+        # with this pass's one read (a read of their own would cost the group a step without a forward)
+        ended = [r for r, active in enumerate(actives) if not active and not answered[r]] if request.on_row else []
         logits = yield from step.forward(actives)
         outcome = yield from step.update(actives, logits)
-        tokens = yield from step.read_back(actives, outcome)
+        tokens, done = yield from step.read_back(actives, outcome, ended)
+        for r, ids in zip(ended, done):
+            answered[r] = True
+            request.on_row(r, GenerationResult(rows=[_row_result(runs[r], ids, g0)], nfe=runs[r].nfe,
+                                               seconds=time.perf_counter() - t0))
         step.per_row(actives, logits, outcome)
         if request.on_pass is not None:
             request.on_pass(max(run.nfe for run in runs))
@@ -226,18 +226,21 @@ class _Step:
                                                           self.conf[r:r + 1], part))
             at += n
 
-    def read_back(self, actives: list[list], outcome: tuple) -> Any:
-        """The step's one read: masks left per active block, EOS committed per block and, when streaming,
-        every row's generated tokens (returned per row)."""
+    def read_back(self, actives: list[list], outcome: tuple, ended: list[int]) -> Any:
+        """The step's one read: masks left per active block, EOS committed per block, when streaming every
+        row's generated tokens (returned per row), and the answers of the rows `ended` (their generated
+        tokens, [MASK] read as EOS; nothing writes to an ended row's columns any more)."""
         blocks, tokens, committed, _ = outcome
         model = self.model
         masked = (tokens == model.mask_id).sum(-1)
         eos = ((tokens == model.eos_id) & committed).any(-1).long()
         streamed = [self.canvas.generated().reshape(-1)] if self.request.on_final is not None else []
-        values = yield HostRead(torch.cat([masked, eos, *streamed]))
+        answers = [_generated(self.canvas, model)[ended].reshape(-1)] if ended else []
+        values = yield HostRead(torch.cat([masked, eos, *streamed, *answers]))
         n = len(blocks)
         for (r, b), left, stop in zip(blocks, values[:n], values[n:2 * n]):
             b.masks_left, b.predicted = left, True
             self.runs[r].eos = self.runs[r].eos or bool(stop)
-        width = self.canvas.gen_length
-        return [values[2 * n + r * width:2 * n + (r + 1) * width] for r in range(len(self.runs))]
+        width, at = self.canvas.gen_length, 2 * n + (len(self.runs) * self.canvas.gen_length if streamed else 0)
+        return ([values[2 * n + r * width:2 * n + (r + 1) * width] for r in range(len(self.runs))],
+                [values[at + i * width:at + (i + 1) * width] for i in range(len(ended))])
