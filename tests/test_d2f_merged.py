@@ -11,6 +11,7 @@ import torch
 from evotok_cli.base.errors import ConfigError
 from evotok_cli.decoding.api import GenerationRequest
 from evotok_cli.decoding.engine import Engine, make_jobs
+from evotok_cli.decoding.passes import RowWindow
 from evotok_cli.decoding.rows import make_pool
 from evotok_cli.jobs.generation import make_decoder
 from evotok_cli.runtime.model import load_model
@@ -212,3 +213,18 @@ def test_a_row_that_ends_is_answered_with_the_pass_read_at_no_step_of_its_own(ti
         seen.append((answered_at, engine.passes, [(j.result.rows[0].token_ids, j.result.rows[0].nfe) for j in jobs]))
     assert seen[0] == seen[1]
     assert len(set(seen[0][0].values())) > 1  # rows ended at steps of their own
+
+
+@pytest.mark.parametrize("windows, error", [
+    ([RowWindow(0, 4, 0, 4)], "2 rows but 1 windows"),
+    ([RowWindow(0, 4, 0, 4), RowWindow(2, 4, 0, 2)], "windows\\[1\\]"),  # logits before its fed columns
+    ([RowWindow(0, 4, 0, 4), RowWindow(0, 5, 0, 5)], "windows\\[1\\]"),  # past the window
+])
+def test_a_window_outside_its_row_is_refused(windows, error):
+    """A row's window must lie in the pass's window and its logits in its fed columns, or the row would
+    get another row's logits."""
+    from evotok_cli.decoding.passes import ForwardPass
+
+    with pytest.raises(ValueError, match=error):
+        ForwardPass({"input_ids": torch.zeros(2, 4, dtype=torch.long)}, position_ids=None, logits_slice=(0, 0),
+                    windows=windows)

@@ -130,6 +130,7 @@ def test_a_failing_row_fails_alone_and_the_others_decode_as_alone(tiny_model):
                                                  _request(PROMPTS[1], 2)])
     engine.run()
     assert "exceeds the model's maximum" in str(jobs[1].error)
+    assert engine.merged_rows == 0  # the rows decoded as programs of their own after all
     for job, prompt, seed in ((jobs[0], PROMPTS[0], 0), (jobs[2], PROMPTS[1], 2)):
         assert job.error is None and job.result.rows[0].token_ids == _solo(tiny_model, decoder, prompt, seed).token_ids
 

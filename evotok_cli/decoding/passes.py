@@ -62,6 +62,8 @@ class ForwardPass:
                               where="decoder plugin",
                               fix="BlockwiseDecoder.forward's `cache` is now the canvas length: write "
                                   "ForwardPass(kv_length=cache), see examples/third_party_decoder/README.md")
+        if self.windows is not None:
+            _check_windows(self.windows, self.rows, self.length)
 
     @property
     def rows(self) -> int:
@@ -85,6 +87,16 @@ class ForwardPass:
         """Whether the pass can join other rows in the step's forward: all can, except one that holds a
         cache object of its own (the engine cannot batch memory it does not own)."""
         return self.cache is None
+
+
+def _check_windows(windows: list[RowWindow], rows: int, length: int) -> None:
+    """A window that reaches outside its row would hand a row another row's logits: refused at once."""
+    if len(windows) != rows:
+        raise ValueError(f"ForwardPass has {rows} rows but {len(windows)} windows: give one RowWindow per row")
+    for i, (lo, hi, a, b) in enumerate(windows):
+        if not (0 <= lo <= hi <= length and lo <= a <= b <= hi):
+            raise ValueError(f"ForwardPass windows[{i}] = {windows[i]} is not 0 <= lo <= logits_lo <= logits_hi "
+                             f"<= hi <= {length} (the pass's window length)")
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Hashable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -21,30 +21,47 @@ def run_pass(model: Any, p: ForwardPass) -> torch.Tensor:
     return p.combine(logits) if p.combine is not None else logits
 
 
-def _windows(p: ForwardPass) -> list[RowWindow]:
-    """Each row's fed columns and logit columns: the pass's own `windows`, else the whole window less a
-    padded row's leading padding columns where they can be left out (`_padding_fed`)."""
-    if p.windows is not None:
-        return p.windows
-    length, (a, b) = p.length, p.logits_slice
-    drop = _padding_fed(p, length)
-    return [RowWindow(drop[i] if drop else 0, length, a, b) for i in range(p.rows)]
+class Layout(NamedTuple):
+    """A pass's rows as the shared forward feeds them: each row's window, the flat index of the fed columns
+    of its (B, L) inputs (on the host; None: every column) and how many logits it gets back."""
+
+    windows: tuple[RowWindow, ...]
+    fed: torch.Tensor | None
+    logits: tuple[int, int]  # (rows, positions) of the pass's logits
 
 
-def _fed(p: ForwardPass, windows: list[RowWindow]) -> torch.Tensor | None:
-    """The flat index of the fed columns of the pass's (B, L) window, or None when every column is fed."""
+def _layout(p: ForwardPass) -> Layout:
+    """The pass's own `windows`, else the whole window less a padded row's leading padding columns where
+    they can be left out (`_padding_fed`). Made once per pattern (a merged program's every full pass has
+    the same): host work per pass, not per row."""
     length = p.length
-    if all(w.lo == 0 and w.hi == length for w in windows):
-        return None
-    spans = tuple((w.lo, w.hi) for w in windows)
-    return _fed_on_host(spans, length).to(p.device, non_blocking=True)
+    if p.windows is not None:
+        return _windowed_layout(tuple(p.windows), length)
+    drop = _padding_fed(p, length)
+    return _plain_layout(None if drop is None else tuple(drop), p.rows, length, p.logits_slice)
 
 
 @functools.lru_cache(maxsize=256)
-def _fed_on_host(spans: tuple[tuple[int, int], ...], length: int) -> torch.Tensor:
-    """Made on the host (a bool mask would make the host wait for the device), once per pattern (a merged
-    program's every full pass has the same)."""
-    return torch.tensor([i * length + c for i, (lo, hi) in enumerate(spans) for c in range(lo, hi)], dtype=torch.long)
+def _plain_layout(drop: tuple[int, ...] | None, rows: int, length: int, logits: tuple[int, int]) -> Layout:
+    a, b = logits
+    windows = tuple(RowWindow(drop[i] if drop else 0, length, a, b) for i in range(rows))
+    return Layout(windows, None if drop is None else _fed_on_host(windows, length), (rows, b - a))
+
+
+@functools.lru_cache(maxsize=256)
+def _windowed_layout(windows: tuple[RowWindow, ...], length: int) -> Layout:
+    full = all(w.lo == 0 and w.hi == length for w in windows)
+    return Layout(windows, None if full else _fed_on_host(windows, length),
+                  (1, sum(w.logits_hi - w.logits_lo for w in windows)))
+
+
+def _fed_on_host(windows: tuple[RowWindow, ...], length: int) -> torch.Tensor:
+    """Made on the host: a bool mask would make the host wait for the device."""
+    return torch.tensor([i * length + c for i, w in enumerate(windows) for c in range(w.lo, w.hi)], dtype=torch.long)
+
+
+def _on(fed: torch.Tensor | None, device: Any) -> torch.Tensor | None:
+    return None if fed is None else fed.to(device, non_blocking=True)
 
 
 def _embed_fed(model: Any, passes: list[ForwardPass], feds: list[torch.Tensor | None]) -> list[torch.Tensor]:
@@ -102,44 +119,39 @@ def run_rows(model: Any, items: list[tuple[Hashable, ForwardPass]], pool: KVPool
     # layer its share of padding columns (guidance's full-canvas pairs of mixed lengths: 1.4x the work); a
     # padded canvas's own padding columns are left out too (a merged program's rows: decoding/merging.py),
     # and so are the columns a row of a pass with `windows` does not feed
-    windows = [_windows(p) for _, p in items]
-    feds = [_fed(p, ws) for (_, p), ws in zip(items, windows)]
+    layouts = [_layout(p) for _, p in items]
+    feds = [_on(lay.fed, p.device) for (_, p), lay in zip(items, layouts)]
     x = torch.cat(_embed_fed(model, [p for _, p in items], feds))[None]  # (1, N, D)
     positions = torch.cat([_packed(p.position_ids if p.position_ids is not None else
                                    torch.arange(p.start, p.start + p.length, device=x.device).expand(p.rows, -1),
                                    fed) for (_, p), fed in zip(items, feds)])[None]  # (1, N)
-    spans, starts, slots, masks, mask_at, key_pads, index, counts = [], [], [], [], [], [], [], []
+    spans, starts, slots, masks, mask_at, key_pads, index = [], [], [], [], [], [], []
     at = 0
-    for (owner, p), ws in zip(items, windows):
-        for i, w in enumerate(ws):
-            if w.lo == w.hi:
+    for (owner, p), lay in zip(items, layouts):
+        kv, first, rows, pads, start = p.kv_length, p.first_row, p.rows, p.pad_offsets, p.start
+        for i, w in enumerate(lay.windows):  # the rows' bookkeeping: as few calls per row as can be
+            lo, hi, a, b = w
+            if lo == hi:
                 continue  # sits this pass out
-            slot = None if p.kv_length is None else pool.slot(owner, p.first_row + i, p.kv_length, p.kv_memory,
-                                                              p.first_row + p.rows)
-            spans.append((at, at + w.hi - w.lo))
-            starts.append(p.start + w.lo)
+            slot = None if kv is None else pool.slot(owner, first + i, kv, p.kv_memory, first + rows)
+            spans.append((at, at + hi - lo))
+            starts.append(start + lo)
             slots.append(slot)
-            mask, q0, k0 = _row_mask(p, i, w, slot is not None)
-            masks.append(mask)
-            mask_at.append((q0, k0))
-            key_pads.append(p.pad_offsets[i] if p.pad_offsets else 0)
-            index.extend(range(at + w.logits_lo - w.lo, at + w.logits_hi - w.lo))
-            at += w.hi - w.lo
-        counts.append(_logit_counts(p, ws))
+            if p.attention_mask is None:
+                masks.append(None)
+                mask_at.append((0, 0))
+            else:
+                mask, q0, k0 = _row_mask(p, i, w, slot is not None)
+                masks.append(mask)
+                mask_at.append((q0, k0))
+            key_pads.append(pads[i] if pads else 0)
+            index.extend(range(at + a - lo, at + b - lo))
+            at += hi - lo
     batch = RowBatch(spans, starts, slots, masks, key_pads, mask_at)
     gather = torch.tensor(index, dtype=torch.long).to(x.device, non_blocking=True)
     logits = model(inputs_embeds=x, position_ids=positions, cache=batch, start=_common_start(items),
                    logits_slice=gather)[0]  # (N, V)
-    return _split_logits(items, counts, logits)
-
-
-def _logit_counts(p: ForwardPass, windows: list[RowWindow]) -> tuple[int, int]:
-    """(rows, positions) of the pass's logits: its rows' `logits_slice`, or with `windows` every row's
-    logits end to end as one."""
-    if p.windows is None:
-        a, b = p.logits_slice
-        return p.rows, b - a
-    return 1, sum(w.logits_hi - w.logits_lo for w in windows)
+    return _split_logits(items, [lay.logits for lay in layouts], logits)
 
 
 def _padding_fed(p: ForwardPass, length: int) -> list[int] | None:
@@ -210,9 +222,9 @@ def _paged_mask(masks: list[tuple], shape: tuple[int, int, int], total: int, dev
 def run_paged(model: Any, items: list[tuple[Hashable, ForwardPass]], pool: SlotPool) -> list[torch.Tensor]:
     """`run_rows` over a `SlotPool`: the same rows, windows and masks as index and mask tensors, with the
     batch, window, key and logit counts rounded up to buckets (dummy rows attend to the scratch slot)."""
-    windows = [_windows(p) for _, p in items]
-    embeds = _embed_fed(model, [p for _, p in items], [_fed(p, ws) for (_, p), ws in zip(items, windows)])
-    fed = [(k, i, w) for k, ws in enumerate(windows) for i, w in enumerate(ws) if w.hi > w.lo]
+    layouts = [_layout(p) for _, p in items]
+    embeds = _embed_fed(model, [p for _, p in items], [_on(lay.fed, p.device) for (_, p), lay in zip(items, layouts)])
+    fed = [(k, i, w) for k, lay in enumerate(layouts) for i, w in enumerate(lay.windows) if w.hi > w.lo]
     total = len(fed)
     rows, length = bucket(total), bucket(max(w.hi - w.lo for _, _, w in fed), 8)
     widest = max(max(items[k][1].kv_length or 0, items[k][1].start + w.hi) for k, _, w in fed)
@@ -263,4 +275,4 @@ def run_paged(model: Any, items: list[tuple[Hashable, ForwardPass]], pool: SlotP
             pool.release(slot)
     for slot, span in written:
         pool.filled[slot] = span
-    return _split_logits(items, [_logit_counts(p, ws) for (_, p), ws in zip(items, windows)], logits)
+    return _split_logits(items, [lay.logits for lay in layouts], logits)

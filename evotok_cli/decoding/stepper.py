@@ -145,6 +145,7 @@ class Engine(MemoryHandling):
         if not job.members or job.passes:
             return self._finish(job, error=error)
         members, job.members = job.members, []
+        self.merged_rows -= len(members)  # they decode as rows of their own after all
         self._finish(job, error=error)
         with self.lock:
             for member in reversed([m for m in members if not m.done.is_set()]):

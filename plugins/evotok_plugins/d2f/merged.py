@@ -143,12 +143,16 @@ class _Step:
         x = self.x[:, w0:w1]
         if not self.cfg.soft:
             return {"input_ids": x}
-        hard = [[True] * (w1 - w0) for _ in self.runs]  # fed one-hot unless an unfinished predicted active block
-        for r, run in enumerate(self.runs):
-            for b in run.blocks:
-                if self.decoder._is_soft(b) and b.end > w0 and b.start < w1:
-                    hard[r][max(b.start, w0) - w0:min(b.end, w1) - w0] = [False] * (min(b.end, w1) - max(b.start, w0))
-        where = torch.tensor(hard, dtype=torch.bool).to(self.x.device, non_blocking=True)
+        # fed one-hot ([Decode]) except the unfinished active blocks that have a prediction: those are soft.
+        # Active blocks lie inside the window; their columns are set from one index, not a list per column.
+        width, size = w1 - w0, self.runs[0].size
+        starts = [r * width + b.start - w0 for r, run in enumerate(self.runs) for b in run.blocks
+                  if self.decoder._is_soft(b)]
+        where = torch.ones(x.shape, dtype=torch.bool, device=self.x.device)
+        if starts:
+            soft = torch.tensor(starts, dtype=torch.long).to(self.x.device, non_blocking=True)[:, None] \
+                + torch.arange(size, device=self.x.device)
+            where.view(-1)[soft.reshape(-1)] = False
         return {"soft_inputs": as_decoded(self.soft_ids[:, w0:w1], self.soft_w[:, w0:w1], x, where)}
 
     def _aligned(self, out: torch.Tensor, spans: dict, actives: list[list]) -> torch.Tensor:
