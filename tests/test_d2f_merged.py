@@ -228,3 +228,115 @@ def test_a_window_outside_its_row_is_refused(windows, error):
     with pytest.raises(ValueError, match=error):
         ForwardPass({"input_ids": torch.zeros(2, 4, dtype=torch.long)}, position_ids=None, logits_slice=(0, 0),
                     windows=windows)
+
+
+def _run_until_done(engine, jobs):
+    while not all(j.done.is_set() for j in jobs):
+        engine.step()
+
+
+@pytest.mark.parametrize("options", [{}, {"soft": "true"}, {"cache": "false"}])
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_a_request_arriving_later_joins_the_running_group_and_decodes_as_alone(tiny_model, options, temperature):
+    """d2f's rows need no lockstep: a request admitted while a merged group runs joins it as a new row (one
+    program, one forward per step) and still decodes exactly what it decodes alone."""
+    decoder = make_decoder("d2f", {**OPTIONS, **options})
+    requests = [_request(p, seed=i, temperature=temperature, logprobs=2) for i, p in enumerate(PROMPTS)]
+    engine = Engine(tiny_model, max_rows=8)
+    first = [engine.submit(job) for r in requests[:3] for _, job in make_jobs(tiny_model, decoder, r, cohort=1)]
+    engine.step()
+    engine.step()
+    later = [engine.submit(job) for r in requests[3:] for _, job in make_jobs(tiny_model, decoder, r, cohort=1)]
+    engine.step()
+    assert len(engine.live) == 1 and engine.live[0].members == first + later  # they joined: one program
+    assert engine.merged_rows == len(PROMPTS)
+    _run_until_done(engine, first + later)
+    for request, job in zip(requests, first + later):
+        alone = decoder.generate(tiny_model, request).rows[0]
+        row = job.result.rows[0]
+        assert (row.token_ids, row.nfe, row.logprobs) == (alone.token_ids, alone.nfe, alone.logprobs)
+
+
+def test_a_row_that_does_not_fit_the_group_decodes_on_its_own(tiny_model):
+    """A prompt longer than the group's prompt column, or another setting: the request runs as a program of
+    its own, as before."""
+    decoder = make_decoder("d2f", OPTIONS)
+    engine = Engine(tiny_model, max_rows=4)
+    first = [engine.submit(job) for i in (0, 2) for _, job in make_jobs(tiny_model, decoder, _request(PROMPTS[i], i),
+                                                                          cohort=1)]
+    engine.step()
+    longer = [engine.submit(job) for _, job in make_jobs(tiny_model, decoder, _request(PROMPTS[1], 1), cohort=1)]
+    other = [engine.submit(job) for _, job in make_jobs(tiny_model, decoder, GenerationRequest(
+        prompts=[PROMPTS[4]], seeds=[4], gen_length=8), cohort=1)]
+    engine.step()
+    assert [len(j.members) for j in engine.live] == [2, 0, 0]  # neither joined
+    _run_until_done(engine, first + longer + other)
+    assert all(j.error is None for j in first + longer + other)
+    assert longer[0].result.rows[0].token_ids == decoder.generate(tiny_model, _request(PROMPTS[1], 1)).rows[0].token_ids
+
+
+def test_a_joined_row_streams_its_events_as_alone_and_a_stream_never_joins_a_silent_group(tiny_model):
+    decoder = make_decoder("d2f", {**OPTIONS, "soft": "true"})
+    heard: dict = {}
+
+    def request(i, who, listen=True):  # listen=False: traced (the same merge key) but no final prefixes
+        extra = {"trace": True, "on_event": heard.setdefault((who + "-trace", i), []).append}
+        if listen:
+            extra["on_final"] = heard.setdefault((who, i), []).append
+        return _request(PROMPTS[i], seed=i, **extra)
+
+    engine = Engine(tiny_model, max_rows=8)
+    group = [engine.submit(job) for i in (0, 1) for _, job in make_jobs(tiny_model, decoder, request(i, "m"), cohort=1)]
+    engine.step()
+    joined = [engine.submit(job) for _, job in make_jobs(tiny_model, decoder, request(2, "m"), cohort=1)]
+    engine.step()
+    assert engine.live[0].members == group + joined
+    _run_until_done(engine, group + joined)
+    for i in (0, 1, 2):
+        decoder.generate(tiny_model, request(i, "alone"))
+        assert heard[("m", i)] and heard[("m", i)] == heard[("alone", i)]
+        assert heard[("m-trace", i)] and heard[("m-trace", i)] == heard[("alone-trace", i)]
+    silent = Engine(tiny_model, max_rows=8)
+    quiet = [silent.submit(job) for i in (0, 1) for _, job in make_jobs(tiny_model, decoder, request(i, "q", False),
+                                                                       cohort=1)]
+    silent.step()
+    streaming = [silent.submit(job) for _, job in make_jobs(tiny_model, decoder, request(2, "s"), cohort=1)]
+    silent.step()
+    assert [len(j.members) for j in silent.live] == [2, 0]  # it would hear no final prefix in that group
+    _run_until_done(silent, quiet + streaming)
+    assert heard[("s", 2)] == heard[("alone", 2)]
+
+
+def test_a_group_with_joined_rows_preempted_mid_run_decodes_as_alone(tiny_model):
+    decoder = make_decoder("d2f", OPTIONS)
+    requests = [_request(p, seed=i, temperature=0.8) for i, p in enumerate(PROMPTS)]
+    engine = Engine(tiny_model, max_rows=8, max_tokens=10_000)
+    other = [engine.submit(job) for _, job in make_jobs(tiny_model, decoder, GenerationRequest(
+        prompts=[[50, 51]], seeds=[9], gen_length=16), cohort=1)]  # another budget: never joins
+    jobs = [engine.submit(job) for r in requests[:2] for _, job in make_jobs(tiny_model, decoder, r, cohort=1)]
+    engine.step()
+    jobs += [engine.submit(job) for r in requests[2:] for _, job in make_jobs(tiny_model, decoder, r, cohort=1)]
+    engine.step()
+    engine.step()
+    assert any(len(j.members) == len(PROMPTS) for j in engine.live)
+    engine.max_tokens = 1
+    _run_until_done(engine, jobs + other)
+    assert engine.preemptions > 0
+    for request, job in zip(requests, jobs):
+        assert job.result.rows[0].token_ids == decoder.generate(tiny_model, request).rows[0].token_ids
+
+
+def test_a_group_that_has_held_max_rows_takes_no_more_and_frees_room_as_rows_end(tiny_model):
+    """A row answered early no longer counts against max_rows (a waiting request is admitted), but a group
+    that has held max_rows rows takes no more: their KV slots stay until it ends, so it drains."""
+    decoder = make_decoder("d2f", OPTIONS)
+    engine = Engine(tiny_model, max_rows=2)
+    group = [engine.submit(job) for i in (0, 3) for _, job in make_jobs(tiny_model, decoder, _request(PROMPTS[i], i),
+                                                                          cohort=1)]
+    waiting = [engine.submit(job) for _, job in make_jobs(tiny_model, decoder, _request(PROMPTS[2], 2), cohort=1)]
+    while waiting[0].admitted is None:
+        engine.step()
+    assert any(j.done.is_set() for j in group) and not all(j.done.is_set() for j in group)  # admitted mid-group
+    assert [len(j.members) for j in engine.live] == [2, 0]  # did not join the full group
+    _run_until_done(engine, group + waiting)
+    assert waiting[0].result.rows[0].token_ids == decoder.generate(tiny_model, _request(PROMPTS[2], 2)).rows[0].token_ids

@@ -125,6 +125,9 @@ class GenerationRequest:
     # a program whose rows finish at passes of their own (d2f's merged rows) hands a finished row's result
     # here at once, (row, its one-row GenerationResult), rather than only with every row's at the end
     on_row: Callable[[int, GenerationResult], None] | None = None
+    # a merged program whose rows need no lockstep (d2f's) may take rows while it runs: it sets `joins.accept`
+    # (decoding/merging.MergedRows); None for every other request
+    joins: Any = None
 
     @property
     def sampling(self) -> Sampling:

@@ -17,6 +17,10 @@ rounding, merged or not. A decoder opts in through `merge_key` (hard-mask and ev
 rng=reference, nor with a threshold, where rows finish blocks at passes of their own). What a merged row
 gives up: cancelling it alone stops its answer and its events, not its compute (its row decodes on with the
 others, unread); a failure after the first forward fails every row of the group.
+
+Rows that need no lockstep (d2f's: each row runs its own pipeline and feeds its own window) can also join a
+group that is already running (`MergedRows.offer`): in a server, requests arrive one by one, and a request
+that joins adds a row to the group's tensors instead of a program of its own.
 """
 from __future__ import annotations
 
@@ -65,22 +69,62 @@ def groups(jobs: list[Job]) -> list[list[Job]]:
     return [group for group in by_key.values() if len(group) > 1]
 
 
-def merged_request(parts: list[Mergeable], answered: list[Event],
-                   on_row: Callable[[int, GenerationResult], None] | None = None) -> GenerationRequest:
-    """One request for the rows of `parts`: their prompts and seeds, and listeners that hand each row's
-    events to its own request as its row 0, until that row is answered (`answered[i]` set: cancelled).
-    `on_row`: where a row that finishes before the others is answered (the engine's)."""
-    requests = [p.request for p in parts]
-    return replace(requests[0], prompts=[r.prompts[0] for r in requests], seeds=[row_seed(r, 0) for r in requests],
-                   seed=None, on_event=_by_row([r.on_event for r in requests], answered),
-                   on_final=_by_row([r.on_final for r in requests], answered),
-                   on_pass=_to_all([r.on_pass for r in requests], answered), on_row=on_row)
+class MergedRows:
+    """The rows of a merged program: each row's own request and whether it is answered (cancelled, or done
+    before the others), and the listeners the program calls, which hand each row's events to its own
+    request as its row 0. A program whose rows need no lockstep (d2f's) sets `accept` while it can take
+    rows: a fresh one-row request with the same key then joins it as a new row (`offer`) instead of
+    decoding alone."""
+
+    def __init__(self, key: Hashable, parts: list[Mergeable], answered: list[Event]):
+        self.key, self.requests, self.answered = key, [p.request for p in parts], list(answered)
+        self.accept: Callable[[GenerationRequest], int | None] | None = None
+        self.request = replace(
+            self.requests[0], prompts=[r.prompts[0] for r in self.requests], seed=None,
+            seeds=[row_seed(r, 0) for r in self.requests], on_event=self._by_row("on_event"),
+            on_final=self._by_row("on_final"), on_pass=self._to_all(), joins=self)
+
+    def offer(self, request: GenerationRequest, answered: Event) -> int | None:
+        """Row `request` joins the running program: its row index, or None (the program takes no more rows,
+        or it does not fit, or the request wants events the program does not send)."""
+        if self.accept is None or any(getattr(request, name) is not None and getattr(self.request, name) is None
+                                      for name in ("on_event", "on_final", "on_pass")):
+            return None
+        row = self.accept(request)
+        if row is not None:
+            self.requests.append(request)
+            self.answered.append(answered)
+        return row
+
+    def _by_row(self, name: str) -> Callable[[Any], None] | None:
+        if not any(getattr(r, name) is not None for r in self.requests):
+            return None
+
+        def hand_on(event: Any) -> None:
+            listener = getattr(self.requests[event.row], name)
+            if listener is not None and not self.answered[event.row].is_set():
+                listener(replace(event, row=0))
+        return hand_on
+
+    def _to_all(self) -> Callable[[int], None] | None:
+        if not any(r.on_pass is not None for r in self.requests):
+            return None
+
+        def hand_on(nfe: int) -> None:
+            for request, done in zip(self.requests, self.answered):
+                if request.on_pass is not None and not done.is_set():
+                    request.on_pass(nfe)
+        return hand_on
 
 
 def merged_program(parts: list[Mergeable], answered: list[Event],
-                   on_row: Callable[[int, GenerationResult], None] | None = None) -> Any:
+                   on_row: Callable[[int, GenerationResult], None] | None = None) -> tuple[Any, MergedRows]:
+    """The program that decodes the rows of `parts` (`program(row_streams=True)`), and its rows. `on_row`:
+    where a row that finishes before the others is answered (the engine's)."""
     first = parts[0]
-    return first.decoder.program(first.model, merged_request(parts, answered, on_row), row_streams=True)
+    rows = MergedRows(first.key, parts, answered)
+    rows.request.on_row = on_row
+    return first.decoder.program(first.model, rows.request, row_streams=True), rows
 
 
 def canvas_tokens(parts: list[Mergeable]) -> int:
@@ -93,25 +137,3 @@ def row_result(result: GenerationResult, row: int) -> GenerationResult:
     """Row `row` of a merged program's result, as that row's own program would have returned it."""
     own = result.rows[row]
     return GenerationResult(rows=[own], nfe=own.nfe, seconds=result.seconds)
-
-
-def _by_row(listeners: list[Callable[[Any], None] | None], answered: list[Event]) -> Callable[[Any], None] | None:
-    if not any(listeners):
-        return None
-
-    def hand_on(event: Any) -> None:
-        listener = listeners[event.row]
-        if listener is not None and not answered[event.row].is_set():
-            listener(replace(event, row=0))
-    return hand_on
-
-
-def _to_all(listeners: list[Callable[[int], None] | None], answered: list[Event]) -> Callable[[int], None] | None:
-    if not any(listeners):
-        return None
-
-    def hand_on(nfe: int) -> None:
-        for listener, done in zip(listeners, answered):
-            if listener is not None and not done.is_set():
-                listener(nfe)
-    return hand_on

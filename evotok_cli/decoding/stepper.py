@@ -44,6 +44,7 @@ class Job:
     preempted: bool = False  # waits in the queue without its KV slots
     merge: Mergeable | None = None  # a one-row job that may decode in one program with others (decoding/merging.py)
     members: list[Job] = field(default_factory=list)  # a merged program's jobs, one per row, in row order
+    joins: merging.MergedRows | None = None  # a merged program's rows (some programs take more while they run)
     passes: int = 0  # forwards whose logits it received
 
     @property
@@ -109,7 +110,10 @@ class Engine(MemoryHandling):
                     job.replay, job.preempted = list(job.log), False
                 self.live.append(job)
                 admitted.append(job)
-        for jobs in merging.groups(admitted) if self.merge_rows else []:
+        if not self.merge_rows:
+            return
+        self._join([job for job in admitted if merging.fresh(job)])  # into running groups first: one program
+        for jobs in merging.groups(admitted):
             self._merge(jobs)
 
     def _merge(self, jobs: list[Job]) -> None:
@@ -119,23 +123,50 @@ class Engine(MemoryHandling):
         tokens = merging.canvas_tokens(parts)
         if self.max_tokens is not None and self.live_tokens - sum(j.tokens for j in jobs) + tokens > self.max_tokens:
             return
+        members = list(jobs)  # grows when rows join (`_join`)
+
         def answer_early(row: int, result: GenerationResult) -> None:  # a row done before the others (d2f)
-            if not jobs[row].done.is_set():
-                self._finish(jobs[row], result=result)
+            if not members[row].done.is_set():
+                self._finish(members[row], result=result)
+                group.rows -= 1  # no longer decoding: room for another row (its KV slot stays until the end)
 
         try:
-            program = merging.merged_program(parts, [j.done for j in jobs], answer_early)
+            program, rows = merging.merged_program(parts, [j.done for j in jobs], answer_early)
         except Exception:  # e.g. a plugin's `program` without `row_streams`: the rows run as they came
             return
-        group = Job(program, rows=len(jobs), tokens=tokens, members=jobs)
+        group = Job(program, rows=len(jobs), tokens=tokens, members=members, joins=rows)
         self.merged_rows += len(jobs)
         group.admitted = time.perf_counter()
-        self.live[self.live.index(jobs[0])] = group
+        self.live.insert(self.live.index(jobs[0]), group)
         for job in jobs:
-            job.program.close()
-            job.program = None
-            if job is not jobs[0]:
-                self.live.remove(job)
+            self._absorbed(job)
+
+    def _join(self, jobs: list[Job]) -> None:
+        """Fresh one-row jobs: each joins a running merged program with
+        its key that takes rows (d2f's: `MergedRows.offer`) and has held fewer than `max_rows` rows, as a new
+        row, instead of decoding alone; not when its row breaks the budget. A group's rows answered early keep
+        their KV slots until it ends: the cap bounds that memory, and a full group drains while new rows start
+        another."""
+        groups = [g for g in self.live if g.joins is not None and g.joins.accept is not None]
+        for job in jobs:
+            for group in groups:
+                width = group.tokens // len(group.members)  # a row of the group's canvas
+                if group.joins.key != job.merge.key or len(group.members) >= self.max_rows or (
+                        self.max_tokens is not None and self.live_tokens - job.tokens + width > self.max_tokens):
+                    continue
+                if group.joins.offer(job.merge.request, job.done) is not None:
+                    group.members.append(job)
+                    group.rows, group.tokens = group.rows + 1, group.tokens + width
+                    self.merged_rows += 1
+                    self._absorbed(job)
+                    break
+
+    def _absorbed(self, job: Job) -> None:
+        """A job whose row now decodes in a merged program: its own program is dropped, it leaves the live set."""
+        job.program.close()
+        job.program = None
+        if job in self.live:
+            self.live.remove(job)
 
     def _fail(self, job: Job, error: BaseException) -> None:
         """A job's program or pass failed. A merged job that failed before its first forward (a row's bad

@@ -49,25 +49,27 @@ def merged_program(decoder: Any, model: Any, request: GenerationRequest) -> Prog
     canvas = build_canvas(request.prompts, budget, mask_id=model.mask_id, pad_id=model.eos_id,
                           max_length=model.max_length, device=model.device)
     size, g0 = decoder.block_size(budget), canvas.gen_start
-    pads = canvas.pad_offsets or [0] * canvas.batch
-    runs = [RowRun(x=canvas.x[r:r + 1], prompt=PipelineBlock(pads[r], g0, state="to_cache", full=True), size=size,
-                   logprobs=recorder_for(request, 1, canvas.length, model)) for r in range(canvas.batch)]
-    generators = [None if (seed := row_seed(request, r)) is None
-                  else torch.Generator(device=model.device).manual_seed(seed) for r in range(canvas.batch)]
-    step = _Step(decoder, model, request, canvas, runs, generators)
-    finals, mask_id, answered = [0] * canvas.batch, model.mask_id, [False] * canvas.batch
+    step = _Step(decoder, model, request, canvas)
+    for r, prompt in enumerate(request.prompts):
+        step.new_row(len(prompt), row_seed(request, r))
+    if request.joins is not None:  # rows may join while the program runs, as long as their prompt fits
+        request.joins.accept = step.accept
+    mask_id = model.mask_id
     while True:
+        step.take_joined()
+        runs = step.runs
         actives = [decoder._schedule(run, budget // size, mask_id) for run in runs]
         if not any(actives):
             break
         # rows whose pipeline has ended are answered now, not when the slowest row ends: their tokens come
         # with this pass's one read (a read of their own would cost the group a step without a forward)
-        ended = [r for r, active in enumerate(actives) if not active and not answered[r]] if request.on_row else []
+        ended = [r for r, active in enumerate(actives) if not active and not step.answered[r]] \
+            if request.on_row else []
         logits = yield from step.forward(actives)
         outcome = yield from step.update(actives, logits)
         tokens, done = yield from step.read_back(actives, outcome, ended)
         for r, ids in zip(ended, done):
-            answered[r] = True
+            step.answered[r] = True
             request.on_row(r, GenerationResult(rows=[_row_result(runs[r], ids, g0)], nfe=runs[r].nfe,
                                                seconds=time.perf_counter() - t0))
         step.per_row(actives, logits, outcome)
@@ -76,7 +78,10 @@ def merged_program(decoder: Any, model: Any, request: GenerationRequest) -> Prog
         if request.on_final is not None:
             for r, active in enumerate(actives):
                 if active:
-                    finals[r] = decoder._announce_final(request, runs[r], r, tokens[r], g0, finals[r])
+                    step.finals[r] = decoder._announce_final(request, runs[r], r, tokens[r], g0, step.finals[r])
+    if request.joins is not None:
+        request.joins.accept = None  # past the loop: a row would never be decoded
+    canvas, runs = step.canvas, step.runs
     gen = yield HostRead(_generated(canvas, model))
     rows = [_row_result(run, gen[r], g0) for r, run in enumerate(runs)]
     return GenerationResult(rows=rows, nfe=sum(run.nfe for run in runs), seconds=time.perf_counter() - t0)
@@ -97,17 +102,65 @@ class _Step:
     """One iteration's tensor work for every row at once (the steps of `D2FDecoder._decode_row` past the
     schedule: forward, EvoToken rule, read), over the merged canvas and its per-column state."""
 
-    def __init__(self, decoder: Any, model: Any, request: GenerationRequest, canvas: Canvas, runs: list,
-                 generators: list) -> None:
+    def __init__(self, decoder: Any, model: Any, request: GenerationRequest, canvas: Canvas) -> None:
         self.decoder, self.cfg, self.model, self.request = decoder, decoder.config, model, request
-        self.canvas, self.runs, self.generators = canvas, runs, generators
-        self.x = canvas.x
+        self.canvas, self.x = canvas, canvas.x
         self.conf = torch.zeros(self.x.shape, dtype=torch.float64, device=self.x.device)
         self.soft_ids, self.soft_w = one_hot_slots(self.x, self.cfg.k_soft, model.dtype)
         self.shift = int(model.shifted_logits)
         self.saved = None  # shifted logits: each row's output at its last cached position, (rows, V)
         self.tracing = request.trace and request.on_event is not None
         self.masks: dict[tuple[int, int], torch.Tensor] = {}
+        self.size = decoder.block_size(canvas.gen_length)
+        self.runs: list[RowRun] = []  # per row: its pipeline, random stream, final prefix, answered or not
+        self.generators: list[Any] = []
+        self.finals: list[int] = []
+        self.answered: list[bool] = []
+        self.joining: list[tuple[list[int], int | None]] = []  # (prompt, seed) of rows that joined since
+
+    def new_row(self, prompt_length: int, seed: int | None) -> None:
+        """Row len(runs)'s pipeline state (its canvas row is already there)."""
+        r, g0 = len(self.runs), self.canvas.gen_start
+        self.runs.append(RowRun(x=self.x[r:r + 1], prompt=PipelineBlock(g0 - prompt_length, g0, state="to_cache",
+                                                                        full=True),
+                                size=self.size, logprobs=recorder_for(self.request, 1, self.canvas.length, self.model)))
+        self.generators.append(None if seed is None else torch.Generator(device=self.model.device).manual_seed(seed))
+        self.finals.append(0)
+        self.answered.append(False)
+
+    def accept(self, request: GenerationRequest) -> int | None:
+        """A row joining the running program (`MergedRows.offer`): its index, or None when its prompt does not
+        fit the canvas (longer than the prompts' column) or is empty. It starts at the next iteration."""
+        prompt = request.prompts[0]
+        if not 0 < len(prompt) <= self.canvas.gen_start:
+            return None
+        self.joining.append((list(prompt), row_seed(request, 0)))
+        return len(self.runs) + len(self.joining) - 1
+
+    def take_joined(self) -> None:
+        """The rows that joined since the last iteration, appended to the canvas and its state: fresh
+        [MASK] rows left-padded to the prompts' column, as when the program began with them."""
+        if not self.joining:
+            return
+        joining, self.joining = self.joining, []
+        model, c = self.model, self.canvas
+        more = build_canvas([p for p, _ in joining], c.gen_length, mask_id=model.mask_id, pad_id=model.eos_id,
+                            max_length=model.max_length, device=self.x.device)
+        pad = c.gen_start - more.gen_start  # to the group's prompt column
+        x = torch.cat([c.x, torch.nn.functional.pad(more.x, (pad, 0), value=model.eos_id)])
+        real = torch.cat([c.real, torch.nn.functional.pad(more.real, (pad, 0), value=False)])
+        positions = torch.cat([c.positions, torch.nn.functional.pad(more.positions, (pad, 0), value=0)])
+        self.canvas = Canvas(x, real, positions, c.gen_start, [*c.prompt_lengths, *more.prompt_lengths])
+        self.x = x
+        self.conf = torch.cat([self.conf, self.conf.new_zeros((len(joining), x.shape[1]))])
+        ids, weights = one_hot_slots(x[len(self.runs):], self.cfg.k_soft, model.dtype)
+        self.soft_ids, self.soft_w = torch.cat([self.soft_ids, ids]), torch.cat([self.soft_w, weights])
+        if self.saved is not None:
+            self.saved = torch.cat([self.saved, self.saved.new_zeros((len(joining), self.saved.shape[1]))])
+        for r, run in enumerate(self.runs):  # the rows' views of the new canvas
+            run.x = x[r:r + 1]
+        for prompt, seed in joining:
+            self.new_row(len(prompt), seed)
 
     def forward(self, actives: list[list]) -> Any:
         """Step 4 for every row: one pass, each row fed from its first block not yet cached to its end."""
