@@ -340,3 +340,21 @@ def test_a_group_that_has_held_max_rows_takes_no_more_and_frees_room_as_rows_end
     assert [len(j.members) for j in engine.live] == [2, 0]  # did not join the full group
     _run_until_done(engine, group + waiting)
     assert waiting[0].result.rows[0].token_ids == decoder.generate(tiny_model, _request(PROMPTS[2], 2)).rows[0].token_ids
+
+
+def test_a_cancelled_row_frees_its_place_in_max_rows_when_its_pipeline_ends(tiny_model):
+    """A cancelled row is answered at once but decodes on with the group; once its pipeline ends it no longer
+    counts against max_rows, as a row answered early does (it counted until the group ended)."""
+    decoder = make_decoder("d2f", OPTIONS)
+    nfes = [decoder.generate(tiny_model, _request(PROMPTS[i], i)).rows[0].nfe for i in (1, 3)]
+    assert nfes[1] + 2 < nfes[0]  # row 3's pipeline ends steps before row 1's
+    engine = Engine(tiny_model, max_rows=8)
+    jobs = [engine.submit(job) for i in (1, 3) for _, job in make_jobs(tiny_model, decoder, _request(PROMPTS[i], i),
+                                                                        cohort=1)]
+    engine.step()
+    [group] = engine.live
+    jobs[1].cancel()
+    for _ in range(nfes[1] + 2):
+        engine.step()
+    assert jobs[1].done.is_set() and not jobs[0].done.is_set()
+    assert group.rows == 1 and engine.live_rows == 1

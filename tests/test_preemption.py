@@ -9,6 +9,7 @@ import torch
 
 from evotok_cli.decoding.api import GenerationRequest
 from evotok_cli.decoding.engine import Engine, make_jobs
+from evotok_cli.decoding.rows import make_pool
 from evotok_cli.jobs.generation import make_decoder
 
 PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13, 14], [20], [30, 31, 32, 33]]
@@ -121,3 +122,33 @@ def test_a_merged_job_out_of_memory_alone_runs_over_fewer_rows(tiny_model, name,
     assert all(j.passes == 0 for j in jobs)  # every pass ran in the merged program, none in a row's own rerun
     assert widths and max(widths) <= limit
     _assert_as_alone(tiny_model, decoder, jobs)
+
+
+@pytest.mark.parametrize("mode", ["rowwise", "masked"])
+def test_merged_d2f_rows_that_have_ended_never_make_a_split_half_of_their_own(tiny_model, mode):
+    """d2f rows that have ended sit the pass out (an empty window): the first two rows here end first, and
+    halving the rows as listed made a half that fed no column, whose forward failed every other row. The
+    fed rows are halved instead; on both pools every row still decodes as alone."""
+    decoder = make_decoder("d2f", {"block_size": "4", "skip_threshold": "0.3", "cache": "false"})
+    prompts = [[30, 31, 32, 33], [40, 41], [5, 6, 7], [9, 10, 11, 12, 13, 14], [20]]
+    requests = [GenerationRequest(prompts=[p], seeds=[i], gen_length=12) for i, p in enumerate(prompts)]
+    engine = Engine(tiny_model, max_rows=8)
+    engine.pool = make_pool(tiny_model, mode)
+    jobs = [engine.submit(job) for r in requests for _, job in make_jobs(tiny_model, decoder, r, cohort=1)]
+    original = tiny_model.net.forward
+
+    def one_row(*args, **kwargs):  # room for one row's positions (rowwise) or one batch row (masked, bucketed)
+        x = kwargs["inputs_embeds"]
+        if x.shape[0] > 2 if mode == "masked" else x.shape[1] > len(prompts[3]) + 12:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return original(*args, **kwargs)
+
+    tiny_model.net.forward = one_row
+    try:
+        engine.run()
+    finally:
+        del tiny_model.net.forward
+    assert engine.retries > 0 and engine.preemptions == 0 and engine.merged_rows == len(prompts)
+    for request, job in zip(requests, jobs):
+        assert job.error is None, job.error
+        assert job.result.rows[0].token_ids == decoder.generate(tiny_model, request).rows[0].token_ids

@@ -186,10 +186,15 @@ def split_rows(p: ForwardPass) -> tuple[ForwardPass, ForwardPass] | None:
     """The pass as two passes over its first and its last rows (each row is attended on its own, so the
     halves' logits joined by `join_rows` are the pass's), or None when it cannot be split: one row, paired
     rows (`combine`: guidance), or a cache object of its own. Why: a merged program is one job, and a step
-    that runs out of memory with it alone is retried over fewer rows rather than failing all of them."""
+    that runs out of memory with it alone is retried over fewer rows rather than failing all of them. With
+    `windows`, the fed rows are halved: a half whose rows all sit the pass out would be a forward of no
+    column (it fails), and a row that feeds nothing frees no memory."""
     if p.rows < 2 or p.combine is not None or p.cache is not None:
         return None
-    h = p.rows // 2
+    fed = range(p.rows) if p.windows is None else [i for i, w in enumerate(p.windows) if w.hi > w.lo]
+    if len(fed) < 2:
+        return None
+    h = fed[len(fed) // 2]  # both halves hold fed rows
 
     def part(rows: slice, first: int) -> ForwardPass:
         mask = p.attention_mask

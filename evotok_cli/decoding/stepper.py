@@ -126,9 +126,9 @@ class Engine(MemoryHandling):
         members = list(jobs)  # grows when rows join (`_join`)
 
         def answer_early(row: int, result: GenerationResult) -> None:  # a row done before the others (d2f)
-            if not members[row].done.is_set():
+            if not members[row].done.is_set():  # (a cancelled row was answered already: it decoded on till now)
                 self._finish(members[row], result=result)
-                group.rows -= 1  # no longer decoding: room for another row (its KV slot stays until the end)
+            group.rows -= 1  # no longer decoding: room for another row (its KV slot stays until the end)
 
         try:
             program, rows = merging.merged_program(parts, [j.done for j in jobs], answer_early)
