@@ -358,3 +358,25 @@ def test_a_cancelled_row_frees_its_place_in_max_rows_when_its_pipeline_ends(tiny
         engine.step()
     assert jobs[1].done.is_set() and not jobs[0].done.is_set()
     assert group.rows == 1 and engine.live_rows == 1
+
+
+@pytest.mark.parametrize("model_name, pool", [("dream", "rowwise"), ("llada", "masked"), ("dream", "masked")])
+def test_rows_joining_on_a_shifted_logit_model_or_the_paged_pool_decode_as_alone(tiny_model, tiny_dream, model_name,
+                                                                                  pool):
+    """A joined row on Dream reads its first uncached position from its own saved output (`saved` grows
+    with the rows); on the paged pool it takes a slot of its own mid-run."""
+    model = load_model(tiny_dream) if model_name == "dream" else tiny_model
+    decoder = make_decoder("d2f", {**OPTIONS, "soft": "true"})
+    requests = [_request(p, seed=i) for i, p in enumerate(PROMPTS)]
+    engine = Engine(model, max_rows=8)
+    engine.pool = make_pool(model, pool)
+    jobs = [engine.submit(job) for r in requests[:2] for _, job in make_jobs(model, decoder, r, cohort=1)]
+    engine.step()
+    engine.step()
+    jobs += [engine.submit(job) for r in requests[2:] for _, job in make_jobs(model, decoder, r, cohort=1)]
+    engine.step()
+    assert engine.live[0].members == jobs
+    _run_until_done(engine, jobs)
+    for request, job in zip(requests, jobs):
+        alone = decoder.generate(model, request).rows[0]
+        assert (job.result.rows[0].token_ids, job.result.rows[0].nfe) == (alone.token_ids, alone.nfe)

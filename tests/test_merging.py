@@ -248,3 +248,28 @@ def test_an_empty_prompt_fails_alone_as_when_decoded_alone(tiny_model):
     jobs = _submit(engine, tiny_model, decoder, [_request(PROMPTS[0], 0), _request([], 1), _request(PROMPTS[1], 2)])
     engine.run()
     assert "a prompt is empty" in str(jobs[1].error) and jobs[0].error is None and jobs[2].error is None
+
+
+def test_a_request_that_counts_passes_never_joins_a_running_d2f_group(tiny_model):
+    """`on_pass` hears the group's pass count (its oldest rows'): a row that joined late heard 4, 5, ... and
+    then the ended rows' count again and again, where alone it hears 1, 2, ... So such a request decodes as a
+    program of its own, and hears what it hears alone; one without the listener still joins."""
+    decoder = make_decoder("d2f", {"block_size": "4", "skip_threshold": "0.3"})
+    heard: dict = {}
+
+    def request(i, who, counts=True):
+        extra = {"on_pass": heard.setdefault((who, i), []).append} if counts else {}
+        return GenerationRequest(prompts=[PROMPTS[i]], seeds=[i], gen_length=12, **extra)
+
+    engine = Engine(tiny_model, max_rows=8)
+    jobs = _submit(engine, tiny_model, decoder, [request(0, "m"), request(1, "m")])
+    for _ in range(3):
+        engine.step()
+    jobs += _submit(engine, tiny_model, decoder, [request(2, "m"), request(3, "m", counts=False)])
+    engine.step()
+    assert [len(j.members) for j in engine.live] == [3, 0]  # the silent one joined, the counting one did not
+    engine.run()
+    for i in (0, 1, 2):
+        decoder.generate(tiny_model, request(i, "alone"))
+        assert heard[("m", i)] and heard[("m", i)] == heard[("alone", i)]
+    assert all(j.error is None for j in jobs)

@@ -86,9 +86,11 @@ class MergedRows:
 
     def offer(self, request: GenerationRequest, answered: Event) -> int | None:
         """Row `request` joins the running program: its row index, or None (the program takes no more rows,
-        or it does not fit, or the request wants events the program does not send)."""
-        if self.accept is None or any(getattr(request, name) is not None and getattr(self.request, name) is None
-                                      for name in ("on_event", "on_final", "on_pass")):
+        or it does not fit, or the request wants events the program does not send, or it counts passes:
+        `on_pass` hears the group's count, which a row that joined late does not share)."""
+        if self.accept is None or request.on_pass is not None or any(
+                getattr(request, name) is not None and getattr(self.request, name) is None
+                for name in ("on_event", "on_final")):
             return None
         row = self.accept(request)
         if row is not None:
