@@ -9,6 +9,7 @@ import torch
 from evotok_cli.decoding.api import GenerationRequest
 from evotok_cli.decoding.engine import Engine, Job, decode_together, drive, make_jobs
 from evotok_cli.jobs.generation import make_decoder
+from tests.simulated_memory import out_of_memory_when
 
 PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13, 14], [20], [30, 31, 32, 33], [40, 41]]
 SETTINGS = {"gen_length": 8, "block_length": 4, "steps": 8}
@@ -195,18 +196,8 @@ def test_an_out_of_memory_step_is_retried_in_halves(tiny_model):
     decoder = make_decoder("evotoken", {"cache": "dual"})
     engine = Engine(tiny_model, max_rows=8)
     jobs = [engine.submit(_job(tiny_model, decoder, p, seed=i)) for i, p in enumerate(PROMPTS)]
-    original = tiny_model.net.forward
-
-    def small_memory(*args, **kwargs):
-        if len(kwargs["cache"].spans) > 2:  # more than two rows packed into the forward
-            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return original(*args, **kwargs)
-
-    tiny_model.net.forward = small_memory
-    try:
+    with out_of_memory_when(tiny_model, lambda kwargs: len(kwargs["cache"].spans) > 2):  # > two rows packed
         engine.run()
-    finally:
-        del tiny_model.net.forward
     assert engine.retries > 0
     for i, (prompt, job) in enumerate(zip(PROMPTS, jobs)):
         assert job.error is None
