@@ -255,6 +255,7 @@ def test_a_request_arriving_later_joins_the_running_group_and_decodes_as_alone(t
         alone = decoder.generate(tiny_model, request).rows[0]
         row = job.result.rows[0]
         assert (row.token_ids, row.nfe, row.logprobs) == (alone.token_ids, alone.nfe, alone.logprobs)
+        assert job.result.seconds <= job.seconds  # timed from the row's own start, not the group's
 
 
 def test_a_row_that_does_not_fit_the_group_decodes_on_its_own(tiny_model):

@@ -69,9 +69,7 @@ def merged_program(decoder: Any, model: Any, request: GenerationRequest) -> Prog
         outcome = yield from step.update(actives, logits)
         tokens, done = yield from step.read_back(actives, outcome, ended)
         for r, ids in zip(ended, done):
-            step.answered[r] = True
-            request.on_row(r, GenerationResult(rows=[_row_result(runs[r], ids, g0)], nfe=runs[r].nfe,
-                                               seconds=time.perf_counter() - t0))
+            step.answer(r, _row_result(runs[r], ids, g0))
         step.per_row(actives, logits, outcome)
         if request.on_pass is not None:
             request.on_pass(max(run.nfe for run in runs))
@@ -84,6 +82,10 @@ def merged_program(decoder: Any, model: Any, request: GenerationRequest) -> Prog
     canvas, runs = step.canvas, step.runs
     gen = yield HostRead(_generated(canvas, model))
     rows = [_row_result(run, gen[r], g0) for r, run in enumerate(runs)]
+    if request.on_row is not None:  # each row's own time: a row that joined started after the group
+        for r, row in enumerate(rows):
+            if not step.answered[r]:
+                step.answer(r, row)
     return GenerationResult(rows=rows, nfe=sum(run.nfe for run in runs), seconds=time.perf_counter() - t0)
 
 
@@ -116,6 +118,7 @@ class _Step:
         self.generators: list[Any] = []
         self.finals: list[int] = []
         self.answered: list[bool] = []
+        self.started: list[float] = []
         self.joining: list[tuple[list[int], int | None]] = []  # (prompt, seed) of rows that joined since
 
     def new_row(self, prompt_length: int, seed: int | None) -> None:
@@ -127,6 +130,12 @@ class _Step:
         self.generators.append(None if seed is None else torch.Generator(device=self.model.device).manual_seed(seed))
         self.finals.append(0)
         self.answered.append(False)
+        self.started.append(time.perf_counter())
+
+    def answer(self, r: int, row: RowResult) -> None:
+        """Row r's result to `request.on_row` now, timed from when the row started (its joining)."""
+        self.answered[r] = True
+        self.request.on_row(r, GenerationResult(rows=[row], nfe=row.nfe, seconds=time.perf_counter() - self.started[r]))
 
     def accept(self, request: GenerationRequest) -> int | None:
         """A row joining the running program (`MergedRows.offer`): its index, or None when its prompt does not
