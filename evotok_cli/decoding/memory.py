@@ -36,9 +36,7 @@ class MemoryHandling:
                 if len(jobs) == 1:
                     return [(jobs[0], None, exc)]
             else:
-                self.retries += 1
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
+                self._count_retry()
                 if len(jobs) == 1:
                     split = self._split_by_rows(jobs[0])  # a merged program's rows: fewer per forward
                     if split is not None:
@@ -72,10 +70,15 @@ class MemoryHandling:
             halves = split_rows(p) if _out_of_memory(exc) else None
             if halves is None:
                 raise
-            self.retries += 1
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            self._count_retry()
             return join_rows(p, [self._run_by_rows(job, half) for half in halves])
+
+    def _count_retry(self) -> None:
+        """A forward ran out of memory and is retried smaller: count it, and hand the allocator's cached
+        blocks back so the retry can use them."""
+        self.retries += 1
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     # -- preemption by recompute -----------------------------------------------------------------
     def _remember(self, ran: list[tuple[Job, torch.Tensor]]) -> None:

@@ -76,13 +76,14 @@ class MergedRows:
     rows: a fresh one-row request with the same key then joins it as a new row (`offer`) instead of
     decoding alone."""
 
-    def __init__(self, key: Hashable, parts: list[Mergeable], answered: list[Event]):
+    def __init__(self, key: Hashable, parts: list[Mergeable], answered: list[Event],
+                 on_row: Callable[[int, GenerationResult], None] | None = None):
         self.key, self.requests, self.answered = key, [p.request for p in parts], list(answered)
         self.accept: Callable[[GenerationRequest], int | None] | None = None
         self.request = replace(
             self.requests[0], prompts=[r.prompts[0] for r in self.requests], seed=None,
             seeds=[row_seed(r, 0) for r in self.requests], on_event=self._by_row("on_event"),
-            on_final=self._by_row("on_final"), on_pass=self._to_all(), joins=self)
+            on_final=self._by_row("on_final"), on_pass=self._to_all(), on_row=on_row, joins=self)
 
     def offer(self, request: GenerationRequest, answered: Event) -> int | None:
         """Row `request` joins the running program: its row index, or None (the program takes no more rows,
@@ -124,8 +125,7 @@ def merged_program(parts: list[Mergeable], answered: list[Event],
     """The program that decodes the rows of `parts` (`program(row_streams=True)`), and its rows. `on_row`:
     where a row that finishes before the others is answered (the engine's)."""
     first = parts[0]
-    rows = MergedRows(first.key, parts, answered)
-    rows.request.on_row = on_row
+    rows = MergedRows(first.key, parts, answered, on_row)
     return first.decoder.program(first.model, rows.request, row_streams=True), rows
 
 

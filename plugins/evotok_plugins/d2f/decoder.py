@@ -213,8 +213,7 @@ class D2FDecoder:
         `to_cache` blocks into the row's KV slot; the logits of the active blocks' positions [a, hi)."""
         cfg = self.config
         chain = [run.prompt, *run.blocks]
-        first = next(b for b in chain if b.state != "in_cache") if cfg.cache else run.prompt
-        lo, hi = first.start, run.blocks[-1].end
+        lo, hi = run.uncached_start(cfg.cache), run.blocks[-1].end
         inputs = self._inputs(model, run, soft_ids, soft_w, lo, hi)
         a = active[0].start
         shift = int(model.shifted_logits)
@@ -225,11 +224,10 @@ class D2FDecoder:
                                  start=lo, logits_slice=(first_out - lo, hi - lo)))[0]  # (hi - first_out, V)
         run.nfe += 1
         logits = self._align(out, a, first_out, hi, shift, run)
-        for b in chain:
-            if b.state == "to_cache" and cfg.cache:
-                b.state = "in_cache"
+        if cfg.cache:
+            run.mark_cached()
         if shift:  # keep the output before the first uncached position: the next pass needs it
-            next_lo = next((b.start for b in chain if b.state != "in_cache"), hi)
+            next_lo = run.uncached_start(True, hi)
             if first_out <= next_lo - 1 < hi:
                 run.last_output = out[next_lo - 1 - first_out]
         return logits

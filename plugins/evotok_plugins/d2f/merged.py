@@ -48,8 +48,8 @@ def merged_program(decoder: Any, model: Any, request: GenerationRequest) -> Prog
         raise ConfigError("a prompt is empty", where="--prompt", fix="give every prompt at least one token")
     canvas = build_canvas(request.prompts, budget, mask_id=model.mask_id, pad_id=model.eos_id,
                           max_length=model.max_length, device=model.device)
-    size, g0 = decoder.block_size(budget), canvas.gen_start
     step = _Step(decoder, model, request, canvas)
+    size, g0 = step.size, canvas.gen_start
     for r, prompt in enumerate(request.prompts):
         step.new_row(len(prompt), row_seed(request, r))
     if request.joins is not None:  # rows may join while the program runs, as long as their prompt fits
@@ -89,9 +89,9 @@ def merged_program(decoder: Any, model: Any, request: GenerationRequest) -> Prog
     return GenerationResult(rows=rows, nfe=sum(run.nfe for run in runs), seconds=time.perf_counter() - t0)
 
 
-def _generated(canvas: Canvas, model: Any) -> torch.Tensor:
-    """Every row's generated tokens, [MASK] (blocks never added, after an EOS) read as EOS."""
-    gen = canvas.generated()
+def _generated(canvas: Canvas, model: Any, rows: list[int] | None = None) -> torch.Tensor:
+    """Every row's (or `rows`') generated tokens, [MASK] (blocks never added, after an EOS) read as EOS."""
+    gen = canvas.generated() if rows is None else canvas.generated()[rows]
     return gen.masked_fill(gen == model.mask_id, model.eos_id)
 
 
@@ -177,8 +177,7 @@ class _Step:
         spans = {}
         for r, (run, active) in enumerate(zip(runs, actives)):
             if active:
-                chain = [run.prompt, *run.blocks]
-                lo = next(b for b in chain if b.state != "in_cache").start if cfg.cache else run.prompt.start
+                lo = run.uncached_start(cfg.cache)
                 spans[r] = (lo, run.blocks[-1].end, max(lo, active[0].start - self.shift))
         w0, w1 = min(s[0] for s in spans.values()), max(s[1] for s in spans.values())
         windows = [RowWindow(spans[r][0] - w0, spans[r][1] - w0, spans[r][2] - w0, spans[r][1] - w0) if r in spans
@@ -196,9 +195,7 @@ class _Step:
         for r in spans:
             runs[r].nfe += 1
             if cfg.cache:
-                for b in (runs[r].prompt, *runs[r].blocks):
-                    if b.state == "to_cache":
-                        b.state = "in_cache"
+                runs[r].mark_cached()
         return self._aligned(out, spans, actives)
 
     def _inputs(self, w0: int, w1: int) -> dict:
@@ -233,9 +230,7 @@ class _Step:
                 index.extend(range(base, base + hi - a))
             else:  # the saved output first (after the pass's own outputs in the joined tensor)
                 index.extend([out.shape[0] + r, *range(base, base + hi - a - 1)])
-            run = self.runs[r]
-            chain = [run.prompt, *run.blocks]
-            nxt = next((b.start for b in chain if b.state != "in_cache"), hi)
+            nxt = self.runs[r].uncached_start(True, hi)
             if first <= nxt - 1 < hi:
                 keep.append((r, base + nxt - 1 - first))
             base += hi - first
@@ -301,7 +296,7 @@ class _Step:
         masked = (tokens == model.mask_id).sum(-1)
         eos = ((tokens == model.eos_id) & committed).any(-1).long()
         streamed = [self.canvas.generated().reshape(-1)] if self.request.on_final is not None else []
-        answers = [_generated(self.canvas, model)[ended].reshape(-1)] if ended else []
+        answers = [_generated(self.canvas, model, ended).reshape(-1)] if ended else []
         values = yield HostRead(torch.cat([masked, eos, *streamed, *answers]))
         n = len(blocks)
         for (r, b), left, stop in zip(blocks, values[:n], values[n:2 * n]):

@@ -40,6 +40,19 @@ class RowRun:
     last_output: torch.Tensor | None = None  # shifted logits: output at the last cached position
     logprobs: LogprobRecorder | None = None  # with request.logprobs
 
+    def uncached_start(self, cache: bool, default: int | None = None) -> int:
+        """Where the row's next pass starts feeding: its first block not yet in the cache (the prompt's start
+        without a cache); `default` when every block is cached."""
+        if not cache:
+            return self.prompt.start
+        return next((b.start for b in (self.prompt, *self.blocks) if b.state != "in_cache"), default)
+
+    def mark_cached(self) -> None:
+        """The pass that just ran wrote the `to_cache` blocks into the row's KV slot."""
+        for b in (self.prompt, *self.blocks):
+            if b.state == "to_cache":
+                b.state = "in_cache"
+
 
 def block_causal_mask(blocks: list[PipelineBlock], lo: int, hi: int, device) -> torch.Tensor:
     """(1, 1, hi - lo, hi) bool: a query in block j sees keys [0, end_j)."""
