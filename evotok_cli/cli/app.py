@@ -12,6 +12,7 @@ from typing import Any
 import typer
 
 from evotok_cli import __version__
+from evotok_cli.base import stopping
 from evotok_cli.base.console import stderr
 from evotok_cli.base.errors import EvotokError
 from evotok_cli.base.options import with_options
@@ -213,6 +214,7 @@ class Terminated(SystemExit):
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
+    stopping.note(signum)  # also remembered: code that swallows the exception does not swallow the stop
     raise Terminated(128 + signum)
 
 
@@ -221,12 +223,16 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import warnings
     warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
+    stopping.reset()
     try:
         previous, installed = signal.signal(signal.SIGTERM, _on_sigterm), True  # finetune and serve swap in their own
     except ValueError:  # not the main thread (an embedding application): leave signals alone
         previous, installed = None, False
     try:
         _run()
+        if installed and stopping.pending():  # the exception was swallowed on the way (see base/stopping.py)
+            print("terminated", file=sys.stderr)
+            sys.exit(128 + signal.SIGTERM)
     finally:
         if installed:
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)

@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from evotok_cli.base import stopping as stop_signals
 from evotok_cli.base.errors import CheckpointError, ConfigError
 from evotok_cli.serve.ray_metrics import MetricsBoard, merge_metrics
 
@@ -256,6 +257,8 @@ def run(folder: Path, defaults: dict, opts: Any, start: Any) -> None:
                           where="--ray-address" if opts.ray_address else "--replicas", fix=JOIN_FIX) from None
     for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own SIGTERM handler
         signal.signal(sig, lambda *_: stopping.set())
+    if stop_signals.pending():  # one came during start-up and was swallowed there (see base/stopping.py)
+        stopping.set()
     err = stderr()
     try:
         board = ray.remote(num_cpus=0)(MetricsBoard).options(name=BOARD_NAME, namespace=NAMESPACE,

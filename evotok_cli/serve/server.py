@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from evotok_cli.base import stopping
 from evotok_cli.base.errors import ConfigError
 from evotok_cli.serve.guard import Limits
 from evotok_cli.serve.sessions import Service
@@ -124,6 +125,8 @@ class Draining:
     def capture_signals(self) -> Iterator[None]:
         """Our handlers instead of uvicorn's, which would re-raise the signal after shutdown."""
         previous = {sig: signal.signal(sig, self.on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        if stopping.pending():  # one came while the model loaded and was swallowed there: stop, as asked
+            self.on_signal(signal.SIGTERM, None)
         try:
             yield
         finally:

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from evotok_cli.base import stopping
 from evotok_cli.base.errors import ConfigError
 from evotok_cli.base.files import atomic_write_text, input_file, output_dir
 from evotok_cli.training import checkpointing, losslog, objective_step, optim, parallel, runs
@@ -283,6 +284,7 @@ class Trainer:
         {} on the processes other than rank 0. A signal ends it with StopRequested after a checkpoint."""
         self._begin(resume)
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.stop_signal = self.stop_signal or stopping.pending()  # one that came during set-up and was swallowed
         self.trainable.train()
         objective = self.objective()
         clock = {"start": time.perf_counter(), "tokens": 0}

@@ -1,0 +1,117 @@
+"""A SIGTERM whose exception is swallowed still stops the command (CI failure, end of session 13).
+
+`main` raises SIGTERM as an exception; when the main thread is inside a `__del__` (or a library's bare
+`except:`) at that moment, Python prints "Exception ignored" and goes on. A fine-tune signalled that way
+trained on until killed. Here the swallowing is made certain: a finaliser signals its own process, the
+handler runs inside it, and the exception is swallowed exactly as in the wild."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+
+import pytest
+
+from evotok_cli.base import locks, stopping
+
+ROWS = [{"prompt": f"What is {a}+{b}?", "response": f"{a}+{b}={a + b}."} for a in range(1, 4) for b in range(1, 3)]
+FAST = ["--objective", "sft", "--batch-size", "1", "--grad-accum", "1", "--max-length", "64", "--min-response", "1",
+        "--lora-r", "2", "--lora-alpha", "4"]
+
+
+class _SignalsInItsFinaliser:
+    def __del__(self) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        end = time.monotonic() + 5
+        while time.monotonic() < end and stopping.pending() is None:  # the handler runs in here
+            time.sleep(0.001)
+
+
+@pytest.fixture
+def swallowed(monkeypatch):
+    """`swallowed()` delivers a SIGTERM whose exception Python swallows; the list holds what it swallowed."""
+    lost: list[BaseException] = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda info: lost.append(info.exc_value))
+
+    def deliver() -> None:
+        _SignalsInItsFinaliser()  # made and collected at once
+        assert lost and type(lost[-1]).__name__ == "Terminated", lost  # the scenario really happened
+
+    deliver.lost = lost
+    return deliver
+
+
+def test_a_finetune_signalled_during_set_up_stops_at_its_first_step_with_a_checkpoint(cli, tiny_llada, tmp_path,
+                                                                                        monkeypatch, swallowed):
+    from evotok_cli.training.trainer import Trainer
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    setup = Trainer.setup
+
+    def setup_then_signal(self, *a, **k):
+        out = setup(self, *a, **k)
+        swallowed()
+        return out
+
+    monkeypatch.setattr(Trainer, "setup", setup_then_signal)
+    out = tmp_path / "run"
+    r = cli("finetune", str(data), "-m", str(tiny_llada), "--out", str(out), *FAST, "--max-steps", "40",
+            "--save-every", "1000")
+    assert r.returncode == 143, r.stderr  # before: trained all 40 steps and exited 0
+    assert "SIGTERM: saved" in r.stderr and "continue with --resume" in r.stderr
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["checkpoint-0000001"]
+    assert not (out / locks.LOCK_NAME).exists()
+
+
+def test_a_command_that_finishes_after_a_swallowed_sigterm_exits_143_with_its_output_whole(cli, tiny_llada, tmp_path,
+                                                                                          monkeypatch, swallowed):
+    from evotok_cli.runtime import model
+
+    load = model.load_model
+
+    def load_then_signal(*a, **k):
+        lm = load(*a, **k)
+        swallowed()
+        return lm
+
+    monkeypatch.setattr(model, "load_model", load_then_signal)
+    out = tmp_path / "trace.jsonl"
+    r = cli("generate", "-m", str(tiny_llada), "--prompt", "What is 2+3?", "--gen-length", "8", "--block-length", "8",
+            "--steps", "8", "--trace", str(out))
+    assert r.returncode == 143, r.stderr  # before: 0, as if no one had asked it to stop
+    assert r.stderr.strip().splitlines()[-1] == "terminated"
+    assert out.exists() and all(json.loads(line) for line in out.read_text().splitlines())
+
+
+def test_a_command_with_no_signal_does_not_inherit_one_from_the_command_before(cli, tiny_llada):
+    stopping.note(signal.SIGTERM)  # left behind by an earlier command in this process: cleared at the start
+    r = cli("generate", "-m", str(tiny_llada), "--prompt", "Hi", "--gen-length", "4", "--block-length", "4",
+            "--steps", "4")
+    assert r.returncode == 0, r.stderr
+
+
+def test_a_server_started_after_a_swallowed_sigterm_stops_instead_of_serving_on():
+    import uvicorn
+
+    from evotok_cli.serve.server import Draining
+
+    class Service:
+        loop = None  # not started yet
+
+    class Server(Draining, uvicorn.Server):
+        pass
+
+    server = Server(uvicorn.Config(app=None), Service(), grace=1.0)
+    stopping.reset()
+    with server.capture_signals():
+        assert not server.should_exit  # no signal: serves on
+    stopping.note(signal.SIGTERM)
+    try:
+        with server.capture_signals():
+            assert server.should_exit  # before: served until the next signal
+    finally:
+        stopping.reset()
