@@ -50,9 +50,13 @@ def _plain_layout(drop: tuple[int, ...] | None, rows: int, length: int, logits: 
 
 @functools.lru_cache(maxsize=256)
 def _windowed_layout(windows: tuple[RowWindow, ...], length: int) -> Layout:
-    full = all(w.lo == 0 and w.hi == length for w in windows)
+    full = True
+    for w in windows:  # a loop, not a generator: a call per row otherwise
+        if w.lo != 0 or w.hi != length:
+            full = False
+            break
     return Layout(windows, None if full else _fed_on_host(windows, length),
-                  (1, sum(w.logits_hi - w.logits_lo for w in windows)))
+                  (1, sum([w.logits_hi - w.logits_lo for w in windows])))
 
 
 def _fed_on_host(windows: tuple[RowWindow, ...], length: int) -> torch.Tensor:

@@ -103,8 +103,11 @@ class Engine(MemoryHandling):
     def _admit(self) -> None:
         admitted = []
         with self.lock:
-            while self.queue and (not self.live or self._fits(self.queue[0])):
+            held = [self.live_rows, self.live_tokens]  # summed once, then kept: not once per queued job
+            while self.queue and (not self.live or self._fits(self.queue[0], *held)):
                 job = self.queue.popleft()
+                held[0] += job.rows
+                held[1] += job.tokens
                 job.admitted = job.admitted or time.perf_counter()  # a preempted job keeps its first admission
                 if job.preempted:  # its slots are rebuilt first, from every cached pass it ran (`_preempt`)
                     job.replay, job.preempted = list(job.log), False
@@ -198,12 +201,12 @@ class Engine(MemoryHandling):
                     self._finish(member)
             group.cancelled = group.cancelled or all(m.done.is_set() for m in group.members)
 
-    def _fits(self, job: Job) -> bool:
-        """Room for `job` beside the live ones: rows, and tokens in flight when there is a budget (a job
-        alone is always admitted: it could never run otherwise)."""
-        if self.live_rows + job.rows > self.max_rows:
+    def _fits(self, job: Job, rows: int, tokens: int) -> bool:
+        """Room for `job` beside the live ones, which hold `rows` rows and `tokens` tokens: rows, and tokens
+        in flight when there is a budget (a job alone is always admitted: it could never run otherwise)."""
+        if rows + job.rows > self.max_rows:
             return False
-        return self.max_tokens is None or self.live_tokens + job.tokens <= self.max_tokens
+        return self.max_tokens is None or tokens + job.tokens <= self.max_tokens
 
     def _finish(self, job: Job, result: GenerationResult | None = None, error: BaseException | None = None) -> None:
         job.result, job.error, job.pending, job.finished = result, error, None, time.perf_counter()

@@ -202,11 +202,29 @@ class D2FDecoder:
         return run
 
     def _schedule(self, run: RowRun, max_blocks: int, mask_id: int) -> list[PipelineBlock]:
-        """Steps 1-3: retire finished blocks, maybe add one, activate; the blocks this pass decodes."""
-        self._retire(run)
-        self._maybe_add(run, max_blocks, mask_id)
-        self._activate(run)
-        return [b for b in run.blocks if b.state == "active"]
+        """Steps 1-3: retire finished blocks, maybe add one, activate; the blocks this pass decodes. One
+        loop per step and no call per block: merged programs run it for every row every step (issue 25's
+        host work that should not grow with the rows). A block's progress is 1 - masks_left / size."""
+        blocks, cfg = run.blocks, self.config
+        earlier_active = False  # 1: an active block with no [MASK] left retires unless an earlier one is active
+        for b in blocks:
+            if b.state == "active":
+                if b.masks_left == 0 and not earlier_active:
+                    b.state = "to_cache"
+                else:
+                    earlier_active = True
+        last_progress = 1.0 - blocks[-1].masks_left / (blocks[-1].end - blocks[-1].start) if blocks else 1.0
+        if last_progress >= cfg.block_add_threshold and not run.eos and len(blocks) < max_blocks:  # 2: add one,
+            start = blocks[-1].end if blocks else run.prompt.end  # still [MASK]: the canvas is built so and
+            blocks.append(PipelineBlock(start, start + run.size, masks_left=run.size))  # nothing writes past it
+        previous_progress, active = 1.0, []  # 3: fully activated once the block before is decoded enough
+        for b in blocks:
+            if previous_progress >= cfg.decoded_token_threshold:
+                b.full = True
+            previous_progress = 1.0 - b.masks_left / (b.end - b.start)
+            if b.state == "active":
+                active.append(b)
+        return active
 
     def _forward(self, model, run, active, soft_ids, soft_w, row) -> Generator[ForwardPass, torch.Tensor, torch.Tensor]:
         """Step 4: one block-causal forward from the first block not yet cached to the end, which writes the
@@ -282,28 +300,6 @@ class D2FDecoder:
         if first_out < a:  # a - 1 was fed in this pass
             return out[: hi - a]
         return torch.cat([run.last_output[None], out[: hi - a - 1]])
-
-    def _retire(self, run: RowRun) -> None:
-        earlier_active = False
-        for b in run.blocks:
-            if b.state == "active" and b.masks_left == 0 and not earlier_active:
-                b.state = "to_cache"
-            earlier_active = earlier_active or b.state == "active"
-
-    def _maybe_add(self, run: RowRun, max_blocks: int, mask_id: int) -> None:
-        last = run.blocks[-1] if run.blocks else run.prompt
-        last_progress = last.progress if run.blocks else 1.0
-        if last_progress >= self.config.block_add_threshold and not run.eos and len(run.blocks) < max_blocks:
-            start = last.end
-            run.blocks.append(PipelineBlock(start, start + run.size, masks_left=run.size))  # still [MASK]: the
-            # canvas is built so and nothing writes past the last block
-
-    def _activate(self, run: RowRun) -> None:
-        previous_progress = 1.0  # the prompt is complete
-        for b in run.blocks:
-            if previous_progress >= self.config.decoded_token_threshold:
-                b.full = True
-            previous_progress = b.progress
 
     def _inputs(self, model, run, soft_ids, soft_w, lo, hi) -> dict:
         if not self.config.soft:

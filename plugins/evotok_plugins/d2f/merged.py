@@ -120,6 +120,7 @@ class _Step:
         self.answered: list[bool] = []
         self.started: list[float] = []
         self.joining: list[tuple[list[int], int | None]] = []  # (prompt, seed) of rows that joined since
+        self.logprobs = False  # whether any row records log-probabilities
 
     def new_row(self, prompt_length: int, seed: int | None) -> None:
         """Row len(runs)'s pipeline state (its canvas row is already there)."""
@@ -127,6 +128,7 @@ class _Step:
         self.runs.append(RowRun(x=self.x[r:r + 1], prompt=PipelineBlock(g0 - prompt_length, g0, state="to_cache",
                                                                         full=True),
                                 size=self.size, logprobs=recorder_for(self.request, 1, self.canvas.length, self.model)))
+        self.logprobs = self.logprobs or self.runs[-1].logprobs is not None
         self.generators.append(None if seed is None else torch.Generator(device=self.model.device).manual_seed(seed))
         self.finals.append(0)
         self.answered.append(False)
@@ -174,12 +176,12 @@ class _Step:
     def forward(self, actives: list[list]) -> Any:
         """Step 4 for every row: one pass, each row fed from its first block not yet cached to its end."""
         runs, cfg, g0 = self.runs, self.cfg, self.canvas.gen_start
-        spans = {}
+        spans, w0, w1 = {}, self.canvas.length, 0
         for r, (run, active) in enumerate(zip(runs, actives)):
             if active:
-                lo = run.uncached_start(cfg.cache)
-                spans[r] = (lo, run.blocks[-1].end, max(lo, active[0].start - self.shift))
-        w0, w1 = min(s[0] for s in spans.values()), max(s[1] for s in spans.values())
+                lo, hi = run.uncached_start(cfg.cache), run.blocks[-1].end
+                spans[r] = (lo, hi, max(lo, active[0].start - self.shift))
+                w0, w1 = min(w0, lo), max(w1, hi)
         windows = [RowWindow(spans[r][0] - w0, spans[r][1] - w0, spans[r][2] - w0, spans[r][1] - w0) if r in spans
                    else RowWindow(0, 0, 0, 0) for r in range(len(runs))]
         self.states = ([self.decoder._trace_states(run, self.soft_ids[r:r + 1], self.soft_w[r:r + 1],
@@ -268,7 +270,7 @@ class _Step:
     def per_row(self, actives: list[list], logits: torch.Tensor, outcome: tuple) -> None:
         """What a row asked for of its own: its log-probabilities, its trace event (after the read: the
         event's blocks say their progress after the pass)."""
-        if not self.tracing and all(run.logprobs is None for run in self.runs):
+        if not self.tracing and not self.logprobs:
             return
         blocks, tokens, committed, revised = outcome
         at, g0 = 0, self.canvas.gen_start

@@ -45,11 +45,18 @@ class RowRun:
         without a cache); `default` when every block is cached."""
         if not cache:
             return self.prompt.start
-        return next((b.start for b in (self.prompt, *self.blocks) if b.state != "in_cache"), default)
+        if self.prompt.state != "in_cache":
+            return self.prompt.start
+        for b in self.blocks:  # a loop, not a generator: merged programs ask for every row every step
+            if b.state != "in_cache":
+                return b.start
+        return default
 
     def mark_cached(self) -> None:
         """The pass that just ran wrote the `to_cache` blocks into the row's KV slot."""
-        for b in (self.prompt, *self.blocks):
+        if self.prompt.state == "to_cache":
+            self.prompt.state = "in_cache"
+        for b in self.blocks:
             if b.state == "to_cache":
                 b.state = "in_cache"
 
