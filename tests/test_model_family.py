@@ -116,3 +116,31 @@ def test_bf16_llada_performs_the_official_operation_order(tiny_llada):
     assert torch.equal(ours, _official_order(lm.net, ids))
     # the pin can fail: the same network with RoPE rounded as Qwen2 rounds it gives other bf16 logits
     assert not torch.equal(ours, _official_order(lm.net, ids, rope=_rope_in_dtype))
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llada", "tiny_dream"])
+def test_the_last_block_computes_its_output_only_where_logits_are_read(request, fixture):
+    """With a `logits_slice`, the last block still makes every position's keys and values (attention needs
+    them) but runs its output projection and MLP only at the kept positions; every other block runs on
+    all. The logits there are the full forward's, up to float rounding (a matmul over fewer rows may take
+    another kernel: ~1e-6 seen on this CPU; 1e-5 leaves room for others)."""
+    lm = load_model(request.getfixturevalue(fixture), dtype="float32")
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [15, 16, 17, 18, 19, 20, 21, 22, 23, 24]])
+    rows: dict[int, list[int]] = {}
+    hooks = [b.part("down").register_forward_pre_hook(
+        lambda m, args, i=i: rows.setdefault(i, []).append(args[0].reshape(-1, args[0].shape[-1]).shape[0]))
+        for i, b in enumerate(lm.net.blocks)]
+    try:
+        with torch.no_grad():
+            full = lm.net(ids)
+            rows.clear()
+            sliced = lm.net(ids, logits_slice=(6, 10))
+            assert rows == {**{i: [20] for i in range(len(lm.net.blocks) - 1)}, len(lm.net.blocks) - 1: [8]}
+            gather = torch.tensor([0, 9, 13, 19])
+            picked = lm.net(ids, logits_slice=gather)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert sliced.shape == (2, 4, full.shape[-1]) and picked.shape == (1, 4, full.shape[-1])
+    assert torch.allclose(sliced, full[:, 6:10], atol=1e-5, rtol=0)
+    assert torch.allclose(picked[0], full.reshape(-1, full.shape[-1])[gather], atol=1e-5, rtol=0)

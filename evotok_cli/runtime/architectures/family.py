@@ -135,7 +135,7 @@ class Block(nn.Module):
 
     def attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                   cache: KVCache | RowBatch | None, start: int, pad_offsets: list[int] | None,
-                  padded: str = "auto", keys: torch.Tensor | None = None) -> torch.Tensor:
+                  padded: str = "auto", keys: torch.Tensor | None = None, keep: Any = None) -> torch.Tensor:
         B, L, _ = x.shape
         q = self.part("q")(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, L, D)
         k = self.part("k")(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, L, D)
@@ -143,10 +143,15 @@ class Block(nn.Module):
         q, k = self.rope(q, cos, sin), self.rope(k, cos, sin)
         # keys are cached after RoPE: positions are absolute, so a cache (or the engine's slots) is exact
         y = attend_layer(self.index, q, k, v, mask, cache, start, pad_offsets, padded, keys)  # (B, H, L, D)
-        return self.part("out")(y.transpose(1, 2).reshape(B, L, -1))  # (B, L, d_model)
+        return self.part("out")(select_positions(y.transpose(1, 2).reshape(B, L, -1), keep))  # (B, L', d_model)
 
-    def forward(self, x, cos, sin, mask=None, cache=None, start=0, pad_offsets=None, padded="auto", keys=None):
-        h = x + self.attention(self.part("attn_norm")(x), cos, sin, mask, cache, start, pad_offsets, padded, keys)
+    def forward(self, x, cos, sin, mask=None, cache=None, start=0, pad_offsets=None, padded="auto", keys=None,
+                keep=None):
+        """`keep` (a `logits_slice`): the output only at those positions (the model's last block: every
+        position's keys and values are still made, the output projection and the MLP only where logits
+        are read). Each kept position's operations are the same ones, so its output is unchanged."""
+        y = self.attention(self.part("attn_norm")(x), cos, sin, mask, cache, start, pad_offsets, padded, keys, keep)
+        h = select_positions(x, keep) + y
         m = self.part("ff_norm")(h)
         return h + self.part("down")(F.silu(self.part("gate")(m)) * self.part("up")(m))
 
@@ -220,8 +225,7 @@ class FamilyModel(DiffusionLMBase):
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)  # (B, 1, L, D)
         keys = forward_keys(pad_offsets, cache, start, L, padded_attention, x.device)
         x = run_blocks(self.blocks, x, cos, sin, attention_mask, cache, start, pad_offsets, padded_attention, keys,
-                       checkpointed=self.training and self.activation_checkpointing)
-        x = select_positions(x, logits_slice)
+                       checkpointed=self.training and self.activation_checkpointing, keep=logits_slice)
         x = self.get_submodule(self.spec.final_norm)(x)
         head = self.token_embedding if self.config.tied_head else self.get_submodule(self.spec.head)
         return F.linear(x, head.weight)[..., : self.config.vocab_size]  # (B, L', V)
