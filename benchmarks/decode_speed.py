@@ -24,6 +24,7 @@ prints the share of the LM head in the model's FLOPs so the numbers can be read 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -42,9 +43,13 @@ if CHILD not in os.environ:  # the child's evotok_cli comes from the shim on PYT
     sys.path.insert(0, str(ROOT))
 
 from evotok_cli.decoding.api import GenerationRequest  # noqa: E402
-from evotok_cli.jobs.generation import make_decoder  # noqa: E402
 from evotok_cli.runtime.init import create_model  # noqa: E402
 from evotok_cli.runtime.model import load_model  # noqa: E402
+
+if importlib.util.find_spec("evotok_cli.generation") is not None:  # a --checkout from before the layer folders
+    from evotok_cli.generation import make_decoder  # noqa: E402 (e.g. e177cff, issue 25's "before")
+else:
+    from evotok_cli.jobs.generation import make_decoder  # noqa: E402
 
 GRID = [("hard-mask", "none"), ("hard-mask", "prefix"), ("hard-mask", "dual"),
         ("evotoken", "none"), ("evotoken", "prefix"), ("evotoken", "dual"), ("d2f", "block-cache")]
