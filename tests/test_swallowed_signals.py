@@ -115,3 +115,23 @@ def test_a_server_started_after_a_swallowed_sigterm_stops_instead_of_serving_on(
             assert server.should_exit  # before: served until the next signal
     finally:
         stopping.reset()
+
+
+@pytest.mark.parametrize("how", ["raised", "swallowed"])
+def test_a_signal_is_forgotten_when_the_command_that_got_it_ends(monkeypatch, swallowed, how):
+    """`main` forgets the signal as it returns, as it found none at its start: a Trainer or a server used next
+    in the same process (a library caller; the next test) would otherwise stop at once."""
+    from evotok_cli.cli import app
+
+    def signalled() -> None:
+        if how == "swallowed":
+            swallowed()  # the command runs on: main exits 143 after it
+            return
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises Terminated in here
+
+    monkeypatch.setattr(app, "_run", signalled)
+    with pytest.raises(SystemExit) as exc:
+        app.main()
+    assert exc.value.code == 143
+    assert stopping.pending() is None  # before: "SIGTERM", left for whatever runs next

@@ -236,6 +236,7 @@ def main() -> None:
     finally:
         if installed:
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        stopping.reset()  # this command's signal: a Trainer or server used next in this process must not inherit it
 
 
 def _run() -> None:
