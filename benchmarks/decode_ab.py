@@ -5,8 +5,9 @@ then reads up to 1.5x apart between runs (session 14: after / after 0.68-1.11x),
 issue 25 bounds a regression by. Here two long-lived workers, one per checkout (each imports its checkout's
 `evotok_cli` and `evotok_plugins` through serve_load.py's PYTHONPATH shim, as `decode_speed.py --checkout`
 does), load the same random real-vocabulary model once and take turns: for every decoder x cache x batch,
-round after round, one timed `decoder.generate` each, the order swapped every round. A drift of the machine
-then hits both sides of a round alike, and the median of the per-round ratios reads the code's difference.
+round after round, one timed `decoder.generate` each, the order swapped every round (use an even number of
+rounds: each side then runs first, and right after itself, equally often). A drift of the machine then hits
+both sides of a round alike, and the median of the per-round ratios reads the code's difference.
 Each round also checks that both checkouts decoded the same tokens.
 
     python benchmarks/decode_ab.py --before /tmp/evotok-before            # this checkout against another
@@ -74,7 +75,12 @@ class Worker:
                CHILD: str(checkout.resolve()), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker", str(model), *argv],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
-        if json.loads(self.proc.stdout.readline() or "{}").get("ready") is not True:
+        try:
+            ready = json.loads(self.proc.stdout.readline() or "{}").get("ready") is True
+        except json.JSONDecodeError:
+            ready = False
+        if not ready:
+            self.close()
             raise SystemExit(f"the worker of {checkout} did not start (see its error above)")
 
     def decode(self, decoder: str, cache: str, batch: int) -> dict:
@@ -86,8 +92,12 @@ class Worker:
         return json.loads(line)
 
     def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait(60)
+        try:
+            self.proc.stdin.close()
+            self.proc.wait(60)
+        except (BrokenPipeError, subprocess.TimeoutExpired):
+            self.proc.kill()
+            self.proc.wait()
 
 
 def compare(after: Worker, before: Worker, grid: list[tuple[str, str, int]], rounds: int, bound: float,
@@ -168,8 +178,8 @@ def main() -> None:
         try:
             rows = compare(after, before, grid, args.rounds, args.bound, args.gen_length, lambda r: save(r, meta, args))
         finally:
-            after.close()
-            before.close()
+            for w in (after, before):
+                w.close()
     print(markdown(rows, meta))
 
 

@@ -377,3 +377,20 @@ def test_command_line_runs_the_model_and_refuses_bad_args_in_one_line(task_dir, 
     assert "exact_match" in proc.stdout and "evotok_sudoku4" in proc.stdout
     bad = run_module(*common, "--model_args", "decoder=evotoken,alpha=1.5", cwd=tmp_path)
     assert "alpha=1.5 is out of range" in one_line_error(bad)
+
+
+def test_loglikelihood_stops_at_the_next_request_after_a_swallowed_sigterm(tiny_lm):
+    """A SIGTERM that `evotok lm-eval`'s entry point recorded but whose exception was swallowed (see
+    evotok_cli/base/stopping.py) stops the scoring loop at its next request, not after the whole task."""
+    import signal
+
+    from evotok_cli.base import stopping
+
+    stopping.note(signal.SIGTERM)
+    try:
+        with pytest.raises(stopping.Terminated):
+            tiny_lm.loglikelihood([instance("loglikelihood", ("What is 2 + ", "3?"))], disable_tqdm=True)
+    finally:
+        stopping.reset()
+    (value, _), = tiny_lm.loglikelihood([instance("loglikelihood", ("What is 2 + ", "3?"))], disable_tqdm=True)
+    assert value < 0  # without a signal it scores

@@ -67,11 +67,12 @@ def test_a_finetune_signalled_during_set_up_stops_at_its_first_step_with_a_check
     assert not (out / locks.LOCK_NAME).exists()
 
 
-def test_a_command_that_finishes_after_a_swallowed_sigterm_exits_143_with_its_output_whole(cli, tiny_llada, tmp_path,
-                                                                                          monkeypatch, swallowed):
+def test_a_decode_signalled_after_the_model_loaded_stops_at_its_next_step(cli, tiny_llada, tmp_path, monkeypatch,
+                                                                           swallowed):
+    from evotok_cli.decoding.stepper import Engine
     from evotok_cli.runtime import model
 
-    load = model.load_model
+    load, step, steps = model.load_model, Engine.step, []
 
     def load_then_signal(*a, **k):
         lm = load(*a, **k)
@@ -79,12 +80,63 @@ def test_a_command_that_finishes_after_a_swallowed_sigterm_exits_143_with_its_ou
         return lm
 
     monkeypatch.setattr(model, "load_model", load_then_signal)
+    monkeypatch.setattr(Engine, "step", lambda self: steps.append(1) or step(self))
     out = tmp_path / "trace.jsonl"
     r = cli("generate", "-m", str(tiny_llada), "--prompt", "What is 2+3?", "--gen-length", "8", "--block-length", "8",
             "--steps", "8", "--trace", str(out))
-    assert r.returncode == 143, r.stderr  # before: 0, as if no one had asked it to stop
+    assert r.returncode == 143, r.stderr  # before: 0, the whole decode run as if no one had asked it to stop
+    assert r.stderr.strip().splitlines()[-1] == "terminated" and steps == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no trace, half-written or whole
+
+
+def test_a_signal_swallowed_while_the_model_loads_stops_before_any_decode(cli, tiny_llada, monkeypatch, swallowed):
+    from evotok_cli.decoding.stepper import Engine
+    from evotok_cli.runtime import model
+
+    read_tokenizer, runs = model.tok.load_tokenizer, []
+
+    def read_then_signal(*a, **k):
+        tokenizer = read_tokenizer(*a, **k)
+        swallowed()
+        return tokenizer
+
+    monkeypatch.setattr(model.tok, "load_tokenizer", read_then_signal)
+    monkeypatch.setattr(Engine, "run", lambda *a, **k: runs.append(1))
+    r = cli("generate", "-m", str(tiny_llada), "--prompt", "Hi", "--gen-length", "4", "--block-length", "4",
+            "--steps", "4")
+    assert r.returncode == 143 and runs == [], r.stderr
+
+
+def test_a_command_that_returns_after_a_swallowed_sigterm_exits_143_with_its_output_whole(cli, tiny_llada,
+                                                                                         monkeypatch, swallowed):
+    from evotok_cli.runtime import model
+
+    inspect = model.inspect_model
+
+    def inspect_then_signal(*a, **k):
+        facts = inspect(*a, **k)
+        swallowed()
+        return facts
+
+    monkeypatch.setattr(model, "inspect_model", inspect_then_signal)
+    r = cli("info", str(tiny_llada), "--json")
+    assert r.returncode == 143, r.stderr  # before: 0
+    assert json.loads(r.stdout)["schema"] == "evotok.info/1"  # what it wrote is whole
     assert r.stderr.strip().splitlines()[-1] == "terminated"
-    assert out.exists() and all(json.loads(line) for line in out.read_text().splitlines())
+
+
+def test_a_command_that_fails_after_a_swallowed_sigterm_still_exits_143(cli, tiny_llada, monkeypatch, swallowed):
+    from evotok_cli.base.errors import ConfigError
+    from evotok_cli.runtime import model
+
+    def signal_then_fail(*a, **k):
+        swallowed()
+        raise ConfigError("a failure after the signal", where="here", fix="none")
+
+    monkeypatch.setattr(model, "inspect_model", signal_then_fail)
+    r = cli("info", str(tiny_llada))
+    assert r.returncode == 143, r.stderr  # before: 2, read by a scheduler as the user's mistake
+    assert "a failure after the signal" in r.stderr and r.stderr.strip().splitlines()[-1] == "terminated"
 
 
 def test_a_command_with_no_signal_does_not_inherit_one_from_the_command_before(cli, tiny_llada):

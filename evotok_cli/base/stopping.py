@@ -12,8 +12,14 @@ command returns after one. Layer 0, base: imports nothing of evotok.
 from __future__ import annotations
 
 import signal
+import threading
 
 _received: str | None = None
+
+
+class Terminated(SystemExit):
+    """SIGTERM as an exception, so that `finally` blocks, the atomic writer's cleanup and the output
+    locks' release run before the process exits (143, as a shell reports a SIGTERM death)."""
 
 
 def note(signum: int) -> None:
@@ -25,6 +31,14 @@ def note(signum: int) -> None:
 def pending() -> str | None:
     """The name of a stop signal this command received ("SIGTERM"), or None."""
     return _received
+
+
+def check() -> None:
+    """Raise `Terminated` again when a stop signal came and was swallowed, so that a long job (a decode loop,
+    an evaluation, a chat) stops now instead of when it ends. Only on the main thread, where the handler
+    would have raised it: a server's engine thread is stopped by the server's own drain."""
+    if _received is not None and threading.current_thread() is threading.main_thread():
+        raise Terminated(128 + signal.Signals[_received])
 
 
 def reset() -> None:

@@ -16,6 +16,7 @@ from evotok_cli.base import stopping
 from evotok_cli.base.console import stderr
 from evotok_cli.base.errors import EvotokError
 from evotok_cli.base.options import with_options
+from evotok_cli.base.stopping import Terminated
 from evotok_cli.cli.chat import ChatOptions
 from evotok_cli.jobs.config import GenerateOptions
 from evotok_cli.training.config import TrainConfig  # every finetune option, declared once (light: no torch)
@@ -208,11 +209,6 @@ from evotok_cli.serve.cli import register as _register_serve  # noqa: E402 (serv
 _register_serve(app)
 
 
-class Terminated(SystemExit):
-    """SIGTERM as an exception, so that `finally` blocks, the atomic writer's cleanup and the output
-    locks' release run before the process exits (143, as a shell reports a SIGTERM death)."""
-
-
 def _on_sigterm(signum: int, frame: Any) -> None:
     stopping.note(signum)  # also remembered: code that swallows the exception does not swallow the stop
     raise Terminated(128 + signum)
@@ -229,7 +225,11 @@ def main() -> None:
     except ValueError:  # not the main thread (an embedding application): leave signals alone
         previous, installed = None, False
     try:
-        _run()
+        try:
+            _run()
+        except SystemExit as exc:  # a command that failed after a swallowed SIGTERM was still terminated
+            if not (installed and stopping.pending()) or isinstance(exc, Terminated):
+                raise
         if installed and stopping.pending():  # the exception was swallowed on the way (see base/stopping.py)
             print("terminated", file=sys.stderr)
             sys.exit(128 + signal.SIGTERM)

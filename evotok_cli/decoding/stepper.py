@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from evotok_cli.base import stopping
 from evotok_cli.decoding import merging
 from evotok_cli.decoding.api import GenerationResult
 from evotok_cli.decoding.memory import MemoryHandling
@@ -340,6 +341,7 @@ class Engine(MemoryHandling):
             return self.idle() if jobs is None else all(j.done.is_set() for j in jobs)
 
         while not finished():
+            stopping.check()  # a SIGTERM swallowed on its way (base/stopping.py) stops the decode here
             if not self.step():
                 break
             if on_step is not None:

@@ -37,6 +37,7 @@ import os
 from collections import defaultdict
 from typing import Any
 
+from evotok_cli.base import stopping
 from evotok_cli.base.errors import CheckpointError, ConfigError
 
 try:
@@ -257,6 +258,7 @@ class EvotokLM(LM):
         done: dict[tuple[str, str], tuple[float, bool]] = {}
         out = []
         for request in tqdm(requests, disable=disable_tqdm, desc="evotok loglikelihood"):
+            stopping.check()  # a SIGTERM swallowed on its way (base/stopping.py): stop, not at the end
             key = (request.args[0], request.args[1])
             if key not in done:
                 prompt, answer = self.encode_pair(*key)

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from evotok_cli.base import stopping
 from evotok_cli.base.errors import CheckpointError, ConfigError
 from evotok_cli.runtime import checkpoint
 from evotok_cli.runtime import tokenizer as tok
@@ -231,6 +232,7 @@ def load_model(path: str | Path, *, adapter: str | Path | None = None, device: s
     tokenizer = tok.load_tokenizer(folder) if load_tokenizer else None
     module = family.load()
     eot = next((t for t in (tok.token_id(tokenizer, s) for s in module.EOT_TOKENS) if t is not None), None)
+    stopping.check()  # a SIGTERM swallowed while the libraries loaded (base/stopping.py): stop before any work
     return DiffusionModel(net=net, family=family, config=config, tokenizer=tokenizer, path=folder,
                           weights=weights, adapter=report, eot_id=eot, quantize=quantize,
                           compiled_forward=compile_forward(net, compile) if compile else None,

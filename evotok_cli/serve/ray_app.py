@@ -257,10 +257,9 @@ def run(folder: Path, defaults: dict, opts: Any, start: Any) -> None:
                           where="--ray-address" if opts.ray_address else "--replicas", fix=JOIN_FIX) from None
     for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own SIGTERM handler
         signal.signal(sig, lambda *_: stopping.set())
-    if stop_signals.pending():  # one came during start-up and was swallowed there (see base/stopping.py)
-        stopping.set()
     err = stderr()
     try:
+        stop_signals.check()  # one came during start-up and was swallowed (base/stopping.py): stop before deploying
         board = ray.remote(num_cpus=0)(MetricsBoard).options(name=BOARD_NAME, namespace=NAMESPACE,
                                                               get_if_exists=True).remote()
         serve.start(http_options={"host": opts.host, "port": port}, detached=bool(opts.ray_address))
