@@ -104,11 +104,10 @@ class Engine(MemoryHandling):
     def _admit(self) -> None:
         admitted = []
         with self.lock:
-            held = [self.live_rows, self.live_tokens]  # summed once, then kept: not once per queued job
-            while self.queue and (not self.live or self._fits(self.queue[0], *held)):
+            rows, tokens = self.live_rows, self.live_tokens  # summed once, then kept: not once per queued job
+            while self.queue and (not self.live or self._fits(self.queue[0], rows, tokens)):
                 job = self.queue.popleft()
-                held[0] += job.rows
-                held[1] += job.tokens
+                rows, tokens = rows + job.rows, tokens + job.tokens
                 job.admitted = job.admitted or time.perf_counter()  # a preempted job keeps its first admission
                 if job.preempted:  # its slots are rebuilt first, from every cached pass it ran (`_preempt`)
                     job.replay, job.preempted = list(job.log), False

@@ -135,22 +135,15 @@ def run_blocks(blocks: Any, x: Any, *args: Any, checkpointed: bool = False, keep
     """The transformer blocks in turn; the output at the positions `keep` (a `logits_slice`; None: all),
     which the last block alone computes (`Block.forward`): a decode step reads logits at its active block,
     not at the prompt or the blocks after it, and past the last block's keys and values nothing else needs
-    them (uncached passes on the bundled model: about a tenth of the forward's work).
+    them.
 
     `checkpointed` (set by `finetune --activation-checkpointing`, and only while training) keeps each
     block's input instead of its activations and recomputes them in the backward: the same gradients for
     about a third more compute, with activation memory of one block instead of all of them."""
-    run = block_call
     if checkpointed:
         from torch.utils.checkpoint import checkpoint
-
-        def run(block: Any, *inputs: Any, **kwargs: Any) -> Any:
-            return checkpoint(block, *inputs, use_reentrant=False, **kwargs)
     last = len(blocks) - 1
     for i, block in enumerate(blocks):
-        x = run(block, x, *args, keep=keep) if i == last and keep is not None else run(block, x, *args)
+        kwargs = {"keep": keep} if i == last and keep is not None else {}
+        x = checkpoint(block, x, *args, use_reentrant=False, **kwargs) if checkpointed else block(x, *args, **kwargs)
     return x
-
-
-def block_call(block: Any, *inputs: Any, **kwargs: Any) -> Any:
-    return block(*inputs, **kwargs)

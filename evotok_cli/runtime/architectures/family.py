@@ -149,7 +149,8 @@ class Block(nn.Module):
                 keep=None):
         """`keep` (a `logits_slice`): the output only at those positions (the model's last block: every
         position's keys and values are still made, the output projection and the MLP only where logits
-        are read). Each kept position's operations are the same ones, so its output is unchanged."""
+        are read). Each kept position's operations are the same ones; a matrix product over fewer rows may round
+        differently (docs/models.md), which changed no token in the faithfulness tests."""
         y = self.attention(self.part("attn_norm")(x), cos, sin, mask, cache, start, pad_offsets, padded, keys, keep)
         h = select_positions(x, keep) + y
         m = self.part("ff_norm")(h)

@@ -184,7 +184,7 @@ class D2FDecoder:
         tracing = request.trace and request.on_event is not None
         final = 0  # generated positions before this are final: the blocks before the first active one
         while True:
-            active = self._schedule(run, max_blocks, model.mask_id)
+            active = self._schedule(run, max_blocks)
             if not active:
                 break
             states = self._trace_states(run, soft_ids, soft_w, model.mask_id, prompt_len) if tracing else None
@@ -201,7 +201,7 @@ class D2FDecoder:
                 final = self._announce_final(request, run, row, tokens, prompt_len, final)
         return run
 
-    def _schedule(self, run: RowRun, max_blocks: int, mask_id: int) -> list[PipelineBlock]:
+    def _schedule(self, run: RowRun, max_blocks: int) -> list[PipelineBlock]:
         """Steps 1-3: retire finished blocks, maybe add one, activate; the blocks this pass decodes. One
         loop per step and no call per block: merged programs run it for every row every step (issue 25's
         host work that should not grow with the rows). A block's progress is 1 - masks_left / size."""

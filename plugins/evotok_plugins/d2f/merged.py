@@ -54,11 +54,10 @@ def merged_program(decoder: Any, model: Any, request: GenerationRequest) -> Prog
         step.new_row(len(prompt), row_seed(request, r))
     if request.joins is not None:  # rows may join while the program runs, as long as their prompt fits
         request.joins.accept = step.accept
-    mask_id = model.mask_id
     while True:
         step.take_joined()
         runs = step.runs
-        actives = [decoder._schedule(run, budget // size, mask_id) for run in runs]
+        actives = [decoder._schedule(run, budget // size) for run in runs]
         if not any(actives):
             break
         # rows whose pipeline has ended are answered now, not when the slowest row ends: their tokens come
